@@ -1,0 +1,40 @@
+"""The `mdkv` command. Each subcommand lives with the code it drives and is imported lazily,
+so `mdkv --help` stays fast and a missing optional dependency only breaks its own subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("mdkv_compile.demo", "real model, long prompt: full cache vs MixedDimKV (answer, bytes, time)"),
+    "generate": ("mdkv_compile.generate_cli", "generate text with a compressed cache"),
+    "eval": ("mdkv_compile.eval.runner", "quality evaluation: methods x budgets x tasks x lengths"),
+    "report": ("mdkv_compile.eval.report", "markdown tables and plots from eval results"),
+    "profile-heads": ("mdkv_compile.eval.heads", "HeadKV-style retrieval-reasoning head scores to JSON"),
+    "bench": ("mdkv_compile.bench", "speed and memory benchmarks (JSON out)"),
+    "explain": ("mdkv_compile.passes.explain", "list the attention sites the compile pass finds"),
+    "export": ("mdkv_compile.backends.export_cli", "export to ONNX / TensorRT"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="mdkv", description="MixedDimKV KV-cache compression")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        parser.print_help()
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    name = argv[0]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sub_parser = argparse.ArgumentParser(prog=f"mdkv {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(sub_parser)
+    return int(module.run(sub_parser.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

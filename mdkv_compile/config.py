@@ -1,0 +1,170 @@
+"""`MixedDimKVConfig`: what to compress, how much, and with which method.
+
+Every bad value raises `ValueError` naming the field, the value and what is allowed. Checks that
+need the model (does `dims` fit the head dimension?) run in `resolve_dims`, which `patch()` and
+`MixedDimCache` call with the model's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = (
+    "full",
+    "streamingllm",
+    "snapkv",
+    "pyramidkv",
+    "ada-snapkv",
+    "headkv",
+    "lowrank",
+    "mixeddimkv",
+    "mixeddimkv-h",
+)
+# Methods that need per-head importance scores from `profile-heads` (a JSON file).
+HEAD_SCORE_METHODS = ("headkv", "mixeddimkv-h")
+BASES = ("prompt", "calibrated")
+POOLS = ("head", "layer")
+SOLVERS = ("greedy", "exact")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"MixedDimKVConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class MixedDimKVConfig:
+    """Configuration of KV-cache compression.
+
+    Give exactly one budget: `budget` (fraction of the full cache of the prompt, in (0, 1]),
+    `budget_tokens` (full-dimension token equivalents per KV head and layer) or `budget_bytes`
+    (bytes per sequence over all layers, bases and bookkeeping included). With none, `budget`
+    is 0.0625.
+    """
+
+    budget: float | None = None
+    budget_tokens: int | None = None
+    budget_bytes: int | None = None
+    method: str = "mixeddimkv"
+    # Candidate stored dimensions per token; must contain 0 and the head dimension.
+    # None: (0, d/8, d/4, d/2, d) for the model's head dimension d.
+    dims: tuple[int, ...] | None = None
+    # The last `window` prompt tokens score the others and are kept at full dimension.
+    window: int = 8
+    pool_kernel: int = 7
+    # First tokens always kept at full dimension. None: 4 for streamingllm, 0 otherwise.
+    sink_tokens: int | None = None
+    basis: str = "prompt"
+    basis_path: str | None = None  # safetensors file from `mdkv_compile.core.bases.calibrate`
+    pool: str = "head"
+    # Weight of the key error against the value error in the per-token loss.
+    key_weight: float = 0.5
+    head_scores: str | None = None  # JSON from `mdkv profile-heads` (headkv, mixeddimkv-h)
+    head_beta: float = 1.2  # HeadKV: share of the budget kept uniform is 1/beta... see policies
+    head_temp: float = 1.0
+    pyramid_beta: float = 20.0
+    # Rank of `lowrank` (Palu-like: every token at one dimension). None: chosen from the budget.
+    lowrank_dim: int | None = None
+    solver: str = "greedy"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("budget", "budget_tokens", "budget_bytes") if getattr(self, n) is not None]
+        if len(given) > 1:
+            _fail(given[1], getattr(self, given[1]), f"give only one of budget, budget_tokens, budget_bytes "
+                  f"(also got {given[0]}={getattr(self, given[0])!r})")
+        if not given:
+            self.budget = 0.0625
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, int | float) or not (
+                0.0 < float(self.budget) <= 1.0
+            ):
+                _fail("budget", self.budget, "a fraction of the full cache in (0, 1]")
+            self.budget = float(self.budget)
+        if self.budget_tokens is not None and (
+            isinstance(self.budget_tokens, bool) or not isinstance(self.budget_tokens, int) or self.budget_tokens < 1
+        ):
+            _fail("budget_tokens", self.budget_tokens, "a positive int (full-token equivalents per KV head)")
+        if self.budget_bytes is not None and (
+            isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, int) or self.budget_bytes < 1
+        ):
+            _fail("budget_bytes", self.budget_bytes, "a positive int (bytes per sequence)")
+        if self.method not in METHODS:
+            _fail("method", self.method, f"one of {', '.join(METHODS)}")
+        if self.dims is not None:
+            dims = tuple(self.dims) if isinstance(self.dims, list | tuple) else None
+            if not dims or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in dims):
+                _fail("dims", self.dims, "a tuple of non-negative ints containing 0 and the head dimension")
+            if len(set(dims)) != len(dims):
+                _fail("dims", self.dims, "distinct values")
+            if 0 not in dims:
+                _fail("dims", self.dims, "must contain 0 (evicted tokens)")
+            if len(dims) < 2:
+                _fail("dims", self.dims, "must contain 0 and the head dimension")
+            self.dims = tuple(sorted(dims))
+        for name in ("window", "pool_kernel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(name, value, "a positive int")
+        if self.pool_kernel % 2 == 0:
+            _fail("pool_kernel", self.pool_kernel, "an odd int (centred max-pool)")
+        if self.sink_tokens is not None and (
+            isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0
+        ):
+            _fail("sink_tokens", self.sink_tokens, "None or a non-negative int")
+        if self.basis not in BASES:
+            _fail("basis", self.basis, f"one of {', '.join(BASES)}")
+        if self.basis == "calibrated" and not self.basis_path:
+            _fail("basis_path", self.basis_path, "a safetensors file from calibrate() when basis='calibrated'")
+        if self.pool not in POOLS:
+            _fail("pool", self.pool, f"one of {', '.join(POOLS)}")
+        if self.solver not in SOLVERS:
+            _fail("solver", self.solver, f"one of {', '.join(SOLVERS)}")
+        if not 0.0 <= self.key_weight <= 1.0:
+            _fail("key_weight", self.key_weight, "a float in [0, 1]")
+        if self.head_beta < 1.0:
+            _fail("head_beta", self.head_beta, "a float >= 1 (HeadKV's beta)")
+        if self.head_temp <= 0:
+            _fail("head_temp", self.head_temp, "a positive float")
+        if self.pyramid_beta <= 0:
+            _fail("pyramid_beta", self.pyramid_beta, "a positive float")
+        if self.method in HEAD_SCORE_METHODS and not self.head_scores:
+            _fail("head_scores", self.head_scores, f"a JSON file from `mdkv profile-heads` for method={self.method!r}")
+        if self.lowrank_dim is not None and (not isinstance(self.lowrank_dim, int) or self.lowrank_dim < 1):
+            _fail("lowrank_dim", self.lowrank_dim, "None or a positive int")
+
+    # --- derived values -------------------------------------------------------------------------
+
+    @property
+    def sinks(self) -> int:
+        if self.sink_tokens is not None:
+            return self.sink_tokens
+        return 4 if self.method == "streamingllm" else 0
+
+    def resolve_dims(self, head_dim: int) -> tuple[int, ...]:
+        """Candidate dims for a model with this head dimension (checked against it)."""
+        if self.dims is None:
+            dims = sorted({0, head_dim // 8, head_dim // 4, head_dim // 2, head_dim} - {0} | {0})
+            return tuple(d for d in dims if d == 0 or d >= 1)
+        if max(self.dims) != head_dim or any(r > head_dim for r in self.dims):
+            raise ValueError(
+                f"MixedDimKVConfig.dims={self.dims!r} does not fit this model: its head dimension is "
+                f"{head_dim}, so dims must contain 0 and {head_dim} and nothing larger"
+            )
+        return self.dims
+
+    def replace(self, **changes: Any) -> MixedDimKVConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> MixedDimKVConfig:
+        """Build from a `torch.compile(..., options=...)` dict; unknown keys are an error."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown MixedDimKVConfig option(s) {unknown}; known: {sorted(known)}")
+        if isinstance(options.get("dims"), list):
+            options["dims"] = tuple(options["dims"])
+        return cls(**options)
