@@ -1,0 +1,249 @@
+"""`MixedDimCache`: a transformers `Cache` whose full-attention layers hold the packed store.
+
+Flow per layer: at prefill, `update()` hands the prompt's keys and values to the attention
+function (registered by `mdkv.patch`), which computes exact attention and then compresses them
+with the layer's own window queries (`MixedDimLayer.compress`). Afterwards every new token (one
+at a time, or a chunk such as a question prefilled after the context) is appended at full
+dimension and attends over store + new tokens. Sliding-window layers (Gemma) keep transformers'
+own bounded sliding cache.
+
+A cache's `update()` never sees queries, so the layer is handed to the attention function
+through `current_layer()`: transformers calls `cache.update(...)` immediately before the
+attention function of the same layer.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from mdkv_compile.config import HEAD_SCORE_METHODS, MixedDimKVConfig
+from mdkv_compile.core.attention import attend_packed, dense_attention
+from mdkv_compile.core.bases import load_calibrated
+from mdkv_compile.core.packing import PackedStore, pack
+from mdkv_compile.policies import POLICIES, LayerContext
+from mdkv_compile.policies.head_scores import load_head_shares
+
+_STATE = threading.local()
+
+
+def current_layer(layer_idx: int) -> MixedDimLayer | None:
+    """The MixedDimLayer just updated for `layer_idx` (consumed: a second call returns None)."""
+    layer = getattr(_STATE, "layer", None)
+    if layer is None or getattr(_STATE, "layer_idx", None) != layer_idx:
+        return None
+    _STATE.layer = None
+    return layer
+
+
+def model_dims(config) -> tuple[int, int, int, int]:
+    """(num_layers, num_attention_heads, num_key_value_heads, head_dim) of a decoder config."""
+    text = config.get_text_config(decoder=True)
+    n_heads = text.num_attention_heads
+    n_kv = getattr(text, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+    return text.num_hidden_layers, n_heads, n_kv, head_dim
+
+
+def valid_tokens(mask: torch.Tensor | None, bsz: int, n_tokens: int, device: torch.device) -> torch.Tensor:
+    """[B, N] bool: real (non-padding) prompt tokens, read off the last query row of the mask."""
+    if mask is None:
+        return torch.ones(bsz, n_tokens, dtype=torch.bool, device=device)
+    row = mask[:, 0, -1, :n_tokens]
+    if row.dtype != torch.bool:
+        row = row > torch.finfo(row.dtype).min / 2
+    return row.expand(bsz, n_tokens)
+
+
+class MixedDimLayer(CacheLayerMixin):
+    """One full-attention layer: the packed prompt store plus a full-dimension region of new tokens."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(
+        self,
+        cfg: MixedDimKVConfig,
+        layer_idx: int,
+        num_layers: int,
+        dims: tuple[int, ...],
+        head_shares: torch.Tensor | None = None,
+        calibrated: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.layer_idx, self.num_layers, self.dims = cfg, layer_idx, num_layers, dims
+        self.head_shares, self.calibrated = head_shares, calibrated
+        self.store: PackedStore | None = None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.n_prompt = 0  # prompt positions (padding included) covered by the store
+
+    # --- CacheLayerMixin -------------------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros(key_states.shape[0], key_states.shape[1], 0, key_states.shape[-1])
+        self.values = value_states.new_zeros(self.keys.shape)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.store is None:
+            if self.pending is not None:
+                raise RuntimeError(
+                    f"MixedDimCache layer {self.layer_idx} got a second update before compressing the first: "
+                    "the model's attention is not MixedDimKV's. Call mdkv.patch(model, cfg) first."
+                )
+            self.pending = (key_states, value_states)
+            return key_states, value_states
+        # After compression, `keys`/`values` hold only the tokens appended at full dimension.
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        if self.store is None:
+            return 0 if self.pending is None else self.pending[0].shape[-2]
+        return self.n_prompt + self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store, self.pending, self.n_prompt = None, None, 0
+        self.is_initialized = False
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("MixedDimCache does not support beam search, cropping or batch re-indexing")
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
+
+    # --- MixedDimKV ------------------------------------------------------------------------------
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float | None,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        """Attention of `query` [B, Hq, L, d] for this layer; compresses the prompt on first use."""
+        if self.store is None:
+            key, value = self.pending
+            out = dense_attention(query, key, value, mask, scale, softcap)
+            self.compress(query, key, value, mask, scale, softcap)
+            return out
+        new_mask = None if mask is None else mask[..., self.n_prompt : self.n_prompt + self.keys.shape[-2]]
+        if new_mask is not None and new_mask.dtype != torch.bool:
+            new_mask = new_mask > torch.finfo(new_mask.dtype).min / 2
+        return attend_packed(query, self.store, self.keys, self.values, new_mask, scale, softcap)
+
+    @torch.no_grad()
+    def compress(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float | None,
+        softcap: float | None,
+    ) -> None:
+        bsz, _, n_tokens, _ = key.shape
+        for hook in _KV_HOOKS:
+            hook(self.layer_idx, key, value)
+        ctx = LayerContext(
+            query=query, key=key, value=value,
+            valid=valid_tokens(mask, bsz, n_tokens, key.device),
+            layer_idx=self.layer_idx, num_layers=self.num_layers, cfg=self.cfg, dims=self.dims,
+            scale=scale, softcap=softcap,
+            head_shares=None if self.head_shares is None else self.head_shares.to(key.device),
+            calibrated=self.calibrated,
+        )
+        sel = POLICIES[self.cfg.method](ctx)
+        self.store = pack(
+            key, value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
+            sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared,
+        )
+        self.last_selection = sel.chosen_dim  # [B, H, N] stored dim per prompt token, for inspection
+        self.n_prompt = n_tokens
+        self.pending = None
+
+    def stored_bytes(self) -> int:
+        new = self.keys.numel() * self.keys.element_size() * 2 if self.is_initialized else 0
+        if self.store is None:
+            pending = 0 if self.pending is None else sum(t.numel() * t.element_size() for t in self.pending)
+            return pending + new
+        return self.store.stored_bytes() + new
+
+    def full_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        bsz, n_kv, _, head_dim = self.keys.shape
+        return 2 * bsz * n_kv * self.get_seq_length() * head_dim * self.keys.element_size()
+
+
+# Callbacks (layer_idx, key, value) run on every prompt a MixedDimLayer compresses (calibration).
+_KV_HOOKS: list = []
+
+
+class MixedDimCache(Cache):
+    """A transformers Cache that compresses the prompt's KV with MixedDimKV (or any policy)."""
+
+    def __init__(self, config, cfg: MixedDimKVConfig | None = None) -> None:
+        cfg = cfg or MixedDimKVConfig()
+        num_layers, _, n_kv, head_dim = model_dims(config)
+        dims = cfg.resolve_dims(head_dim)
+        text = config.get_text_config(decoder=True)
+        shares = None
+        if cfg.method in HEAD_SCORE_METHODS:
+            shares = load_head_shares(cfg.head_scores, num_layers, n_kv, cfg.head_temp)
+        calibrated = load_calibrated(cfg.basis_path) if cfg.basis == "calibrated" else {}
+        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * num_layers
+        layers: list[CacheLayerMixin] = []
+        for i, kind in enumerate(layer_types[:num_layers]):
+            if kind in ("sliding_attention", "chunked_attention"):
+                layers.append(DynamicSlidingWindowLayer(sliding_window=text.sliding_window))
+                continue
+            if cfg.basis == "calibrated" and i not in calibrated:
+                raise ValueError(f"calibrated basis {cfg.basis_path} has no layer {i}; it was made for another model")
+            layers.append(
+                MixedDimLayer(cfg, i, num_layers, dims, None if shares is None else shares[i], calibrated.get(i))
+            )
+        super().__init__(layers=layers)
+        self.cfg = cfg
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        _STATE.layer = layer if isinstance(layer, MixedDimLayer) else None
+        _STATE.layer_idx = layer_idx
+        return out
+
+    def stored_bytes(self) -> int:
+        """Bytes of every tensor this cache allocated: stores, prompt bases, bookkeeping, new tokens."""
+        return sum(_layer_bytes(layer, stored=True) for layer in self.layers)
+
+    def full_bytes(self) -> int:
+        """Bytes a plain cache would hold for the same tokens."""
+        return sum(_layer_bytes(layer, stored=False) for layer in self.layers)
+
+    def shared_bytes(self) -> int:
+        """Calibrated bases: stored once per model, not per prompt (like weights)."""
+        return sum(
+            layer.store.shared_bytes() for layer in self.layers if isinstance(layer, MixedDimLayer) and layer.store
+        )
+
+
+def _layer_bytes(layer: CacheLayerMixin, stored: bool) -> int:
+    if isinstance(layer, MixedDimLayer):
+        return layer.stored_bytes() if stored else layer.full_bytes()
+    # Sliding-window layers are what a plain cache holds too: same bytes either way.
+    if not layer.is_initialized:
+        return 0
+    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()

@@ -1,0 +1,142 @@
+"""Stage 2 of MixedDimKV: choose one candidate dimension per token under a budget.
+
+A multiple-choice knapsack per group (a KV head, or a whole layer when pooled):
+
+    minimise  sum_i L[i, c_i]   subject to  sum_i cost[c_i] <= budget,  c_i in {0..D-1}
+
+`greedy` (default, vectorised, no loop over tokens): walk each token's lower convex hull of
+(cost, loss) points; take hull segments in order of loss saved per unit of cost (the exact optimum
+of the LP relaxation), then spend what is left on the best single upgrades that still fit. Exact
+whenever the budget is filled by whole hull segments (always the case for keep/evict with equal
+costs, where it is top-k); otherwise within one token's loss of the optimum.
+`exact`: dynamic programme over budget units (loops over tokens; for small instances and tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Large loss for forced tokens (window, sinks): taken before anything else.
+FORCED_LOSS = 1.0e6
+
+
+def _hull_segments(losses: torch.Tensor, costs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Segments of each token's lower convex hull, walking from option 0 (cost 0).
+
+    losses [G, T, D], costs [D] ascending with costs[0] == 0. Returns (slope, cost, target), each
+    [G, T, D-1]; slope is -inf for segments that do not exist (no further gain).
+    """
+    g, t, d = losses.shape
+    cur = torch.zeros(g, t, dtype=torch.long, device=losses.device)
+    done = torch.zeros(g, t, dtype=torch.bool, device=losses.device)
+    option = torch.arange(d, device=losses.device)
+    costs_f = costs.to(losses.dtype)
+    slopes, seg_costs, targets = [], [], []
+    for _ in range(d - 1):
+        cur_loss = losses.gather(-1, cur[..., None])
+        cur_cost = costs_f[cur][..., None]
+        delta_cost = costs_f - cur_cost
+        ahead = option > cur[..., None]
+        slope = torch.where(ahead, (cur_loss - losses) / delta_cost.clamp_min(1e-9), float("-inf"))
+        # argmax returns the first maximum: collinear points become separate, smaller steps.
+        nxt = slope.argmax(dim=-1)
+        best = slope.gather(-1, nxt[..., None]).squeeze(-1)
+        ok = ~done & (best > 0)
+        slopes.append(torch.where(ok, best, float("-inf")))
+        seg_costs.append(torch.where(ok, costs[nxt] - costs[cur], 0))
+        targets.append(torch.where(ok, nxt, cur))
+        cur = torch.where(ok, nxt, cur)
+        done = done | ~ok
+    return torch.stack(slopes, -1), torch.stack(seg_costs, -1), torch.stack(targets, -1)
+
+
+def allocate_greedy(losses: torch.Tensor, costs: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """losses [G, T, D] (non-increasing along D), costs [D] int ascending (costs[0] = 0),
+    budget [G] int. Returns the chosen option per token, [G, T] long."""
+    g, t, d = losses.shape
+    losses = losses.double()
+    slope, seg_cost, target = _hull_segments(losses, costs)
+    flat_slope = slope.reshape(g, -1)
+    flat_cost = seg_cost.reshape(g, -1)
+    # Stable: equal slopes keep token order (earlier tokens first), and a token's own segments
+    # (non-increasing slopes) keep their order.
+    order = torch.sort(flat_slope, dim=-1, descending=True, stable=True).indices
+    sorted_cost = flat_cost.gather(-1, order)
+    sorted_valid = flat_slope.gather(-1, order) > float("-inf")
+    taken_sorted = sorted_valid & (torch.cumsum(sorted_cost, -1) <= budget[:, None])
+    taken = torch.zeros_like(taken_sorted).scatter(-1, order, taken_sorted).view(g, t, d - 1)
+    # A token's choice is the furthest hull vertex whose segment was taken (segments are a chain
+    # and the prefix of a sorted chain is a prefix of the chain).
+    n_taken = taken.sum(-1)
+    choice = torch.where(
+        n_taken > 0, target.gather(-1, (n_taken - 1).clamp_min(0)[..., None]).squeeze(-1), 0
+    )
+    return _fill_leftover(losses, costs, budget, choice)
+
+
+def _fill_leftover(
+    losses: torch.Tensor, costs: torch.Tensor, budget: torch.Tensor, choice: torch.Tensor
+) -> torch.Tensor:
+    """Spend the budget left after the hull walk on single upgrades (any option, hull or not),
+    best loss saved first. Each round upgrades one token per group; leftover shrinks every round."""
+    g, t, d = losses.shape
+    group_idx = torch.arange(g, device=losses.device)
+    for _ in range(4 * d + 8):
+        used = costs[choice].sum(-1)
+        left = budget - used
+        cur_loss = losses.gather(-1, choice[..., None])
+        delta = costs[None, None, :] - costs[choice][..., None]
+        gain = torch.where((delta > 0) & (delta <= left[:, None, None]), cur_loss - losses, 0.0)
+        flat = gain.view(g, -1)
+        best = flat.argmax(-1)
+        ok = flat.gather(-1, best[:, None]).squeeze(-1) > 0
+        if not bool(ok.any()):
+            break
+        tok, opt = best // d, best % d
+        choice = choice.clone()
+        choice[group_idx[ok], tok[ok]] = opt[ok]
+    return choice
+
+
+def allocate_exact(losses: torch.Tensor, costs: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Exact multiple-choice knapsack by dynamic programming over integer budget units.
+    Vectorised over groups and budget values; loops over tokens. Same contract as allocate_greedy."""
+    g, t, d = losses.shape
+    max_budget = int(budget.max().clamp_min(0))
+    if t * (max_budget + 1) * g > 50_000_000:
+        raise ValueError(f"exact allocation too large ({g} groups x {t} tokens x {max_budget + 1} budget units); "
+                         "use solver='greedy'")
+    losses = losses.double()
+    inf = float("inf")
+    units = torch.arange(max_budget + 1, device=losses.device)
+    dp = torch.zeros(g, max_budget + 1, dtype=torch.double, device=losses.device)
+    choices = torch.empty(t, g, max_budget + 1, dtype=torch.long, device=losses.device)
+    for i in range(t):
+        cand = []
+        for k in range(d):
+            c = int(costs[k])
+            shifted = torch.full_like(dp, inf)
+            if c <= max_budget:
+                shifted[:, c:] = dp[:, : max_budget + 1 - c]
+            cand.append(shifted + losses[:, i, k : k + 1])
+        stacked = torch.stack(cand, -1)
+        dp, choices[i] = stacked.min(-1)
+    # Backtrack from each group's own budget.
+    u = budget.clamp_min(0).clone()
+    out = torch.zeros(g, t, dtype=torch.long, device=losses.device)
+    for i in range(t - 1, -1, -1):
+        k = choices[i].gather(-1, u[:, None]).squeeze(-1)
+        out[:, i] = k
+        u = u - costs[k]
+    del units
+    return out
+
+
+def allocate(losses: torch.Tensor, costs: torch.Tensor, budget: torch.Tensor, solver: str = "greedy") -> torch.Tensor:
+    if solver == "exact":
+        return allocate_exact(losses, costs, budget)
+    return allocate_greedy(losses, costs, budget)
+
+
+def total_loss(losses: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    return losses.double().gather(-1, choice[..., None]).squeeze(-1).sum(-1)

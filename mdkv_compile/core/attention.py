@@ -1,0 +1,120 @@
+"""Attention over the packed store plus full-dimension new tokens, without reconstructing keys.
+
+The query is rotated once into each owner's key basis; a reduced-tier token's logit is the dot
+product of its stored coordinates with the first r rotated coordinates, which equals q . k_hat
+exactly. Values of reduced tiers are summed in coordinate space and rotated back once.
+This pure-PyTorch version is the reference every kernel is checked against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mdkv_compile.core.packing import PackedStore, padded_tier
+from mdkv_compile.core.scoring import softcap_logits
+
+
+def dense_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Exact attention. query [B, Hq, L, d]; key/value [B, H, S, d]; mask [B, 1|Hq, L, S] bool
+    (True = attend) or additive float, or None for causal with the queries last. -> [B, Hq, L, d]."""
+    group = query.shape[1] // key.shape[1]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=mask is None and query.shape[2] > 1,
+            scale=scale, enable_gqa=group > 1,
+        )
+    key = key.repeat_interleave(group, dim=1)
+    value = value.repeat_interleave(group, dim=1)
+    logits = softcap_logits((query @ key.transpose(-1, -2)).float() * scale, softcap)
+    if mask is None:
+        mask = causal_mask(query.shape[2], key.shape[2], query.device)[None, None]
+    if mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    else:
+        logits = logits + mask
+    return (torch.softmax(logits, dim=-1).to(value.dtype) @ value).to(query.dtype)
+
+
+def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+    """[L, S] bool: the L queries are the last L of the S keys' positions."""
+    q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)
+    return torch.arange(n_keys, device=device)[None, :] <= q_pos[:, None]
+
+
+def attend_packed(
+    query: torch.Tensor,
+    store: PackedStore | None,
+    key_new: torch.Tensor | None,
+    value_new: torch.Tensor | None,
+    new_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """query [B, Hq, L, d]; store: the compressed prompt (every stored token is visible to every
+    query); key_new/value_new [B, H, S, d]: tokens appended after compression, the queries being
+    the last L of them; new_mask [B, 1, L, S] bool (True = attend) or None for causal.
+    Returns [B, Hq, L, d] in the query's dtype (computed in float32)."""
+    bsz, n_q_heads, n_queries, head_dim = query.shape
+    n_kv = store.kv_heads if store is not None else key_new.shape[1]
+    group = n_q_heads // n_kv
+    owners = bsz * n_kv
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    q = query.float().reshape(owners, group, n_queries, head_dim)
+
+    logit_parts: list[torch.Tensor] = []  # each [owners, G, L, n_part]
+    value_parts: list[tuple[torch.Tensor, int]] = []  # ([owners, n_part, r], r)
+    q_rot = None
+    if store is not None:
+        bk = store.owner_basis("k")
+        if bk is not None:
+            q_rot = q @ bk.float()  # [owners, G, L, r_max]
+        for t, r in enumerate(store.tier_dims):
+            k_pad, v_pad, valid = padded_tier(store, t)
+            if k_pad.shape[1] == 0:
+                continue
+            q_t = q if r == head_dim else q_rot[..., :r]
+            logits = softcap_logits((q_t @ k_pad.float().transpose(-1, -2)[:, None]) * scale, softcap)
+            logit_parts.append(logits.masked_fill(~valid[:, None, None, :], float("-inf")))
+            value_parts.append((v_pad.float(), r))
+    if key_new is not None and key_new.shape[2] > 0:
+        k_n = key_new.float().reshape(owners, -1, head_dim)
+        logits = softcap_logits((q @ k_n.transpose(-1, -2)[:, None]) * scale, softcap)
+        if new_mask is None:
+            allowed = causal_mask(n_queries, k_n.shape[1], query.device)[None, None]
+        else:
+            allowed = new_mask.bool().expand(bsz, 1, n_queries, k_n.shape[1])
+            allowed = allowed.repeat_interleave(n_kv, dim=0)  # [owners, 1, L, S]
+        logit_parts.append(logits.masked_fill(~allowed, float("-inf")))
+        value_parts.append((value_new.float().reshape(owners, -1, head_dim), head_dim))
+    if not logit_parts:
+        raise ValueError("attention over an empty cache: nothing stored and no new tokens")
+
+    logits = torch.cat(logit_parts, dim=-1)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows (padding) -> 0
+    out = torch.zeros(owners, group, n_queries, head_dim, device=query.device)
+    reduced = None
+    start = 0
+    for (v, r), part in zip(value_parts, logit_parts, strict=True):
+        p = probs[..., start : start + part.shape[-1]]
+        start += part.shape[-1]
+        contrib = p @ v[:, None]  # [owners, G, L, r]
+        if r == head_dim:
+            out = out + contrib
+        else:
+            if reduced is None:
+                reduced = torch.zeros(owners, group, n_queries, store.basis_v.shape[-1], device=query.device)
+            reduced[..., :r] += contrib
+    if reduced is not None:
+        out = out + reduced @ store.owner_basis("v").float().transpose(-1, -2)[:, None]
+    return out.view(bsz, n_q_heads, n_queries, head_dim).to(query.dtype)

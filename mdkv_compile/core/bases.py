@@ -1,0 +1,98 @@
+"""Orthonormal bases per KV head, ordered so that the first r columns span the best r-dim subspace.
+
+Two sources:
+* `prompt_basis`: uncentred PCA of this prompt's own keys (or values), per (row, KV head). No
+  calibration, but the basis is stored with the prompt and counted in its budget.
+* `calibrate` / `load_calibrated`: one basis per (layer, KV head) computed once from calibration
+  text and saved as safetensors. Shared by every prompt, so it is reported beside the budget
+  (`MixedDimCache.shared_bytes()`), like model weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+
+def prompt_basis(x: torch.Tensor, valid: torch.Tensor, rank: int) -> torch.Tensor:
+    """x: [B, H, N, d]; valid: [B, N] bool. Returns [B, H, d, rank] float32 with orthonormal columns,
+    eigenvectors of the second-moment matrix of the valid tokens, largest eigenvalue first."""
+    xf = x.float() * valid[:, None, :, None]
+    second_moment = xf.transpose(-1, -2) @ xf  # [B, H, d, d]
+    # eigh returns ascending eigenvalues; flip so column 0 carries the most energy.
+    _, vecs = torch.linalg.eigh(second_moment)
+    return vecs.flip(-1)[..., :rank].contiguous()
+
+
+def second_moment_basis(second_moment: torch.Tensor) -> torch.Tensor:
+    """Full ordered basis [.., d, d] from accumulated second moments."""
+    _, vecs = torch.linalg.eigh(second_moment.double())
+    return vecs.flip(-1).float().contiguous()
+
+
+def save_calibrated(path: str | Path, key_bases: list[torch.Tensor], value_bases: list[torch.Tensor]) -> None:
+    """Write per-layer bases ([H, d, d] each) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for layer, (kb, vb) in enumerate(zip(key_bases, value_bases, strict=True)):
+        tensors[f"layer.{layer}.key"] = kb.float().contiguous()
+        tensors[f"layer.{layer}.value"] = vb.float().contiguous()
+    save_file(tensors, str(path), metadata={"format": "mdkv-calibrated-basis", "layers": str(len(key_bases))})
+
+
+def load_calibrated(path: str | Path) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Read a file written by `save_calibrated`: {layer: (key_basis [H, d, d], value_basis [H, d, d])}."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibrated basis file {path} does not exist; create it with mdkv_compile.core."
+                                "bases.calibrate(model, tokenizer, texts, path)")
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "mdkv-calibrated-basis":
+            raise ValueError(f"{path} is not an mdkv calibrated-basis file (metadata {meta})")
+        for layer in range(int(meta["layers"])):
+            out[layer] = (f.get_tensor(f"layer.{layer}.key"), f.get_tensor(f"layer.{layer}.value"))
+    return out
+
+
+@torch.no_grad()
+def calibrate(
+    model: torch.nn.Module, tokenizer, texts: Iterable[str], path: str | Path, max_tokens: int = 2048
+) -> Path:
+    """Accumulate post-RoPE key and value second moments over `texts` and save the bases.
+
+    Uses the patched model with method "full" so the keys seen are exactly those attention sees.
+    """
+    from mdkv_compile.config import MixedDimKVConfig
+    from mdkv_compile.hf import capture_kv, patch, unpatch
+
+    moments: dict[int, list[torch.Tensor]] = {}
+
+    def collect(layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        k, v = key[0].double(), value[0].double()  # [H, N, d]
+        acc = moments.setdefault(layer_idx, [torch.zeros(0), torch.zeros(0)])
+        km, vm = k.transpose(-1, -2) @ k, v.transpose(-1, -2) @ v
+        acc[0] = km if acc[0].numel() == 0 else acc[0] + km
+        acc[1] = vm if acc[1].numel() == 0 else acc[1] + vm
+
+    patch(model, MixedDimKVConfig(budget=1.0, method="full"))
+    try:
+        with capture_kv(collect):
+            for text in texts:
+                ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens].to(model.device)
+                model(ids, use_cache=True)
+    finally:
+        unpatch(model)
+    layers = sorted(moments)
+    save_calibrated(
+        path,
+        [second_moment_basis(moments[layer][0]) for layer in layers],
+        [second_moment_basis(moments[layer][1]) for layer in layers],
+    )
+    return Path(path)

@@ -1,0 +1,50 @@
+"""Stage 1 of MixedDimKV: the loss of storing each token at each candidate dimension.
+
+    L_i(r) = importance_i * ( a * |k_i - P_r P_r^T k_i|^2 / |k_i|^2 + (1 - a) * (same for v_i) )
+
+with P_r the first r basis columns. L_i(0) = importance_i (eviction, as SnapKV scores it) and
+L_i(d) = 0 (kept as is), so with dims (0, d) the objective is exactly eviction by importance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def residual_fraction(coef: torch.Tensor, norm2: torch.Tensor, dims: tuple[int, ...], head_dim: int) -> torch.Tensor:
+    """coef: [..., r_max] coordinates in an orthonormal basis; norm2: [...] squared norms.
+    Returns [..., len(dims)]: energy outside the first r coordinates over the total, per r."""
+    energy = torch.cumsum(coef.float().square(), dim=-1)  # energy kept by the first j+1 columns
+    out = []
+    for r in dims:
+        if r == 0:
+            out.append(torch.ones_like(norm2))
+        elif r >= head_dim:
+            out.append(torch.zeros_like(norm2))
+        else:
+            kept = energy[..., r - 1]
+            out.append(((norm2 - kept) / norm2.clamp_min(1e-12)).clamp(0.0, 1.0))
+    return torch.stack(out, dim=-1)
+
+
+def candidate_losses(
+    importance: torch.Tensor,
+    key_coef: torch.Tensor | None,
+    value_coef: torch.Tensor | None,
+    key_norm2: torch.Tensor,
+    value_norm2: torch.Tensor,
+    dims: tuple[int, ...],
+    head_dim: int,
+    key_weight: float,
+) -> torch.Tensor:
+    """importance [B, H, N]; coefficients [B, H, N, r_max] (None when dims has no reduced tier).
+    Returns [B, H, N, len(dims)] float32, non-increasing along the last axis."""
+    if key_coef is None or value_coef is None:
+        frac = torch.stack([torch.full_like(importance, 1.0 if r == 0 else 0.0) for r in dims], dim=-1)
+    else:
+        frac = key_weight * residual_fraction(key_coef, key_norm2, dims, head_dim) + (
+            1.0 - key_weight
+        ) * residual_fraction(value_coef, value_norm2, dims, head_dim)
+        # Rounding can make a longer prefix look worse by 1e-8; the solver needs monotone losses.
+        frac = torch.cummin(frac, dim=-1).values
+    return importance.float()[..., None] * frac

@@ -1,0 +1,134 @@
+"""Hugging Face transformers integration: `patch(model, cfg)` and `unpatch(model)`.
+
+`patch` registers MixedDimKV as an attention implementation (with transformers' SDPA mask
+function under the same name: without one, transformers would silently pass no mask and padding
+would be ignored), switches the model to it, and makes `generate()` and plain forward calls
+create a `MixedDimCache` when none is given. Architectures whose attention does not go through
+transformers' attention registry raise NotImplementedError naming them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from mdkv_compile.cache import _KV_HOOKS, MixedDimCache, current_layer, model_dims
+from mdkv_compile.config import MixedDimKVConfig
+from mdkv_compile.core.attention import dense_attention
+
+ATTN_NAME = "mixeddimkv"
+_STATE_ATTR = "_mdkv_patch"
+
+
+def mixeddimkv_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function. Returns [B, L, Hq, d] as the interface wants."""
+    if dropout and module.training:
+        raise NotImplementedError("MixedDimKV attention is for inference; dropout > 0 in training mode")
+    layer = current_layer(getattr(module, "layer_idx", -1))
+    if layer is None:
+        # Not a MixedDimCache layer (sliding window, a DynamicCache, no cache): exact attention.
+        out = dense_attention(query, key, value, attention_mask, scaling, softcap)
+    else:
+        out = layer.attend(query, attention_mask, scaling, softcap)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _register() -> None:
+    AttentionInterface.register(ATTN_NAME, mixeddimkv_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _check_supported(model: torch.nn.Module) -> None:
+    name = type(model).__name__
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if not hasattr(model, "config") or can_set is None:
+        raise NotImplementedError(f"{name} is not a transformers PreTrainedModel; use the compile backend")
+    if not can_set():
+        raise NotImplementedError(
+            f"{name} ({model.config.model_type}) does not route attention through transformers' attention "
+            "registry, so mdkv.patch cannot reach it; use torch.compile(model, backend='mixeddimkv')"
+        )
+    text = model.config.get_text_config(decoder=True)
+    if getattr(text, "is_encoder_decoder", False) or not getattr(text, "is_decoder", True):
+        raise NotImplementedError(f"{name}: only decoder-only causal LMs are supported")
+
+
+def patch(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -> torch.nn.Module:
+    """Make `model.generate()` (and forward calls without a cache) compress the KV cache.
+    Patching again replaces the config. Returns the model."""
+    cfg = cfg or MixedDimKVConfig()
+    _check_supported(model)
+    _, _, _, head_dim = model_dims(model.config)
+    cfg.resolve_dims(head_dim)  # a dims that does not fit fails here, not mid-generation
+    # Fail now on a missing head-score or basis file rather than at the first generate().
+    MixedDimCache(model.config, cfg)
+    _register()
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        state = {"orig_impl": model.config._attn_implementation}
+        model.set_attn_implementation(ATTN_NAME)
+        state["hook"] = model.register_forward_pre_hook(_inject_cache, with_kwargs=True)
+        original_generate = model.generate
+
+        @functools.wraps(original_generate)
+        def generate(*args: Any, **kwargs: Any):
+            if kwargs.get("past_key_values") is None:
+                kwargs["past_key_values"] = MixedDimCache(model.config, getattr(model, _STATE_ATTR)["cfg"])
+            return original_generate(*args, **kwargs)
+
+        model.generate = generate
+        setattr(model, _STATE_ATTR, state)
+    state["cfg"] = cfg
+    return model
+
+
+def _inject_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", module.config.use_cache) is not False:
+        kwargs["past_key_values"] = MixedDimCache(module.config, getattr(module, _STATE_ATTR)["cfg"])
+        return args, kwargs
+    return None
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Restore the model as it was before `patch`."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    state["hook"].remove()
+    del model.generate  # the instance attribute; the class method shows through again
+    model.set_attn_implementation(state["orig_impl"])
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def patched_config(model: torch.nn.Module) -> MixedDimKVConfig | None:
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state["cfg"]
+
+
+@contextlib.contextmanager
+def capture_kv(callback: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+    """Call `callback(layer_idx, key, value)` with every prompt's keys and values as they are
+    compressed (post-RoPE, as attention sees them)."""
+    _KV_HOOKS.append(callback)
+    try:
+        yield
+    finally:
+        _KV_HOOKS.remove(callback)

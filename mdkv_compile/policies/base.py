@@ -1,0 +1,131 @@
+"""The one interface every policy implements, and the budget accounting they share.
+
+A policy looks at one layer's prompt (queries, keys, values, which tokens are real) and returns a
+`Selection`: the stored dimension of every token (0 = dropped) plus the bases its reduced tiers
+use. Packing and attention are the same for every policy, so every method stores real, smaller
+tensors and is measured by the same `stored_bytes()`.
+
+Budgets are in *units*: one unit is one key element plus one value element of one owner (a
+(row, KV head) pair), so a token kept at dimension r costs r units and a full token costs
+head_dim units. A prompt basis of rank r_max costs head_dim * r_max units per owner.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mdkv_compile.config import MixedDimKVConfig
+from mdkv_compile.core.scoring import forced_mask, window_importance
+
+
+@dataclass
+class LayerContext:
+    query: torch.Tensor  # [B, Hq, N, d]
+    key: torch.Tensor  # [B, H, N, d] post-RoPE
+    value: torch.Tensor  # [B, H, N, d]
+    valid: torch.Tensor  # [B, N] bool, False on left padding
+    layer_idx: int
+    num_layers: int
+    cfg: MixedDimKVConfig
+    dims: tuple[int, ...]  # candidate dims, ascending, 0 first, head_dim last
+    scale: float | None = None
+    softcap: float | None = None
+    # HeadKV share of each KV head of this layer in the model-wide pool, [H] (sums to 1 over the model).
+    head_shares: torch.Tensor | None = None
+    # Calibrated bases of this layer, [H, d, d] each (basis="calibrated").
+    calibrated: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.key.shape[-1]
+
+    @property
+    def n_valid(self) -> torch.Tensor:
+        return self.valid.sum(-1)
+
+    def importance(self) -> torch.Tensor:
+        return window_importance(
+            self.query, self.key, self.valid, self.cfg.window, self.cfg.pool_kernel, self.scale, self.softcap
+        )
+
+    def forced(self) -> torch.Tensor:
+        """[B, N] tokens always kept at full dimension (window and sinks)."""
+        return forced_mask(self.valid, self.cfg.window, self.cfg.sinks)
+
+
+@dataclass
+class Selection:
+    chosen_dim: torch.Tensor  # [B, H, N] long: 0 dropped, else one of tier_dims
+    tier_dims: tuple[int, ...]  # nonzero dims stored, descending, head_dim first
+    key_coef: torch.Tensor | None = None  # [B, H, N, r_max]
+    value_coef: torch.Tensor | None = None
+    basis_k: torch.Tensor | None = None  # [n_basis, d, r_max]
+    basis_v: torch.Tensor | None = None
+    basis_index: torch.Tensor | None = None  # [B*H] int32 or None
+    basis_shared: bool = False
+
+
+def full_selection(ctx: LayerContext) -> Selection:
+    chosen = torch.where(ctx.valid[:, None, :], ctx.head_dim, 0).expand(ctx.key.shape[:3])
+    return Selection(chosen_dim=chosen.long(), tier_dims=(ctx.head_dim,))
+
+
+def bookkeeping_units(n_tiers: int, itemsize: int) -> int:
+    """Units per owner reserved for a tier's CSR offsets (int32, B*H + 1 per tier)."""
+    return n_tiers * math.ceil(8 / (2 * itemsize))
+
+
+def base_budget(ctx: LayerContext) -> torch.Tensor:
+    """Uniform budget units per owner, [B] float: the config's budget before any per-layer or
+    per-head redistribution."""
+    cfg, d = ctx.cfg, ctx.head_dim
+    bsz, n_heads = ctx.key.shape[:2]
+    if cfg.budget is not None:
+        return cfg.budget * ctx.n_valid.double() * d
+    if cfg.budget_tokens is not None:
+        per_owner = float(cfg.budget_tokens * d)
+    else:
+        per_owner = cfg.budget_bytes / (ctx.num_layers * n_heads * 2 * ctx.key.element_size())
+    return torch.full((bsz,), per_owner, dtype=torch.double, device=ctx.key.device)
+
+
+def owner_budget(ctx: LayerContext) -> torch.Tensor:
+    """Budget units per owner, [B, H] float, before bookkeeping and bases."""
+    cfg = ctx.cfg
+    bsz, n_heads = ctx.key.shape[:2]
+    units = base_budget(ctx)[:, None].expand(bsz, n_heads)
+    if cfg.method == "pyramidkv":
+        units = units * pyramid_factor(ctx.layer_idx, ctx.num_layers, cfg.pyramid_beta)
+    if ctx.head_shares is not None:
+        # HeadKV: a 1 - 1/beta share of each head's budget stays uniform; the rest is pooled over
+        # every head of the model and handed out by head importance.
+        pooled = units / cfg.head_beta * ctx.num_layers * n_heads
+        units = units * (1 - 1 / cfg.head_beta) + ctx.head_shares[None, :].double() * pooled
+    return units
+
+
+def pyramid_factor(layer_idx: int, num_layers: int, beta: float) -> float:
+    """PyramidKV's arithmetic schedule: lower layers keep more, the mean over layers is 1."""
+    if num_layers == 1:
+        return 1.0
+    low = 1.0 / beta
+    high = 2.0 - low
+    return high - (high - low) * layer_idx / (num_layers - 1)
+
+
+def keeps_everything(ctx: LayerContext) -> torch.Tensor:
+    """[B] rows whose budget covers every valid token at full dimension (budget 1.0 means no
+    compression for every method, whatever it would redistribute)."""
+    return base_budget(ctx) >= (ctx.n_valid * ctx.head_dim).double()
+
+
+def keep_top(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """scores [G, T], k [G] -> [G, T] bool: the k highest per group. Ties go to the earlier token
+    (stable sort), the same rule the knapsack solver uses."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return rank < k[:, None]

@@ -1,0 +1,155 @@
+"""Dimension-reducing policies: `mixeddimkv` (and `-h`), and `lowrank` (Palu-like).
+
+`mixeddimkv`: per-token candidate losses over `dims`, then a multiple-choice knapsack per KV head
+(`pool="head"`) or per layer (`pool="layer"`). A prompt basis costs budget, so each row also
+solves the keep-or-evict problem without it and keeps whichever has the lower total loss: at tiny
+budgets the basis is not worth its bytes and the method falls back to eviction by itself.
+`mixeddimkv-h` is the same inside HeadKV's per-head budgets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mdkv_compile.core.allocation import FORCED_LOSS, allocate
+from mdkv_compile.core.bases import prompt_basis
+from mdkv_compile.core.losses import candidate_losses
+from mdkv_compile.policies.base import (
+    LayerContext,
+    Selection,
+    bookkeeping_units,
+    full_selection,
+    keeps_everything,
+    owner_budget,
+)
+
+
+def _bases(ctx: LayerContext, rank: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Key and value bases [B, H, d, rank] (prompt PCA) or [H, d, rank] (calibrated), and whether
+    they are shared (not stored per prompt)."""
+    if ctx.calibrated is not None:
+        kb, vb = ctx.calibrated
+        return kb[:, :, :rank].to(ctx.key.device), vb[:, :, :rank].to(ctx.key.device), True
+    return prompt_basis(ctx.key, ctx.valid, rank), prompt_basis(ctx.value, ctx.valid, rank), False
+
+
+def _coefficients(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Coordinates [B, H, N, r] of x [B, H, N, d] in a basis [B, H, d, r] or [H, d, r]."""
+    return x.float() @ basis.float()
+
+
+def _basis_storage(
+    ctx: LayerContext, kb: torch.Tensor, vb: torch.Tensor, shared: bool, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The bases to keep for the rows that use them, and the owner -> basis-row index."""
+    if shared:
+        return kb, vb, None
+    bsz, n_heads = ctx.key.shape[:2]
+    d, rank = kb.shape[-2:]
+    if bool(rows.all()):
+        return kb.reshape(-1, d, rank), vb.reshape(-1, d, rank), None
+    slot = torch.cumsum(rows.long(), 0) - 1
+    heads = torch.arange(n_heads, device=rows.device)
+    index = torch.where(rows[:, None], slot[:, None] * n_heads + heads[None, :], -1)
+    return kb[rows].reshape(-1, d, rank), vb[rows].reshape(-1, d, rank), index.reshape(-1).to(torch.int32)
+
+
+def _solve(
+    ctx: LayerContext, losses: torch.Tensor, units: torch.Tensor, dims: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate; returns (chosen dim [B, H, N] long, total loss per row [B])."""
+    bsz, n_heads, n_tokens, n_opts = losses.shape
+    costs = torch.tensor(dims, device=losses.device)
+    budget = units.floor().clamp_min(0).long()
+    if ctx.cfg.pool == "layer" and ctx.head_shares is None:
+        choice = allocate(losses.reshape(bsz, n_heads * n_tokens, n_opts), costs, budget.sum(-1), ctx.cfg.solver)
+    else:
+        choice = allocate(losses.reshape(bsz * n_heads, n_tokens, n_opts), costs, budget.reshape(-1), ctx.cfg.solver)
+    choice = choice.view(bsz, n_heads, n_tokens)
+    row_loss = losses.double().gather(-1, choice[..., None]).squeeze(-1).sum(dim=(1, 2))
+    return costs[choice], row_loss
+
+
+def mixeddimkv(ctx: LayerContext) -> Selection:
+    d = ctx.head_dim
+    dims = ctx.dims
+    reduced = tuple(r for r in dims if 0 < r < d)
+    itemsize = ctx.key.element_size()
+    units = owner_budget(ctx)
+    everything = keeps_everything(ctx)
+    if bool(everything.all()):
+        return full_selection(ctx)
+
+    forced = ctx.forced()[:, None, :, None]
+    importance = ctx.importance()
+    k_norm2 = ctx.key.float().square().sum(-1)
+    v_norm2 = ctx.value.float().square().sum(-1)
+
+    def losses_for(option_dims: tuple[int, ...], kc: torch.Tensor | None, vc: torch.Tensor | None) -> torch.Tensor:
+        losses = candidate_losses(importance, kc, vc, k_norm2, v_norm2, option_dims, d, ctx.cfg.key_weight)
+        # Forced tokens are kept whole: any smaller option costs as much as dropping them.
+        forced_row = torch.full((len(option_dims),), FORCED_LOSS, device=losses.device)
+        forced_row[-1] = 0.0
+        return torch.where(forced, forced_row, losses).masked_fill(~ctx.valid[:, None, :, None], 0.0)
+
+    evict_dims = (0, d)
+    evict_units = units - bookkeeping_units(1, itemsize)
+    evict_dim, evict_loss = _solve(ctx, losses_for(evict_dims, None, None), evict_units, evict_dims)
+    if not reduced:
+        chosen = torch.where(everything[:, None, None], full_selection(ctx).chosen_dim, evict_dim)
+        return Selection(chosen_dim=chosen, tier_dims=(d,))
+
+    r_max = max(reduced)
+    kb, vb, shared = _bases(ctx, r_max)
+    kc, vc = _coefficients(ctx.key, kb), _coefficients(ctx.value, vb)
+    # One more bookkeeping slot pays for the owner -> basis index when rows differ.
+    mixed_units = units - bookkeeping_units(len(reduced) + 2, itemsize) - (0 if shared else d * r_max)
+    mixed_dim, mixed_loss = _solve(ctx, losses_for(dims, kc, vc), mixed_units, dims)
+
+    use_mixed = (mixed_loss < evict_loss) & ~everything
+    chosen = torch.where(use_mixed[:, None, None], mixed_dim, evict_dim)
+    chosen = torch.where(everything[:, None, None], full_selection(ctx).chosen_dim, chosen)
+    if not bool(use_mixed.any()):
+        return Selection(chosen_dim=chosen, tier_dims=(d,))
+    basis_k, basis_v, index = _basis_storage(ctx, kb, vb, shared, use_mixed)
+    return Selection(
+        chosen_dim=chosen,
+        tier_dims=(d, *sorted(reduced, reverse=True)),
+        key_coef=kc,
+        value_coef=vc,
+        basis_k=basis_k,
+        basis_v=basis_v,
+        basis_index=index,
+        basis_shared=shared,
+    )
+
+
+def lowrank(ctx: LayerContext) -> Selection:
+    """Every valid token at one rank r per row, the largest the budget affords (basis included)."""
+    d = ctx.head_dim
+    units = owner_budget(ctx).min(-1).values  # one rank for every head of a row
+    n = ctx.n_valid.double()
+    # Two tiers plus the owner -> basis index.
+    usable = units - bookkeeping_units(3, ctx.key.element_size())
+    shared = ctx.calibrated is not None
+    rank = (usable / (n if shared else n + d)).floor().clamp(0, d).long()
+    if ctx.cfg.lowrank_dim is not None:
+        rank = rank.clamp_max(ctx.cfg.lowrank_dim)
+    rank = torch.where(keeps_everything(ctx), d, rank)
+    chosen = torch.where(ctx.valid[:, None, :], rank[:, None, None], 0).expand(ctx.key.shape[:3]).long()
+    reduced = sorted({int(r) for r in rank.tolist() if 0 < r < d}, reverse=True)
+    if not reduced:
+        return Selection(chosen_dim=chosen, tier_dims=(d,))
+    kb, vb, shared = _bases(ctx, reduced[0])
+    uses = (rank > 0) & (rank < d)
+    basis_k, basis_v, index = _basis_storage(ctx, kb, vb, shared, uses)
+    return Selection(
+        chosen_dim=chosen,
+        tier_dims=(d, *reduced),
+        key_coef=_coefficients(ctx.key, kb),
+        value_coef=_coefficients(ctx.value, vb),
+        basis_k=basis_k,
+        basis_v=basis_v,
+        basis_index=index,
+        basis_shared=shared,
+    )
