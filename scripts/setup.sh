@@ -5,7 +5,7 @@
 #
 # Environment: PYTHON (default python3.11), TORCH_REQ (default torch==2.13.0; the CPU wheel lies in
 # this machine's pip find-links), MDKV_CACHE_DIR (asset cache, default ~/.cache/mdkv-compile).
-set -euo pipefail
+set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3.11}
@@ -17,6 +17,9 @@ SECONDS=0
 
 step() { printf '[setup %3ds] %s\n' "$SECONDS" "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+# pip, quiet, minus the warnings this machine's pip config makes about missing local index folders
+# (keeps pip's exit status: the filter never fails).
+pipq() { "$VPY" -m pip -q --disable-pip-version-check "$@" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }; }
 trap 'printf "[setup] FAILED (exit %s) at scripts/setup.sh:%s: %s\n" "$?" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 # 1. venv. Python 3.11 because the local torch wheel is cp311 only (3.12 would pull a CUDA build).
@@ -45,9 +48,9 @@ if installed_here; then
 else
     rm -f "$STAMP"
     step "installing $TORCH_REQ (about 1 min on a fresh venv)"
-    "$VPY" -m pip install -q --disable-pip-version-check "$TORCH_REQ"
+    pipq install "$TORCH_REQ"
     step "installing mdkv-compile in editable mode with extras eval,onnx,triton,dev"
-    "$VPY" -m pip install -q --disable-pip-version-check -e ".[eval,onnx,triton,dev]"
+    pipq install -e ".[eval,onnx,triton,dev]"
     "$VPY" -c 'import torch, transformers; print(f"[setup] torch {torch.__version__}, transformers {transformers.__version__}")'
     echo "$want" >"$STAMP"
 fi
