@@ -1,0 +1,673 @@
+"""Decode attention over the packed store (docs/packed_store.md) in Triton.
+
+One query token per sequence. Two launches:
+
+1. ``_packed_decode_split``: grid ``(B * H_kv, S)``. Program ``(o, s)`` serves owner ``o`` (one KV head
+   of one sequence) for *all* query heads of its GQA group (rows of a ``[GP, d]`` tile, ``GP`` the
+   group padded to 16 so ``tl.dot`` can use the tensor cores), and the ``s``-th of ``S`` equal slices
+   of every region of that owner: the full tier, the decoded region ``k_new[:, :, :n_new]``, and each
+   reduced tier. Each reduced tier attends in its own coefficient space with ``q_rot = q @ basis_k[o]``
+   (rotated in-kernel, only its first ``r_t`` columns), so no key is ever reconstructed. Every
+   region keeps its own online-softmax state; the full tier and the decoded region share a width and
+   are merged in-program, each reduced tier is written as its own partial ``(m, l, coef[:r_t])``.
+2. ``_packed_decode_merge``: grid ``(B * H_kv,)``. Log-sum-exp merge of the ``S x (1 + T_red)``
+   partials (no atomics, deterministic), then the value coefficients of each reduced tier are rotated
+   back with ``basis_v[o][:, :r_t]`` (``sum_t B[:, :r_t] c_t == B @ sum_t pad(c_t)``: rotating per tier
+   costs the same reads of ``basis_v`` as padding then rotating once), normalised, and written.
+
+Precision: inputs bf16 / fp16 / fp32; all dot products accumulate in fp32 (``ieee`` for fp32 inputs,
+so fp32 results match a float64 reference to ~1e-6); probabilities are rounded to the input dtype
+before the ``p @ v`` product, as in FlashAttention.
+
+The op ``mdkv::packed_decode_attention`` is a ``torch.library.triton_op`` (Inductor sees the two
+kernels through ``wrap_triton``) taking the tiers as ``Tensor[]`` lists: at most ``MAX_REDUCED_TIERS``
+reduced tiers after the full one. On a CPU tensor (and no ``TRITON_INTERPRET=1``) it runs
+``packed_decode_attention_torch``, a vectorised pure-torch version that is also traceable.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the torch fallback still works
+    HAS_TRITON = False
+
+MAX_REDUCED_TIERS = 4
+_NEG_INF = float("-inf")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure torch version: CPU fallback (traceable: no data-dependent Python control flow)
+# ------------------------------------------------------------------------------------------------
+
+
+def _segment_ids(offsets: Tensor, n_rows: int) -> Tensor:
+    """Owner of each row of a CSR-packed tier."""
+    rows = torch.arange(n_rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets[1:].contiguous(), rows, right=True)
+
+
+def packed_decode_attention_torch(
+    q: Tensor,
+    tier_keys: list[Tensor],
+    tier_values: list[Tensor],
+    tier_offsets: list[Tensor],
+    basis_k: Tensor | None,
+    basis_v: Tensor | None,
+    k_new: Tensor,
+    v_new: Tensor,
+    n_new: int,
+    scale: float,
+    softcap: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Same contract as ``packed_decode_attention``; computes in ``compute_dtype`` (float64 for checks)."""
+    B, Hq, _, d = q.shape
+    Hkv = k_new.shape[1]
+    G = Hq // Hkv
+    n_own = B * Hkv
+    cd = compute_dtype
+    qg = q.reshape(n_own, G, d).to(cd)  # owner o = b * Hkv + h serves query heads h*G .. h*G+G-1
+    logits: list[Tensor] = []  # per region: [rows, G]
+    owners: list[Tensor] = []
+    vals: list[Tensor] = []  # per region: [rows, d] value contributions in head space (after rotation)
+    for t, (kt, vt, off) in enumerate(zip(tier_keys, tier_values, tier_offsets, strict=True)):
+        r = kt.shape[1]
+        seg = _segment_ids(off, kt.shape[0])
+        if t == 0:
+            qs = qg[seg]  # [rows, G, d]
+            vals.append(vt.to(cd))
+        else:
+            assert basis_k is not None and basis_v is not None
+            qs = torch.einsum("ogd,odr->ogr", qg, basis_k[:, :, :r].to(cd))[seg]
+            # rotating each value row back is fine for a reference; the kernel rotates sums once
+            vals.append(torch.einsum("nr,ndr->nd", vt.to(cd), basis_v[seg][:, :, :r].to(cd)))
+        logits.append(torch.einsum("ngr,nr->ng", qs, kt.to(cd)))
+        owners.append(seg)
+    kn = k_new[:, :, :n_new].reshape(n_own, n_new, d).to(cd)
+    logits.append(torch.einsum("ogd,ond->ong", qg, kn).reshape(n_own * n_new, G))
+    owners.append(torch.arange(n_own, device=q.device).repeat_interleave(n_new))
+    vals.append(v_new[:, :, :n_new].reshape(n_own * n_new, d).to(cd))
+
+    s = torch.cat(logits) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    seg = torch.cat(owners)
+    v = torch.cat(vals)
+    m = torch.full((n_own, G), _NEG_INF, dtype=cd, device=q.device)
+    m = m.scatter_reduce(0, seg[:, None].expand(-1, G), s, reduce="amax")
+    p = torch.exp(s - m[seg])
+    denom = torch.zeros(n_own, G, dtype=cd, device=q.device).index_add(0, seg, p)
+    num = torch.zeros(n_own, G, d, dtype=cd, device=q.device).index_add(0, seg, p[:, :, None] * v[:, None, :])
+    out = torch.where(denom[..., None] > 0, num / denom.clamp_min(1e-300)[..., None], 0.0)
+    return out.reshape(B, Hq, 1, d).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+        """DOT_PREC: True = exact fp32 products ("ieee") for fp32 inputs; False = the default (tf32
+        for fp32, irrelevant for 16-bit inputs). A bool, not a string, so Inductor's codegen of the
+        wrapped kernel only sees plain constexprs."""
+        if INTERP:
+            # Triton 3.6's interpreter multiplies bf16 operands as raw 16-bit integers; fp32 operands
+            # holding the same (already rounded) values give the product the GPU computes
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        elif DOT_PREC:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
+    def _step(
+        qop, k_ptr, v_ptr, start, hi, stride_n, m_i, l_i, acc, qk_scale, scale, softcap,
+        D_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    ):
+        """One block of BLOCK_N rows starting at `start` (< hi) of one region; logits in log2 units."""
+        LOG2E: tl.constexpr = 1.4426950408889634
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows = start + offs_n
+        rmask = rows < hi
+        ptrs = rows[:, None].to(tl.int64) * stride_n + offs_d[None, :]
+        msk = rmask[:, None] & (offs_d < D_T)[None, :]
+        k = tl.load(k_ptr + ptrs, mask=msk, other=0.0)
+        s = _dot(qop, tl.trans(k), DOT_PREC, INTERP)  # [GP, BLOCK_N] fp32
+        if HAS_SOFTCAP:
+            x = s * (scale / softcap)
+            # tanh through exp2 (portable to the interpreter); saturates cleanly at +-1
+            th = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+            s = th * (softcap * LOG2E)
+        else:
+            s = s * qk_scale
+        s = tl.where(rmask[None, :], s, float("-inf"))
+        # every block holds >= 1 valid row, so m_new is finite and alpha never NaN
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + ptrs, mask=msk, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, INTERP)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _region(
+        qop,  # [GP, BLOCK_D] in the key dtype (the query, or q_rot for a reduced tier)
+        k_ptr,
+        v_ptr,
+        lo,
+        hi,
+        stride_n,
+        qk_scale,  # scale * log2(e); unused with softcap
+        scale,
+        softcap,
+        GP: tl.constexpr,
+        D_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):
+        """Online softmax over rows [lo, hi) of one region, from an empty state."""
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, BLOCK_D], tl.float32)
+        if INTERP:
+            # Triton 3.6's interpreter cannot run range() over a runtime bound under numpy >= 2.4
+            # (int() of a 1-element array); a while loop only needs bool(). Same arithmetic.
+            start = lo
+            while start < hi:
+                m_i, l_i, acc = _step(qop, k_ptr, v_ptr, start, hi, stride_n, m_i, l_i, acc, qk_scale, scale,
+                                      softcap, D_T, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP)
+                start += BLOCK_N
+        else:
+            # a for loop, so the compiler software-pipelines the loads (num_stages)
+            for start in range(lo, hi, BLOCK_N):
+                m_i, l_i, acc = _step(qop, k_ptr, v_ptr, start, hi, stride_n, m_i, l_i, acc, qk_scale, scale,
+                                      softcap, D_T, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _slice(n, s, S):
+        """Rows [lo, hi) of split s of n rows cut into S near-equal slices."""
+        per = tl.cdiv(n, S)
+        lo = s * per
+        hi = tl.minimum(lo + per, n)
+        return lo, hi
+
+    @triton.jit
+    def _reduced_tier(
+        q,
+        k_ptr,
+        v_ptr,
+        off_ptr,
+        bk_ptr,
+        o,
+        s,
+        S,
+        stride_bo,
+        stride_bd,
+        ml_ptr,
+        coef_ptr,
+        qk_scale,
+        scale,
+        softcap,
+        G,
+        T_IDX: tl.constexpr,
+        NREG: tl.constexpr,
+        R_MAX: tl.constexpr,
+        GP: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        R_T: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_r = tl.arange(0, BLOCK_R)
+        rmask = offs_r < R_T
+        # q_rot = q @ basis_k[o][:, :R_T]; padded columns are zero so padded key columns add nothing
+        bk = tl.load(
+            bk_ptr + o.to(tl.int64) * stride_bo + offs_d[:, None] * stride_bd + offs_r[None, :],
+            mask=(offs_d[:, None] < D) & rmask[None, :],
+            other=0.0,
+        )
+        q_rot = _dot(q, bk, DOT_PREC, INTERP).to(bk.dtype)
+        beg = tl.load(off_ptr + o)
+        end = tl.load(off_ptr + o + 1)
+        lo, hi = _slice(end - beg, s, S)
+        m_i, l_i, acc = _region(
+            q_rot, k_ptr + beg.to(tl.int64) * R_T, v_ptr + beg.to(tl.int64) * R_T, lo, hi, R_T,
+            qk_scale, scale, softcap, GP, R_T, BLOCK_R, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
+        )
+        offs_g = tl.arange(0, GP)
+        base = (o * S + s) * NREG + T_IDX
+        tl.store(ml_ptr + (base * 2) * GP + offs_g, m_i)
+        tl.store(ml_ptr + (base * 2 + 1) * GP + offs_g, l_i)
+        cbase = ((o * S + s) * (NREG - 1) + (T_IDX - 1)).to(tl.int64) * G * R_MAX
+        tl.store(
+            coef_ptr + cbase + offs_g[:, None] * R_MAX + offs_r[None, :],
+            acc,
+            mask=(offs_g[:, None] < G) & rmask[None, :],
+        )
+
+    @triton.jit
+    def _packed_decode_split(
+        q_ptr,
+        k0_ptr, v0_ptr, off0_ptr,
+        k1_ptr, v1_ptr, off1_ptr,
+        k2_ptr, v2_ptr, off2_ptr,
+        k3_ptr, v3_ptr, off3_ptr,
+        k4_ptr, v4_ptr, off4_ptr,
+        bk_ptr, stride_bo, stride_bd,
+        kn_ptr, vn_ptr, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        n_new, H_KV, G, S,
+        ml_ptr, acc_ptr, coef_ptr,
+        qk_scale, scale, softcap,
+        NUM_RED: tl.constexpr,
+        R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
+        BR1: tl.constexpr, BR2: tl.constexpr, BR3: tl.constexpr, BR4: tl.constexpr,
+        BN1: tl.constexpr, BN2: tl.constexpr, BN3: tl.constexpr, BN4: tl.constexpr,
+        R_MAX: tl.constexpr,
+        GP: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):
+        o = tl.program_id(0)
+        s = tl.program_id(1)
+        NREG: tl.constexpr = NUM_RED + 1
+        b = o // H_KV
+        h = o % H_KV
+        offs_g = tl.arange(0, GP)
+        offs_d = tl.arange(0, BLOCK_D)
+        gmask = offs_g < G
+        q = tl.load(
+            q_ptr + (o * G + offs_g)[:, None].to(tl.int64) * D + offs_d[None, :],
+            mask=gmask[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+
+        # full tier (stored as is)
+        beg = tl.load(off0_ptr + o)
+        end = tl.load(off0_ptr + o + 1)
+        lo, hi = _slice(end - beg, s, S)
+        m_a, l_a, acc_a = _region(
+            q, k0_ptr + beg.to(tl.int64) * D, v0_ptr + beg.to(tl.int64) * D, lo, hi, D,
+            qk_scale, scale, softcap, GP, D, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
+        )
+        # decoded region [B, H_kv, n_new, d] (full dimension)
+        lo, hi = _slice(n_new, s, S)
+        m_b, l_b, acc_b = _region(
+            q,
+            kn_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
+            vn_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
+            lo, hi, stride_kn,
+            qk_scale, scale, softcap, GP, D, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
+        )
+        # stride_vn must equal stride_kn (checked on the host); both regions share `ptrs`
+        m = tl.maximum(m_a, m_b)
+        # an empty region has m = -inf and weight exp2(-inf) = 0; a finite stand-in for m when both
+        # are empty avoids -inf - -inf
+        m_s = tl.where(m > float("-inf"), m, 0.0)
+        w_a = tl.exp2(m_a - m_s)
+        w_b = tl.exp2(m_b - m_s)
+        l_full = l_a * w_a + l_b * w_b
+        acc = acc_a * w_a[:, None] + acc_b * w_b[:, None]
+        base = (o * S + s) * NREG
+        tl.store(ml_ptr + (base * 2) * GP + offs_g, m)
+        tl.store(ml_ptr + (base * 2 + 1) * GP + offs_g, l_full)
+        abase = (o * S + s).to(tl.int64) * G * D
+        tl.store(
+            acc_ptr + abase + offs_g[:, None] * D + offs_d[None, :],
+            acc,
+            mask=gmask[:, None] & (offs_d[None, :] < D),
+        )
+
+        if NUM_RED >= 1:
+            _reduced_tier(q, k1_ptr, v1_ptr, off1_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
+                          qk_scale, scale, softcap, G, 1, NREG, R_MAX, GP, D, BLOCK_D, R1, BR1, BN1,
+                          HAS_SOFTCAP, DOT_PREC, INTERP)
+        if NUM_RED >= 2:
+            _reduced_tier(q, k2_ptr, v2_ptr, off2_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
+                          qk_scale, scale, softcap, G, 2, NREG, R_MAX, GP, D, BLOCK_D, R2, BR2, BN2,
+                          HAS_SOFTCAP, DOT_PREC, INTERP)
+        if NUM_RED >= 3:
+            _reduced_tier(q, k3_ptr, v3_ptr, off3_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
+                          qk_scale, scale, softcap, G, 3, NREG, R_MAX, GP, D, BLOCK_D, R3, BR3, BN3,
+                          HAS_SOFTCAP, DOT_PREC, INTERP)
+        if NUM_RED >= 4:
+            _reduced_tier(q, k4_ptr, v4_ptr, off4_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
+                          qk_scale, scale, softcap, G, 4, NREG, R_MAX, GP, D, BLOCK_D, R4, BR4, BN4,
+                          HAS_SOFTCAP, DOT_PREC, INTERP)
+
+    @triton.jit
+    def _merge_tier(
+        ml_ptr, coef_ptr, bv_ptr, m_max, o, S, stride_bo, stride_bd, G,
+        T_IDX: tl.constexpr, NREG: tl.constexpr, R_MAX: tl.constexpr, GP: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, R_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """basis_v[o][:, :R_T] @ (sum over splits of weight * coef): this tier's share of the output."""
+        offs_g = tl.arange(0, GP)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, BLOCK_D)
+        cmask = (offs_g[:, None] < G) & (offs_r[None, :] < R_T)
+        c = tl.zeros([GP, BLOCK_R], tl.float32)
+        s = 0
+        while s < S:  # while, not range(): runs in the interpreter too (see _region)
+            mm = tl.load(ml_ptr + (((o * S + s) * NREG + T_IDX) * 2) * GP + offs_g)
+            w = tl.exp2(mm - m_max)  # m_max made finite by the caller: empty partials weigh 0
+            cbase = ((o * S + s) * (NREG - 1) + (T_IDX - 1)).to(tl.int64) * G * R_MAX
+            cs = tl.load(coef_ptr + cbase + offs_g[:, None] * R_MAX + offs_r[None, :], mask=cmask, other=0.0)
+            c += w[:, None] * cs
+            s += 1
+        bv = tl.load(
+            bv_ptr + o.to(tl.int64) * stride_bo + offs_d[None, :] * stride_bd + offs_r[:, None],
+            mask=(offs_d[None, :] < D) & (offs_r[:, None] < R_T),
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_R, BLOCK_D] = basis_v[o][:, :R_T].T
+        return tl.dot(c, bv, input_precision="ieee")
+
+    @triton.jit
+    def _packed_decode_merge(
+        ml_ptr, acc_ptr, coef_ptr, bv_ptr, stride_bo, stride_bd, out_ptr, G, S,
+        NUM_RED: tl.constexpr,
+        R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
+        BR1: tl.constexpr, BR2: tl.constexpr, BR3: tl.constexpr, BR4: tl.constexpr,
+        R_MAX: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_REG: tl.constexpr,
+    ):
+        o = tl.program_id(0)
+        NREG: tl.constexpr = NUM_RED + 1
+        offs_g = tl.arange(0, GP)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_reg = tl.arange(0, BLOCK_REG)
+        regmask = offs_reg[:, None] < NREG
+        m_max = tl.full([GP], float("-inf"), tl.float32)
+        s = 0
+        while s < S:  # while, not range(): runs in the interpreter too (see _region)
+            mm = tl.load(ml_ptr + (((o * S + s) * NREG + offs_reg[:, None]) * 2) * GP + offs_g[None, :],
+                         mask=regmask, other=float("-inf"))
+            m_max = tl.maximum(m_max, tl.max(mm, 0))
+            s += 1
+        # an owner with no token at all: every m is -inf; a finite m_max keeps every weight at 0
+        m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
+        l_tot = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, BLOCK_D], tl.float32)
+        amask = (offs_g[:, None] < G) & (offs_d[None, :] < D)
+        s = 0
+        while s < S:
+            rows = (o * S + s) * NREG + offs_reg[:, None]
+            mm = tl.load(ml_ptr + (rows * 2) * GP + offs_g[None, :], mask=regmask, other=float("-inf"))
+            ll = tl.load(ml_ptr + (rows * 2 + 1) * GP + offs_g[None, :], mask=regmask, other=0.0)
+            # an empty slice has m = -inf, weight 0; m_max is finite (see above)
+            w = tl.exp2(mm - m_max[None, :])
+            l_tot += tl.sum(w * ll, 0)
+            w0 = tl.sum(tl.where(offs_reg[:, None] == 0, w, 0.0), 0)
+            abase = (o * S + s).to(tl.int64) * G * D
+            a = tl.load(acc_ptr + abase + offs_g[:, None] * D + offs_d[None, :], mask=amask, other=0.0)
+            acc += w0[:, None] * a
+            s += 1
+        if NUM_RED >= 1:
+            acc += _merge_tier(ml_ptr, coef_ptr, bv_ptr, m_max, o, S, stride_bo, stride_bd, G, 1, NREG, R_MAX, GP,
+                               D, BLOCK_D, R1, BR1)
+        if NUM_RED >= 2:
+            acc += _merge_tier(ml_ptr, coef_ptr, bv_ptr, m_max, o, S, stride_bo, stride_bd, G, 2, NREG, R_MAX, GP,
+                               D, BLOCK_D, R2, BR2)
+        if NUM_RED >= 3:
+            acc += _merge_tier(ml_ptr, coef_ptr, bv_ptr, m_max, o, S, stride_bo, stride_bd, G, 3, NREG, R_MAX, GP,
+                               D, BLOCK_D, R3, BR3)
+        if NUM_RED >= 4:
+            acc += _merge_tier(ml_ptr, coef_ptr, bv_ptr, m_max, o, S, stride_bo, stride_bd, G, 4, NREG, R_MAX, GP,
+                               D, BLOCK_D, R4, BR4)
+        out = tl.where(l_tot[:, None] > 0, acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None], 0.0)
+        tl.store(out_ptr + (o * G + offs_g)[:, None].to(tl.int64) * D + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=amask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch
+# ------------------------------------------------------------------------------------------------
+
+
+# Launch heuristics, module-level so the benchmark can sweep them (values: docs/kernel_notes.md).
+TUNING: dict[str, int] = {
+    "programs_per_sm": 4,  # split-K target: enough programs in flight to cover memory latency
+    "min_rows_per_split": 64,  # below this a split's fixed cost (q, bases, partial writes) dominates
+    "max_splits": 256,
+    "num_warps": 4,
+    "num_stages": 2,
+}
+
+
+def _num_splits(n_owners: int, avg_rows: int, n_sm: int) -> int:
+    """Splits per owner from shapes only (no device sync, no recompiles: S is a runtime argument)."""
+    want = max(1, -(-TUNING["programs_per_sm"] * n_sm // n_owners))
+    cap = max(1, avg_rows // TUNING["min_rows_per_split"])
+    return int(min(want, cap, TUNING["max_splits"]))
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: a few splits exercise the merge without slowing CPU tests
+
+
+def _use_triton(q: Tensor) -> bool:
+    return HAS_TRITON and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _launch(
+    q: Tensor,
+    tier_keys: list[Tensor],
+    tier_values: list[Tensor],
+    tier_offsets: list[Tensor],
+    basis_k: Tensor | None,
+    basis_v: Tensor | None,
+    k_new: Tensor,
+    v_new: Tensor,
+    n_new: int,
+    scale: float,
+    softcap: float | None,
+    wrap,  # wrap_triton inside the triton_op (Inductor sees the kernels), identity otherwise
+    out: Tensor | None = None,
+    poison_workspace: bool = False,
+) -> Tensor:
+    B, Hq, Lq, d = q.shape
+    Hkv = k_new.shape[1]
+    G = Hq // Hkv
+    n_own = B * Hkv
+    n_red = len(tier_keys) - 1
+    assert Lq == 1, "decode kernel: one query token per sequence"
+    assert Hq % Hkv == 0 and 0 <= n_red <= MAX_REDUCED_TIERS
+    assert tier_keys[0].shape[-1] == d and k_new.shape[-1] == d
+    assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1 and k_new.stride(2) == v_new.stride(2)
+    dims = [int(k.shape[1]) for k in tier_keys[1:]]
+    assert all(0 < r <= d for r in dims)
+    qc = q.contiguous()
+    keys = [k.contiguous() for k in tier_keys]
+    vals = [v.contiguous() for v in tier_values]
+    offs = [o.to(torch.int32).contiguous() for o in tier_offsets]
+    dev = q.device
+    if n_red:
+        assert basis_k is not None and basis_v is not None
+        bk, bv = basis_k.contiguous(), basis_v.contiguous()  # one stride pair serves both
+        r_max = int(max(dims))
+    else:  # no reduced tier: any tensor will do as an unused pointer
+        bk = bv = keys[0]
+        r_max = 16
+    r_max_p = _next_pow2(max(r_max, 16))
+    GP = max(16, _next_pow2(G))
+    BLOCK_D = max(16, _next_pow2(d))
+    avg_rows = sum(int(k.shape[0]) for k in keys) // max(n_own, 1) + n_new
+    S = _num_splits(n_own, avg_rows, _sm_count(dev))
+    nreg = n_red + 1
+
+    # padding to 5 tiers: unused slots point at the full tier and are skipped (NUM_RED constexpr)
+    pad = MAX_REDUCED_TIERS - n_red
+    ks = keys[1:] + [keys[0]] * pad
+    vs = vals[1:] + [vals[0]] * pad
+    os_ = offs[1:] + [offs[0]] * pad
+    rs = dims + [16] * pad
+    brs = [max(16, _next_pow2(r)) for r in rs]
+    # larger row blocks for narrow tiers: ~16 KiB of keys per block
+    bns = [int(min(256, max(64, 8192 // br))) for br in brs]
+    block_n = 64 if BLOCK_D <= 128 else 32
+
+    ml = torch.empty(n_own * S * nreg * 2 * GP, device=dev, dtype=torch.float32)
+    acc = torch.empty(n_own * S * G * d, device=dev, dtype=torch.float32)
+    coef = torch.empty(max(1, n_own * S * n_red * G * r_max_p), device=dev, dtype=torch.float32)
+    if poison_workspace:  # tests: any read of an unwritten workspace element shows up as NaN
+        for t in (ml, acc, coef):
+            t.fill_(float("nan"))
+    if out is None:
+        out = torch.empty(B, Hq, 1, d, device=dev, dtype=q.dtype)
+    assert out.shape == (B, Hq, 1, d) and out.is_contiguous() and out.dtype == q.dtype
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    dot_prec = q.dtype == torch.float32
+    has_cap = softcap is not None
+    cap = float(softcap) if has_cap else 1.0
+    stride_bo, stride_bd = (bk.stride(0), bk.stride(1)) if n_red else (0, 0)
+
+    wrap(_packed_decode_split)[(n_own, S)](
+        qc,
+        keys[0], vals[0], offs[0],
+        ks[0], vs[0], os_[0], ks[1], vs[1], os_[1], ks[2], vs[2], os_[2], ks[3], vs[3], os_[3],
+        bk, stride_bo, stride_bd,
+        k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
+        v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        n_new, Hkv, G, S,
+        ml, acc, coef,
+        scale * 1.4426950408889634, scale, cap,
+        NUM_RED=n_red,
+        R1=rs[0], R2=rs[1], R3=rs[2], R4=rs[3],
+        BR1=brs[0], BR2=brs[1], BR3=brs[2], BR4=brs[3],
+        BN1=bns[0], BN2=bns[1], BN3=bns[2], BN4=bns[3],
+        R_MAX=r_max_p, GP=GP, D=d, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
+        HAS_SOFTCAP=has_cap, DOT_PREC=dot_prec, INTERP=interp,
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+    )
+    wrap(_packed_decode_merge)[(n_own,)](
+        ml, acc, coef, bv, stride_bo, stride_bd, out, G, S,
+        NUM_RED=n_red,
+        R1=rs[0], R2=rs[1], R3=rs[2], R4=rs[3],
+        BR1=brs[0], BR2=brs[1], BR3=brs[2], BR4=brs[3],
+        R_MAX=r_max_p, GP=GP, D=d, BLOCK_D=BLOCK_D, BLOCK_REG=_next_pow2(max(2, nreg)),
+        num_warps=4,
+    )
+    return out
+
+
+def _identity(kernel):
+    return kernel
+
+
+def packed_decode_attention_triton(
+    q: Tensor,
+    tier_keys: list[Tensor],
+    tier_values: list[Tensor],
+    tier_offsets: list[Tensor],
+    basis_k: Tensor | None,
+    basis_v: Tensor | None,
+    k_new: Tensor,
+    v_new: Tensor,
+    n_new: int,
+    scale: float,
+    softcap: float | None = None,
+    out: Tensor | None = None,
+    poison_workspace: bool = False,
+) -> Tensor:
+    """The Triton path called directly (no op dispatch). ``out`` and ``poison_workspace`` let tests
+    check that every output element is written and no unwritten workspace element is read."""
+    return _launch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new, scale,
+                   softcap, _identity, out=out, poison_workspace=poison_workspace)
+
+
+def _op_impl(
+    q: Tensor,
+    tier_keys: list[Tensor],
+    tier_values: list[Tensor],
+    tier_offsets: list[Tensor],
+    basis_k: Tensor | None,
+    basis_v: Tensor | None,
+    k_new: Tensor,
+    v_new: Tensor,
+    n_new: int,
+    scale: float,
+    softcap: float | None = None,
+) -> Tensor:
+    if _use_triton(q):
+        from torch.library import wrap_triton
+
+        return _launch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,
+                       scale, softcap, wrap_triton)
+    return packed_decode_attention_torch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new,
+                                         v_new, n_new, scale, softcap)
+
+
+# Registered once per process; the schema takes the tiers as Tensor[] (full tier first, then at most
+# MAX_REDUCED_TIERS reduced ones, largest first), bases as optional tensors.
+_packed_decode_op = torch.library.triton_op("mdkv::packed_decode_attention", _op_impl, mutates_args=())
+
+
+def packed_decode_attention(
+    q: Tensor,
+    tier_keys: list[Tensor],
+    tier_values: list[Tensor],
+    tier_offsets: list[Tensor],
+    basis_k: Tensor | None,
+    basis_v: Tensor | None,
+    k_new: Tensor,
+    v_new: Tensor,
+    n_new: int,
+    scale: float,
+    softcap: float | None = None,
+) -> Tensor:
+    """Decode attention over a packed store plus the full-dimension decoded region.
+
+    q: ``[B, Hq, 1, d]``; ``tier_keys[t]`` / ``tier_values[t]``: ``[M_t, r_t]`` (``t = 0`` the full tier,
+    ``r_0 = d``, stored unrotated; ``t > 0`` coefficients in the owner's basis), ``tier_offsets[t]``:
+    ``[B * H_kv + 1]`` int32 CSR offsets by owner ``o = b * H_kv + h``; ``basis_k``/``basis_v``:
+    ``[B * H_kv, d, r_max]`` (``None`` with no reduced tier); ``k_new``/``v_new``:
+    ``[B, H_kv, n_cap, d]`` of which the first ``n_new`` positions are attended. Returns
+    ``[B, Hq, 1, d]`` in q's dtype. An owner with no token at all gets a zero output.
+    """
+    return torch.ops.mdkv.packed_decode_attention(q, list(tier_keys), list(tier_values), list(tier_offsets),
+                                                  basis_k, basis_v, k_new, v_new, int(n_new), float(scale),
+                                                  None if softcap is None else float(softcap))
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)

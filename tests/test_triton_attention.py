@@ -1,0 +1,186 @@
+"""Decode attention over the packed store: the Triton kernels (run by Triton's CPU interpreter here)
+and the pure-torch fallback, both against an independent float64 reference that reconstructs every
+key and value (k_hat = basis_k[o][:, :r] @ c) and runs plain softmax attention owner by owner."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+# must be set before triton is imported anywhere in this process
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET was set to something else before this module, and no GPU", allow_module_level=True)
+
+from mdkv_compile.ops.triton_attention import (  # noqa: E402
+    packed_decode_attention,
+    packed_decode_attention_torch,
+    packed_decode_attention_triton,
+)
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def make_case(
+    gen: torch.Generator,
+    B: int,
+    Hkv: int,
+    G: int,
+    d: int,
+    tiers: tuple[int, ...],
+    max_count: int,
+    n_new: int,
+    n_cap: int,
+    dtype: torch.dtype,
+    empty_owner: bool = False,
+) -> dict:
+    n_own = B * Hkv
+    keys, vals, offs = [], [], []
+    for t, r in enumerate(tiers):
+        counts = torch.randint(0, max_count + 1, (n_own,), generator=gen)
+        counts[torch.randint(0, n_own, (1,), generator=gen)] = 0  # some owner has no token in this tier
+        if t == 0:
+            counts[0] = max_count  # and some owner many: several row blocks and splits
+        if empty_owner:
+            counts[n_own - 1] = 0
+        off = torch.zeros(n_own + 1, dtype=torch.int32)
+        off[1:] = torch.cumsum(counts, 0)
+        m = int(off[-1])
+        keys.append((torch.randn(m, r, generator=gen) * (1.0 if t == 0 else 1.5)).to(dtype))
+        vals.append(torch.randn(m, r, generator=gen).to(dtype))
+        offs.append(off)
+    r_max = tiers[1] if len(tiers) > 1 else 0
+    if r_max:
+        bk = torch.linalg.qr(torch.randn(n_own, d, r_max, generator=gen, dtype=torch.float64))[0].to(dtype)
+        bv = torch.linalg.qr(torch.randn(n_own, d, r_max, generator=gen, dtype=torch.float64))[0].to(dtype)
+    else:
+        bk = bv = None
+    # the decoded region is a slice of a larger preallocated buffer: non-contiguous on purpose
+    k_buf = torch.randn(B, Hkv, n_cap + 3, d, generator=gen).to(dtype)
+    v_buf = torch.randn(B, Hkv, n_cap + 3, d, generator=gen).to(dtype)
+    q = torch.randn(B, Hkv * G, 1, d, generator=gen).to(dtype)
+    dev = DEVICE
+    return dict(
+        q=q.to(dev),
+        tier_keys=[k.to(dev) for k in keys],
+        tier_values=[v.to(dev) for v in vals],
+        tier_offsets=[o.to(dev) for o in offs],
+        basis_k=None if bk is None else bk.to(dev),
+        basis_v=None if bv is None else bv.to(dev),
+        k_new=k_buf[:, :, :n_cap].to(dev),
+        v_new=v_buf[:, :, :n_cap].to(dev),
+        n_new=n_new,
+        scale=d**-0.5,
+    )
+
+
+def reference(c: dict, softcap: float | None = None) -> torch.Tensor:
+    """Reconstruct keys/values owner by owner, float64 softmax attention. Independent of the kernel."""
+    q = c["q"].double().cpu()
+    B, Hq, _, d = q.shape
+    Hkv = c["k_new"].shape[1]
+    G = Hq // Hkv
+    out = torch.zeros(B, Hq, 1, d, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hkv):
+            o = b * Hkv + h
+            ks, vs = [], []
+            for t, (kt, vt, off) in enumerate(zip(c["tier_keys"], c["tier_values"], c["tier_offsets"], strict=True)):
+                lo, hi = int(off[o]), int(off[o + 1])
+                kc, vc = kt[lo:hi].double().cpu(), vt[lo:hi].double().cpu()
+                if t == 0:
+                    ks.append(kc)
+                    vs.append(vc)
+                else:
+                    r = kt.shape[1]
+                    ks.append(kc @ c["basis_k"][o, :, :r].double().cpu().T)
+                    vs.append(vc @ c["basis_v"][o, :, :r].double().cpu().T)
+            ks.append(c["k_new"][b, h, : c["n_new"]].double().cpu())
+            vs.append(c["v_new"][b, h, : c["n_new"]].double().cpu())
+            K, V = torch.cat(ks), torch.cat(vs)
+            if K.shape[0] == 0:
+                continue  # the kernel's convention: attention over nothing is zero
+            for g in range(G):
+                s = K @ q[b, h * G + g, 0] * c["scale"]
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
+                out[b, h * G + g, 0] = torch.softmax(s, 0) @ V
+    return out
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+CASES = [
+    # name, B, Hkv, G, d, tiers, max_count, n_new, n_cap, dtype, softcap, empty_owner
+    ("fp32_d64_4tiers", 2, 2, 3, 64, (64, 32, 16, 8), 150, 5, 8, torch.float32, None, False),
+    ("fp32_d32_softcap_nonew", 2, 2, 3, 32, (32, 16, 8), 40, 0, 4, torch.float32, 4.0, True),
+    ("fp32_d64_full_only", 1, 2, 4, 64, (64,), 90, 7, 7, torch.float32, None, False),
+    ("bf16_d64_4tiers", 2, 2, 3, 64, (64, 32, 16, 8), 100, 6, 8, torch.bfloat16, None, False),
+    ("fp16_d32_2tiers_softcap", 1, 3, 2, 32, (32, 16), 60, 3, 5, torch.float16, 30.0, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_triton_matches_float64_reference(case: tuple) -> None:
+    name, B, Hkv, G, d, tiers, max_count, n_new, n_cap, dtype, softcap, empty_owner = case
+    gen = torch.Generator().manual_seed(abs(hash(name)) % 2**31)  # fresh inputs per case
+    c = make_case(gen, B, Hkv, G, d, tiers, max_count, n_new, n_cap, dtype, empty_owner)
+    out = torch.full((B, Hkv * G, 1, d), float("nan"), dtype=dtype, device=DEVICE)
+    res = packed_decode_attention_triton(**c, softcap=softcap, out=out, poison_workspace=True)
+    assert res is out
+    assert torch.isfinite(out).all(), "an output element was never written, or NaN leaked in"
+    ref = reference(c, softcap)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(out, ref) < tol
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-5)
+    if empty_owner:  # the last owner has no stored token and no new token
+        assert (out[-1, -G:] == 0).all()
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=[c[0] for c in CASES[:4]])
+def test_torch_fallback_matches_float64_reference(case: tuple) -> None:
+    name, B, Hkv, G, d, tiers, max_count, n_new, n_cap, dtype, softcap, empty_owner = case
+    gen = torch.Generator().manual_seed(abs(hash(name + "torch")) % 2**31)
+    c = make_case(gen, B, Hkv, G, d, tiers, max_count, n_new, n_cap, dtype, empty_owner)
+    ref = reference(c, softcap)
+    out64 = packed_decode_attention_torch(**c, softcap=softcap, compute_dtype=torch.float64)
+    # returned in q's dtype: fp32 rounding of the output only
+    assert rel_err(out64, ref) < (1e-7 if dtype == torch.float32 else 1e-2)
+    out = packed_decode_attention_torch(**c, softcap=softcap)
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_registered_op_runs_and_matches() -> None:
+    gen = torch.Generator().manual_seed(7)
+    c = make_case(gen, 1, 2, 2, 32, (32, 16), 30, 2, 4, torch.float32)
+    out = packed_decode_attention(**c)
+    assert rel_err(out, reference(c)) < 1e-5
+    schema = str(torch.ops.mdkv.packed_decode_attention.default._schema)
+    assert "Tensor[] tier_keys" in schema and "Tensor? basis_k" in schema
+
+
+def test_budget_one_equals_full_attention() -> None:
+    """All tokens in the full tier, nothing reduced: plain GQA attention over the same keys."""
+    gen = torch.Generator().manual_seed(11)
+    B, Hkv, G, d, n = 2, 2, 3, 32, 37
+    k = torch.randn(B, Hkv, n, d, generator=gen)
+    v = torch.randn(B, Hkv, n, d, generator=gen)
+    q = torch.randn(B, Hkv * G, 1, d, generator=gen)
+    off = torch.arange(0, B * Hkv + 1, dtype=torch.int32) * n
+    empty = torch.zeros(B, Hkv, 1, d)
+    out = packed_decode_attention_triton(
+        q, [k.reshape(-1, d)], [v.reshape(-1, d)], [off], None, None, empty, empty, 0, d**-0.5
+    )
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    )
+    assert rel_err(out, ref) < 1e-5
