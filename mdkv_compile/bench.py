@@ -184,6 +184,24 @@ def compile_check(dev: str, gen: torch.Generator, log: list[str]) -> dict[str, A
 # ------------------------------------------------------------------------------------------------
 
 
+def kernel_resources() -> list[dict[str, Any]]:
+    """Registers / spills / shared memory of every compiled variant (best effort: Triton internals)."""
+    rows: list[dict[str, Any]] = []
+    try:
+        for fn in (ta._packed_decode_split, ta._packed_decode_merge):
+            for caches in fn.device_caches.values():
+                for k in caches[0].values():
+                    rows.append(dict(kernel=fn.__name__, n_regs=getattr(k, "n_regs", None),
+                                     n_spills=getattr(k, "n_spills", None),
+                                     shared=getattr(k.metadata, "shared", None),
+                                     num_warps=getattr(k.metadata, "num_warps", None),
+                                     num_stages=getattr(k.metadata, "num_stages", None),
+                                     constants=str(getattr(k, "constants", ""))[:400]))
+    except Exception as e:
+        rows.append(dict(error=f"{type(e).__name__}: {e}"))
+    return rows
+
+
 def copy_bandwidth(dev: str) -> dict[str, float]:
     import triton.testing as tt
 
@@ -368,6 +386,7 @@ def run(args: argparse.Namespace) -> int:
     result["rows"] = rows
     if args.sweep:
         result["sweep"] = sweep(args, gen, dev, log)
+    result["kernels"] = kernel_resources()
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _write(args.out, result)
     print("\n".join(x for x in log if x.startswith("B=")))
