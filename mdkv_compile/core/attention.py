@@ -78,7 +78,7 @@ def attend_packed(
     if store is not None:
         bk = store.owner_basis("k")
         if bk is not None:
-            q_rot = q @ bk.float()  # [owners, G, L, r_max]
+            q_rot = q @ bk.float()[:, None]  # [owners, G, L, r_max]
         for t, r in enumerate(store.tier_dims):
             k_pad, v_pad, valid = padded_tier(store, t)
             if k_pad.shape[1] == 0:

@@ -60,11 +60,12 @@ def _solve(
     """Allocate; returns (chosen dim [B, H, N] long, total loss per row [B])."""
     bsz, n_heads, n_tokens, n_opts = losses.shape
     costs = torch.tensor(dims, device=losses.device)
-    budget = units.floor().clamp_min(0).long()
     if ctx.cfg.pool == "layer" and ctx.head_shares is None:
-        choice = allocate(losses.reshape(bsz, n_heads * n_tokens, n_opts), costs, budget.sum(-1), ctx.cfg.solver)
+        budget = units.sum(-1).floor().clamp_min(0).long()
+        choice = allocate(losses.reshape(bsz, n_heads * n_tokens, n_opts), costs, budget, ctx.cfg.solver)
     else:
-        choice = allocate(losses.reshape(bsz * n_heads, n_tokens, n_opts), costs, budget.reshape(-1), ctx.cfg.solver)
+        budget = units.floor().clamp_min(0).long().reshape(-1)
+        choice = allocate(losses.reshape(bsz * n_heads, n_tokens, n_opts), costs, budget, ctx.cfg.solver)
     choice = choice.view(bsz, n_heads, n_tokens)
     row_loss = losses.double().gather(-1, choice[..., None]).squeeze(-1).sum(dim=(1, 2))
     return costs[choice], row_loss
