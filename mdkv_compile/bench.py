@@ -325,26 +325,27 @@ def bench_shape(B: int, n_ctx: int, args: argparse.Namespace, gen: torch.Generat
 
 
 def sweep(args: argparse.Namespace, gen: torch.Generator, dev: str, log: list[str]) -> list[dict[str, Any]]:
-    """Split-K target and warps/stages at two shapes: the launch heuristics' evidence."""
+    """Split-K target, reduced-tier block rows and stages at three shapes: the heuristics' evidence."""
     import triton.testing as tt
 
     out = []
     Hq, Hkv, d = args.q_heads, args.kv_heads, args.head_dim
     tiers = [int(x) for x in args.tiers.split(",")]
     base = dict(ta.TUNING)
-    for B, n_ctx in ((1, 131072), (64, 32768)):
+    for B, n_ctx in ((1, 8192), (1, 131072), (64, 32768)):
         counts, _ = tier_counts(n_ctx, args.budget, tiers, d, 2)
         p = make_packed(B, Hkv, d, tiers, counts, args.n_new, torch.bfloat16, gen, dev)
         q = torch.randn(B, Hq, 1, d, generator=gen, device=dev, dtype=torch.bfloat16)
-        for pps in (1, 2, 4, 8, 16):
-            for nw, ns in ((4, 2), (4, 3), (8, 2)):
-                ta.TUNING.update(programs_per_sm=pps, num_warps=nw, num_stages=ns)
-                fn = lambda: ta.packed_decode_attention_triton(q, **p, scale=d**-0.5)  # noqa: B023
-                fn()
-                ms = tt.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
-                out.append(dict(batch=B, context=n_ctx, programs_per_sm=pps, num_warps=nw, num_stages=ns,
-                                ms_graph=ms))
-                log.append(f"sweep B={B} N={n_ctx} pps={pps} warps={nw} stages={ns}: {ms:.4f} ms")
+        for pps in (2, 4, 8, 16):
+            for bnr in (64, 128, 256):
+                for ns in (2, 3):
+                    ta.TUNING.update(programs_per_sm=pps, block_n_reduced_max=bnr, num_stages=ns)
+                    fn = lambda: ta.packed_decode_attention_triton(q, **p, scale=d**-0.5)  # noqa: B023
+                    fn()
+                    ms = tt.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
+                    out.append(dict(batch=B, context=n_ctx, programs_per_sm=pps, block_n_reduced_max=bnr,
+                                    num_stages=ns, ms_graph=ms))
+                    log.append(f"sweep B={B} N={n_ctx} pps={pps} bnr={bnr} stages={ns}: {ms:.4f} ms")
         ta.TUNING.clear()
         ta.TUNING.update(base)
         p.clear()

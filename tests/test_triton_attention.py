@@ -184,3 +184,21 @@ def test_budget_one_equals_full_attention() -> None:
         q.double(), k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
     )
     assert rel_err(out, ref) < 1e-5
+
+
+def test_many_splits_and_merge_chunks() -> None:
+    """Small splits and a merge that reads 2 splits at a time: the chunked LSE merge and empty slices."""
+    from mdkv_compile.ops import triton_attention as ta
+
+    saved = dict(ta.TUNING)
+    try:
+        ta.TUNING.update(min_rows_per_split=4, programs_per_sm=64, merge_block_s=2, block_n_full=16,
+                         block_n_reduced_max=64)
+        gen = torch.Generator().manual_seed(5)
+        c = make_case(gen, 1, 2, 3, 32, (32, 16, 8), 70, 3, 4, torch.float32)
+        out = torch.full((1, 6, 1, 32), float("nan"))
+        packed_decode_attention_triton(**c, out=out, poison_workspace=True)
+        assert rel_err(out, reference(c)) < 1e-5
+    finally:
+        ta.TUNING.clear()
+        ta.TUNING.update(saved)

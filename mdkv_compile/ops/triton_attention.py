@@ -303,7 +303,12 @@ if HAS_TRITON:
     ):
         o = tl.program_id(0)
         s = tl.program_id(1)
+        reg = tl.program_id(2)  # 0: full tier + decoded region; t >= 1: reduced tier t
         NREG: tl.constexpr = NUM_RED + 1
+        # Inductor passes Python floats as fp64 scalars: keep the softmax state fp32
+        qk_scale = tl.cast(qk_scale, tl.float32)
+        scale = tl.cast(scale, tl.float32)
+        softcap = tl.cast(softcap, tl.float32)
         b = o // H_KV
         h = o % H_KV
         offs_g = tl.arange(0, GP)
@@ -315,141 +320,148 @@ if HAS_TRITON:
             other=0.0,
         )
 
-        # full tier (stored as is)
-        beg = tl.load(off0_ptr + o)
-        end = tl.load(off0_ptr + o + 1)
-        lo, hi = _slice(end - beg, s, S)
-        m_a, l_a, acc_a = _region(
-            q, k0_ptr + beg.to(tl.int64) * D, v0_ptr + beg.to(tl.int64) * D, lo, hi, D,
-            qk_scale, scale, softcap, GP, D, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
-        )
-        # decoded region [B, H_kv, n_new, d] (full dimension)
-        lo, hi = _slice(n_new, s, S)
-        m_b, l_b, acc_b = _region(
-            q,
-            kn_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
-            vn_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
-            lo, hi, stride_kn,
-            qk_scale, scale, softcap, GP, D, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
-        )
-        # stride_vn must equal stride_kn (checked on the host); both regions share `ptrs`
-        m = tl.maximum(m_a, m_b)
-        # an empty region has m = -inf and weight exp2(-inf) = 0; a finite stand-in for m when both
-        # are empty avoids -inf - -inf
-        m_s = tl.where(m > float("-inf"), m, 0.0)
-        w_a = tl.exp2(m_a - m_s)
-        w_b = tl.exp2(m_b - m_s)
-        l_full = l_a * w_a + l_b * w_b
-        acc = acc_a * w_a[:, None] + acc_b * w_b[:, None]
-        base = (o * S + s) * NREG
-        tl.store(ml_ptr + (base * 2) * GP + offs_g, m)
-        tl.store(ml_ptr + (base * 2 + 1) * GP + offs_g, l_full)
-        abase = (o * S + s).to(tl.int64) * G * D
-        tl.store(
-            acc_ptr + abase + offs_g[:, None] * D + offs_d[None, :],
-            acc,
-            mask=gmask[:, None] & (offs_d[None, :] < D),
-        )
+        if reg == 0:
+            # full tier (stored as is)
+            beg = tl.load(off0_ptr + o)
+            end = tl.load(off0_ptr + o + 1)
+            lo, hi = _slice(end - beg, s, S)
+            m_a, l_a, acc_a = _region(
+                q, k0_ptr + beg.to(tl.int64) * D, v0_ptr + beg.to(tl.int64) * D, lo, hi, D,
+                qk_scale, scale, softcap, GP, D, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
+            )
+            # decoded region [B, H_kv, n_new, d] (full dimension)
+            lo, hi = _slice(n_new, s, S)
+            m_b, l_b, acc_b = _region(
+                q,
+                kn_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
+                vn_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
+                lo, hi, stride_kn,
+                qk_scale, scale, softcap, GP, D, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
+            )
+            # stride_vn must equal stride_kn (checked on the host); both regions share `ptrs`
+            m = tl.maximum(m_a, m_b)
+            # an empty region has m = -inf and weight exp2(-inf) = 0; a finite stand-in for m when both
+            # are empty avoids -inf - -inf
+            m_s = tl.where(m > float("-inf"), m, 0.0)
+            w_a = tl.exp2(m_a - m_s)
+            w_b = tl.exp2(m_b - m_s)
+            l_full = l_a * w_a + l_b * w_b
+            acc = acc_a * w_a[:, None] + acc_b * w_b[:, None]
+            base = (o * S + s) * NREG
+            tl.store(ml_ptr + (base * 2) * GP + offs_g, m)
+            tl.store(ml_ptr + (base * 2 + 1) * GP + offs_g, l_full)
+            abase = (o * S + s).to(tl.int64) * G * D
+            tl.store(
+                acc_ptr + abase + offs_g[:, None] * D + offs_d[None, :],
+                acc,
+                mask=gmask[:, None] & (offs_d[None, :] < D),
+            )
 
         if NUM_RED >= 1:
-            _reduced_tier(q, k1_ptr, v1_ptr, off1_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
-                          qk_scale, scale, softcap, G, 1, NREG, R_MAX, GP, D, BLOCK_D, R1, BR1, BN1,
-                          HAS_SOFTCAP, DOT_PREC, INTERP)
+            if reg == 1:
+                _reduced_tier(q, k1_ptr, v1_ptr, off1_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
+                              qk_scale, scale, softcap, G, 1, NREG, R_MAX, GP, D, BLOCK_D, R1, BR1, BN1,
+                              HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 2:
-            _reduced_tier(q, k2_ptr, v2_ptr, off2_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
-                          qk_scale, scale, softcap, G, 2, NREG, R_MAX, GP, D, BLOCK_D, R2, BR2, BN2,
-                          HAS_SOFTCAP, DOT_PREC, INTERP)
+            if reg == 2:
+                _reduced_tier(q, k2_ptr, v2_ptr, off2_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
+                              qk_scale, scale, softcap, G, 2, NREG, R_MAX, GP, D, BLOCK_D, R2, BR2, BN2,
+                              HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 3:
-            _reduced_tier(q, k3_ptr, v3_ptr, off3_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
-                          qk_scale, scale, softcap, G, 3, NREG, R_MAX, GP, D, BLOCK_D, R3, BR3, BN3,
-                          HAS_SOFTCAP, DOT_PREC, INTERP)
+            if reg == 3:
+                _reduced_tier(q, k3_ptr, v3_ptr, off3_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
+                              qk_scale, scale, softcap, G, 3, NREG, R_MAX, GP, D, BLOCK_D, R3, BR3, BN3,
+                              HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 4:
-            _reduced_tier(q, k4_ptr, v4_ptr, off4_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
-                          qk_scale, scale, softcap, G, 4, NREG, R_MAX, GP, D, BLOCK_D, R4, BR4, BN4,
-                          HAS_SOFTCAP, DOT_PREC, INTERP)
+            if reg == 4:
+                _reduced_tier(q, k4_ptr, v4_ptr, off4_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
+                              qk_scale, scale, softcap, G, 4, NREG, R_MAX, GP, D, BLOCK_D, R4, BR4, BN4,
+                              HAS_SOFTCAP, DOT_PREC, INTERP)
 
     @triton.jit
-    def _merge_tier(
-        ml_ptr, coef_ptr, bv_ptr, m_max, o, S, stride_bo, stride_bd, G,
-        T_IDX: tl.constexpr, NREG: tl.constexpr, R_MAX: tl.constexpr, GP: tl.constexpr,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, R_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    def _merge_coef(
+        coef_ptr, w, offs_s, smask, o, g, S, G,
+        T_IDX: tl.constexpr, NREG: tl.constexpr, R_MAX: tl.constexpr, R_T: tl.constexpr,
+        BLOCK_REG: tl.constexpr,
     ):
-        """basis_v[o][:, :R_T] @ (sum over splits of weight * coef): this tier's share of the output."""
-        offs_g = tl.arange(0, GP)
-        offs_r = tl.arange(0, BLOCK_R)
-        offs_d = tl.arange(0, BLOCK_D)
-        cmask = (offs_g[:, None] < G) & (offs_r[None, :] < R_T)
-        c = tl.zeros([GP, BLOCK_R], tl.float32)
-        s = 0
-        while s < S:  # while, not range(): runs in the interpreter too (see _region)
-            mm = tl.load(ml_ptr + (((o * S + s) * NREG + T_IDX) * 2) * GP + offs_g)
-            w = tl.exp2(mm - m_max)  # m_max made finite by the caller: empty partials weigh 0
-            cbase = ((o * S + s) * (NREG - 1) + (T_IDX - 1)).to(tl.int64) * G * R_MAX
-            cs = tl.load(coef_ptr + cbase + offs_g[:, None] * R_MAX + offs_r[None, :], mask=cmask, other=0.0)
-            c += w[:, None] * cs
-            s += 1
-        bv = tl.load(
-            bv_ptr + o.to(tl.int64) * stride_bo + offs_d[None, :] * stride_bd + offs_r[:, None],
-            mask=(offs_d[None, :] < D) & (offs_r[:, None] < R_T),
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_R, BLOCK_D] = basis_v[o][:, :R_T].T
-        return tl.dot(c, bv, input_precision="ieee")
+        """sum over a chunk of splits of weight * coef for reduced tier T_IDX, padded to [R_MAX]."""
+        offs_r = tl.arange(0, R_MAX)
+        offs_reg = tl.arange(0, BLOCK_REG)
+        w_t = tl.sum(tl.where(offs_reg[None, :] == T_IDX, w, 0.0), 1)  # [BLOCK_S]
+        rows = ((o * S + offs_s) * (NREG - 1) + (T_IDX - 1)).to(tl.int64) * G + g
+        c = tl.load(coef_ptr + rows[:, None] * R_MAX + offs_r[None, :],
+                    mask=smask[:, None] & (offs_r[None, :] < R_T), other=0.0)
+        return tl.sum(w_t[:, None] * c, 0)
 
     @triton.jit
     def _packed_decode_merge(
         ml_ptr, acc_ptr, coef_ptr, bv_ptr, stride_bo, stride_bd, out_ptr, G, S,
         NUM_RED: tl.constexpr,
         R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
-        BR1: tl.constexpr, BR2: tl.constexpr, BR3: tl.constexpr, BR4: tl.constexpr,
         R_MAX: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_REG: tl.constexpr,
+        BLOCK_REG: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
+        """Grid (owners, G): one query head per program. Splits are read BLOCK_S at a time (independent
+        loads, not a serial chain); all reduced tiers are summed in one [R_MAX] coefficient vector and
+        rotated back once with basis_v[o]."""
         o = tl.program_id(0)
+        g = tl.program_id(1)
         NREG: tl.constexpr = NUM_RED + 1
-        offs_g = tl.arange(0, GP)
         offs_d = tl.arange(0, BLOCK_D)
         offs_reg = tl.arange(0, BLOCK_REG)
-        regmask = offs_reg[:, None] < NREG
-        m_max = tl.full([GP], float("-inf"), tl.float32)
-        s = 0
-        while s < S:  # while, not range(): runs in the interpreter too (see _region)
-            mm = tl.load(ml_ptr + (((o * S + s) * NREG + offs_reg[:, None]) * 2) * GP + offs_g[None, :],
-                         mask=regmask, other=float("-inf"))
-            m_max = tl.maximum(m_max, tl.max(mm, 0))
-            s += 1
+        offs_sb = tl.arange(0, BLOCK_S)
+        regmask = offs_reg[None, :] < NREG
+        # pass 1: the largest logit over every partial of this (owner, head)
+        m_vec = tl.full([BLOCK_REG], float("-inf"), tl.float32)
+        s0 = 0
+        while s0 < S:  # while, not range(): runs in the interpreter too (see _region)
+            offs_s = s0 + offs_sb
+            idx = ((o * S + offs_s[:, None]) * NREG + offs_reg[None, :]) * 2 * GP + g
+            mm = tl.load(ml_ptr + idx, mask=(offs_s[:, None] < S) & regmask, other=float("-inf"))
+            m_vec = tl.maximum(m_vec, tl.max(mm, 0))
+            s0 += BLOCK_S
+        m_max = tl.max(m_vec, 0)
         # an owner with no token at all: every m is -inf; a finite m_max keeps every weight at 0
         m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
-        l_tot = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, BLOCK_D], tl.float32)
-        amask = (offs_g[:, None] < G) & (offs_d[None, :] < D)
-        s = 0
-        while s < S:
-            rows = (o * S + s) * NREG + offs_reg[:, None]
-            mm = tl.load(ml_ptr + (rows * 2) * GP + offs_g[None, :], mask=regmask, other=float("-inf"))
-            ll = tl.load(ml_ptr + (rows * 2 + 1) * GP + offs_g[None, :], mask=regmask, other=0.0)
-            # an empty slice has m = -inf, weight 0; m_max is finite (see above)
-            w = tl.exp2(mm - m_max[None, :])
-            l_tot += tl.sum(w * ll, 0)
-            w0 = tl.sum(tl.where(offs_reg[:, None] == 0, w, 0.0), 0)
-            abase = (o * S + s).to(tl.int64) * G * D
-            a = tl.load(acc_ptr + abase + offs_g[:, None] * D + offs_d[None, :], mask=amask, other=0.0)
-            acc += w0[:, None] * a
-            s += 1
+        # pass 2: weights, denominators, value sums
+        l_vec = tl.zeros([BLOCK_REG], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        coef = tl.zeros([R_MAX], tl.float32)
+        s0 = 0
+        while s0 < S:
+            offs_s = s0 + offs_sb
+            smask = offs_s < S
+            idx = ((o * S + offs_s[:, None]) * NREG + offs_reg[None, :]) * 2 * GP + g
+            msk = smask[:, None] & regmask
+            mm = tl.load(ml_ptr + idx, mask=msk, other=float("-inf"))
+            ll = tl.load(ml_ptr + idx + GP, mask=msk, other=0.0)
+            w = tl.exp2(mm - m_max)  # empty partials (m = -inf) weigh 0
+            l_vec += tl.sum(w * ll, 0)
+            w0 = tl.sum(tl.where(offs_reg[None, :] == 0, w, 0.0), 1)  # [BLOCK_S]
+            arow = (o * S + offs_s).to(tl.int64) * G + g
+            a = tl.load(acc_ptr + arow[:, None] * D + offs_d[None, :],
+                        mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
+            acc += tl.sum(w0[:, None] * a, 0)
+            if NUM_RED >= 1:
+                coef += _merge_coef(coef_ptr, w, offs_s, smask, o, g, S, G, 1, NREG, R_MAX, R1, BLOCK_REG)
+            if NUM_RED >= 2:
+                coef += _merge_coef(coef_ptr, w, offs_s, smask, o, g, S, G, 2, NREG, R_MAX, R2, BLOCK_REG)
+            if NUM_RED >= 3:
+                coef += _merge_coef(coef_ptr, w, offs_s, smask, o, g, S, G, 3, NREG, R_MAX, R3, BLOCK_REG)
+            if NUM_RED >= 4:
+                coef += _merge_coef(coef_ptr, w, offs_s, smask, o, g, S, G, 4, NREG, R_MAX, R4, BLOCK_REG)
+            s0 += BLOCK_S
         if NUM_RED >= 1:
-            acc += _merge_tier(ml_ptr, coef_ptr, bv_ptr, m_max, o, S, stride_bo, stride_bd, G, 1, NREG, R_MAX, GP,
-                               D, BLOCK_D, R1, BR1)
-        if NUM_RED >= 2:
-            acc += _merge_tier(ml_ptr, coef_ptr, bv_ptr, m_max, o, S, stride_bo, stride_bd, G, 2, NREG, R_MAX, GP,
-                               D, BLOCK_D, R2, BR2)
-        if NUM_RED >= 3:
-            acc += _merge_tier(ml_ptr, coef_ptr, bv_ptr, m_max, o, S, stride_bo, stride_bd, G, 3, NREG, R_MAX, GP,
-                               D, BLOCK_D, R3, BR3)
-        if NUM_RED >= 4:
-            acc += _merge_tier(ml_ptr, coef_ptr, bv_ptr, m_max, o, S, stride_bo, stride_bd, G, 4, NREG, R_MAX, GP,
-                               D, BLOCK_D, R4, BR4)
-        out = tl.where(l_tot[:, None] > 0, acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None], 0.0)
-        tl.store(out_ptr + (o * G + offs_g)[:, None].to(tl.int64) * D + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=amask)
+            # rotate back once: acc += basis_v[o] @ coef, as a broadcast-multiply-sum in fp32 (exact
+            # fp32 products; a [1 x R] dot would need padding to 16 rows anyway)
+            offs_r = tl.arange(0, R_MAX)
+            bv = tl.load(bv_ptr + o.to(tl.int64) * stride_bo + offs_d[:, None] * stride_bd + offs_r[None, :],
+                         mask=(offs_d[:, None] < D) & (offs_r[None, :] < R1), other=0.0).to(tl.float32)
+            acc += tl.sum(bv * coef[None, :], 1)
+        l_tot = tl.sum(l_vec, 0)
+        out = tl.where(l_tot > 0, acc / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
+        tl.store(out_ptr + (o * G + g).to(tl.int64) * D + offs_d, out.to(out_ptr.dtype.element_ty),
+                 mask=offs_d < D)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,13 +476,17 @@ TUNING: dict[str, int] = {
     "max_splits": 256,
     "num_warps": 4,
     "num_stages": 2,
+    "block_n_full": 64,  # rows per block, full tier and decoded region
+    "block_n_reduced_max": 256,  # rows per block of a reduced tier (~16 KiB of keys, at most this)
+    "merge_block_s": 16,  # splits read at once by the merge
 }
 
 
-def _num_splits(n_owners: int, avg_rows: int, n_sm: int) -> int:
-    """Splits per owner from shapes only (no device sync, no recompiles: S is a runtime argument)."""
-    want = max(1, -(-TUNING["programs_per_sm"] * n_sm // n_owners))
-    cap = max(1, avg_rows // TUNING["min_rows_per_split"])
+def _num_splits(n_owners: int, n_regions: int, avg_rows: int, n_sm: int) -> int:
+    """Splits per (owner, region) from shapes only (no device sync, no recompiles: S is a runtime
+    argument). avg_rows: rows per owner over all regions."""
+    want = max(1, -(-TUNING["programs_per_sm"] * n_sm // (n_owners * n_regions)))
+    cap = max(1, avg_rows // (n_regions * TUNING["min_rows_per_split"]))
     return int(min(want, cap, TUNING["max_splits"]))
 
 
@@ -532,8 +548,8 @@ def _launch(
     GP = max(16, _next_pow2(G))
     BLOCK_D = max(16, _next_pow2(d))
     avg_rows = sum(int(k.shape[0]) for k in keys) // max(n_own, 1) + n_new
-    S = _num_splits(n_own, avg_rows, _sm_count(dev))
     nreg = n_red + 1
+    S = _num_splits(n_own, nreg, avg_rows, _sm_count(dev))
 
     # padding to 5 tiers: unused slots point at the full tier and are skipped (NUM_RED constexpr)
     pad = MAX_REDUCED_TIERS - n_red
@@ -543,8 +559,8 @@ def _launch(
     rs = dims + [16] * pad
     brs = [max(16, _next_pow2(r)) for r in rs]
     # larger row blocks for narrow tiers: ~16 KiB of keys per block
-    bns = [int(min(256, max(64, 8192 // br))) for br in brs]
-    block_n = 64 if BLOCK_D <= 128 else 32
+    bns = [int(min(TUNING["block_n_reduced_max"], max(64, 8192 // br))) for br in brs]
+    block_n = TUNING["block_n_full"] if BLOCK_D <= 128 else 32
 
     ml = torch.empty(n_own * S * nreg * 2 * GP, device=dev, dtype=torch.float32)
     acc = torch.empty(n_own * S * G * d, device=dev, dtype=torch.float32)
@@ -561,7 +577,7 @@ def _launch(
     cap = float(softcap) if has_cap else 1.0
     stride_bo, stride_bd = (bk.stride(0), bk.stride(1)) if n_red else (0, 0)
 
-    wrap(_packed_decode_split)[(n_own, S)](
+    wrap(_packed_decode_split)[(n_own, S, nreg)](
         qc,
         keys[0], vals[0], offs[0],
         ks[0], vs[0], os_[0], ks[1], vs[1], os_[1], ks[2], vs[2], os_[2], ks[3], vs[3], os_[3],
@@ -579,12 +595,12 @@ def _launch(
         HAS_SOFTCAP=has_cap, DOT_PREC=dot_prec, INTERP=interp,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
-    wrap(_packed_decode_merge)[(n_own,)](
+    wrap(_packed_decode_merge)[(n_own, G)](
         ml, acc, coef, bv, stride_bo, stride_bd, out, G, S,
         NUM_RED=n_red,
         R1=rs[0], R2=rs[1], R3=rs[2], R4=rs[3],
-        BR1=brs[0], BR2=brs[1], BR3=brs[2], BR4=brs[3],
         R_MAX=r_max_p, GP=GP, D=d, BLOCK_D=BLOCK_D, BLOCK_REG=_next_pow2(max(2, nreg)),
+        BLOCK_S=TUNING["merge_block_s"],
         num_warps=4,
     )
     return out
