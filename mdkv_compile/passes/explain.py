@@ -1,0 +1,280 @@
+"""`mdkv.explain(model, *args)`: which attention sites the compile pass would rewrite, and why not.
+
+Runs Dynamo with a backend that only records each graph (no Inductor), then runs the attention
+finder on every graph. Also the `mdkv explain` subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mdkv_compile.passes.find_attention import AttentionSite, find_attention_sites
+
+__all__ = ["ExplainReport", "SiteReport", "add_arguments", "build_tiny_model", "explain", "run"]
+
+
+@dataclass
+class SiteReport:
+    """One attention site as the public API reports it."""
+
+    location: str  # e.g. "model.layers.0.self_attn"
+    kind: str  # "sdpa" | "manual"
+    status: str  # "rewritten" | "skipped"
+    reason: str  # "" when rewritten
+    is_causal: bool
+    group_size: int
+    kv_cache: str  # "none" | "concat" | "buffer"
+    graph_index: int  # which captured graph (graph breaks split a model into several)
+    site: AttentionSite = field(repr=False)
+
+
+@dataclass
+class ExplainReport:
+    sites: list[SiteReport]
+    graph_breaks: int
+    graphs: int
+    break_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "rewritten"]
+
+    @property
+    def skipped(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "skipped"]
+
+    def __str__(self) -> str:
+        head = ("#", "location", "kind", "status", "causal", "gqa", "cache", "reason")
+        rows = [
+            (
+                str(i),
+                s.location,
+                s.kind,
+                s.status,
+                "yes" if s.is_causal else "no",
+                str(s.group_size),
+                s.kv_cache,
+                s.reason or "-",
+            )
+            for i, s in enumerate(self.sites)
+        ]
+        widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head) - 1)]
+        fmt = lambda r: "  ".join(x.ljust(w) for x, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]  # noqa: E731
+        lines = [fmt(head), fmt(tuple("-" * len(h) for h in head)), *(fmt(r) for r in rows)]
+        lines.append(
+            f"{len(self.rewritten)} of {len(self.sites)} attention sites rewritten; "
+            f"{self.graphs} graph(s), {self.graph_breaks} graph break(s)"
+        )
+        lines.extend(f"  break: {r}" for r in self.break_reasons)
+        return "\n".join(lines)
+
+
+def capture_graphs(
+    fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> tuple[list[tuple[torch.fx.GraphModule, list[Any]]], int, list[str]]:
+    """Run `fn` under Dynamo with a recording backend; (graphs with example inputs, breaks, reasons)."""
+    from torch._dynamo.utils import counters
+
+    graphs: list[tuple[torch.fx.GraphModule, list[Any]]] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch.no_grad():
+            torch.compile(fn, backend=record)(*args, **kwargs)
+        breaks = counters["graph_break"]
+        reasons = [str(r) for r in breaks]
+        n_breaks = sum(breaks.values())
+    finally:
+        torch._dynamo.reset()
+    return graphs, n_breaks, reasons
+
+
+def explain(model: Callable[..., Any], *example_args: Any, **example_kwargs: Any) -> ExplainReport:
+    """Trace `model(*example_args, **example_kwargs)` with Dynamo and report every attention site.
+
+    A site is "rewritten" when the compile pass would replace it (proven causal self-attention),
+    "skipped" otherwise, with the reason.
+    """
+    graphs, n_breaks, reasons = capture_graphs(model, *example_args, **example_kwargs)
+    root = model if isinstance(model, torch.nn.Module) else None
+    sites: list[SiteReport] = []
+    for gi, (gm, ex) in enumerate(graphs):
+        for s in find_attention_sites(gm, ex, root=root):
+            sites.append(
+                SiteReport(
+                    location=s.layer,
+                    kind=s.kind,
+                    status="rewritten" if s.rewritable else "skipped",
+                    reason=s.reason,
+                    is_causal=s.is_causal,
+                    group_size=s.group_size,
+                    kv_cache=s.kv_cache,
+                    graph_index=gi,
+                    site=s,
+                )
+            )
+    return ExplainReport(sites=sites, graph_breaks=n_breaks, graphs=len(graphs), break_reasons=reasons)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models (offline): used by the CLI and the tests.
+
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt2", "opt", "gpt_neox", "bert", "t5", "bart")
+
+
+def build_tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A 2-layer, hidden-64 random-weight model from a transformers config (no download)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, max_position_embeddings=64)
+    if arch in ("llama", "qwen2", "mistral"):
+        cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
+        cfg = cls(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
+        if arch == "mistral":
+            cfg.sliding_window = None  # full attention, as in Mistral v0.2+ (a window is skipped)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
+    elif arch == "opt":
+        cfg = tf.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+            **common,
+        )
+    elif arch == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
+        )
+    elif arch == "bert":
+        cfg = tf.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **common)
+    elif arch == "t5":
+        cfg = tf.T5Config(
+            d_model=64,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            d_kv=16,
+            vocab_size=128,
+            decoder_start_token_id=0,
+        )
+    elif arch == "bart":
+        cfg = tf.BartConfig(
+            d_model=64,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            **common,
+        )
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose from {', '.join(TINY_ARCHS)}")
+    if arch == "bert":
+        model = (
+            tf.BertModel(cfg, add_pooling_layer=False)
+            if attn_implementation is None
+            else tf.BertModel._from_config(cfg, attn_implementation=attn_implementation)
+        )
+    elif arch == "t5":
+        model = tf.T5ForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    elif arch == "bart":
+        model = tf.BartForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    else:
+        model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def example_inputs_for(model: torch.nn.Module, seq_len: int = 8) -> dict[str, Any]:
+    vocab = int(getattr(model.config, "vocab_size", 128))
+    ids = torch.randint(3, vocab, (1, seq_len))
+    if getattr(model.config, "is_encoder_decoder", False):
+        return {"input_ids": ids, "decoder_input_ids": ids[:, : max(1, seq_len // 2)], "use_cache": False}
+    if not getattr(model.config, "is_decoder", True) or model.config.model_type == "bert":
+        return {"input_ids": ids}
+    return {"input_ids": ids}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local model directory (from_pretrained) or a tiny arch name: " + ", ".join(TINY_ARCHS),
+    )
+    parser.add_argument(
+        "--arch", choices=TINY_ARCHS, default=None, help="build a tiny random model of this architecture (offline)"
+    )
+    parser.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager (HF models)")
+    parser.add_argument("--seq-len", type=int, default=8)
+    parser.add_argument("--decode", action="store_true", help="also explain one decode step with a filled DynamicCache")
+
+
+def _load(args: argparse.Namespace) -> torch.nn.Module:
+    name = args.arch or args.model
+    if name is None:
+        raise SystemExit("mdkv explain: give --model PATH or --arch NAME")
+    if name in TINY_ARCHS:
+        return build_tiny_model(name, args.attn_implementation)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cfg = AutoConfig.from_pretrained(name)
+    loader = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        return loader.from_pretrained(name, attn_implementation=args.attn_implementation).eval()
+    except ValueError:  # encoders such as BERT have no causal-LM head
+        return AutoModel.from_pretrained(name, attn_implementation=args.attn_implementation).eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    model = _load(args)
+    inputs = example_inputs_for(model, args.seq_len)
+    t0 = time.perf_counter()
+    report = explain(model, **inputs)
+    print(f"== prefill ({args.seq_len} tokens), traced in {time.perf_counter() - t0:.1f}s")
+    print(report)
+    if args.decode and not getattr(model.config, "is_encoder_decoder", False):
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        step = explain(
+            model, input_ids=inputs["input_ids"][:, -1:], past_key_values=out.past_key_values, use_cache=True
+        )
+        print("\n== decode step (1 token, cached past)")
+        print(step)
+    return 0
