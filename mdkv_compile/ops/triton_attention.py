@@ -1,28 +1,30 @@
 """Decode attention over the packed store (docs/packed_store.md) in Triton.
 
-One query token per sequence. Two launches:
+One query token per sequence. A small product and two launches:
 
-1. ``_packed_decode_split``: grid ``(B * H_kv, S)``. Program ``(o, s)`` serves owner ``o`` (one KV head
-   of one sequence) for *all* query heads of its GQA group (rows of a ``[GP, d]`` tile, ``GP`` the
-   group padded to 16 so ``tl.dot`` can use the tensor cores), and the ``s``-th of ``S`` equal slices
-   of every region of that owner: the full tier, the decoded region ``k_new[:, :, :n_new]``, and each
-   reduced tier. Each reduced tier attends in its own coefficient space with ``q_rot = q @ basis_k[o]``
-   (rotated in-kernel, only its first ``r_t`` columns), so no key is ever reconstructed. Every
-   region keeps its own online-softmax state; the full tier and the decoded region share a width and
-   are merged in-program, each reduced tier is written as its own partial ``(m, l, coef[:r_t])``.
-2. ``_packed_decode_merge``: grid ``(B * H_kv,)``. Log-sum-exp merge of the ``S x (1 + T_red)``
-   partials (no atomics, deterministic), then the value coefficients of each reduced tier are rotated
-   back with ``basis_v[o][:, :r_t]`` (``sum_t B[:, :r_t] c_t == B @ sum_t pad(c_t)``: rotating per tier
-   costs the same reads of ``basis_v`` as padding then rotating once), normalised, and written.
+0. ``q_rot = q @ basis_k[o]`` for every owner (``torch.matmul``, ``[owners, G, r_max]``): the query is
+   rotated once, never a key.
+1. ``_packed_decode_split``: grid ``(B * H_kv, S, 1 + T_red)``. Program ``(o, s, t)`` serves owner ``o``
+   (one KV head of one sequence) for *all* query heads of its GQA group (rows of a ``[GP, d]`` tile,
+   ``GP`` the group padded to 16 so ``tl.dot`` can use the tensor cores), the ``s``-th of ``S`` equal
+   slices of one region: ``t = 0`` the full tier plus the decoded region ``k_new[:, :, :n_new]``
+   (both full width, merged in-program), ``t >= 1`` reduced tier ``t``, attended in its own
+   coefficient space with ``q_rot[:, :r_t]``. Each program writes one online-softmax partial
+   ``(m, l, acc)``; for a reduced tier ``acc`` is in coefficient space, ``[G, r_t]``.
+2. ``_packed_decode_merge``: grid ``(B * H_kv, G)``, one query head per program. Log-sum-exp merge of
+   the ``S x (1 + T_red)`` partials (no atomics, deterministic), reading splits in chunks; the value
+   coefficients of all reduced tiers are summed in one ``[r_max]`` vector (zero-padded) and rotated
+   back once with ``basis_v[o]``, then normalised and written.
 
-Precision: inputs bf16 / fp16 / fp32; all dot products accumulate in fp32 (``ieee`` for fp32 inputs,
-so fp32 results match a float64 reference to ~1e-6); probabilities are rounded to the input dtype
-before the ``p @ v`` product, as in FlashAttention.
+Precision: inputs bf16 / fp16 / fp32; every dot product accumulates in fp32 (``ieee`` for fp32 inputs,
+so fp32 results match a float64 reference to ~1e-6); probabilities and ``q_rot`` are rounded to the
+input dtype before their products, as in FlashAttention.
 
-The op ``mdkv::packed_decode_attention`` is a ``torch.library.triton_op`` (Inductor sees the two
-kernels through ``wrap_triton``) taking the tiers as ``Tensor[]`` lists: at most ``MAX_REDUCED_TIERS``
-reduced tiers after the full one. On a CPU tensor (and no ``TRITON_INTERPRET=1``) it runs
-``packed_decode_attention_torch``, a vectorised pure-torch version that is also traceable.
+The op ``mdkv::packed_decode_attention`` is a ``torch.library.triton_op`` (Inductor sees both kernels
+through ``wrap_triton``: verified on an H200, docs/kernel_notes.md) taking the tiers as ``Tensor[]``
+lists: the full tier first, then at most ``MAX_REDUCED_TIERS`` reduced ones, largest first. On a CPU
+tensor (and no ``TRITON_INTERPRET=1``) it runs ``packed_decode_attention_torch``, a vectorised
+pure-torch version that is also traceable. Versions and measurements: docs/kernel_notes.md.
 """
 
 from __future__ import annotations
@@ -218,16 +220,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _reduced_tier(
-        q,
+        qr_ptr,
         k_ptr,
         v_ptr,
         off_ptr,
-        bk_ptr,
         o,
         s,
         S,
-        stride_bo,
-        stride_bd,
+        stride_qr,
         ml_ptr,
         coef_ptr,
         qk_scale,
@@ -238,8 +238,6 @@ if HAS_TRITON:
         NREG: tl.constexpr,
         R_MAX: tl.constexpr,
         GP: tl.constexpr,
-        D: tl.constexpr,
-        BLOCK_D: tl.constexpr,
         R_T: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -247,16 +245,16 @@ if HAS_TRITON:
         DOT_PREC: tl.constexpr,
         INTERP: tl.constexpr,
     ):
-        offs_d = tl.arange(0, BLOCK_D)
         offs_r = tl.arange(0, BLOCK_R)
+        offs_g = tl.arange(0, GP)
         rmask = offs_r < R_T
-        # q_rot = q @ basis_k[o][:, :R_T]; padded columns are zero so padded key columns add nothing
-        bk = tl.load(
-            bk_ptr + o.to(tl.int64) * stride_bo + offs_d[:, None] * stride_bd + offs_r[None, :],
-            mask=(offs_d[:, None] < D) & rmask[None, :],
+        # q_rot[:, :R_T] (rotated once per owner on the host side: a [G, d] x [d, r_max] product per
+        # owner, 8x fewer bytes per program than reading basis_k here); padded rows/columns are zero
+        q_rot = tl.load(
+            qr_ptr + (o * G + offs_g)[:, None].to(tl.int64) * stride_qr + offs_r[None, :],
+            mask=(offs_g[:, None] < G) & rmask[None, :],
             other=0.0,
         )
-        q_rot = _dot(q, bk, DOT_PREC, INTERP).to(bk.dtype)
         beg = tl.load(off_ptr + o)
         end = tl.load(off_ptr + o + 1)
         lo, hi = _slice(end - beg, s, S)
@@ -283,7 +281,7 @@ if HAS_TRITON:
         k2_ptr, v2_ptr, off2_ptr,
         k3_ptr, v3_ptr, off3_ptr,
         k4_ptr, v4_ptr, off4_ptr,
-        bk_ptr, stride_bo, stride_bd,
+        qr_ptr, stride_qr,
         kn_ptr, vn_ptr, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         n_new, H_KV, G, S,
         ml_ptr, acc_ptr, coef_ptr,
@@ -359,23 +357,23 @@ if HAS_TRITON:
 
         if NUM_RED >= 1:
             if reg == 1:
-                _reduced_tier(q, k1_ptr, v1_ptr, off1_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
-                              qk_scale, scale, softcap, G, 1, NREG, R_MAX, GP, D, BLOCK_D, R1, BR1, BN1,
+                _reduced_tier(qr_ptr, k1_ptr, v1_ptr, off1_ptr, o, s, S, stride_qr, ml_ptr, coef_ptr,
+                              qk_scale, scale, softcap, G, 1, NREG, R_MAX, GP, R1, BR1, BN1,
                               HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 2:
             if reg == 2:
-                _reduced_tier(q, k2_ptr, v2_ptr, off2_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
-                              qk_scale, scale, softcap, G, 2, NREG, R_MAX, GP, D, BLOCK_D, R2, BR2, BN2,
+                _reduced_tier(qr_ptr, k2_ptr, v2_ptr, off2_ptr, o, s, S, stride_qr, ml_ptr, coef_ptr,
+                              qk_scale, scale, softcap, G, 2, NREG, R_MAX, GP, R2, BR2, BN2,
                               HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 3:
             if reg == 3:
-                _reduced_tier(q, k3_ptr, v3_ptr, off3_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
-                              qk_scale, scale, softcap, G, 3, NREG, R_MAX, GP, D, BLOCK_D, R3, BR3, BN3,
+                _reduced_tier(qr_ptr, k3_ptr, v3_ptr, off3_ptr, o, s, S, stride_qr, ml_ptr, coef_ptr,
+                              qk_scale, scale, softcap, G, 3, NREG, R_MAX, GP, R3, BR3, BN3,
                               HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 4:
             if reg == 4:
-                _reduced_tier(q, k4_ptr, v4_ptr, off4_ptr, bk_ptr, o, s, S, stride_bo, stride_bd, ml_ptr, coef_ptr,
-                              qk_scale, scale, softcap, G, 4, NREG, R_MAX, GP, D, BLOCK_D, R4, BR4, BN4,
+                _reduced_tier(qr_ptr, k4_ptr, v4_ptr, off4_ptr, o, s, S, stride_qr, ml_ptr, coef_ptr,
+                              qk_scale, scale, softcap, G, 4, NREG, R_MAX, GP, R4, BR4, BN4,
                               HAS_SOFTCAP, DOT_PREC, INTERP)
 
     @triton.jit
@@ -475,9 +473,9 @@ TUNING: dict[str, int] = {
     "min_rows_per_split": 64,  # below this a split's fixed cost (q, bases, partial writes) dominates
     "max_splits": 256,
     "num_warps": 4,
-    "num_stages": 2,
+    "num_stages": 3,  # sweep on H200 (docs/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
     "block_n_full": 64,  # rows per block, full tier and decoded region
-    "block_n_reduced_max": 256,  # rows per block of a reduced tier (~16 KiB of keys, at most this)
+    "block_n_reduced_max": 128,  # rows per block of a reduced tier (~16 KiB of keys, at most this)
     "merge_block_s": 16,  # splits read at once by the merge
 }
 
@@ -576,12 +574,14 @@ def _launch(
     has_cap = softcap is not None
     cap = float(softcap) if has_cap else 1.0
     stride_bo, stride_bd = (bk.stride(0), bk.stride(1)) if n_red else (0, 0)
+    # q_rot = basis_k[o].T @ q for every query head of owner o, once: [owners, G, r_max]
+    q_rot = torch.matmul(qc.view(n_own, G, d), bk).contiguous() if n_red else qc.view(n_own, G, d)
 
     wrap(_packed_decode_split)[(n_own, S, nreg)](
         qc,
         keys[0], vals[0], offs[0],
         ks[0], vs[0], os_[0], ks[1], vs[1], os_[1], ks[2], vs[2], os_[2], ks[3], vs[3], os_[3],
-        bk, stride_bo, stride_bd,
+        q_rot, q_rot.stride(1),
         k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new.stride(0), v_new.stride(1), v_new.stride(2),
         n_new, Hkv, G, S,
