@@ -80,6 +80,25 @@ def test_hf_decoder_prefill_and_decode(arch: str, impl: str, layer_fmt: str, gro
         assert s.k.meta["example_value"].shape[-2] == 9  # 8 cached + 1 new
 
 
+def test_hf_static_cache_writes_are_followed() -> None:
+    """StaticCache: keys live in a buffer written with index_copy_ (allocated in-graph on first use)."""
+    model = build_tiny_model("llama", "eager")
+    cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    ids = torch.randint(3, 128, (1, 6))
+    layers = [f"model.layers.{i}.self_attn" for i in range(2)]
+    prefill = _sites(model, input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(6))
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(6))
+    decode = _sites(
+        model, input_ids=ids[:, :1], past_key_values=cache, use_cache=True, cache_position=torch.tensor([6])
+    )
+    for sites in (prefill, decode):
+        _assert_one_causal_site_per_layer(sites, layers, "manual", 2, 0.25)
+        for s in sites:
+            assert s.kv_cache == "buffer" and s.k_new is not None and s.k_new.name.startswith("k_embed")
+            assert s.k.meta["example_value"].shape[-2] == 16  # the whole static buffer
+
+
 def test_hf_padding_mask_keeps_causality_and_is_flagged() -> None:
     model = build_tiny_model("llama", "sdpa")
     ids = torch.randint(3, 128, (2, 8))

@@ -284,9 +284,23 @@ def _linear_input(node: Node) -> Node | None:
     return x if isinstance(x, Node) else None
 
 
+_ORDER_CACHE: list[tuple[torch.fx.Graph, int, dict[Node, int]]] = []
+
+
+def _graph_order(graph: torch.fx.Graph) -> dict[Node, int]:
+    # one graph cached at a time; the finder never mutates graphs, the node count guards reuse
+    n = len(graph.nodes)
+    if not _ORDER_CACHE or _ORDER_CACHE[0][0] is not graph or _ORDER_CACHE[0][1] != n:
+        _ORDER_CACHE[:] = [(graph, n, {node: i for i, node in enumerate(graph.nodes)})]
+    return _ORDER_CACHE[0][2]
+
+
+_FACTORIES = {torch.zeros, torch.empty, torch.full, torch.zeros_like, torch.empty_like, torch.full_like}
+
+
 def _buffer_writes(buf: Node, before: Node) -> list[Node]:
     """Values written into `buf` (or a view of it) by in-place ops that run before `before`."""
-    order = {n: i for i, n in enumerate(buf.graph.nodes)}
+    order = _graph_order(buf.graph)
     limit = order[before]
     targets = [buf]
     seen: set[Node] = set()
@@ -345,7 +359,8 @@ def _projection_sources(node: Node, site: Node, budget: int = 4000) -> tuple[set
             if src is not None:
                 sources.add(src)
             continue
-        if n.op in ("placeholder", "get_attr"):
+        if n.op in ("placeholder", "get_attr") or _is(n, _FACTORIES, {"new_zeros", "new_empty", "new_full"}):
+            # a static cache: a buffer (or one allocated in-graph on first use) written in place
             if _is_param(n):
                 continue
             writes = _buffer_writes(n, site)
@@ -621,7 +636,9 @@ def _mask_kind(node: Any, ctx: _MaskCtx, depth: int = 0) -> str | None:
             return None
         if ALLOW in kinds:
             return ALLOW
-        return NAMED if NAMED in kinds else None
+        if NAMED in kinds:
+            return NAMED
+        return NEUTRAL  # only windows / padding so far: neutral inside a larger intersection
     if _is(node, (operator.or_, torch.logical_or, torch.bitwise_or), {"logical_or", "__or__", "bitwise_or"}):
         kinds = [_combine_operand(a, ctx, depth, BLOCK) for a in node.args[:2]]
         if None in kinds:
@@ -758,7 +775,7 @@ def _combine_operand(node: Any, ctx: _MaskCtx, depth: int, want: str) -> str | N
         # a user mask input combined with a proven causal term: the user's padding
         ctx.padding = True
         return NAMED
-    if k == want:
+    if k == want or (k == NEUTRAL and want == ALLOW):
         return k
     if k == WINDOW and want == ALLOW:
         return NEUTRAL  # recorded in ctx.window; the site is skipped for it
@@ -971,6 +988,7 @@ class _Raw:
     output: Node
     replace: list[Node]
     probs_escape: bool = False
+    terms: list[tuple[Node, str]] = field(default_factory=list)
     bad_layout: str = ""
 
 
@@ -1053,6 +1071,7 @@ def _manual_raw(sm: Node) -> _Raw | None:
     acc = _ScaleAcc()
     mask: Node | None = None
     use: str | None = None
+    terms: list[tuple[Node, str]] = []  # every mask / bias applied to the scores
     node: Any = sm.args[0]
     up: list[Node] = []
     scores: Node | None = None
@@ -1079,11 +1098,13 @@ def _manual_raw(sm: Node) -> _Raw | None:
             if sa == sb:
                 return None
             mask, use = (b, ADD) if sa else (a, ADD)
+            terms.append((mask, use))
             node = a if sa else b
         elif _is(node, (torch.masked_fill,), {"masked_fill", "masked_fill_"}):
             if not _very_negative(_arg(node, 2, "value")):
                 return None
             mask, use = node.args[1], BLOCK
+            terms.append((mask, use))
             node = node.args[0]
         elif _is(node, (torch.where,), {"where"}) and len(node.args) == 3:
             c, a, b = node.args
@@ -1093,6 +1114,7 @@ def _manual_raw(sm: Node) -> _Raw | None:
                 mask, use, node = c, BLOCK, b
             else:
                 return None
+            terms.append((mask, use))
         else:
             return None
     if scores is None:
@@ -1120,6 +1142,7 @@ def _manual_raw(sm: Node) -> _Raw | None:
             acc.mul(_arg(scores, 4, "alpha", 1.0))
             if _arg(scores, 3, "beta", 1.0) != 0 and not _zero_like(bias):
                 mask, use = bias, ADD  # ALiBi-style bias enters here; the mask analysis flags it
+                terms.append((mask, use))
         else:
             q_raw, kt = scores.args[0], scores.args[1]
         k_raw = _k_from_kt(_strip_scale(kt, acc))
@@ -1144,6 +1167,7 @@ def _manual_raw(sm: Node) -> _Raw | None:
         chain,
         probs_escape=escape,
         bad_layout=bad_layout,
+        terms=terms,
     )
 
 
@@ -1225,6 +1249,9 @@ def _finish(raw: _Raw, ctx: _MaskCtx, root: torch.nn.Module | None) -> Attention
             site.replace.insert(0, n)
             n = n.args[0] if n.args and isinstance(n.args[0], Node) else None
 
+    order = _graph_order(raw.output.graph)
+    site.replace.sort(key=order.__getitem__)
+
     # --- self-attention proof
     q_src, _, _ = _projection_sources(raw.q, raw.output)
     k_src, k_cache, k_new = _projection_sources(k, raw.output)
@@ -1238,6 +1265,19 @@ def _finish(raw: _Raw, ctx: _MaskCtx, root: torch.nn.Module | None) -> Attention
     # --- causality
     ctx.has_bias, ctx.proof, ctx.window, ctx.padding, ctx.note = False, "", None, False, ""
     mk = _mask_kind(raw.mask, ctx) if raw.mask is not None else None
+    if len(raw.terms) > 1:
+        # several terms reach the scores (T5: + bias + mask): the causal one is the mask, the others
+        # must be padding, anything else is an additive bias
+        kinds = [_mask_kind(t, ctx) for t, _ in raw.terms]
+        causal = [i for i, (k, (_, use)) in enumerate(zip(kinds, raw.terms, strict=True)) if k == use]
+        pick = causal[0] if causal else 0
+        raw.mask, raw.mask_use = raw.terms[pick]
+        mk = kinds[pick]
+        for i, (t, _) in enumerate(raw.terms):
+            if i != pick and _padding_kind(t, ctx) is None and kinds[i] != NAMED:
+                ctx.has_bias = True
+        site.mask = raw.mask
+        site.extra["mask_terms"] = [t for t, _ in raw.terms]
     lq = (qs or (0, 0))[-2] if qs and len(qs) >= 2 else None
     proof = ""
     if raw.sdpa_causal:
@@ -1270,10 +1310,6 @@ def _finish(raw: _Raw, ctx: _MaskCtx, root: torch.nn.Module | None) -> Attention
             reason = f"k and v come from different inputs ({_names(k_src)} vs {_names(v_src)})"
         else:
             reason = "cannot prove self-attention: no common projection input for q, k, v"
-    elif ctx.window is not None:
-        reason = f"sliding-window mask (window={ctx.window}): the rewrite computes full causal attention"
-    elif ctx.has_bias:
-        reason = "additive attention bias (ALiBi / relative position) in the mask: not supported"
     elif not site.is_causal:
         declared_causal = _decoder_hint(raw.output, root, layer)
         if raw.mask is None:
@@ -1288,6 +1324,10 @@ def _finish(raw: _Raw, ctx: _MaskCtx, root: torch.nn.Module | None) -> Attention
             reason = "bidirectional: mask input in a module not declared causal"
         else:
             reason = f"mask polarity mismatch ({mk} mask used as {raw.mask_use})"
+    elif ctx.window is not None:
+        reason = f"sliding-window mask (window={ctx.window}): the rewrite computes full causal attention"
+    elif ctx.has_bias:
+        reason = "additive attention bias (ALiBi / relative position) in the mask: not supported"
     elif not raw.scale_ok:
         reason = "scale is not a compile-time constant"
     elif raw.dropout_p:
