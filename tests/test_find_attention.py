@@ -69,6 +69,8 @@ def test_hf_decoder_prefill_and_decode(arch: str, impl: str, layer_fmt: str, gro
 
     prefill = _sites(model, input_ids=ids)
     _assert_one_causal_site_per_layer(prefill, layers, kind, group, scale)
+    # HF eager adds a float mask; HF sdpa passes the bool mask (True = attend) to SDPA
+    assert {s.mask_use for s in prefill} == {"additive" if impl == "eager" else "allow"}
     assert all(s.kv_cache == "concat" and s.k_new is not None for s in prefill)  # DynamicLayer.update
 
     with torch.no_grad():
@@ -227,7 +229,7 @@ def test_static_kv_decoder_prefill_and_decode() -> None:
             assert "lower-triangular buffer" in s.causal_proof
             assert s.scale == pytest.approx(1 / math.sqrt(HEAD_DIM))
             assert s.k.op == "placeholder" and "k_cache" in s.k.name  # un-repeated buffer
-            assert s.mask is not None
+            assert s.mask is not None and s.mask_use == "block"  # masked_fill(~mask, -inf)
 
 
 def test_static_kv_decoder_rejects_a_non_causal_buffer() -> None:
@@ -305,6 +307,7 @@ def test_cat_decoder_prefill_and_decode() -> None:
             assert s.kv_cache == "concat"
             assert s.scale == pytest.approx(HEAD_DIM**-0.5)
             assert s.causal_proof.startswith("mask: tril")
+            assert s.mask_use == "allow" and s.mask_terms == [(s.mask, "allow")]  # torch.where(allowed, ...)
             # q is the pre-scaled tensor's input: the scale moved into .scale
             assert s.q.target == "permute"
             assert s.k.target is torch.cat and s.v.target is torch.cat

@@ -65,8 +65,12 @@ class AttentionSite:
     causal_proof: str = ""  # how is_causal was proven, e.g. "mask: kv_idx <= q_idx"
     padding_mask: bool = False  # the mask also has a per-key padding term from a graph input:
     # a rewrite must apply `mask`, not only causality
+    mask_use: str | None = None  # how `mask` is applied: "allow" (bool, True = attend), "block"
+    # (bool, True = masked out: masked_fill / where(m, -inf, s)) or "additive" (added to the scores)
+    mask_terms: list[tuple[Node, str]] = field(default_factory=list)  # every (term, use) applied to
+    # the scores, `mask` included (padding terms, biases); a rewrite must apply all of them
     dropout_p: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"sliding_window": 4}
 
     @property
     def rewritable(self) -> bool:
@@ -1277,7 +1281,6 @@ def _finish(raw: _Raw, ctx: _MaskCtx, root: torch.nn.Module | None) -> Attention
             if i != pick and _padding_kind(t, ctx) is None and kinds[i] != NAMED:
                 ctx.has_bias = True
         site.mask = raw.mask
-        site.extra["mask_terms"] = [t for t, _ in raw.terms]
     lq = (qs or (0, 0))[-2] if qs and len(qs) >= 2 else None
     proof = ""
     if raw.sdpa_causal:
@@ -1290,6 +1293,8 @@ def _finish(raw: _Raw, ctx: _MaskCtx, root: torch.nn.Module | None) -> Attention
         proof = "single-query decode over a concatenated cache"
     site.is_causal = bool(proof)
     site.causal_proof = proof
+    site.mask_use = raw.mask_use if raw.mask is not None else None
+    site.mask_terms = list(raw.terms) if raw.terms else ([(raw.mask, raw.mask_use)] if raw.mask is not None else [])
     site.padding_mask = ctx.padding
     max_pos = getattr(getattr(root, "config", None), "max_position_embeddings", None)
     if ctx.window is not None and isinstance(max_pos, int) and ctx.window >= max_pos:
