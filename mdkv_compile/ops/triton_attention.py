@@ -687,3 +687,53 @@ def packed_decode_attention(
 
 def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
+
+
+def store_arguments(store) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
+    """The op's tier arguments from a ``mdkv_compile.core.packing.PackedStore``.
+
+    Bridges the two places where the core store is more general than docs/packed_store.md: a tier
+    with a uniform count per owner may carry ``offsets[t] = None`` (materialised here as
+    ``arange * n``), and bases may be shared rows selected by ``basis_index`` (gathered per owner
+    here: a copy of ``owners * d * r_max`` values per call; a kernel that indexes basis rows directly
+    would avoid it). A store without a full tier gets an empty one.
+    """
+    owners = store.owners
+    d = store.head_dim
+    keys, vals, offs = list(store.keys), list(store.values), []
+    for t in range(len(keys)):
+        off = store.offsets[t]
+        if off is None:
+            n = keys[t].shape[0] // max(owners, 1)
+            off = torch.arange(owners + 1, device=keys[t].device, dtype=torch.int32) * n
+        offs.append(off.to(torch.int32))
+    if store.tier_dims[0] != d:
+        ref = keys[0]
+        keys.insert(0, ref.new_empty(0, d))
+        vals.insert(0, ref.new_empty(0, d))
+        offs.insert(0, torch.zeros(owners + 1, dtype=torch.int32, device=ref.device))
+    if len(keys) - 1 > MAX_REDUCED_TIERS:
+        raise ValueError(f"{len(keys) - 1} reduced tiers; the kernel takes at most {MAX_REDUCED_TIERS}")
+    return keys, vals, offs, store.owner_basis("k"), store.owner_basis("v")
+
+
+def packed_decode_store(
+    q: Tensor,
+    store,
+    k_new: Tensor | None,
+    v_new: Tensor | None,
+    n_new: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """``packed_decode_attention`` over a core ``PackedStore``; same result as
+    ``mdkv_compile.core.attention.attend_packed(q, store, k_new[:, :, :n_new], v_new[:, :, :n_new])``
+    for one query token (every stored and every new token visible)."""
+    keys, vals, offs, bk, bv = store_arguments(store)
+    B, _, _, d = q.shape
+    if k_new is None or v_new is None:
+        k_new = v_new = q.new_zeros(B, store.kv_heads, 1, d)
+        n_new = 0
+    n_new = k_new.shape[2] if n_new is None else n_new
+    scale = d**-0.5 if scale is None else scale
+    return packed_decode_attention(q, keys, vals, offs, bk, bv, k_new, v_new, n_new, scale, softcap)
