@@ -27,6 +27,7 @@ HEAD_SCORE_METHODS = ("headkv", "mixeddimkv-h")
 BASES = ("prompt", "calibrated")
 POOLS = ("head", "layer")
 SOLVERS = ("greedy", "exact")
+LOSSES = ("attention", "energy")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -51,14 +52,17 @@ class MixedDimKVConfig:
     # None: (0, d/8, d/4, d/2, d) for the model's head dimension d.
     dims: tuple[int, ...] | None = None
     # The last `window` prompt tokens score the others and are kept at full dimension.
-    window: int = 8
+    window: int = 32
     pool_kernel: int = 7
     # First tokens always kept at full dimension. None: 4 for streamingllm, 0 otherwise.
     sink_tokens: int | None = None
     basis: str = "prompt"
     basis_path: str | None = None  # safetensors file from `mdkv_compile.core.bases.calibrate`
     pool: str = "head"
-    # Weight of the key error against the value error in the per-token loss.
+    # Per-token loss of a reduced dimension: "attention" (error it puts into the attention output,
+    # from the window queries' logit error and the value error) or "energy" (importance-weighted
+    # residual energy of key and value, mixed by key_weight).
+    loss: str = "attention"
     key_weight: float = 0.5
     head_scores: str | None = None  # JSON from `mdkv profile-heads` (headkv, mixeddimkv-h)
     head_beta: float = 1.2  # HeadKV: share of the budget kept uniform is 1/beta... see policies
@@ -121,6 +125,8 @@ class MixedDimKVConfig:
             _fail("pool", self.pool, f"one of {', '.join(POOLS)}")
         if self.solver not in SOLVERS:
             _fail("solver", self.solver, f"one of {', '.join(SOLVERS)}")
+        if self.loss not in LOSSES:
+            _fail("loss", self.loss, f"one of {', '.join(LOSSES)}")
         if not 0.0 <= self.key_weight <= 1.0:
             _fail("key_weight", self.key_weight, "a float in [0, 1]")
         if self.head_beta < 1.0:

@@ -48,3 +48,43 @@ def candidate_losses(
         # Rounding can make a longer prefix look worse by 1e-8; the solver needs monotone losses.
         frac = torch.cummin(frac, dim=-1).values
     return importance.float()[..., None] * frac
+
+
+def attention_losses(
+    importance: torch.Tensor,
+    window_queries: torch.Tensor,
+    key_coef_full: torch.Tensor,
+    value_coef: torch.Tensor,
+    value_norm2: torch.Tensor,
+    dims: tuple[int, ...],
+    head_dim: int,
+    scale: float,
+) -> torch.Tensor:
+    """Loss as the error a token's reduction puts into the attention output (default).
+
+    Evicting token i changes the output by about a_i * (v_i - o); keeping it at dimension r
+    changes it by a_i * dv_i + a_i * delta_i * (v_i - o), where delta_i is the error of its logit.
+    Relative to eviction that is |dv_i| / |v_i| + rms over the window queries of |delta_i(r)|,
+    capped at 1 (never worse than eviction):
+
+        L_i(r) = a_i * min(1, |v_i - v_hat_i| / |v_i| + rms_q |scale * q . (k_i - k_hat_i)|)
+
+    window_queries [B, H, W, d] are the window queries of the KV head's group, rotated into the
+    key basis; key_coef_full [B, H, N, d] are the keys in the full key basis (all d columns), so the
+    logit error of keeping the first r coordinates is the dot product over the remaining ones.
+    Logit errors weigh like this because attention is exponential in them: a retrieval token whose
+    key loses a little energy in a direction the queries use loses most of its weight.
+    """
+    value_frac = residual_fraction(value_coef, value_norm2, dims, head_dim).clamp_min(0).sqrt()
+    out = []
+    for j, r in enumerate(dims):
+        if r == 0:
+            out.append(torch.ones_like(importance))
+        elif r >= head_dim:
+            out.append(torch.zeros_like(importance))
+        else:
+            tail = window_queries[..., r:].float() @ key_coef_full[..., r:].float().transpose(-1, -2)  # [B,H,W,N]
+            delta = scale * tail.square().mean(dim=-2).sqrt()
+            out.append((value_frac[..., j] + delta).clamp(max=1.0))
+    frac = torch.cummin(torch.stack(out, dim=-1), dim=-1).values
+    return importance.float()[..., None] * frac

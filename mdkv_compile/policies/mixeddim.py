@@ -9,11 +9,13 @@ budgets the basis is not worth its bytes and the method falls back to eviction b
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mdkv_compile.core.allocation import FORCED_LOSS, allocate
 from mdkv_compile.core.bases import prompt_basis
-from mdkv_compile.core.losses import candidate_losses
+from mdkv_compile.core.losses import attention_losses, candidate_losses
 from mdkv_compile.policies.base import (
     LayerContext,
     Selection,
@@ -86,12 +88,14 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
     k_norm2 = ctx.key.float().square().sum(-1)
     v_norm2 = ctx.value.float().square().sum(-1)
 
-    def losses_for(option_dims: tuple[int, ...], kc: torch.Tensor | None, vc: torch.Tensor | None) -> torch.Tensor:
-        losses = candidate_losses(importance, kc, vc, k_norm2, v_norm2, option_dims, d, ctx.cfg.key_weight)
+    def constrain(losses: torch.Tensor) -> torch.Tensor:
         # Forced tokens are kept whole: any smaller option costs as much as dropping them.
-        forced_row = torch.full((len(option_dims),), FORCED_LOSS, device=losses.device)
+        forced_row = torch.full((losses.shape[-1],), FORCED_LOSS, device=losses.device)
         forced_row[-1] = 0.0
         return torch.where(forced, forced_row, losses).masked_fill(~ctx.valid[:, None, :, None], 0.0)
+
+    def losses_for(option_dims: tuple[int, ...], kc: torch.Tensor | None, vc: torch.Tensor | None) -> torch.Tensor:
+        return constrain(candidate_losses(importance, kc, vc, k_norm2, v_norm2, option_dims, d, ctx.cfg.key_weight))
 
     evict_dims = (0, d)
     evict_units = units - bookkeeping_units(1, itemsize)
@@ -101,11 +105,23 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
         return Selection(chosen_dim=chosen, tier_dims=(d,))
 
     r_max = max(reduced)
-    kb, vb, shared = _bases(ctx, r_max)
-    kc, vc = _coefficients(ctx.key, kb), _coefficients(ctx.value, vb)
+    # The attention loss needs every key coordinate (the logit error lives in the tail).
+    kb_full, vb, shared = _bases(ctx, d if ctx.cfg.loss == "attention" else r_max)
+    vb = vb[..., :r_max]
+    kc_full, vc = _coefficients(ctx.key, kb_full), _coefficients(ctx.value, vb)
+    kb, kc = kb_full[..., :r_max].contiguous(), kc_full[..., :r_max]
+    if ctx.cfg.loss == "attention":
+        bsz, n_heads = ctx.key.shape[:2]
+        w = min(ctx.cfg.window, ctx.key.shape[2])
+        q_win = ctx.query[:, :, -w:].float().reshape(bsz, n_heads, -1, d)  # the group's window queries
+        q_rot = q_win @ (kb_full.float() if kb_full.dim() == 4 else kb_full.float()[None])
+        scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d)
+        mixed_losses = constrain(attention_losses(importance, q_rot, kc_full, vc, v_norm2, dims, d, scale))
+    else:
+        mixed_losses = losses_for(dims, kc, vc)
     # One more bookkeeping slot pays for the owner -> basis index when rows differ.
     mixed_units = units - bookkeeping_units(len(reduced) + 2, itemsize) - (0 if shared else d * r_max)
-    mixed_dim, mixed_loss = _solve(ctx, losses_for(dims, kc, vc), mixed_units, dims)
+    mixed_dim, mixed_loss = _solve(ctx, mixed_losses, mixed_units, dims)
 
     use_mixed = (mixed_loss < evict_loss) & ~everything
     chosen = torch.where(use_mixed[:, None, None], mixed_dim, evict_dim)
