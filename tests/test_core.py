@@ -119,10 +119,8 @@ def test_packed_attention_equals_reconstructed(n_queries: int) -> None:
     owners = bsz * n_kv
     k_all = torch.cat([k_rec.double(), k_new.double().reshape(owners, n_new, d)], 1)
     v_all = torch.cat([v_rec.double(), v_new.double().reshape(owners, n_new, d)], 1)
-    allowed = torch.cat(
-        [valid[:, None, :].expand(owners, n_queries, -1), causal_mask(n_queries, n_new, q.device)[None].expand(owners, -1, -1)],
-        -1,
-    )
+    new_allowed = causal_mask(n_queries, n_new, q.device)[None].expand(owners, -1, -1)
+    allowed = torch.cat([valid[:, None, :].expand(owners, n_queries, -1), new_allowed], -1)
     qo = q.double().view(owners, group, n_queries, d)
     logits = (qo @ k_all.transpose(-1, -2)[:, None]) * 0.3
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
@@ -172,7 +170,10 @@ def test_mixeddimkv_keep_evict_pooled_equals_ada_snapkv(budget: float) -> None:
     assert not bool((counts == counts[0, 0]).all())
 
 
-@pytest.mark.parametrize("method", ["full", "streamingllm", "snapkv", "pyramidkv", "ada-snapkv", "lowrank", "mixeddimkv"])
+EVERY_SINGLE_LAYER_METHOD = ["full", "streamingllm", "snapkv", "pyramidkv", "ada-snapkv", "lowrank", "mixeddimkv"]
+
+
+@pytest.mark.parametrize("method", EVERY_SINGLE_LAYER_METHOD)
 @pytest.mark.parametrize("budget", [0.02, 0.0625, 0.25, 1.0])
 def test_stored_bytes_within_budget(method: str, budget: float) -> None:
     ctx = make_ctx(method, budget, n_tokens=256)
