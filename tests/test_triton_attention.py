@@ -19,6 +19,8 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET was set to something else before this module, and no GPU", allow_module_level=True)
 
 from mdkv_compile.ops.triton_attention import (  # noqa: E402
+    packed_chunk_attention,
+    packed_chunk_attention_triton,
     packed_decode_attention,
     packed_decode_attention_torch,
     packed_decode_attention_triton,
@@ -39,6 +41,7 @@ def make_case(
     n_cap: int,
     dtype: torch.dtype,
     empty_owner: bool = False,
+    L: int = 1,
 ) -> dict:
     n_own = B * Hkv
     keys, vals, offs = [], [], []
@@ -64,7 +67,7 @@ def make_case(
     # the decoded region is a slice of a larger preallocated buffer: non-contiguous on purpose
     k_buf = torch.randn(B, Hkv, n_cap + 3, d, generator=gen).to(dtype)
     v_buf = torch.randn(B, Hkv, n_cap + 3, d, generator=gen).to(dtype)
-    q = torch.randn(B, Hkv * G, 1, d, generator=gen).to(dtype)
+    q = torch.randn(B, Hkv * G, L, d, generator=gen).to(dtype)
     dev = DEVICE
     return dict(
         q=q.to(dev),
@@ -81,12 +84,14 @@ def make_case(
 
 
 def reference(c: dict, softcap: float | None = None) -> torch.Tensor:
-    """Reconstruct keys/values owner by owner, float64 softmax attention. Independent of the kernel."""
+    """Reconstruct keys/values owner by owner, float64 softmax attention. Independent of the kernel.
+    With L query tokens, query l is new token n_new - L + l and sees new tokens up to itself."""
     q = c["q"].double().cpu()
-    B, Hq, _, d = q.shape
+    B, Hq, L, d = q.shape
     Hkv = c["k_new"].shape[1]
     G = Hq // Hkv
-    out = torch.zeros(B, Hq, 1, d, dtype=torch.float64)
+    n_new = c["n_new"]
+    out = torch.zeros(B, Hq, L, d, dtype=torch.float64)
     for b in range(B):
         for h in range(Hkv):
             o = b * Hkv + h
@@ -101,16 +106,18 @@ def reference(c: dict, softcap: float | None = None) -> torch.Tensor:
                     r = kt.shape[1]
                     ks.append(kc @ c["basis_k"][o, :, :r].double().cpu().T)
                     vs.append(vc @ c["basis_v"][o, :, :r].double().cpu().T)
-            ks.append(c["k_new"][b, h, : c["n_new"]].double().cpu())
-            vs.append(c["v_new"][b, h, : c["n_new"]].double().cpu())
-            K, V = torch.cat(ks), torch.cat(vs)
-            if K.shape[0] == 0:
-                continue  # the kernel's convention: attention over nothing is zero
-            for g in range(G):
-                s = K @ q[b, h * G + g, 0] * c["scale"]
-                if softcap is not None:
-                    s = softcap * torch.tanh(s / softcap)
-                out[b, h * G + g, 0] = torch.softmax(s, 0) @ V
+            K0, V0 = torch.cat(ks), torch.cat(vs)
+            for l_ in range(L):
+                seen = n_new - L + l_ + 1
+                K = torch.cat([K0, c["k_new"][b, h, :seen].double().cpu()])
+                V = torch.cat([V0, c["v_new"][b, h, :seen].double().cpu()])
+                if K.shape[0] == 0:
+                    continue  # the kernel's convention: attention over nothing is zero
+                for g in range(G):
+                    s = K @ q[b, h * G + g, l_] * c["scale"]
+                    if softcap is not None:
+                        s = softcap * torch.tanh(s / softcap)
+                    out[b, h * G + g, l_] = torch.softmax(s, 0) @ V
     return out
 
 
@@ -232,3 +239,63 @@ def test_matches_core_attend_packed() -> None:
     assert any(o is None for o in store_u.offsets)
     ref_u = core_attention.attend_packed(q, store_u, k_new, v_new, scale=d**-0.5)
     torch.testing.assert_close(packed_decode_store(q, store_u, k_new, v_new), ref_u, rtol=1e-4, atol=1e-5)
+
+
+CHUNK_CASES = [
+    # name, B, Hkv, G, d, tiers, max_count, L, n_new, n_cap, dtype, softcap, block_m
+    ("fp32_L3", 2, 2, 3, 32, (32, 16, 8), 60, 3, 7, 9, torch.float32, None, 64),
+    ("fp32_L8_two_row_blocks", 1, 2, 3, 32, (32, 16), 40, 8, 11, 12, torch.float32, None, 16),
+    ("bf16_L5_all_new_softcap", 2, 1, 4, 64, (64, 32, 16, 8), 50, 5, 5, 6, torch.bfloat16, 25.0, 64),
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=[c[0] for c in CHUNK_CASES])
+def test_chunk_matches_float64_reference(case: tuple) -> None:
+    from mdkv_compile.ops import triton_attention as ta
+
+    name, B, Hkv, G, d, tiers, max_count, L, n_new, n_cap, dtype, softcap, block_m = case
+    gen = torch.Generator().manual_seed(abs(hash(name)) % 2**31)
+    c = make_case(gen, B, Hkv, G, d, tiers, max_count, n_new, n_cap, dtype, L=L)
+    saved = dict(ta.TUNING)
+    try:
+        ta.TUNING["chunk_block_m"] = block_m
+        out = torch.full((B, Hkv * G, L, d), float("nan"), dtype=dtype, device=DEVICE)
+        packed_chunk_attention_triton(**c, softcap=softcap, out=out, poison_workspace=True)
+    finally:
+        ta.TUNING.clear()
+        ta.TUNING.update(saved)
+    assert torch.isfinite(out).all()
+    ref = reference(c, softcap)
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+    fallback = ta.packed_attention_torch(**c, softcap=softcap, compute_dtype=torch.float64)
+    assert rel_err(fallback, ref) < (1e-7 if dtype == torch.float32 else 1e-2)
+
+
+def test_chunk_with_one_token_equals_decode() -> None:
+    gen = torch.Generator().manual_seed(13)
+    c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 50, 4, 6, torch.float32)
+    torch.testing.assert_close(packed_chunk_attention(**c), packed_decode_attention(**c), rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_matches_core_attend_packed() -> None:
+    core_attention = pytest.importorskip("mdkv_compile.core.attention")
+    core_packing = pytest.importorskip("mdkv_compile.core.packing")
+    from mdkv_compile.ops.triton_attention import store_arguments
+
+    gen = torch.Generator().manual_seed(17)
+    B, H, G, N, d, tiers, L, S = 1, 2, 2, 40, 32, (32, 16), 4, 6
+    key = torch.randn(B, H, N, d, generator=gen)
+    value = torch.randn(B, H, N, d, generator=gen)
+    bk = torch.linalg.qr(torch.randn(B * H, d, 16, generator=gen, dtype=torch.float64))[0].float()
+    bv = torch.linalg.qr(torch.randn(B * H, d, 16, generator=gen, dtype=torch.float64))[0].float()
+    kc = torch.einsum("bhnd,bhdr->bhnr", key, bk.view(B, H, d, 16))
+    vc = torch.einsum("bhnd,bhdr->bhnr", value, bv.view(B, H, d, 16))
+    choice = torch.tensor([0, *tiers])[torch.randint(0, 3, (B, H, N), generator=gen)]
+    store = core_packing.pack(key, value, choice, tiers, kc, vc, bk, bv)
+    q = torch.randn(B, H * G, L, d, generator=gen)
+    k_new = torch.randn(B, H, S, d, generator=gen)
+    v_new = torch.randn(B, H, S, d, generator=gen)
+    ref = core_attention.attend_packed(q, store, k_new, v_new, scale=d**-0.5)  # causal, queries = last L
+    keys, vals, offs, obk, obv = store_arguments(store)
+    out = packed_chunk_attention(q, keys, vals, offs, obk, obv, k_new, v_new, S, d**-0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

@@ -25,6 +25,11 @@ through ``wrap_triton``: verified on an H200, docs/kernel_notes.md) taking the t
 lists: the full tier first, then at most ``MAX_REDUCED_TIERS`` reduced ones, largest first. On a CPU
 tensor (and no ``TRITON_INTERPRET=1``) it runs ``packed_decode_attention_torch``, a vectorised
 pure-torch version that is also traceable. Versions and measurements: docs/kernel_notes.md.
+
+Chunked prefill (``mdkv::packed_chunk_attention``, ``packed_chunk_attention``): the same two kernels
+generalised to ``L`` query tokens per sequence (the last ``L`` of the new tokens, causal among them),
+the ``G * L`` query rows of an owner cut into blocks of ``BLOCK_M`` rows on grid axis 2. Checked
+against float64 references under Triton's interpreter; not yet compiled or timed on a GPU.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ def _segment_ids(offsets: Tensor, n_rows: int) -> Tensor:
     return torch.searchsorted(offsets[1:].contiguous(), rows, right=True)
 
 
-def packed_decode_attention_torch(
+def packed_attention_torch(
     q: Tensor,
     tier_keys: list[Tensor],
     tier_values: list[Tensor],
@@ -77,21 +82,24 @@ def packed_decode_attention_torch(
     softcap: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Same contract as ``packed_decode_attention``; computes in ``compute_dtype`` (float64 for checks)."""
-    B, Hq, _, d = q.shape
+    """Same contract as ``packed_decode_attention`` (L = 1) and ``packed_chunk_attention`` (L >= 1: the
+    queries are the last L of the n_new new tokens, causal among them; every stored token visible);
+    computes in ``compute_dtype`` (float64 for checks)."""
+    B, Hq, L, d = q.shape
     Hkv = k_new.shape[1]
     G = Hq // Hkv
+    M = G * L  # query rows per owner, row r = g * L + l (q's own memory order)
     n_own = B * Hkv
     cd = compute_dtype
-    qg = q.reshape(n_own, G, d).to(cd)  # owner o = b * Hkv + h serves query heads h*G .. h*G+G-1
-    logits: list[Tensor] = []  # per region: [rows, G]
+    qg = q.reshape(n_own, M, d).to(cd)  # owner o = b * Hkv + h serves query heads h*G .. h*G+G-1
+    logits: list[Tensor] = []  # per region: [rows, M]
     owners: list[Tensor] = []
     vals: list[Tensor] = []  # per region: [rows, d] value contributions in head space (after rotation)
     for t, (kt, vt, off) in enumerate(zip(tier_keys, tier_values, tier_offsets, strict=True)):
         r = kt.shape[1]
         seg = _segment_ids(off, kt.shape[0])
         if t == 0:
-            qs = qg[seg]  # [rows, G, d]
+            qs = qg[seg]  # [rows, M, d]
             vals.append(vt.to(cd))
         else:
             assert basis_k is not None and basis_v is not None
@@ -101,7 +109,11 @@ def packed_decode_attention_torch(
         logits.append(torch.einsum("ngr,nr->ng", qs, kt.to(cd)))
         owners.append(seg)
     kn = k_new[:, :, :n_new].reshape(n_own, n_new, d).to(cd)
-    logits.append(torch.einsum("ogd,ond->ong", qg, kn).reshape(n_own * n_new, G))
+    s_new = torch.einsum("ogd,ond->ong", qg, kn)  # [owners, n_new, M]
+    # new token j is visible to query row r (position n_new - L + r % L among the new tokens) iff j <= it
+    pos = n_new - L + torch.arange(M, device=q.device) % L
+    visible = torch.arange(n_new, device=q.device)[:, None] <= pos[None, :]
+    logits.append(s_new.masked_fill(~visible, _NEG_INF).reshape(n_own * n_new, M))
     owners.append(torch.arange(n_own, device=q.device).repeat_interleave(n_new))
     vals.append(v_new[:, :, :n_new].reshape(n_own * n_new, d).to(cd))
 
@@ -110,13 +122,17 @@ def packed_decode_attention_torch(
         s = softcap * torch.tanh(s / softcap)
     seg = torch.cat(owners)
     v = torch.cat(vals)
-    m = torch.full((n_own, G), _NEG_INF, dtype=cd, device=q.device)
-    m = m.scatter_reduce(0, seg[:, None].expand(-1, G), s, reduce="amax")
+    m = torch.full((n_own, M), _NEG_INF, dtype=cd, device=q.device)
+    m = m.scatter_reduce(0, seg[:, None].expand(-1, M), s, reduce="amax")
+    m = torch.where(torch.isinf(m), 0.0, m)  # rows with nothing visible: every p is exp(-inf) = 0
     p = torch.exp(s - m[seg])
-    denom = torch.zeros(n_own, G, dtype=cd, device=q.device).index_add(0, seg, p)
-    num = torch.zeros(n_own, G, d, dtype=cd, device=q.device).index_add(0, seg, p[:, :, None] * v[:, None, :])
+    denom = torch.zeros(n_own, M, dtype=cd, device=q.device).index_add(0, seg, p)
+    num = torch.zeros(n_own, M, d, dtype=cd, device=q.device).index_add(0, seg, p[:, :, None] * v[:, None, :])
     out = torch.where(denom[..., None] > 0, num / denom.clamp_min(1e-300)[..., None], 0.0)
-    return out.reshape(B, Hq, 1, d).to(q.dtype)
+    return out.reshape(B, Hq, L, d).to(q.dtype)
+
+
+packed_decode_attention_torch = packed_attention_torch  # the L = 1 case, the name the decode tests use
 
 
 # ------------------------------------------------------------------------------------------------
@@ -462,6 +478,187 @@ if HAS_TRITON:
                  mask=offs_d < D)
 
 
+    # --------------------------------------------------------------------------------------------
+    # Chunked prefill: L >= 1 query tokens per sequence, the last L of the n_new new tokens, causal
+    # among them. Same structure as decode with the G*L query rows of an owner cut into blocks of
+    # BLOCK_M rows (grid axis 2 = region x row block). Separate kernels so the decode kernels
+    # measured on the H200 stay as they were; decode is the L = 1 case of these.
+    # --------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _step_causal(
+        qop, k_ptr, v_ptr, start, hi, stride_n, lim, m_i, l_i, acc, qk_scale, scale, softcap,
+        D_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    ):
+        """_step with a per-query-row limit: key row j is visible to query row i iff j <= lim[i]."""
+        LOG2E: tl.constexpr = 1.4426950408889634
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows = start + offs_n
+        rmask = rows < hi
+        ptrs = rows[:, None].to(tl.int64) * stride_n + offs_d[None, :]
+        msk = rmask[:, None] & (offs_d < D_T)[None, :]
+        k = tl.load(k_ptr + ptrs, mask=msk, other=0.0)
+        s = _dot(qop, tl.trans(k), DOT_PREC, INTERP)
+        if HAS_SOFTCAP:
+            x = s * (scale / softcap)
+            th = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+            s = th * (softcap * LOG2E)
+        else:
+            s = s * qk_scale
+        s = tl.where(rmask[None, :] & (rows[None, :] <= lim[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row may see nothing in this block (and have seen nothing before): keep its state at 0
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + ptrs, mask=msk, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, INTERP)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _region_causal(
+        qop, k_ptr, v_ptr, lo, hi, stride_n, lim, qk_scale, scale, softcap,
+        GP: tl.constexpr, D_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    ):
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, BLOCK_D], tl.float32)
+        hi = tl.minimum(hi, tl.max(lim, 0) + 1)  # blocks past every row's limit are skipped
+        if INTERP:
+            start = lo
+            while start < hi:
+                m_i, l_i, acc = _step_causal(qop, k_ptr, v_ptr, start, hi, stride_n, lim, m_i, l_i, acc,
+                                             qk_scale, scale, softcap, D_T, BLOCK_D, BLOCK_N, HAS_SOFTCAP,
+                                             DOT_PREC, INTERP)
+                start += BLOCK_N
+        else:
+            for start in range(lo, hi, BLOCK_N):
+                m_i, l_i, acc = _step_causal(qop, k_ptr, v_ptr, start, hi, stride_n, lim, m_i, l_i, acc,
+                                             qk_scale, scale, softcap, D_T, BLOCK_D, BLOCK_N, HAS_SOFTCAP,
+                                             DOT_PREC, INTERP)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _reduced_tier_rows(
+        qr_ptr, k_ptr, v_ptr, off_ptr, o, s, S, stride_qr, ml_ptr, coef_ptr, qk_scale, scale, softcap,
+        M, rows, rmask,
+        T_IDX: tl.constexpr, NREG: tl.constexpr, R_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
+        M_P: tl.constexpr, R_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    ):
+        offs_r = tl.arange(0, BLOCK_R)
+        cmask = offs_r < R_T
+        q_rot = tl.load(qr_ptr + (o * M + rows)[:, None].to(tl.int64) * stride_qr + offs_r[None, :],
+                        mask=rmask[:, None] & cmask[None, :], other=0.0)
+        beg = tl.load(off_ptr + o)
+        end = tl.load(off_ptr + o + 1)
+        lo, hi = _slice(end - beg, s, S)
+        m_i, l_i, acc = _region(
+            q_rot, k_ptr + beg.to(tl.int64) * R_T, v_ptr + beg.to(tl.int64) * R_T, lo, hi, R_T,
+            qk_scale, scale, softcap, BLOCK_M, R_T, BLOCK_R, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
+        )
+        base = (o * S + s) * NREG + T_IDX
+        tl.store(ml_ptr + (base * 2) * M_P + rows, m_i)
+        tl.store(ml_ptr + (base * 2 + 1) * M_P + rows, l_i)
+        crow = ((o * S + s) * (NREG - 1) + (T_IDX - 1)).to(tl.int64) * M + rows
+        tl.store(coef_ptr + crow[:, None] * R_MAX + offs_r[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _packed_chunk_split(
+        q_ptr,
+        k0_ptr, v0_ptr, off0_ptr,
+        k1_ptr, v1_ptr, off1_ptr,
+        k2_ptr, v2_ptr, off2_ptr,
+        k3_ptr, v3_ptr, off3_ptr,
+        k4_ptr, v4_ptr, off4_ptr,
+        qr_ptr, stride_qr,
+        kn_ptr, vn_ptr, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        n_new, L, H_KV, M, S, NMB,
+        ml_ptr, acc_ptr, coef_ptr,
+        qk_scale, scale, softcap,
+        NUM_RED: tl.constexpr,
+        R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
+        BR1: tl.constexpr, BR2: tl.constexpr, BR3: tl.constexpr, BR4: tl.constexpr,
+        BN1: tl.constexpr, BN2: tl.constexpr, BN3: tl.constexpr, BN4: tl.constexpr,
+        R_MAX: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        M_P: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):
+        o = tl.program_id(0)
+        s = tl.program_id(1)
+        reg = tl.program_id(2) // NMB  # 0: full tier + new tokens; t >= 1: reduced tier t
+        mb = tl.program_id(2) % NMB  # block of BLOCK_M query rows (row r = g * L + l)
+        NREG: tl.constexpr = NUM_RED + 1
+        qk_scale = tl.cast(qk_scale, tl.float32)
+        scale = tl.cast(scale, tl.float32)
+        softcap = tl.cast(softcap, tl.float32)
+        b = o // H_KV
+        h = o % H_KV
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + (o * M + rows)[:, None].to(tl.int64) * D + offs_d[None, :],
+                    mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
+        if reg == 0:
+            beg = tl.load(off0_ptr + o)
+            end = tl.load(off0_ptr + o + 1)
+            lo, hi = _slice(end - beg, s, S)
+            m_a, l_a, acc_a = _region(
+                q, k0_ptr + beg.to(tl.int64) * D, v0_ptr + beg.to(tl.int64) * D, lo, hi, D,
+                qk_scale, scale, softcap, BLOCK_M, D, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
+            )
+            # query row r is new token n_new - L + r % L: it sees new tokens 0 .. that position
+            lim = tl.where(rmask, n_new - L + rows % L, -1)
+            lo, hi = _slice(n_new, s, S)
+            m_b, l_b, acc_b = _region_causal(
+                q,
+                kn_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
+                vn_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
+                lo, hi, stride_kn, lim,
+                qk_scale, scale, softcap, BLOCK_M, D, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
+            )
+            m = tl.maximum(m_a, m_b)
+            m_s = tl.where(m > float("-inf"), m, 0.0)
+            w_a = tl.exp2(m_a - m_s)
+            w_b = tl.exp2(m_b - m_s)
+            base = (o * S + s) * NREG
+            tl.store(ml_ptr + (base * 2) * M_P + rows, m)
+            tl.store(ml_ptr + (base * 2 + 1) * M_P + rows, l_a * w_a + l_b * w_b)
+            arow = (o * S + s).to(tl.int64) * M + rows
+            tl.store(acc_ptr + arow[:, None] * D + offs_d[None, :], acc_a * w_a[:, None] + acc_b * w_b[:, None],
+                     mask=rmask[:, None] & (offs_d[None, :] < D))
+        if NUM_RED >= 1:
+            if reg == 1:
+                _reduced_tier_rows(qr_ptr, k1_ptr, v1_ptr, off1_ptr, o, s, S, stride_qr, ml_ptr, coef_ptr,
+                                   qk_scale, scale, softcap, M, rows, rmask, 1, NREG, R_MAX, BLOCK_M, M_P,
+                                   R1, BR1, BN1, HAS_SOFTCAP, DOT_PREC, INTERP)
+        if NUM_RED >= 2:
+            if reg == 2:
+                _reduced_tier_rows(qr_ptr, k2_ptr, v2_ptr, off2_ptr, o, s, S, stride_qr, ml_ptr, coef_ptr,
+                                   qk_scale, scale, softcap, M, rows, rmask, 2, NREG, R_MAX, BLOCK_M, M_P,
+                                   R2, BR2, BN2, HAS_SOFTCAP, DOT_PREC, INTERP)
+        if NUM_RED >= 3:
+            if reg == 3:
+                _reduced_tier_rows(qr_ptr, k3_ptr, v3_ptr, off3_ptr, o, s, S, stride_qr, ml_ptr, coef_ptr,
+                                   qk_scale, scale, softcap, M, rows, rmask, 3, NREG, R_MAX, BLOCK_M, M_P,
+                                   R3, BR3, BN3, HAS_SOFTCAP, DOT_PREC, INTERP)
+        if NUM_RED >= 4:
+            if reg == 4:
+                _reduced_tier_rows(qr_ptr, k4_ptr, v4_ptr, off4_ptr, o, s, S, stride_qr, ml_ptr, coef_ptr,
+                                   qk_scale, scale, softcap, M, rows, rmask, 4, NREG, R_MAX, BLOCK_M, M_P,
+                                   R4, BR4, BN4, HAS_SOFTCAP, DOT_PREC, INTERP)
+
+
 # ------------------------------------------------------------------------------------------------
 # Launch
 # ------------------------------------------------------------------------------------------------
@@ -477,6 +674,7 @@ TUNING: dict[str, int] = {
     "block_n_full": 64,  # rows per block, full tier and decoded region
     "block_n_reduced_max": 128,  # rows per block of a reduced tier (~16 KiB of keys, at most this)
     "merge_block_s": 16,  # splits read at once by the merge
+    "chunk_block_m": 64,  # chunked prefill: query rows (G * L) per program; not tuned on a GPU yet
 }
 
 
@@ -606,6 +804,107 @@ def _launch(
     return out
 
 
+def _launch_chunk(
+    q: Tensor,
+    tier_keys: list[Tensor],
+    tier_values: list[Tensor],
+    tier_offsets: list[Tensor],
+    basis_k: Tensor | None,
+    basis_v: Tensor | None,
+    k_new: Tensor,
+    v_new: Tensor,
+    n_new: int,
+    scale: float,
+    softcap: float | None,
+    wrap,
+    out: Tensor | None = None,
+    poison_workspace: bool = False,
+) -> Tensor:
+    """Chunked prefill: q [B, Hq, L, d] are the last L of the n_new new tokens (causal among them)."""
+    B, Hq, L, d = q.shape
+    Hkv = k_new.shape[1]
+    G = Hq // Hkv
+    M = G * L
+    n_own = B * Hkv
+    n_red = len(tier_keys) - 1
+    assert Hq % Hkv == 0 and 0 <= n_red <= MAX_REDUCED_TIERS
+    assert 1 <= L <= n_new <= k_new.shape[2], "the queries are the last L of the n_new new tokens"
+    assert tier_keys[0].shape[-1] == d and k_new.shape[-1] == d
+    assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1 and k_new.stride(2) == v_new.stride(2)
+    dims = [int(k.shape[1]) for k in tier_keys[1:]]
+    assert all(0 < r <= d for r in dims)
+    qc = q.contiguous()
+    keys = [k.contiguous() for k in tier_keys]
+    vals = [v.contiguous() for v in tier_values]
+    offs = [o.to(torch.int32).contiguous() for o in tier_offsets]
+    dev = q.device
+    if n_red:
+        assert basis_k is not None and basis_v is not None
+        bk, bv = basis_k.contiguous(), basis_v.contiguous()
+        r_max = int(max(dims))
+    else:
+        bk = bv = keys[0]
+        r_max = 16
+    r_max_p = _next_pow2(max(r_max, 16))
+    BLOCK_M = max(16, min(TUNING["chunk_block_m"], _next_pow2(M)))
+    NMB = -(-M // BLOCK_M)
+    M_P = NMB * BLOCK_M
+    BLOCK_D = max(16, _next_pow2(d))
+    nreg = n_red + 1
+    avg_rows = sum(int(k.shape[0]) for k in keys) // max(n_own, 1) + n_new
+    S = _num_splits(n_own * NMB, nreg, avg_rows, _sm_count(dev))
+    pad = MAX_REDUCED_TIERS - n_red
+    ks = keys[1:] + [keys[0]] * pad
+    vs = vals[1:] + [vals[0]] * pad
+    os_ = offs[1:] + [offs[0]] * pad
+    rs = dims + [16] * pad
+    brs = [max(16, _next_pow2(r)) for r in rs]
+    bns = [int(min(TUNING["block_n_reduced_max"], max(64, 8192 // br))) for br in brs]
+    block_n = TUNING["block_n_full"] if BLOCK_D <= 128 else 32
+
+    ml = torch.empty(n_own * S * nreg * 2 * M_P, device=dev, dtype=torch.float32)
+    acc = torch.empty(n_own * S * M * d, device=dev, dtype=torch.float32)
+    coef = torch.empty(max(1, n_own * S * n_red * M * r_max_p), device=dev, dtype=torch.float32)
+    if poison_workspace:
+        for t in (ml, acc, coef):
+            t.fill_(float("nan"))
+    if out is None:
+        out = torch.empty(B, Hq, L, d, device=dev, dtype=q.dtype)
+    assert out.shape == (B, Hq, L, d) and out.is_contiguous() and out.dtype == q.dtype
+    stride_bo, stride_bd = (bk.stride(0), bk.stride(1)) if n_red else (0, 0)
+    q_rot = torch.matmul(qc.view(n_own, M, d), bk).contiguous() if n_red else qc.view(n_own, M, d)
+    has_cap = softcap is not None
+    wrap(_packed_chunk_split)[(n_own, S, nreg * NMB)](
+        qc,
+        keys[0], vals[0], offs[0],
+        ks[0], vs[0], os_[0], ks[1], vs[1], os_[1], ks[2], vs[2], os_[2], ks[3], vs[3], os_[3],
+        q_rot, q_rot.stride(1),
+        k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
+        v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        n_new, L, Hkv, M, S, NMB,
+        ml, acc, coef,
+        scale * 1.4426950408889634, scale, float(softcap) if has_cap else 1.0,
+        NUM_RED=n_red,
+        R1=rs[0], R2=rs[1], R3=rs[2], R4=rs[3],
+        BR1=brs[0], BR2=brs[1], BR3=brs[2], BR4=brs[3],
+        BN1=bns[0], BN2=bns[1], BN3=bns[2], BN4=bns[3],
+        R_MAX=r_max_p, BLOCK_M=BLOCK_M, M_P=M_P, D=d, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
+        HAS_SOFTCAP=has_cap, DOT_PREC=q.dtype == torch.float32,
+        INTERP=os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+    )
+    # the decode merge serves any number of rows per owner: rows = G * L, row stride M_P
+    wrap(_packed_decode_merge)[(n_own, M)](
+        ml, acc, coef, bv, stride_bo, stride_bd, out, M, S,
+        NUM_RED=n_red,
+        R1=rs[0], R2=rs[1], R3=rs[2], R4=rs[3],
+        R_MAX=r_max_p, GP=M_P, D=d, BLOCK_D=BLOCK_D, BLOCK_REG=_next_pow2(max(2, nreg)),
+        BLOCK_S=TUNING["merge_block_s"],
+        num_warps=4,
+    )
+    return out
+
+
 def _identity(kernel):
     return kernel
 
@@ -649,8 +948,8 @@ def _op_impl(
 
         return _launch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,
                        scale, softcap, wrap_triton)
-    return packed_decode_attention_torch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new,
-                                         v_new, n_new, scale, softcap)
+    return packed_attention_torch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,
+                                  scale, softcap)
 
 
 # Registered once per process; the schema takes the tiers as Tensor[] (full tier first, then at most
@@ -683,6 +982,73 @@ def packed_decode_attention(
     return torch.ops.mdkv.packed_decode_attention(q, list(tier_keys), list(tier_values), list(tier_offsets),
                                                   basis_k, basis_v, k_new, v_new, int(n_new), float(scale),
                                                   None if softcap is None else float(softcap))
+
+
+def packed_chunk_attention_triton(
+    q: Tensor,
+    tier_keys: list[Tensor],
+    tier_values: list[Tensor],
+    tier_offsets: list[Tensor],
+    basis_k: Tensor | None,
+    basis_v: Tensor | None,
+    k_new: Tensor,
+    v_new: Tensor,
+    n_new: int,
+    scale: float,
+    softcap: float | None = None,
+    out: Tensor | None = None,
+    poison_workspace: bool = False,
+) -> Tensor:
+    """The chunked-prefill Triton path called directly (see ``packed_chunk_attention``)."""
+    return _launch_chunk(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new, scale,
+                         softcap, _identity, out=out, poison_workspace=poison_workspace)
+
+
+def _chunk_op_impl(
+    q: Tensor,
+    tier_keys: list[Tensor],
+    tier_values: list[Tensor],
+    tier_offsets: list[Tensor],
+    basis_k: Tensor | None,
+    basis_v: Tensor | None,
+    k_new: Tensor,
+    v_new: Tensor,
+    n_new: int,
+    scale: float,
+    softcap: float | None = None,
+) -> Tensor:
+    if _use_triton(q):
+        from torch.library import wrap_triton
+
+        return _launch_chunk(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,
+                             scale, softcap, wrap_triton)
+    return packed_attention_torch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,
+                                  scale, softcap)
+
+
+_packed_chunk_op = torch.library.triton_op("mdkv::packed_chunk_attention", _chunk_op_impl, mutates_args=())
+
+
+def packed_chunk_attention(
+    q: Tensor,
+    tier_keys: list[Tensor],
+    tier_values: list[Tensor],
+    tier_offsets: list[Tensor],
+    basis_k: Tensor | None,
+    basis_v: Tensor | None,
+    k_new: Tensor,
+    v_new: Tensor,
+    n_new: int,
+    scale: float,
+    softcap: float | None = None,
+) -> Tensor:
+    """Chunked prefill over a packed store: ``q`` ``[B, Hq, L, d]`` are the last ``L`` of the ``n_new``
+    tokens in ``k_new``/``v_new`` (already written there), causal among the new tokens; every stored
+    token is visible. Other arguments as ``packed_decode_attention``; returns ``[B, Hq, L, d]``.
+    Checked under Triton's interpreter only: not yet compiled or timed on a GPU (docs/kernel_notes.md)."""
+    return torch.ops.mdkv.packed_chunk_attention(q, list(tier_keys), list(tier_values), list(tier_offsets),
+                                                 basis_k, basis_v, k_new, v_new, int(n_new), float(scale),
+                                                 None if softcap is None else float(softcap))
 
 
 def default_scale(d: int) -> float:
