@@ -28,6 +28,17 @@ from mdkv_compile.ops.triton_attention import (  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
+# triton.jit reads TRITON_INTERPRET when a kernel is defined: if another test module imported the ops
+# module first without it, its kernels are compiled-only and cannot run here. Say so loudly.
+if DEVICE == "cpu":
+    from mdkv_compile.ops import triton_attention as _ta  # noqa: E402
+
+    if type(_ta._packed_decode_split).__name__ != "InterpretedFunction":
+        raise RuntimeError(
+            "mdkv_compile.ops.triton_attention was imported before TRITON_INTERPRET=1 was set; set it in "
+            "tests/conftest.py (when no GPU is present) so every test module sees the interpreter"
+        )
+
 
 def make_case(
     gen: torch.Generator,
