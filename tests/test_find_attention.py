@@ -4,7 +4,6 @@ encoders and cross-attention. Graphs are captured with a recording backend (no I
 from __future__ import annotations
 
 import math
-import operator
 
 import pytest
 import torch
@@ -19,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 DIM, HEADS, HEAD_DIM = 64, 4, 16
 
 
-def _sites(fn, *args, **kwargs) -> list[AttentionSite]:
-    graphs, _, _ = capture_graphs(fn, *args, **kwargs)
+def _sites(fn, *args, dynamic: bool | None = None, **kwargs) -> list[AttentionSite]:
+    graphs, _, _ = capture_graphs(fn, *args, dynamic=dynamic, **kwargs)
     root = fn if isinstance(fn, nn.Module) else None
     return [s for gm, ex in graphs for s in find_attention_sites(gm, ex, root=root)]
 
@@ -256,14 +255,21 @@ class CatAttention(nn.Module):
         self.o_proj = nn.Linear(DIM, DIM)
 
     def forward(
-        self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, flip_mask: bool = False
+        self,
+        x: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        flip_mask: bool = False,
+        diagonal: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, HEADS, HEAD_DIM).permute(0, 2, 1, 3) * HEAD_DIM**-0.5
         k = torch.cat([past_k, self.k_proj(x).view(b, t, 1, HEAD_DIM).transpose(1, 2)], dim=2)
         v = torch.cat([past_v, self.v_proj(x).view(b, t, 1, HEAD_DIM).transpose(1, 2)], dim=2)
         s = k.shape[2]
-        allowed = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t)
+        allowed = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(
+            diagonal=s - t if diagonal is None else diagonal
+        )
         if flip_mask:  # a bug we must not accept: masks the past instead of the future
             allowed = ~allowed
         scores = q.matmul(k.expand(b, HEADS, s, HEAD_DIM).transpose(-1, -2))
@@ -273,17 +279,18 @@ class CatAttention(nn.Module):
 
 
 class CatDecoder(nn.Module):
-    def __init__(self, flip_mask: bool = False) -> None:
+    def __init__(self, flip_mask: bool = False, diagonal: int | None = None) -> None:
         super().__init__()
         self.emb = nn.Embedding(128, DIM)
         self.blocks = nn.ModuleList(CatAttention() for _ in range(2))
         self.flip_mask = flip_mask
+        self.diagonal = diagonal  # a constant diagonal: right only for one cache length
 
     def forward(self, idx: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]]):
         x = self.emb(idx)
         new_past = []
         for blk, (pk, pv) in zip(self.blocks, past, strict=True):
-            h, k, v = blk(x, pk, pv, self.flip_mask)
+            h, k, v = blk(x, pk, pv, self.flip_mask, self.diagonal)
             x = x + h
             new_past.append((k, v))
         return x, new_past
@@ -311,6 +318,22 @@ def test_cat_decoder_prefill_and_decode() -> None:
             # q is the pre-scaled tensor's input: the scale moved into .scale
             assert s.q.target == "permute"
             assert s.k.target is torch.cat and s.v.target is torch.cat
+
+
+def test_cat_decoder_dynamic_shapes_need_a_symbolic_diagonal() -> None:
+    """Under dynamic shapes the tril diagonal must equal S - T symbolically, not just for the example."""
+    torch.manual_seed(0)
+    past = _empty_past(5)
+    for diagonal, ok in ((None, True), (5, False)):  # 5 == S - T for this example only
+        model = CatDecoder(diagonal=diagonal).eval()
+        static = _sites(model, torch.tensor([[3]]), past)
+        dynamic = _sites(model, torch.tensor([[3]]), past, dynamic=True)
+        assert all(s.rewritable for s in static)  # a static graph is guarded on these sizes
+        assert len(dynamic) == 2
+        for s in dynamic:
+            assert s.rewritable == ok, s.reason
+            if not ok:
+                assert "diagonal does not match" in s.reason
 
 
 def test_cat_decoder_flipped_mask_is_not_causal() -> None:
@@ -491,11 +514,18 @@ def test_cli_explain_tiny_arch(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.count("rewritten") >= 4 and "transformer.h.1.attn" in out and "decode step" in out
 
 
-def test_finder_does_not_touch_the_graph() -> None:
+def test_finder_does_not_touch_the_graph_or_specialise_shapes() -> None:
+    """Reading sizes must not int() SymInts: that would add guards and specialise a dynamic graph."""
     model = build_tiny_model("llama", "eager")
-    graphs, _, _ = capture_graphs(model, input_ids=torch.randint(3, 128, (1, 8)))
+    graphs, _, _ = capture_graphs(model, input_ids=torch.randint(3, 128, (1, 8)), dynamic=True)
     gm, ex = graphs[0]
-    before = str(gm.graph)
-    find_attention_sites(gm, ex)
-    assert str(gm.graph) == before
-    assert operator.getitem  # keep the import used for readers grepping targets
+    ids_node = next(n for n in gm.graph.nodes if n.op == "placeholder" and "input_ids" in n.name)
+    seq = ids_node.meta["example_value"].shape[-1]
+    assert isinstance(seq, torch.SymInt)
+    shape_env = seq.node.shape_env
+    before_graph, before_guards = str(gm.graph), len(shape_env.guards)
+    sites = find_attention_sites(gm, ex, root=model)
+    assert [s.status for s in sites] == ["rewritable"] * 2
+    assert str(gm.graph) == before_graph
+    assert len(shape_env.guards) == before_guards
+    assert not str(seq.node.expr).isdigit()  # still symbolic

@@ -76,9 +76,11 @@ class ExplainReport:
 
 
 def capture_graphs(
-    fn: Callable[..., Any], *args: Any, **kwargs: Any
+    fn: Callable[..., Any], *args: Any, dynamic: bool | None = None, **kwargs: Any
 ) -> tuple[list[tuple[torch.fx.GraphModule, list[Any]]], int, list[str]]:
-    """Run `fn` under Dynamo with a recording backend; (graphs with example inputs, breaks, reasons)."""
+    """Run `fn` under Dynamo with a recording backend; (graphs with example inputs, breaks, reasons).
+
+    `dynamic` is torch.compile's flag (True: symbolic sizes, as after a recompile on a new length)."""
     from torch._dynamo.utils import counters
 
     graphs: list[tuple[torch.fx.GraphModule, list[Any]]] = []
@@ -91,7 +93,7 @@ def capture_graphs(
     counters.clear()
     try:
         with torch.no_grad():
-            torch.compile(fn, backend=record)(*args, **kwargs)
+            torch.compile(fn, backend=record, dynamic=dynamic)(*args, **kwargs)
         breaks = counters["graph_break"]
         reasons = [str(r) for r in breaks]
         n_breaks = sum(breaks.values())

@@ -148,13 +148,20 @@ def _val(node: Any) -> Any:
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, Node) else None
 
 
+def _hint(d: Any) -> int | None:
+    # never int() a SymInt here: that installs a guard and specialises the graph being compiled
+    if isinstance(d, torch.SymInt):
+        h = d.node.hint
+        return int(h) if h is not None else None
+    return int(d)
+
+
 def _shape(node: Any) -> tuple[int, ...] | None:
+    """Sizes of the traced example (hints for symbolic sizes), without adding guards."""
     v = _val(node)
     if isinstance(v, torch.Tensor):
-        try:
-            return tuple(int(s) for s in v.shape)
-        except (TypeError, ValueError):  # symbolic sizes without a hint
-            return None
+        dims = [_hint(d) for d in v.shape]
+        return None if None in dims else tuple(dims)  # type: ignore[arg-type]
     return None
 
 
@@ -191,6 +198,34 @@ def _const(x: Any) -> float | None:
             except Exception:  # noqa: BLE001 - no hint available
                 return None
     return None
+
+
+def _sym(x: Any) -> Any:
+    """A size as a sympy expression (symbolic under dynamic shapes) or a number; None if unknown."""
+    if isinstance(x, Node):
+        x = _val(x)
+    if isinstance(x, torch.SymInt | torch.SymFloat):
+        return x.node.expr
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return x
+    return None
+
+
+def _sym_dims(node: Node) -> list[Any] | None:
+    v = _val(node)
+    return [_sym(d) for d in v.shape] if isinstance(v, torch.Tensor) else None
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """a == b for every value of the shape symbols, not only for the traced example."""
+    if a is None or b is None:
+        return False
+    try:
+        import sympy
+
+        return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    except (TypeError, ValueError, AttributeError):
+        return False
 
 
 def _is_param(node: Any) -> bool:
@@ -592,17 +627,26 @@ def _mask_kind(node: Any, ctx: _MaskCtx, depth: int = 0) -> str | None:
         return None
 
     if _is(node, (torch.tril,), {"tril"}) or _is(node, (torch.triu,), {"triu"}):
-        diag = _const(_arg(node, 1, "diagonal", 0))
+        diag = _sym(_arg(node, 1, "diagonal", 0))
         lower = node.target in (torch.tril, "tril")
         base = node.args[0]
-        shp = _shape(node)
+        dims = _sym_dims(node)
         # rows are queries, columns keys; with a cache of P = S - T past keys the causal diagonal
-        # is P (tril) / P + 1 (triu): any other diagonal drops or leaks keys
-        past = float(shp[-1] - shp[-2]) if shp and len(shp) >= 2 else 0.0
-        if diag is None:
+        # is P (tril) / P + 1 (triu): any other diagonal drops or leaks keys. Compared symbolically
+        # so that a diagonal that only matches the traced sizes is rejected.
+        if diag is None or not dims or len(dims) < 2 or dims[-1] is None or dims[-2] is None:
             return None
+        past_expr = dims[-1] - dims[-2]
+        shp = _shape(node)
+        past = float(shp[-1] - shp[-2]) if shp and len(shp) >= 2 else 0.0
+        if _same_size(diag, past_expr):
+            diag = past
+        elif _same_size(diag, past_expr + 1):
+            diag = past + 1
+        else:
+            diag = math.nan
         if diag not in (past, past + 1):
-            ctx.note = ctx.note or f"{node.target} diagonal {diag:g} does not match the {int(past)} past keys"
+            ctx.note = ctx.note or f"{node.target} diagonal does not match the {int(past)} past keys"
         if _ones_like(base):
             if lower and diag == past:
                 ctx.proof = ctx.proof or ("mask: tril(ones)" if not past else f"mask: tril(ones, {int(past)})")
@@ -762,8 +806,10 @@ def _causal_slice(node: Node) -> bool:
     if isinstance(row, slice):
         if row.step not in (None, 1):
             return False
-        start = _const(row.start) if row.start is not None else 0.0
-        return start == out_shape[-1] - out_shape[-2]
+        out_dims = _sym_dims(node) or []
+        if len(out_dims) < 2 or None in out_dims[-2:]:
+            return False
+        return _same_size(_sym(row.start) if row.start is not None else 0, out_dims[-1] - out_dims[-2])
     if isinstance(row, Node):
         return True
     return not isinstance(row, int)  # a single int row drops the query axis: unknown alignment
