@@ -526,6 +526,8 @@ def test_finder_does_not_touch_the_graph_or_specialise_shapes() -> None:
     before_graph, before_guards = str(gm.graph), len(shape_env.guards)
     sites = find_attention_sites(gm, ex, root=model)
     assert [s.status for s in sites] == ["rewritable"] * 2
+    for s in sites:  # dynamic=True lifts HF's float `scaling` into the graph: passed on as a node
+        assert s.scale_node is not None and s.scale == pytest.approx(0.25)
     assert str(gm.graph) == before_graph
     assert len(shape_env.guards) == before_guards
     assert not str(seq.node.expr).isdigit()  # still symbolic

@@ -50,7 +50,7 @@ class AttentionSite:
     k: Node
     v: Node
     mask: Node | None  # mask as the site consumes it (bool or additive), or None
-    scale: float | None  # None: SDPA default 1/sqrt(head_dim)
+    scale: float | None  # None: SDPA default 1/sqrt(head_dim); the traced value if scale_node is set
     is_causal: bool  # proven causal (see module docstring), never guessed
     output: Node
     replace: list[Node]
@@ -69,6 +69,8 @@ class AttentionSite:
     # (bool, True = masked out: masked_fill / where(m, -inf, s)) or "additive" (added to the scores)
     mask_terms: list[tuple[Node, str]] = field(default_factory=list)  # every (term, use) applied to
     # the scores, `mask` included (padding terms, biases); a rewrite must apply all of them
+    scale_node: Node | None = None  # a symbolic scale (dynamic=True turns HF's float `scaling` into a
+    # graph input): a rewrite must pass this node, `scale` only holds its traced value
     dropout_p: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"sliding_window": 4}
 
@@ -193,10 +195,9 @@ def _const(x: Any) -> float | None:
         if x.op == "call_method" and x.target in ("to", "float", "type") and _shape(x) == ():
             return _const(x.args[0])
         if isinstance(v, torch.SymFloat | torch.SymInt):
-            try:
-                return float(v.node.hint) if v.node.hint is not None else None
-            except Exception:  # noqa: BLE001 - no hint available
-                return None
+            # only sizes that are constants for every input: a hint holds for this trace alone
+            expr = v.node.expr
+            return float(expr) if getattr(expr, "is_number", False) else None
     return None
 
 
@@ -971,19 +972,38 @@ def _einsum_operands(node: Node) -> tuple[str, list[Node]] | None:
 
 
 class _ScaleAcc:
+    """Product of the scalar factors between q·kᵀ and softmax.
+
+    Under dynamic=True Dynamo turns float module attributes (HF `self.scaling`) into graph inputs
+    (`scaling_tensor.item()`, a SymFloat). One such factor is allowed when it is the only factor:
+    it becomes `scale_node`, which a rewrite passes through as the scale.
+    """
+
     def __init__(self) -> None:
         self.value = 1.0
         self.ok = True
-        self.seen = False
+        self.node: Node | None = None
 
     def mul(self, x: Any, inverse: bool = False) -> None:
         c = _const(x)
         if c is None:
-            # sqrt of a tensor constant, e.g. torch.tensor(d).sqrt(): not a Python number
-            self.ok = False
-            return
-        self.seen = True
+            v = _val(x)
+            if isinstance(v, torch.SymFloat | torch.SymInt) and not inverse and self.node is None:
+                self.node = x
+                h = v.node.hint
+                c = float(h) if h is not None else math.nan
+            else:
+                self.ok = False  # e.g. a tensor computation: not a number we can pass on
+                return
         self.value = self.value / c if inverse else self.value * c
+
+    def finish(self) -> tuple[float, bool, Node | None]:
+        if self.node is not None:
+            hint = _val(self.node).node.hint
+            # the symbolic factor must be the whole scale, or the rewrite would drop the rest
+            only = hint is not None and math.isclose(self.value, float(hint))
+            return self.value, self.ok and only, self.node
+        return self.value, self.ok, None
 
 
 def _strip_scale(node: Any, acc: _ScaleAcc) -> Any:
@@ -1040,6 +1060,7 @@ class _Raw:
     probs_escape: bool = False
     terms: list[tuple[Node, str]] = field(default_factory=list)
     bad_layout: str = ""
+    scale_node: Node | None = None
 
 
 def _sdpa_raw(n: Node) -> _Raw:
@@ -1048,7 +1069,12 @@ def _sdpa_raw(n: Node) -> _Raw:
     dropout_p = _const(_arg(n, 4, "dropout_p", 0.0)) or 0.0
     is_causal = bool(_arg(n, 5, "is_causal", False))
     scale_arg = _arg(n, 6, "scale", None)
-    scale = _const(scale_arg) if scale_arg is not None else None
+    scale: float | None = None
+    scale_ok, scale_node = True, None
+    if scale_arg is not None:
+        acc = _ScaleAcc()
+        acc.mul(scale_arg)
+        scale, scale_ok, scale_node = acc.finish()
     use = None
     if isinstance(mask, Node):
         use = ALLOW if _dtype(mask) == torch.bool else ADD
@@ -1060,11 +1086,12 @@ def _sdpa_raw(n: Node) -> _Raw:
         mask if isinstance(mask, Node) else None,
         use,
         scale,
-        scale_arg is None or scale is not None,
+        scale_ok,
         is_causal,
         dropout_p,
         n,
         [n],
+        scale_node=scale_node,
     )
 
 
@@ -1202,6 +1229,7 @@ def _manual_raw(sm: Node) -> _Raw | None:
     q = _strip_scale(q_raw, acc)
     k = _strip_scale(k_raw, acc)
     v = _strip_casts(v_rep)
+    scale, scale_ok, scale_node = acc.finish()
     return _Raw(
         "manual",
         q,
@@ -1209,8 +1237,8 @@ def _manual_raw(sm: Node) -> _Raw | None:
         v,
         mask,
         use,
-        acc.value,
-        acc.ok,
+        scale,
+        scale_ok,
         False,
         dropout_p,
         pv,
@@ -1218,6 +1246,7 @@ def _manual_raw(sm: Node) -> _Raw | None:
         probs_escape=escape,
         bad_layout=bad_layout,
         terms=terms,
+        scale_node=scale_node,
     )
 
 
@@ -1291,6 +1320,7 @@ def _finish(raw: _Raw, ctx: _MaskCtx, root: torch.nn.Module | None) -> Attention
         layer=layer,
         group_size=group,
         dropout_p=raw.dropout_p,
+        scale_node=raw.scale_node,
     )
     # nodes of the repeat / transpose owned by the site (rewrite can drop them when dead)
     for rep, base in ((raw.k_rep, k), (raw.v_rep, v)):
