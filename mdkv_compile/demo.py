@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,11 +28,32 @@ def build_prompt(tokenizer, haystack: str, n_tokens: int, depth: float, number: 
     ]
 
 
+def calibrate_on_unused_text(model, tokenizer, prompt_tokens: int) -> str:
+    """Calibrate key/value bases on essays the prompt does not contain (the haystack's tail)."""
+    import tempfile
+
+    from mdkv_compile.core.bases import calibrate
+    from mdkv_compile.eval.assets import haystack_text
+
+    ids = tokenizer(haystack_text(), add_special_tokens=False).input_ids
+    if len(ids) < prompt_tokens + 2048:
+        raise ValueError(f"haystack too short to calibrate outside a {prompt_tokens}-token prompt")
+    text = tokenizer.decode(ids[-2048:])
+    path = Path(tempfile.mkdtemp(prefix="mdkv-demo-")) / "basis.safetensors"
+    start = time.perf_counter()
+    calibrate(model, tokenizer, [text], path)
+    print(f"calibrated key/value bases on 2048 tokens outside the prompt in {time.perf_counter() - start:.1f} s")
+    return str(path)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=4000, help="haystack length in tokens")
     parser.add_argument("--depth", type=float, default=0.5, help="needle position in the haystack (0..1)")
-    parser.add_argument("--budget", type=float, default=0.0625, help="fraction of the full KV cache to keep")
-    parser.add_argument("--methods", default="full,snapkv,mixeddimkv", help="comma-separated methods")
+    parser.add_argument("--budget", type=float, default=0.1, help="fraction of the full KV cache to keep")
+    parser.add_argument(
+        "--methods", default="full,snapkv,mixeddimkv,mixeddimkv+calibrated",
+        help="comma-separated methods; NAME+calibrated uses a basis calibrated on essays outside the prompt",
+    )
     parser.add_argument("--model", default="smollm2", help="'smollm2' (the bundled GGUF) or an HF model path")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -44,10 +66,16 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=args.device)
     input_ids = build_prompt(tokenizer, haystack_text(), args.tokens, args.depth, number).to(args.device)
     print(f"model {args.model}, prompt {input_ids.shape[1]} tokens, needle {number!r} at depth {args.depth}")
-    print(f"{'method':<12} {'budget':>7} {'stored KV':>12} {'full KV':>12} {'ratio':>7} {'time s':>7}  answer")
-    for method in args.methods.split(","):
+    print(f"{'method':<23} {'budget':>7} {'stored KV':>12} {'full KV':>12} {'ratio':>7} {'time s':>7}  answer")
+    basis_path = None
+    for name in args.methods.split(","):
+        method, _, basis = name.partition("+")
         budget = 1.0 if method == "full" else args.budget
-        cfg = mdkv.MixedDimKVConfig(budget=budget, method=method)
+        if basis == "calibrated" and basis_path is None:
+            basis_path = calibrate_on_unused_text(model, tokenizer, args.tokens)
+        cfg = mdkv.MixedDimKVConfig(
+            budget=budget, method=method, basis=basis or "prompt", basis_path=basis_path if basis else None
+        )
         mdkv.patch(model, cfg)
         cache = mdkv.MixedDimCache(model.config, cfg)
         start = time.perf_counter()
@@ -58,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         found = "FOUND" if number in answer else "missed"
         stored, full = cache.stored_bytes(), cache.full_bytes()
         print(
-            f"{method:<12} {budget:>7.4f} {stored / 2**20:>9.2f} MiB {full / 2**20:>9.2f} MiB "
+            f"{name:<23} {budget:>7.4f} {stored / 2**20:>9.2f} MiB {full / 2**20:>9.2f} MiB "
             f"{stored / full:>7.4f} {elapsed:>7.1f}  {found}: {answer!r}"
         )
     mdkv.unpatch(model)
