@@ -100,8 +100,9 @@ def test_hf_static_cache_writes_are_followed() -> None:
             assert s.k.meta["example_value"].shape[-2] == 16  # the whole static buffer
 
 
-def test_hf_padding_mask_keeps_causality_and_is_flagged() -> None:
-    model = build_tiny_model("llama", "sdpa")
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_padding_mask_keeps_causality_and_is_flagged(impl: str) -> None:
+    model = build_tiny_model("llama", impl)
     ids = torch.randint(3, 128, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, :3] = 0  # left padding

@@ -418,6 +418,8 @@ def _projection_sources(node: Node, site: Node, budget: int = 4000) -> tuple[set
                 kv_cache = "concat"
                 new = parts[-1]
         stack.extend(_tensor_args(n))
+    if stack:
+        return set(), kv_cache, new  # search cut short: a partial set could fake a match
     return sources, kv_cache, new
 
 
@@ -721,12 +723,13 @@ def _mask_kind(node: Any, ctx: _MaskCtx, depth: int = 0) -> str | None:
         return None
     if _is(node, (operator.mul, torch.mul), {"mul", "__mul__"}):
         a, b = node.args[:2]
+        if _dtype(node) == torch.bool:  # bool * bool is an intersection
+            kinds = [_combine_operand(x, ctx, depth, ALLOW) for x in (a, b)]
+            return None if None in kinds else (ALLOW if ALLOW in kinds else None)
         for x, y in ((a, b), (b, a)):
             k = rec(x) if isinstance(x, Node) else None
             if k == BLOCK and _very_negative(y):  # (1 - allow) * finfo.min
                 return ADD
-            if k in (ALLOW, BLOCK) and _dtype(node) == torch.bool:
-                return ALLOW if k == ALLOW else None
         return None
     if _is(node, (operator.sub, torch.sub, torch.rsub), {"sub", "__rsub__"}) and len(node.args) == 2:
         a, b = node.args
@@ -739,8 +742,10 @@ def _mask_kind(node: Any, ctx: _MaskCtx, depth: int = 0) -> str | None:
         ka, kb = rec(a), rec(b)
         if ADD in (ka, kb):
             other = b if ka == ADD else a
-            if (ka if other is a else kb) not in (ADD, NAMED) and _depends_on_param(other):
-                ctx.has_bias = True  # ALiBi / relative-position bias riding in the mask
+            if (ka if other is a else kb) not in (ADD, NAMED) and (
+                _depends_on_param(other) or not isinstance(other, Node) or _padding_kind(other, ctx) is None
+            ):
+                ctx.has_bias = True  # ALiBi / relative-position bias, or an unknown additive term
             return ADD
         if NAMED in (ka, kb):
             other = b if ka == NAMED else a
