@@ -113,6 +113,15 @@ def test_hf_padding_mask_keeps_causality_and_is_flagged(impl: str) -> None:
         assert s.padding_mask  # the rewrite must apply s.mask, not only causality
 
 
+def test_output_attentions_is_skipped() -> None:
+    """The probabilities leave the site (returned to the caller): a rewrite could not drop them."""
+    model = build_tiny_model("llama", "eager")
+    sites = _sites(model, input_ids=torch.randint(3, 128, (1, 8)), output_attentions=True)
+    assert len(sites) == 2
+    for s in sites:
+        assert s.is_causal and s.status == "skipped" and "probabilities" in s.reason
+
+
 def test_sliding_window_is_skipped() -> None:
     model = build_tiny_model("mistral", "sdpa")
     model.config.sliding_window = 4  # shorter than the 8-token prompt: keys really get dropped

@@ -1114,14 +1114,20 @@ def _manual_raw(sm: Node) -> _Raw | None:
     for _ in range(6):
         users = list(cur.users)
         if len(users) != 1:
-            # HF returns the probabilities (output_attentions); only matters if actually used
-            mm = [u for u in users if _is_scores_mm(u) or _is(u, (torch.einsum,))]
-            others = [u for u in users if u not in mm and not _only_feeds_output(u)]
-            if len(mm) == 1:
-                escape = bool(others)
-                users = mm
-            else:
+            # probabilities also used elsewhere (HF output_attentions, a graph output): follow the
+            # one user that continues the chain, remember the escape
+            cont = [
+                u
+                for u in users
+                if (u.op == "call_method" and u.target in _CAST_METHODS)
+                or _is(u, _DROPOUT_FN)
+                or (_is(u, _MATMUL_FN, {"matmul", "bmm", "__matmul__"}) and u.args[0] is cur)
+                or _is(u, (torch.einsum,))
+            ]
+            if len(cont) != 1:
                 return None
+            escape = True
+            users = cont
         u = users[0]
         if u.op == "call_method" and u.target in _CAST_METHODS:
             chain.append(u)
@@ -1253,10 +1259,6 @@ def _manual_raw(sm: Node) -> _Raw | None:
         terms=terms,
         scale_node=scale_node,
     )
-
-
-def _only_feeds_output(n: Node) -> bool:
-    return all(u.op == "output" for u in n.users)
 
 
 def _between(low: Node, high: Node) -> list[Node]:
