@@ -24,6 +24,14 @@ def _sites(fn, *args, dynamic: bool | None = None, **kwargs) -> list[AttentionSi
     return [s for gm, ex in graphs for s in find_attention_sites(gm, ex, root=root)]
 
 
+def _assert_replace_closed(s: AttentionSite) -> None:
+    """Once `output`'s uses are redirected, every other node in `replace` is dead code."""
+    owned = set(s.replace)
+    assert s.output in owned
+    assert all(set(n.users) <= owned for n in s.replace if n is not s.output), s.layer
+    assert s.k not in owned and s.v not in owned and s.q not in owned
+
+
 def _assert_one_causal_site_per_layer(
     sites: list[AttentionSite], layers: list[str], kind: str, group: int, scale: float | None
 ) -> None:
@@ -34,7 +42,8 @@ def _assert_one_causal_site_per_layer(
         assert s.kind == kind
         assert s.group_size == group
         assert s.scale == pytest.approx(scale) if scale is not None else s.scale is None
-        assert s.source is not None and s.output in s.replace
+        assert s.source is not None
+        _assert_replace_closed(s)
         # k / v are un-repeated: kv heads, not query heads
         qs, ks, vs = (s.q.meta["example_value"].shape, s.k.meta["example_value"].shape, s.v.meta["example_value"].shape)
         assert qs[1] == ks[1] * group == vs[1] * group
@@ -239,6 +248,7 @@ def test_static_kv_decoder_prefill_and_decode() -> None:
             assert s.scale == pytest.approx(1 / math.sqrt(HEAD_DIM))
             assert s.k.op == "placeholder" and "k_cache" in s.k.name  # un-repeated buffer
             assert s.mask is not None and s.mask_use == "block"  # masked_fill(~mask, -inf)
+            _assert_replace_closed(s)
 
 
 def test_static_kv_decoder_rejects_a_non_causal_buffer() -> None:
@@ -328,6 +338,7 @@ def test_cat_decoder_prefill_and_decode() -> None:
             # q is the pre-scaled tensor's input: the scale moved into .scale
             assert s.q.target == "permute"
             assert s.k.target is torch.cat and s.v.target is torch.cat
+            _assert_replace_closed(s)
 
 
 def test_cat_decoder_dynamic_shapes_need_a_symbolic_diagonal() -> None:
@@ -397,6 +408,7 @@ def test_legacy_gpt2_causal_buffer_slice(past_len: int) -> None:
     assert good.rewritable, good.reason
     assert good.scale == pytest.approx(0.25) and good.kv_cache == "concat"
     assert good.causal_proof == "lower-triangular buffer l_self_buffers_bias_"
+    _assert_replace_closed(good)
     (bad,) = _sites(LegacyGPT2Attention(row_slice_from_end=False).eval(), x, *past)
     if past_len:  # rows [0:T] of the triangle are misaligned with the cached keys
         assert not bad.is_causal and bad.status == "skipped"

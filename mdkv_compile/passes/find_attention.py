@@ -1222,6 +1222,7 @@ def _manual_raw(sm: Node) -> _Raw | None:
             return None
         c = next(iter(contracted))
         q_raw, k_raw = a, b
+        kt = k_raw
         if not sb.endswith(c):
             bad_layout = f"einsum '{eq}': keys are not [.., S, D]"
     else:
@@ -1241,6 +1242,9 @@ def _manual_raw(sm: Node) -> _Raw | None:
     k = _strip_scale(k_raw, acc)
     v = _strip_casts(v_rep)
     scale, scale_ok, scale_node = acc.finish()
+    # the scale / transpose / cast nodes between the scores op and the reported q, k, v
+    for top, bottom in ((q_raw, q), (kt, k), (v_rep, v)):
+        chain[:0] = [n for n in _chain_between(top, bottom) if n not in chain]
     return _Raw(
         "manual",
         q,
@@ -1259,6 +1263,19 @@ def _manual_raw(sm: Node) -> _Raw | None:
         terms=terms,
         scale_node=scale_node,
     )
+
+
+def _chain_between(top: Any, bottom: Any, depth: int = 8) -> list[Node]:
+    """Nodes from `top` down to (excluding) its ancestor `bottom`, following tensor args."""
+    if not isinstance(top, Node) or top is bottom or depth == 0:
+        return []
+    for a in _tensor_args(top):
+        if a is bottom:
+            return [top]
+        rest = _chain_between(a, bottom, depth - 1)
+        if rest:
+            return [top, *rest]
+    return []
 
 
 def _between(low: Node, high: Node) -> list[Node]:
@@ -1331,10 +1348,13 @@ def _finish(raw: _Raw, ctx: _MaskCtx, root: torch.nn.Module | None) -> Attention
     )
     # nodes of the repeat / transpose owned by the site (rewrite can drop them when dead)
     for rep, base in ((raw.k_rep, k), (raw.v_rep, v)):
+        path: list[Node] = []
         n = rep
-        while isinstance(n, Node) and n is not base and n not in site.replace:
-            site.replace.insert(0, n)
+        while isinstance(n, Node) and n is not base and len(path) < 8:
+            path.append(n)
             n = n.args[0] if n.args and isinstance(n.args[0], Node) else None
+        if n is base:  # only a straight repeat/cast chain down to the un-repeated tensor
+            site.replace.extend(p for p in path if p not in site.replace)
 
     order = _graph_order(raw.output.graph)
     site.replace.sort(key=order.__getitem__)
