@@ -1356,8 +1356,17 @@ def _finish(raw: _Raw, ctx: _MaskCtx, root: torch.nn.Module | None) -> Attention
         if n is base:  # only a straight repeat/cast chain down to the un-repeated tensor
             site.replace.extend(p for p in path if p not in site.replace)
 
+    # keep only nodes that die with the site: a node with a user outside stays in the graph
+    owned = set(site.replace)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(owned):
+            if n is not raw.output and not set(n.users) <= owned:
+                owned.discard(n)
+                changed = True
     order = _graph_order(raw.output.graph)
-    site.replace.sort(key=order.__getitem__)
+    site.replace = sorted(owned, key=order.__getitem__)
 
     # --- self-attention proof
     q_src, _, _ = _projection_sources(raw.q, raw.output)
