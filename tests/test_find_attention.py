@@ -536,6 +536,17 @@ def test_cli_explain_tiny_arch(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.count("rewritten") >= 4 and "transformer.h.1.attn" in out and "decode step" in out
 
 
+def test_cli_explain_local_model_dir(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import mdkv_compile as mdkv
+    from mdkv_compile.cli import main
+
+    assert mdkv.explain is explain  # the public lazy name
+    build_tiny_model("gpt_neox", "sdpa").save_pretrained(tmp_path)
+    assert main(["explain", "--model", str(tmp_path), "--attn-implementation", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt_neox.layers.1.attention  manual  rewritten" in out
+
+
 def test_finder_does_not_touch_the_graph_or_specialise_shapes() -> None:
     """Reading sizes must not int() SymInts: that would add guards and specialise a dynamic graph."""
     model = build_tiny_model("llama", "eager")
