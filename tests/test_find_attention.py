@@ -4,6 +4,7 @@ encoders and cross-attention. Graphs are captured with a recording backend (no I
 from __future__ import annotations
 
 import math
+import operator
 
 import pytest
 import torch
@@ -496,6 +497,24 @@ def test_dropout_in_training_and_unreadable_mask_are_skipped() -> None:
     assert not s.is_causal and s.status == "skipped" and s.reason.startswith("bidirectional")
     assert s.dropout_p == pytest.approx(0.1)
     assert s.scale == pytest.approx(0.25)
+
+
+def test_unrecognised_chain_is_reported_not_dropped() -> None:
+    """Gemma-2 style logit soft-capping: the chain is attention, but not one we can rewrite."""
+
+    def softcap(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        q = k = v = _proj(x, w)
+        scores = torch.tanh(q @ k.transpose(-2, -1) * 0.25 / 30.0) * 30.0
+        scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+    def classifier(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # softmax, but no attention
+        return torch.softmax(x @ w, dim=-1).sum(-1)
+
+    (s,) = _sites(softcap, torch.randn(1, 6, DIM), torch.randn(DIM, DIM))
+    assert s.status == "skipped" and s.reason.startswith("unrecognised attention pattern") and "tanh" in s.reason
+    assert s.q is None and s.output.target is operator.matmul
+    assert _sites(classifier, torch.randn(1, 6, DIM), torch.randn(DIM, DIM)) == []
 
 
 def test_sdpa_flags_and_cross_attention_in_plain_functions() -> None:

@@ -46,9 +46,9 @@ class AttentionSite:
     """
 
     kind: str  # "sdpa" | "manual"
-    q: Node
-    k: Node
-    v: Node
+    q: Node | None  # None only for "unrecognised attention pattern" sites (always skipped)
+    k: Node | None
+    v: Node | None
     mask: Node | None  # mask as the site consumes it (bool or additive), or None
     scale: float | None  # None: SDPA default 1/sqrt(head_dim); the traced value if scale_node is set
     is_causal: bool  # proven causal (see module docstring), never guessed
@@ -1100,7 +1100,8 @@ def _sdpa_raw(n: Node) -> _Raw:
     )
 
 
-def _manual_raw(sm: Node) -> _Raw | None:
+def _manual_raw(sm: Node, why: list[str]) -> _Raw | None:
+    """The manual chain around softmax `sm`, or None (with a reason appended to `why`)."""
     dim = _arg(sm, 1, "dim", None)
     nd = len(_shape(sm) or ())
     if dim is not None and nd and isinstance(dim, int) and dim % nd != nd - 1:
@@ -1177,6 +1178,7 @@ def _manual_raw(sm: Node) -> _Raw | None:
         ):
             nxt = _strip_scale(node, acc)
             if nxt is node:
+                why.append(f"scores multiplied by a tensor ({node.name}), not a scalar")
                 return None
             node = nxt
             up.extend(_between(nxt, up[-1]))
@@ -1184,12 +1186,14 @@ def _manual_raw(sm: Node) -> _Raw | None:
             a, b = node.args[:2]
             sa, sb = _leads_to_scores(a), _leads_to_scores(b)
             if sa == sb:
+                why.append(f"cannot tell scores from mask in {node.name}")
                 return None
             mask, use = (b, ADD) if sa else (a, ADD)
             terms.append((mask, use))
             node = a if sa else b
         elif _is(node, (torch.masked_fill,), {"masked_fill", "masked_fill_"}):
             if not _very_negative(_arg(node, 2, "value")):
+                why.append(f"masked_fill with a fill value that does not mask ({node.name})")
                 return None
             mask, use = node.args[1], BLOCK
             terms.append((mask, use))
@@ -1201,11 +1205,15 @@ def _manual_raw(sm: Node) -> _Raw | None:
             elif _leads_to_scores(b) and _very_negative(a):
                 mask, use, node = c, BLOCK, b
             else:
+                why.append(f"torch.where that is not a mask ({node.name})")
                 return None
             terms.append((mask, use))
         else:
+            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+            why.append(f"'{target}' applied to the scores ({node.name}), e.g. soft-capping")
             return None
     if scores is None:
+        why.append("no q @ kᵀ within 12 ops above softmax")
         return None
     chain = [scores, *reversed(up), *chain]
     # ---- q and k from the scores op
@@ -1488,10 +1496,50 @@ def find_attention_sites(
     sites: list[AttentionSite] = []
     for n in gm.graph.nodes:
         raw: _Raw | None = None
+        why: list[str] = []
         if n.op == "call_function" and n.target in _SDPA_TARGETS:
             raw = _sdpa_raw(n)
         elif _is_softmax(n):
-            raw = _manual_raw(n)
+            raw = _manual_raw(n, why)
+            if raw is None and (pv := _softmax_feeds_matmul(n)) is not None:
+                # looks like attention (softmax(..) @ v) but the chain is not understood: report it
+                sites.append(_unrecognised(n, pv, why[0] if why else "chain not understood"))
         if raw is not None:
             sites.append(_finish(raw, ctx, root))
     return sites
+
+
+def _softmax_feeds_matmul(sm: Node) -> Node | None:
+    cur = sm
+    for _ in range(6):
+        nxt = [
+            u
+            for u in cur.users
+            if (u.op == "call_method" and u.target in _CAST_METHODS)
+            or _is(u, _DROPOUT_FN)
+            or _is_scores_mm(u)
+            or _is(u, (torch.einsum,))
+        ]
+        if len(nxt) != 1:
+            return None
+        if _is_scores_mm(nxt[0]) or _is(nxt[0], (torch.einsum,)):
+            return nxt[0]
+        cur = nxt[0]
+    return None
+
+
+def _unrecognised(sm: Node, pv: Node, why: str) -> AttentionSite:
+    return AttentionSite(
+        kind="manual",
+        q=None,
+        k=None,
+        v=None,
+        mask=None,
+        scale=None,
+        is_causal=False,
+        output=pv,
+        replace=[],
+        layer=_layer_of(pv),
+        status=SKIPPED,
+        reason=f"unrecognised attention pattern: {why}",
+    )
