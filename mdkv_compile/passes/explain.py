@@ -206,11 +206,7 @@ def build_tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; choose from {', '.join(TINY_ARCHS)}")
     if arch == "bert":
-        model = (
-            tf.BertModel(cfg, add_pooling_layer=False)
-            if attn_implementation is None
-            else tf.BertModel._from_config(cfg, attn_implementation=attn_implementation)
-        )
+        model = tf.BertModel._from_config(cfg, attn_implementation=attn_implementation)
     elif arch == "t5":
         model = tf.T5ForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
     elif arch == "bart":
@@ -221,12 +217,11 @@ def build_tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0
 
 
 def example_inputs_for(model: torch.nn.Module, seq_len: int = 8) -> dict[str, Any]:
+    """Random token ids for an HF model; encoder-decoders also get decoder ids (half as many)."""
     vocab = int(getattr(model.config, "vocab_size", 128))
     ids = torch.randint(3, vocab, (1, seq_len))
     if getattr(model.config, "is_encoder_decoder", False):
         return {"input_ids": ids, "decoder_input_ids": ids[:, : max(1, seq_len // 2)], "use_cache": False}
-    if not getattr(model.config, "is_decoder", True) or model.config.model_type == "bert":
-        return {"input_ids": ids}
     return {"input_ids": ids}
 
 
