@@ -42,7 +42,9 @@ class AttentionSite:
     q, k, v are graph nodes; k and v are *un-repeated* (before GQA repeat_kv / repeat_interleave),
     i.e. [B, H_kv, S, D] for HF-style layouts, and include the cache (past + new) when the graph
     reads one. `output` is the node whose uses a rewrite redirects; `replace` lists the nodes the
-    site owns (scores .. output), in graph order.
+    site owns (repeat_kv, kᵀ, scale ops, scores .. output) in graph order, closed: once `output`'s
+    uses are redirected every other node in it is dead. Only `status == "rewritable"` sites are
+    guaranteed to have q, k, v set and every field meaningful.
     """
 
     kind: str  # "sdpa" | "manual"
