@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
 
-import pytest
 import torch
-import transformers
+
+# Triton reads TRITON_INTERPRET when it is first imported: set it before any test module imports
+# it, so kernel tests run on the CPU interpreter wherever there is no GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
 
 # (config class, model class, extra config kwargs)
 TINY_ARCHS: dict[str, tuple[str, str, dict]] = {

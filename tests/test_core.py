@@ -139,13 +139,21 @@ def test_reconstruction_of_reduced_tier_is_projection() -> None:
     assert store.keys[0].shape[1] == 8
 
 
-def make_ctx(method: str, budget: float, pool: str = "head", dims=None, seed: int = 0, n_tokens: int = 64):
+def make_ctx(
+    method: str, budget: float, pool: str = "head", dims=None, seed: int = 0, n_tokens: int = 64,
+    loss: str = "attention", rank: int | None = None,
+):
+    """Random prompt; with `rank`, keys and values lie near a rank-`rank` subspace (as real
+    keys largely do), so reduced dimensions lose little."""
     gen = torch.Generator().manual_seed(seed)
     bsz, n_kv, group, d = 2, 3, 2, 16
     q = torch.randn(bsz, n_kv * group, n_tokens, d, generator=gen)
     k = torch.randn(bsz, n_kv, n_tokens, d, generator=gen) * torch.linspace(2, 0.1, d)
     v = torch.randn(bsz, n_kv, n_tokens, d, generator=gen) * torch.linspace(2, 0.1, d)
-    cfg = MixedDimKVConfig(budget=budget, method=method, pool=pool, dims=dims, window=4)
+    if rank is not None:
+        k = torch.randn(bsz, n_kv, n_tokens, rank, generator=gen) @ torch.randn(rank, d, generator=gen) + 0.01 * k
+        v = torch.randn(bsz, n_kv, n_tokens, rank, generator=gen) @ torch.randn(rank, d, generator=gen) + 0.01 * v
+    cfg = MixedDimKVConfig(budget=budget, method=method, pool=pool, dims=dims, window=4, loss=loss)
     return LayerContext(
         query=q, key=k, value=v, valid=torch.ones(bsz, n_tokens, dtype=torch.bool),
         layer_idx=0, num_layers=1, cfg=cfg, dims=cfg.resolve_dims(d),
@@ -190,8 +198,9 @@ def test_stored_bytes_within_budget(method: str, budget: float) -> None:
         assert bool((sel.chosen_dim[:, :, -4:] == 16).all())
 
 
-def test_mixeddimkv_uses_reduced_tiers_and_fills_budget() -> None:
-    ctx = make_ctx("mixeddimkv", 0.25, n_tokens=512)
+@pytest.mark.parametrize(("loss", "rank"), [("energy", None), ("attention", 2)])
+def test_mixeddimkv_uses_reduced_tiers_and_fills_budget(loss: str, rank: int | None) -> None:
+    ctx = make_ctx("mixeddimkv", 0.25, n_tokens=512, loss=loss, rank=rank)
     sel = POLICIES["mixeddimkv"](ctx)
     dims_used = set(sel.chosen_dim.unique().tolist())
     assert dims_used - {0, 16}, "expected some tokens at reduced dimensions"
@@ -205,7 +214,7 @@ def test_mixeddimkv_loss_not_worse_than_eviction() -> None:
     """Same objective, larger choice set: the chosen allocation's loss is never above eviction's."""
     from mdkv_compile.core.losses import candidate_losses
 
-    ctx = make_ctx("mixeddimkv", 0.2, n_tokens=256)
+    ctx = make_ctx("mixeddimkv", 0.2, n_tokens=256, loss="energy")
     sel = POLICIES["mixeddimkv"](ctx)
     snap = POLICIES["snapkv"](make_ctx("snapkv", 0.2, n_tokens=256)).chosen_dim
     imp = ctx.importance().masked_fill(ctx.forced()[:, None, :], 0.0)
