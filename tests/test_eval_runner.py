@@ -112,6 +112,12 @@ def test_grid_resumes_and_writes_summary(tiny, tok, hay, tmp_path) -> None:
     spec.budgets = [0.5, 0.25]
     more = R.run_grid(tiny, tok, spec, tmp_path, haystack=hay, progress=False, fail_fast=True)
     assert more == {"done": 7, "skipped": 14, "failed": 0}
+    # config options make a new variant of the method; full (the reference) is not rerun
+    spec.budgets, spec.options = [0.5], {"window": 4}
+    variant = R.run_grid(tiny, tok, spec, tmp_path, haystack=hay, progress=False, fail_fast=True)
+    assert variant == {"done": 7, "skipped": 7, "failed": 0}
+    labels = {r["method"] for r in R.read_results(tmp_path / "results.jsonl")}
+    assert labels == {"full", "snapkv", "snapkv[window=4]"}
     assert not hasattr(tiny, "_mdkv_patch")  # the shared model is left unpatched
 
 

@@ -217,7 +217,8 @@ def score_probe(
     span = end - start
     x = torch.tensor([list(ids)], device=device)
     cache = DynamicCache(config=model.config)
-    with attn_implementation(model, "sdpa"):
+    # the prefill needs no weights: the fast kernel when the model has one
+    with attn_implementation(model, "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"):
         model(input_ids=x[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     score = torch.zeros(L, H, dtype=torch.float64)

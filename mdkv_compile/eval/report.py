@@ -39,7 +39,11 @@ def _pair_key(r: dict[str, Any]) -> tuple:
 def _method_order(methods: Iterable[str]) -> list[str]:
     from mdkv_compile.config import METHODS
 
-    return sorted(set(methods), key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m))
+    def rank(m: str) -> tuple[int, str]:
+        base = m.split("[", 1)[0]  # option variants (runner.method_label) sort beside their method
+        return (METHODS.index(base) if base in METHODS else len(METHODS), m)
+
+    return sorted(set(methods), key=rank)
 
 
 def _fmt(v: float | None, ppl: bool = False) -> str:

@@ -61,6 +61,15 @@ KEY_FIELDS = ("model", "method", "budget", "task", "length", "variant", "protoco
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def method_label(method: str, options: dict[str, Any]) -> str:
+    """The method name results are keyed and reported by: extra config options make a variant
+    (`mixeddimkv[window=16]`), so a rerun with other options never skips or mixes cells.
+    `full` ignores options: it is the one reference."""
+    if method == "full" or not options:
+        return method
+    return f"{method}[{','.join(f'{k}={json.dumps(v)}' for k, v in sorted(options.items()))}]"
+
+
 def cell_key(rec: dict[str, Any]) -> str:
     """Identity of a cell in the results file (budget normalised so 0.1 and 0.10 match)."""
     parts = [rec[k] for k in KEY_FIELDS]
@@ -268,20 +277,22 @@ def continuation_nll(model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: S
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """Records of a results JSONL; a torn last line (killed mid-write) is ignored."""
+    """Records of a results JSONL, one per cell (the last one wins when two runs wrote the same
+    cell into one folder at once); a torn line (killed mid-write) is ignored."""
     if not path.is_file():
         return []
-    recs = []
+    recs: dict[str, dict[str, Any]] = {}
     with path.open() as f:
         for line in f:
             line = line.strip()
             if not line:
                 continue
             try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
+                rec = json.loads(line)
+                recs[cell_key(rec)] = rec
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue
-    return recs
+    return list(recs.values())
 
 
 SUMMARY_FIELDS = (
@@ -367,8 +378,9 @@ def run_grid(
         task, length, seed, depth = point
         variant = f"d{depth:.2f}" if depth is not None else f"s{seed}"
         key = cell_key(
-            {"model": spec.model_name, "method": method, "budget": budget, "task": task, "length": length,
-             "variant": variant, "protocol": protocol, "prompt_style": spec.prompt_style}
+            {"model": spec.model_name, "method": method_label(method, spec.options), "budget": budget,
+             "task": task, "length": length, "variant": variant, "protocol": protocol,
+             "prompt_style": spec.prompt_style}
         )  # fmt: skip
         if key in done_keys:
             skipped += 1
@@ -423,7 +435,8 @@ def run_grid(
                     continue
                 rec = {
                     "model": spec.model_name,
-                    "method": method,
+                    "method": method_label(method, spec.options),
+                    "base_method": method,
                     "budget": float(budget),
                     "budget_kind": "fraction" if method == "full" else spec.budget_kind,
                     "task": task,
