@@ -224,3 +224,26 @@ def test_mixeddimkv_loss_not_worse_than_eviction() -> None:
     opt_index = {r: i for i, r in enumerate(ctx.dims)}
     pick = lambda chosen: losses.gather(-1, chosen.clone().apply_(lambda r: opt_index[r])[..., None]).sum()
     assert float(pick(sel.chosen_dim)) <= float(pick(snap)) + 1e-6
+
+
+@pytest.mark.parametrize("n_queries", [1, 4])
+def test_static_store_attention_equals_packed(n_queries: int) -> None:
+    from mdkv_compile.core.static import append_static, attend_static, to_static
+
+    bsz, n_kv, group, d = 2, 3, 2, 16
+    store, _ = random_store(bsz, n_kv, 50, d, (16, 8, 4, 2), seed=11 + n_queries)
+    static = to_static(store, capacity=50 * 16)
+    assert static.keys.shape == (bsz * n_kv, 800)
+    gen = torch.Generator().manual_seed(3)
+    cap, n_new = 10, 6
+    region_k = torch.full((bsz, n_kv, cap, d), float("nan"))  # unwritten slots must never be read
+    region_v = torch.full((bsz, n_kv, cap, d), float("nan"))
+    k_new = torch.randn(bsz, n_kv, n_new, d, generator=gen)
+    v_new = torch.randn(bsz, n_kv, n_new, d, generator=gen)
+    region_k, region_v, count = append_static(region_k, region_v, torch.tensor(0), k_new, v_new)
+    region_k, region_v = region_k.nan_to_num(0.0), region_v.nan_to_num(0.0)
+    assert int(count) == n_new
+    q = torch.randn(bsz, n_kv * group, n_queries, d, generator=gen)
+    ref = attend_packed(q, store, k_new, v_new, None, 0.25)
+    out = attend_static(q, static, region_k, region_v, count, 0.25)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,176 @@
+"""Fixed-shape form of the packed store, for compiled graphs (no recompiles, CUDA graphs) and for
+exported models (the cache as explicit inputs and outputs).
+
+Per layer, each owner o = b * H + h gets one row of `capacity` units in a key buffer and a value
+buffer: its tokens tier after tier (tier order = `tier_dims`, full tier first), each token
+`r_t` consecutive values. `counts[o, t]` says how many tokens of tier t the row holds, so where
+a tier starts in the row is the running sum of counts x dims: data, not shape. Bases are
+per owner (zeros where unused). New tokens go to a full-dimension region of fixed capacity.
+
+    keys, values   [B*H, capacity]        the stored coefficients (model dtype)
+    counts         [B*H, T]       int32   tokens per tier
+    basis_k/_v     [B*H, d, r_max]        (absent when no reduced tier)
+
+Attention gathers each tier as [B*H, capacity // r_t, r_t] with static shapes and masks the slots
+past the count: it reads every tier's window of the row, so it costs T x capacity per owner in
+plain PyTorch; the Triton kernel reads only the filled slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mdkv_compile.core.packing import PackedStore
+from mdkv_compile.core.scoring import softcap_logits
+
+
+@dataclass
+class StaticStore:
+    tier_dims: tuple[int, ...]
+    keys: torch.Tensor  # [B*H, capacity]
+    values: torch.Tensor  # [B*H, capacity]
+    counts: torch.Tensor  # [B*H, T] int32
+    basis_k: torch.Tensor | None  # [B*H, d, r_max]
+    basis_v: torch.Tensor | None
+    batch: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The store as a flat list of tensors (graph inputs / outputs), order of `from_tensors`."""
+        out = [self.keys, self.values, self.counts]
+        if self.basis_k is not None and self.basis_v is not None:
+            out += [self.basis_k, self.basis_v]
+        return out
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: list[torch.Tensor], tier_dims: tuple[int, ...], batch: int, kv_heads: int, head_dim: int
+    ) -> StaticStore:
+        basis_k, basis_v = (tensors[3], tensors[4]) if len(tensors) == 5 else (None, None)
+        return cls(tier_dims, tensors[0], tensors[1], tensors[2], basis_k, basis_v, batch, kv_heads, head_dim)
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def to_static(store: PackedStore, capacity: int | None = None) -> StaticStore:
+    """Lay a PackedStore out in fixed-shape rows. `capacity` (units per owner) defaults to the
+    fullest owner's need; give the budget's units to get one shape for every prompt."""
+    owners, d = store.owners, store.head_dim
+    counts = torch.stack([store.counts(t) for t in range(len(store.tier_dims))], dim=1)  # [O, T]
+    dims = torch.tensor(store.tier_dims, device=counts.device)
+    need = int((counts * dims).sum(1).max()) if owners else 0
+    capacity = need if capacity is None else capacity
+    if need > capacity:
+        raise ValueError(f"store needs {need} units per owner, more than the capacity {capacity}")
+    dtype, device = store.keys[0].dtype, store.keys[0].device
+    keys = torch.zeros(owners, capacity, dtype=dtype, device=device)
+    values = torch.zeros(owners, capacity, dtype=dtype, device=device)
+    start = torch.zeros(owners, dtype=torch.long, device=device)
+    for t, r in enumerate(store.tier_dims):
+        n = counts[:, t]
+        owner = torch.repeat_interleave(torch.arange(owners, device=device), n)
+        slot = torch.arange(int(n.sum()), device=device) - (torch.cumsum(n, 0) - n)[owner]
+        col = start[owner, None] + slot[:, None] * r + torch.arange(r, device=device)[None, :]
+        keys[owner[:, None], col] = store.keys[t]
+        values[owner[:, None], col] = store.values[t]
+        start = start + n * r
+    basis_k, basis_v = store.owner_basis("k"), store.owner_basis("v")
+    if basis_k is not None and store.basis_index is not None:
+        unused = (store.basis_index < 0)[:, None, None]
+        basis_k, basis_v = basis_k.masked_fill(unused, 0), basis_v.masked_fill(unused, 0)
+    return StaticStore(
+        tier_dims=store.tier_dims, keys=keys, values=values, counts=counts.to(torch.int32),
+        basis_k=None if basis_k is None else basis_k.contiguous(),
+        basis_v=None if basis_v is None else basis_v.contiguous(),
+        batch=store.batch, kv_heads=store.kv_heads, head_dim=d,
+    )
+
+
+def gather_tier(store: StaticStore, tier: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tier `tier` as [B*H, capacity // r, r] keys and values plus a [B*H, capacity // r] mask,
+    with static shapes (slots past the owner's count are masked)."""
+    r = store.tier_dims[tier]
+    dims = torch.tensor(store.tier_dims, device=store.counts.device)
+    counts = store.counts.long()
+    start = (counts[:, :tier] * dims[:tier]).sum(1)  # [O]
+    slots = store.capacity // r
+    col = start[:, None, None] + torch.arange(slots, device=start.device)[None, :, None] * r
+    col = (col + torch.arange(r, device=start.device)[None, None, :]).clamp(max=max(store.capacity - 1, 0))
+    flat = col.reshape(col.shape[0], -1)
+    k = store.keys.gather(1, flat).view(-1, slots, r)
+    v = store.values.gather(1, flat).view(-1, slots, r)
+    mask = torch.arange(slots, device=start.device)[None, :] < counts[:, tier, None]
+    return k, v, mask
+
+
+def attend_static(
+    query: torch.Tensor,
+    store: StaticStore,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    n_new: torch.Tensor,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of the last L of `n_new` appended tokens' queries over the static store plus the
+    first `n_new` slots of the fixed-capacity region key_new/value_new [B, H, cap, d].
+    query [B, Hq, L, d]; n_new: 0-d int tensor (data, so one graph serves every step).
+    Same semantics as `attend_packed` with a causal new-token mask."""
+    bsz, n_q_heads, n_queries, d = query.shape
+    owners = store.batch * store.kv_heads
+    group = n_q_heads // store.kv_heads
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q = query.float().reshape(owners, group, n_queries, d)
+    q_rot = None if store.basis_k is None else q @ store.basis_k.float()[:, None]
+    logit_parts, value_parts = [], []
+    for t, r in enumerate(store.tier_dims):
+        k, v, mask = gather_tier(store, t)
+        q_t = q if r == d else q_rot[..., :r]
+        logits = softcap_logits((q_t @ k.float().transpose(-1, -2)[:, None]) * scale, softcap)
+        logit_parts.append(logits.masked_fill(~mask[:, None, None, :], float("-inf")))
+        value_parts.append((v.float(), r))
+    cap = key_new.shape[2]
+    k_n = key_new.float().reshape(owners, cap, d)
+    logits = softcap_logits((q @ k_n.transpose(-1, -2)[:, None]) * scale, softcap)
+    # Query i (of L) sits at new position n_new - L + i and sees new slots up to it.
+    q_pos = n_new - n_queries + torch.arange(n_queries, device=query.device)
+    allowed = torch.arange(cap, device=query.device)[None, :] <= q_pos[:, None]
+    logit_parts.append(logits.masked_fill(~allowed[None, None], float("-inf")))
+    value_parts.append((value_new.float().reshape(owners, cap, d), d))
+
+    probs = torch.softmax(torch.cat(logit_parts, dim=-1), dim=-1).nan_to_num(0.0)
+    out = torch.zeros(owners, group, n_queries, d, device=query.device)
+    reduced = None
+    start = 0
+    for (v, r), part in zip(value_parts, logit_parts, strict=True):
+        contrib = probs[..., start : start + part.shape[-1]] @ v[:, None]
+        start += part.shape[-1]
+        if r == d:
+            out = out + contrib
+        else:
+            if reduced is None:
+                reduced = torch.zeros(owners, group, n_queries, store.basis_v.shape[-1], device=query.device)
+            reduced[..., :r] += contrib
+    if reduced is not None:
+        out = out + reduced @ store.basis_v.float().transpose(-1, -2)[:, None]
+    return out.view(bsz, n_q_heads, n_queries, d).to(query.dtype)
+
+
+def append_static(
+    key_new: torch.Tensor, value_new: torch.Tensor, n_new: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Functional append of key/value [B, H, L, d] at slot n_new of the fixed-capacity region:
+    returns (new keys, new values, n_new + L). Writing past the capacity is an error of the caller
+    (the exporters size the region for max_new_tokens)."""
+    n_queries = key.shape[2]
+    idx = n_new + torch.arange(n_queries, device=key.device)
+    return key_new.index_copy(2, idx, key), value_new.index_copy(2, idx, value), n_new + n_queries
