@@ -142,7 +142,17 @@ class MixedDimLayer(CacheLayerMixin):
         new_mask = None if mask is None else mask[..., self.n_prompt : self.n_prompt + self.keys.shape[-2]]
         if new_mask is not None and new_mask.dtype != torch.bool:
             new_mask = new_mask > torch.finfo(new_mask.dtype).min / 2
+        if self._use_kernel(query, new_mask):
+            from mdkv_compile.ops.triton_attention import packed_decode_store
+
+            return packed_decode_store(query, self.store, self.keys, self.values, None, scale, softcap)
         return attend_packed(query, self.store, self.keys, self.values, new_mask, scale, softcap)
+
+    def _use_kernel(self, query: torch.Tensor, new_mask: torch.Tensor | None) -> bool:
+        """The Triton decode kernel serves one-token steps on CUDA where every new token is visible."""
+        if self.cfg.kernel != "auto" or not query.is_cuda or query.shape[2] != 1 or self.keys.shape[-2] == 0:
+            return False
+        return new_mask is None or bool(new_mask.all())
 
     @torch.no_grad()
     def compress(

@@ -28,6 +28,7 @@ BASES = ("prompt", "calibrated")
 POOLS = ("head", "layer")
 SOLVERS = ("greedy", "exact")
 LOSSES = ("attention", "energy")
+KERNELS = ("auto", "torch")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -71,6 +72,9 @@ class MixedDimKVConfig:
     # Rank of `lowrank` (Palu-like: every token at one dimension). None: chosen from the budget.
     lowrank_dim: int | None = None
     solver: str = "greedy"
+    # Decode attention: "auto" uses the Triton kernel on CUDA for one-token steps, "torch" always
+    # uses the PyTorch reference (core/attention.py).
+    kernel: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,6 +129,8 @@ class MixedDimKVConfig:
             _fail("pool", self.pool, f"one of {', '.join(POOLS)}")
         if self.solver not in SOLVERS:
             _fail("solver", self.solver, f"one of {', '.join(SOLVERS)}")
+        if self.kernel not in KERNELS:
+            _fail("kernel", self.kernel, f"one of {', '.join(KERNELS)}")
         if self.loss not in LOSSES:
             _fail("loss", self.loss, f"one of {', '.join(LOSSES)}")
         if not 0.0 <= self.key_weight <= 1.0:
