@@ -26,9 +26,11 @@ def main() -> None:
                                      output_logits=True, return_dict_in_generate=True)
             outs[kernel] = out
         same = bool((outs["torch"].sequences == outs["auto"].sequences).all())
-        diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(outs["torch"].logits, outs["auto"].logits))
+        pairs = zip(outs["torch"].logits, outs["auto"].logits, strict=True)
+        diff = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
         scale = max(float(a.float().abs().max()) for a in outs["torch"].logits)
-        print(f"cuda decode kernel vs torch: {method:<11} same_tokens={same} max_logit_diff={diff:.4f} (logit scale {scale:.2f})")
+        print(f"cuda decode kernel vs torch: {method:<11} same_tokens={same} max_logit_diff={diff:.4f} "
+              f"(logit scale {scale:.2f})")
 
 
 if __name__ == "__main__":
