@@ -27,7 +27,7 @@ def results(tmp_path):
             recs.append(_rec("full", 1.0, "niah", L, v, 1.0, d))
             recs.append(_rec("snapkv", 0.1, "niah", L, v, 0.0 if d == 0.5 else 1.0, d))
             recs.append(_rec("snapkv", 0.5, "niah", L, v, 1.0, d))
-            recs.append(_rec("mixeddimkv", 0.1, "niah", L, v, 1.0, d))
+            recs.append(_rec("mixeddimkv", 0.1, "niah", L, v, 1.0, d) | {"dim_fractions": {"0": 0.75, "8": 0.25}})
         recs.append(_rec("full", 1.0, "vt", L, "s0", 0.8))
         recs.append(_rec("snapkv", 0.1, "vt", L, "s0", 0.4))
         recs.append(_rec("full", 1.0, "ppl", L, "s0", 20.0))
@@ -48,6 +48,7 @@ def test_tables_and_gaps(results) -> None:
     # ppl: ratio to full
     assert "| snapkv | 30.00 (x1.50) | - |" in text
     assert "### Measured cache size" in text and "| snapkv | 0.1 | 0.1100 |" in text
+    assert "| 0: 75%, 8: 25% |" in text  # mixeddimkv's dims shares (records below)
 
 
 def test_plots_and_cli(results, tmp_path) -> None:

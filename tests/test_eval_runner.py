@@ -75,6 +75,9 @@ def test_compression_protocols_differ_in_what_is_compressed(tiny, tok, hay) -> N
         mdkv.unpatch(tiny)
     for res in (agn, awr):
         assert 0 < res["stored_bytes"] < 0.6 * res["full_bytes"]
+        # SnapKV keeps tokens whole or drops them: only dims 0 and head_dim (16) are used
+        assert set(res["dim_fractions"]) <= {"0", "16"}
+        assert sum(res["dim_fractions"].values()) == pytest.approx(1.0)
     # query-agnostic keeps the question uncompressed on top of the compressed context
     assert agn["stored_bytes"] > awr["stored_bytes"]
 

@@ -120,7 +120,10 @@ class Table:
         return lines
 
     def bytes_table(self) -> list[str]:
-        lines = ["| method | budget | stored fraction | stored MiB | full MiB |", "|---|---|---|---|---|"]
+        lines = [
+            "| method | budget | stored fraction | stored MiB | full MiB | prompt entries per stored dim |",
+            "|---|---|---|---|---|---|",
+        ]
         rows = [("full", None)] + [(m, b) for m in self.methods if m != "full" for b in self.budgets]
         for m, b in rows:
             rs = [r for r in self.records if r["method"] == m and (b is None or float(r["budget"]) == b)]
@@ -132,9 +135,19 @@ class Table:
                 r["stored_bytes"] / r["full_bytes"] for r in rs if r.get("stored_bytes") and r.get("full_bytes")
             )
             lines.append(
-                f"| {m} | {'1' if b is None else f'{b:g}'} | {frac:.4f} | {st / 2**20:.3f} | {fu / 2**20:.3f} |"
+                f"| {m} | {'1' if b is None else f'{b:g}'} | {frac:.4f} | {st / 2**20:.3f} | {fu / 2**20:.3f} | "
+                f"{_dims_text(rs)} |"
             )
         return lines
+
+
+def _dims_text(rs: list[dict[str, Any]]) -> str:
+    """Mean share of prompt entries per stored dimension, e.g. `0: 75%, 16: 10%, 64: 15%`."""
+    fr = [r["dim_fractions"] for r in rs if r.get("dim_fractions")]
+    if not fr:
+        return "-"
+    dims = sorted({int(d) for f in fr for d in f})
+    return ", ".join(f"{d}: {100 * sum(f.get(str(d), 0.0) for f in fr) / len(fr):.0f}%" for d in dims)
 
 
 def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:

@@ -174,6 +174,19 @@ def stop_token_ids(model: Any, tok: Any) -> set[int]:
     return ids
 
 
+def dim_fractions(cache: Any) -> dict[str, float] | None:
+    """Share of prompt (token, KV head) entries stored at each dimension, over all layers, from
+    the layers' `last_selection` (None for caches without one). Shows whether a method really
+    mixed dimensions or fell back to eviction ({0, d} only)."""
+    sels = [layer.last_selection.flatten() for layer in getattr(cache, "layers", [])
+            if getattr(layer, "last_selection", None) is not None]  # fmt: skip
+    if not sels:
+        return None
+    vals, counts = torch.cat(sels).unique(return_counts=True)
+    total = int(counts.sum())
+    return {str(int(v)): round(int(n) / total, 5) for v, n in zip(vals, counts, strict=True)}
+
+
 def cache_bytes(cache: Any) -> tuple[int | None, int | None]:
     """(stored, full) bytes as the cache measures them; None where it cannot say."""
     stored = cache.stored_bytes() if hasattr(cache, "stored_bytes") else None
@@ -221,6 +234,7 @@ def greedy_generate(
         r.forward(ctx_ids)  # first forward: exact attention, then the context is compressed
         logits = r.forward(q_ids)
     stored, full = cache_bytes(cache)
+    dims = dim_fractions(cache)
     t1 = time.perf_counter()
     new: list[int] = []
     for _ in range(max_new_tokens):
@@ -241,6 +255,7 @@ def greedy_generate(
         "new_tokens": len(new),
         "stored_bytes": stored,
         "full_bytes": full,
+        "dim_fractions": dims,
         "stored_bytes_end": stored_end,
         "full_bytes_end": full_end,
         "prefill_s": t1 - t0,
@@ -258,6 +273,7 @@ def continuation_nll(model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: S
     t0 = time.perf_counter()
     first = r.forward(ctx_ids)[-1:]  # predicts cont_ids[0]
     stored, full = cache_bytes(cache)
+    dims = dim_fractions(cache)
     t1 = time.perf_counter()
     rest = r.forward(cont_ids[:-1], all_logits=True) if len(cont_ids) > 1 else first[:0]
     logits = torch.cat([first, rest], dim=0)
@@ -268,6 +284,7 @@ def continuation_nll(model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: S
         "ppl": math.exp(nll),
         "stored_bytes": stored,
         "full_bytes": full,
+        "dim_fractions": dims,
         "prefill_s": t1 - t0,
         "decode_s": time.perf_counter() - t1,
     }
