@@ -1,0 +1,553 @@
+"""ONNX export of the decode step of a Hugging Face decoder compressed with MixedDimKV.
+
+What is exported: one decode step (one new token per row) as a fixed-shape graph
+
+    inputs   input_ids [B, 1] int64, position_ids [B, 1] int64, n_new [] int64,
+             per layer l: store.{l}.keys/values [B*H, capacity], store.{l}.counts [B*H, T] int32,
+             (store.{l}.basis_k/basis_v [B*H, d, r_max] when the method stores reduced tiers),
+             new.{l}.keys/values [B, H, new_capacity, d]
+    outputs  logits [B, 1, V], n_new_out [] int64 (= n_new + 1),
+             new_out.{l}.keys/values [B, H, new_capacity, d] (the region with this token written)
+
+The prompt store is read-only during decoding, so it is only an input (a runtime binds the same
+buffers every step); the new-token region goes in and comes out (a runtime can alias the two).
+Prefill stays in PyTorch: the compression is data-dependent (per-token tier choice, sorting,
+per-owner counts), so `OnnxGenerator` runs the patched model's prefill and hands each layer's
+packed store over as the static layout of `mdkv_compile.core.static`.
+
+Each layer's attention over store + region is one node `mdkv::MixedDimKVAttention` (an ONNX
+OpSchema is registered so the exporter keeps it) with attributes `plugin_namespace`,
+`plugin_version` (TensorRT's parser maps the node to our plugin by them), and the model carries a
+local FunctionProto of the same (domain, name) computing `attend_static` in standard ops, so stock
+ONNX Runtime runs the file as it is (it inlines the function).
+
+Files written to `out_dir` (through a temp dir renamed at the end, so a half-written export never
+looks complete): decode.onnx, manifest.json, prefill_model/ (HF weights for the PyTorch prefill,
+unless `prefill_source` names where to load them from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mdkv_compile.cache import model_dims
+from mdkv_compile.config import MixedDimKVConfig
+from mdkv_compile.core.packing import PackedStore
+from mdkv_compile.core.static import StaticStore, attend_static, to_static
+
+DOMAIN = "mdkv"
+OP_NAME = "MixedDimKVAttention"
+OP_VERSION = 1
+PLUGIN_NAMESPACE = "mdkv"
+PLUGIN_VERSION = "1"
+OPSET = 20
+EXPORT_ATTN = "mdkv_export"
+FORMAT_VERSION = 1
+# Methods whose stored dims are data-dependent beyond the configured candidate dims (lowrank
+# picks any rank the budget affords), so no fixed tier list covers every prompt.
+UNSUPPORTED_METHODS = {"lowrank": "its rank is chosen per prompt, so the tier list is not fixed at export"}
+
+
+class ExportError(ValueError):
+    """The model or config cannot be exported (raised before any file is written)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Functional custom op: what the exporter sees for each layer's attention.
+
+
+@torch.library.custom_op("mdkv_export::attention", mutates_args=())
+def _attention_op(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    counts: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    n_new: torch.Tensor,
+    basis_k: torch.Tensor | None,
+    basis_v: torch.Tensor | None,
+    tier_dims: list[int],
+    kv_heads: int,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    store = StaticStore(
+        tuple(tier_dims), keys, values, counts, basis_k, basis_v, query.shape[0], kv_heads, query.shape[-1]
+    )
+    return attend_static(query, store, key_new, value_new, n_new, scale, softcap or None)
+
+
+@_attention_op.register_fake
+def _(query, keys, values, counts, key_new, value_new, n_new, basis_k, basis_v, tier_dims, kv_heads, scale, softcap):
+    return torch.empty_like(query)
+
+
+def _register_schema() -> None:
+    """The ONNX OpSchema of the opaque node: onnxscript refuses to emit an op without one."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has(OP_NAME, DOMAIN):
+        return
+    param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    attr = OpSchema.Attribute
+    types = OpSchema.AttrType
+    schema = OpSchema(
+        OP_NAME, DOMAIN, OP_VERSION,
+        doc="Attention of new-token queries over a MixedDimKV static store plus a full-dimension region.",
+        inputs=[
+            param("query", "T"), param("keys", "T"), param("values", "T"), param("counts", "I"),
+            param("key_new", "T"), param("value_new", "T"), param("n_new", "L"),
+            param("basis_k", "T", param_option=optional), param("basis_v", "T", param_option=optional),
+        ],
+        outputs=[param("out", "T")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations and cache"),
+            ("I", ["tensor(int32)"], "tokens per tier"),
+            ("L", ["tensor(int64)"], "new tokens held"),
+        ],
+        attributes=[
+            attr("tier_dims", types.INTS, "stored dims per tier, full tier first"),
+            attr("kv_heads", types.INT, "key/value heads"),
+            attr("scale", types.FLOAT, "logit scale"),
+            attr("softcap", types.FLOAT, "logit soft cap (0: none)"),
+            attr("plugin_namespace", types.STRING, "TensorRT plugin namespace"),
+            attr("plugin_version", types.STRING, "TensorRT plugin version"),
+        ],
+    )
+    onnx.defs.register_schema(schema)
+
+
+def _translation():
+    """onnxscript translation of the custom op into the opaque `mdkv` node."""
+    import onnxscript
+
+    _register_schema()
+    opset = onnxscript.values.Opset(DOMAIN, OP_VERSION)
+
+    def mdkv_attention(
+        query, keys, values, counts, key_new, value_new, n_new, basis_k=None, basis_v=None,
+        tier_dims=(), kv_heads: int = 1, scale: float = 1.0, softcap: float = 0.0,
+    ):
+        inputs = [query, keys, values, counts, key_new, value_new, n_new]
+        if basis_k is not None:
+            inputs += [basis_k, basis_v]
+        return opset.MixedDimKVAttention(
+            *inputs, tier_dims=list(tier_dims), kv_heads=kv_heads, scale=float(scale), softcap=float(softcap),
+            plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+        )
+
+    return {torch.ops.mdkv_export.attention.default: mdkv_attention}
+
+
+# --------------------------------------------------------------------------------------------
+# The traced decode step: a transformers Cache whose layers hold the static store as tensors.
+
+_TRACE = threading.local()
+
+
+def _export_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kw):
+    """Attention-interface function used while tracing: the layer's static store + region."""
+    layer = _TRACE.layers[module.layer_idx]
+    s = layer.store
+    out = torch.ops.mdkv_export.attention(
+        query, s.keys, s.values, s.counts, layer.key_new, layer.value_new, layer.n_new,
+        s.basis_k, s.basis_v, list(s.tier_dims), s.kv_heads,
+        float(scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])), float(softcap or 0.0),
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _make_cache(stores: list[StaticStore], regions: list[tuple[torch.Tensor, torch.Tensor]], n_new: torch.Tensor):
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class _StaticLayer(CacheLayerMixin):
+        is_compileable = False
+        is_sliding = False
+
+        def __init__(self, store: StaticStore, key_new: torch.Tensor, value_new: torch.Tensor) -> None:
+            super().__init__()
+            self.store, self.key_new, self.value_new, self.n_new = store, key_new, value_new, n_new
+            self.is_initialized = True
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            pass
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            # Functional write of the one new token at slot n_new (a where, not index_copy: it
+            # exports to plain Equal/Where).
+            cap = self.key_new.shape[2]
+            at = (torch.arange(cap, device=key_states.device) == n_new)[None, None, :, None]
+            self.key_new = torch.where(at, key_states.to(self.key_new.dtype), self.key_new)
+            self.value_new = torch.where(at, value_states.to(self.value_new.dtype), self.value_new)
+            self.n_new = n_new + 1
+            return self.key_new, self.value_new
+
+        def get_seq_length(self) -> int:
+            return 0
+
+        def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+            return query_length, 0
+
+        def get_max_length(self) -> int:
+            return -1
+
+    class _StaticCache(Cache):
+        def __init__(self) -> None:
+            super().__init__(layers=[_StaticLayer(s, k, v) for s, (k, v) in zip(stores, regions, strict=True)])
+
+    return _StaticCache()
+
+
+class DecodeStep(torch.nn.Module):
+    """One decode step of `model` over flat fixed-shape cache tensors (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, tier_dims: tuple[int, ...], has_basis: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers, _, self.kv_heads, self.head_dim = model_dims(model.config)
+        self.tier_dims, self.has_basis = tier_dims, has_basis
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, n_new: torch.Tensor, *cache: torch.Tensor):
+        per = 7 if self.has_basis else 5
+        stores, regions = [], []
+        for i in range(self.num_layers):
+            t = cache[i * per : (i + 1) * per]
+            stores.append(StaticStore.from_tensors(
+                list(t[: per - 2]), self.tier_dims, input_ids.shape[0], self.kv_heads, self.head_dim
+            ))
+            regions.append((t[per - 2], t[per - 1]))
+        cache_obj = _make_cache(stores, regions, n_new)
+        _TRACE.layers = cache_obj.layers
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache_obj, use_cache=True)
+        new = [x for layer in cache_obj.layers for x in (layer.key_new, layer.value_new)]
+        return (out.logits.float(), n_new + 1, *new)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout shared by export and runtime.
+
+
+def export_tier_dims(cfg: MixedDimKVConfig, head_dim: int) -> tuple[int, ...]:
+    """Every tier a prompt's store can have: the full dim, then the reduced candidates descending."""
+    dims = cfg.resolve_dims(head_dim)
+    return (head_dim, *sorted((r for r in dims if 0 < r < head_dim), reverse=True))
+
+
+def align_store(store: PackedStore, tier_dims: tuple[int, ...], capacity: int) -> StaticStore:
+    """A prompt's packed store in the export's fixed layout: its tiers (a subset of `tier_dims`)
+    placed at their columns, empty tiers with count 0, bases zero-padded to r_max."""
+    missing = set(store.tier_dims) - set(tier_dims)
+    if missing:
+        raise ValueError(f"store has tiers {sorted(missing)} the export does not know (export tiers {tier_dims})")
+    try:
+        st = to_static(store, capacity)
+    except ValueError as e:
+        raise ValueError(f"{e}: the prompt needs a larger export (raise --capacity or shorten the prompt)") from e
+    owners = st.keys.shape[0]
+    counts = torch.zeros(owners, len(tier_dims), dtype=torch.int32, device=st.counts.device)
+    for t, r in enumerate(store.tier_dims):
+        counts[:, tier_dims.index(r)] = st.counts[:, t]
+    # Tiers are laid out in descending dim order in both lists, so the row data is already right.
+    basis_k = basis_v = None
+    if len(tier_dims) > 1:
+        r_max, d = tier_dims[1], store.head_dim
+        basis_k = torch.zeros(owners, d, r_max, dtype=st.keys.dtype, device=st.keys.device)
+        basis_v = torch.zeros_like(basis_k)
+        if st.basis_k is not None and st.basis_v is not None:
+            r = min(r_max, st.basis_k.shape[-1])
+            basis_k[..., :r] = st.basis_k[..., :r]
+            basis_v[..., :r] = st.basis_v[..., :r]
+    return StaticStore(tier_dims, st.keys, st.values, counts, basis_k, basis_v, st.batch, st.kv_heads, st.head_dim)
+
+
+def cache_names(num_layers: int, has_basis: bool) -> tuple[list[str], list[str]]:
+    """(input names, output names) of the cache tensors, in graph order."""
+    ins, outs = [], []
+    for i in range(num_layers):
+        ins += [f"store.{i}.keys", f"store.{i}.values", f"store.{i}.counts"]
+        if has_basis:
+            ins += [f"store.{i}.basis_k", f"store.{i}.basis_v"]
+        ins += [f"new.{i}.keys", f"new.{i}.values"]
+        outs += [f"new_out.{i}.keys", f"new_out.{i}.values"]
+    return ins, outs
+
+
+def default_capacity(cfg: MixedDimKVConfig, head_dim: int, max_prompt_tokens: int, slack: float = 2.0) -> int:
+    """Units per (row, KV head) owner: `slack` x the budget's average share of a max-length prompt
+    (head-aware methods give some heads more than the average), at most the full prompt."""
+    full = max_prompt_tokens * head_dim
+    if cfg.budget is None:
+        return full
+    return min(full, int(math.ceil(slack * cfg.budget * full / head_dim)) * head_dim)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before writing anything.
+
+
+def _check_exportable(model: torch.nn.Module, cfg: MixedDimKVConfig, out_dir: Path, overwrite: bool) -> None:
+    from mdkv_compile.hf import _check_supported
+
+    try:
+        _check_supported(model)
+    except NotImplementedError as e:
+        raise ExportError(f"cannot export: {e}") from e
+    text = model.config.get_text_config(decoder=True)
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ExportError(
+            f"cannot export {model.config.model_type}: layer types {sorted(kinds)}; the ONNX export covers "
+            "decoders whose layers are all full attention (sliding-window layers keep a rolling cache it lacks)"
+        )
+    if cfg.method in UNSUPPORTED_METHODS:
+        raise ExportError(f"cannot export method {cfg.method!r}: {UNSUPPORTED_METHODS[cfg.method]}")
+    if cfg.budget is None:
+        raise ExportError("cannot export a budget_tokens/budget_bytes config: give budget as a fraction")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("mdkv-compile", "torch", "transformers", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The fallback function: attend_static exported on its own, turned into a FunctionProto.
+
+
+class _AttendStatic(torch.nn.Module):
+    def __init__(self, tier_dims: tuple[int, ...], kv_heads: int, scale: float, softcap: float) -> None:
+        super().__init__()
+        self.tier_dims, self.kv_heads, self.scale, self.softcap = tier_dims, kv_heads, scale, softcap
+
+    def forward(self, query, keys, values, counts, key_new, value_new, n_new, *basis):
+        b = list(basis) or [None, None]
+        store = StaticStore(
+            self.tier_dims, keys, values, counts, b[0], b[1], query.shape[0], self.kv_heads, query.shape[-1]
+        )
+        return attend_static(query, store, key_new, value_new, n_new, self.scale, self.softcap or None)
+
+
+FUNCTION_INPUTS = ["query", "keys", "values", "counts", "key_new", "value_new", "n_new", "basis_k", "basis_v"]
+
+
+def _function_proto(example: list[torch.Tensor], attrs: dict[str, Any], opset_imports) -> Any:
+    """FunctionProto (mdkv, MixedDimKVAttention) in standard ops, traced from `attend_static` at the
+    export's shapes (every layer shares them)."""
+    import onnx
+    import onnx.inliner
+    from onnx import helper
+
+    mod = _AttendStatic(tuple(attrs["tier_dims"]), attrs["kv_heads"], attrs["scale"], attrs["softcap"]).eval()
+    names = FUNCTION_INPUTS[: len(example)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "attn.onnx"
+        torch.onnx.export(
+            mod, tuple(example), str(path), dynamo=True, opset_version=OPSET, input_names=names,
+            output_names=["out"], external_data=False, optimize=True,
+        )
+        proto = onnx.inliner.inline_local_functions(onnx.load(str(path)))
+    g = proto.graph
+    nodes = [helper.make_node("Constant", [], [init.name], value=init) for init in g.initializer]
+    nodes += list(g.node)
+    return helper.make_function(
+        DOMAIN, OP_NAME, [i.name for i in g.input], [o.name for o in g.output], nodes,
+        opset_imports=[o for o in opset_imports if o.domain in ("", "ai.onnx")],
+        attributes=["tier_dims", "kv_heads", "scale", "softcap", "plugin_namespace", "plugin_version"],
+        doc_string="attend_static in standard ONNX ops: fallback for runtimes without the mdkv kernel",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def example_stores(
+    model: torch.nn.Module, cfg: MixedDimKVConfig, batch: int, capacity: int, tier_dims: tuple[int, ...]
+) -> list[StaticStore]:
+    """Zero stores of the export shapes (the exporter only needs shapes and dtypes)."""
+    n_layers, _, n_kv, d = model_dims(model.config)
+    dtype, device = model.dtype, model.device
+    owners = batch * n_kv
+    out = []
+    for _ in range(n_layers):
+        basis = (
+            torch.zeros(owners, d, tier_dims[1], dtype=dtype, device=device) if len(tier_dims) > 1 else None
+        )
+        out.append(StaticStore(
+            tier_dims, torch.zeros(owners, capacity, dtype=dtype, device=device),
+            torch.zeros(owners, capacity, dtype=dtype, device=device),
+            torch.zeros(owners, len(tier_dims), dtype=torch.int32, device=device),
+            basis, None if basis is None else basis.clone(), batch, n_kv, d,
+        ))
+    return out
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    cfg: MixedDimKVConfig | None,
+    out_dir: str | Path,
+    *,
+    batch: int = 1,
+    max_prompt_tokens: int = 512,
+    max_new_tokens: int = 64,
+    capacity: int | None = None,
+    prefill_source: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export the decode step of `model` under MixedDimKV `cfg` (None: the config `mdkv.patch` set)
+    to `out_dir`. `capacity` (units per KV head per row) fixes the store shape; default: twice the
+    budget's share of a `max_prompt_tokens` prompt. The new-token region holds `max_new_tokens`.
+    `prefill_source`: where `OnnxGenerator` loads the PyTorch prefill model from (a path or an
+    `mdkv_compile.eval.assets` name); None saves the weights into out_dir/prefill_model.
+    Returns out_dir."""
+    import onnx
+
+    from mdkv_compile.hf import patched_config
+
+    out_dir = Path(out_dir)
+    cfg = cfg or patched_config(model)
+    if cfg is None:
+        raise ExportError("no MixedDimKVConfig: pass cfg or call mdkv.patch(model, cfg) first")
+    _check_exportable(model, cfg, out_dir, overwrite)
+    n_layers, n_heads, n_kv, d = model_dims(model.config)
+    tier_dims = export_tier_dims(cfg, d)
+    has_basis = len(tier_dims) > 1
+    capacity = capacity or default_capacity(cfg, d, max_prompt_tokens)
+    if capacity < 1 or max_new_tokens < 1 or batch < 1:
+        raise ExportError("capacity, max_new_tokens and batch must be positive")
+
+    dtype, device = model.dtype, model.device
+    stores = example_stores(model, cfg, batch, capacity, tier_dims)
+    # Distinct tensors everywhere: torch.export treats one tensor passed twice as aliased inputs
+    # and traces a graph that reads the same buffer for both.
+    regions = [
+        tuple(torch.zeros(batch, n_kv, max_new_tokens, d, dtype=dtype, device=device) for _ in range(2))
+        for _ in range(n_layers)
+    ]
+    flat = []
+    for s, (k, v) in zip(stores, regions, strict=True):
+        flat += [*s.tensors(), k, v]
+    input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    n_new = torch.tensor(0, dtype=torch.long, device=device)
+    in_cache, out_cache = cache_names(n_layers, has_basis)
+    input_names = ["input_ids", "position_ids", "n_new", *in_cache]
+    output_names = ["logits", "n_new_out", *out_cache]
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(EXPORT_ATTN, _export_attention)
+    step = DecodeStep(model, tier_dims, has_basis).eval()
+    orig_impl = model.config._attn_implementation
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.set_attn_implementation(EXPORT_ATTN)
+        try:
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    step, (input_ids, position_ids, n_new, *flat), dynamo=True, opset_version=OPSET,
+                    input_names=input_names, output_names=output_names,
+                    custom_translation_table=_translation(), optimize=True,
+                )
+        finally:
+            model.set_attn_implementation(orig_impl)
+            _TRACE.layers = None
+        proto = program.model_proto
+        mdkv_nodes = [n for n in proto.graph.node if n.domain == DOMAIN]
+        if len(mdkv_nodes) != n_layers:
+            raise ExportError(f"expected {n_layers} {DOMAIN}::{OP_NAME} nodes, the exporter produced {len(mdkv_nodes)}")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mdkv_nodes[0].attribute}
+        for node in mdkv_nodes[1:]:
+            other = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if other != attrs:
+                raise ExportError(
+                    f"layers disagree on attention attributes ({attrs} vs {other}); one function cannot serve both"
+                )
+        attrs["tier_dims"] = list(attrs["tier_dims"])
+        q_example = torch.zeros(batch, n_heads, 1, d, dtype=dtype, device=device)
+        fn_example = [q_example, *stores[0].tensors()[:3], regions[0][0], regions[0][1], n_new + 1]
+        if has_basis:
+            fn_example += [stores[0].basis_k, stores[0].basis_v]
+        proto.functions.append(_function_proto(fn_example, attrs, proto.opset_import))
+        if not any(o.domain == DOMAIN for o in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OP_VERSION))
+        big = proto.ByteSize() > 1_800_000_000
+        onnx.save(proto, str(tmp / "decode.onnx"), save_as_external_data=big, location="decode.onnx.data")
+
+        if prefill_source is None:
+            model.save_pretrained(tmp / "prefill_model")
+            prefill = "prefill_model"
+        else:
+            prefill = prefill_source
+        cache_bytes = sum(s.stored_bytes() for s in stores)
+        manifest = {
+            "format": "mdkv-onnx-decode",
+            "format_version": FORMAT_VERSION,
+            "files": {"decode": "decode.onnx"},
+            "prefill": {"runtime": "pytorch", "model": prefill, "model_type": model.config.model_type},
+            "config": _cfg_dict(cfg),
+            "method": cfg.method,
+            "budget": cfg.budget,
+            "tier_dims": list(tier_dims),
+            "capacity": capacity,
+            "new_capacity": max_new_tokens,
+            "max_prompt_tokens": max_prompt_tokens,
+            "batch": batch,
+            "dtype": str(dtype).removeprefix("torch."),
+            "model": {"num_layers": n_layers, "num_heads": n_heads, "kv_heads": n_kv, "head_dim": d,
+                      "vocab_size": model.config.get_text_config(decoder=True).vocab_size},
+            "store_bytes": cache_bytes,
+            "node": {"domain": DOMAIN, "op_type": OP_NAME, "count": n_layers,
+                     "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION,
+                     "attributes": {k: v for k, v in attrs.items() if not isinstance(v, bytes)}},
+            "inputs": _io_spec(proto.graph.input),
+            "outputs": _io_spec(proto.graph.output),
+            "opset": OPSET,
+            "versions": _versions(),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _cfg_dict(cfg: MixedDimKVConfig) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _io_spec(values) -> list[dict[str, Any]]:
+    import onnx
+
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        out.append({
+            "name": v.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+            "shape": [dim.dim_value if dim.HasField("dim_value") else dim.dim_param for dim in t.shape.dim],
+        })
+    return out
