@@ -53,6 +53,7 @@ PLUGIN_VERSION = "1"
 OPSET = 20
 EXPORT_ATTN = "mdkv_export"
 FORMAT_VERSION = 1
+MIXED_DIM_METHODS = ("mixeddimkv", "mixeddimkv-h")  # the policies that store reduced tiers
 # Methods whose stored dims are data-dependent beyond the configured candidate dims (lowrank
 # picks any rank the budget affords), so no fixed tier list covers every prompt.
 UNSUPPORTED_METHODS = {"lowrank": "its rank is chosen per prompt, so the tier list is not fixed at export"}
@@ -241,7 +242,10 @@ class DecodeStep(torch.nn.Module):
 
 
 def export_tier_dims(cfg: MixedDimKVConfig, head_dim: int) -> tuple[int, ...]:
-    """Every tier a prompt's store can have: the full dim, then the reduced candidates descending."""
+    """Every tier a prompt's store can have: the full dim, then the reduced candidates descending
+    (eviction methods store only the full tier, so their exports carry no basis inputs)."""
+    if cfg.method not in MIXED_DIM_METHODS:
+        return (head_dim,)
     dims = cfg.resolve_dims(head_dim)
     return (head_dim, *sorted((r for r in dims if 0 < r < head_dim), reverse=True))
 
@@ -289,7 +293,7 @@ def default_capacity(cfg: MixedDimKVConfig, head_dim: int, max_prompt_tokens: in
     """Units per (row, KV head) owner: `slack` x the budget's average share of a max-length prompt
     (head-aware methods give some heads more than the average), at most the full prompt."""
     full = max_prompt_tokens * head_dim
-    if cfg.budget is None:
+    if cfg.budget is None or cfg.method == "full":
         return full
     return min(full, int(math.ceil(slack * cfg.budget * full / head_dim)) * head_dim)
 

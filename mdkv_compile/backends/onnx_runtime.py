@@ -80,9 +80,12 @@ class OnnxGenerator:
             from transformers import AutoModelForCausalLM
 
             return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.manifest["dtype"])).eval()
+        import copy
+
         from mdkv_compile.eval.assets import load_model
 
-        return load_model(source)
+        # load_model shares one cached object per process; patching it must not leak out.
+        return copy.deepcopy(load_model(source, dtype=getattr(torch, self.manifest["dtype"]))[0])
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[np.ndarray]]:

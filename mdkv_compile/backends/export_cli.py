@@ -1,0 +1,80 @@
+"""`mdkv export onnx|trt`: export a MixedDimKV decode step for deployment.
+
+    mdkv export onnx --model smollm2 --budget 0.1 --out exports/smollm2
+    mdkv export trt  --model smollm2 --budget 0.1 --out exports/smollm2   # needs TensorRT
+
+`--model` is `smollm2` (the cached SmolLM2 asset) or a Hugging Face path/name. `trt` writes the
+ONNX export first and then builds a TensorRT engine from it with our plugin registered; where
+TensorRT is not installed it fails before doing anything, naming TensorRT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+from mdkv_compile.config import METHODS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", choices=("onnx", "trt"), help="onnx: ONNX files; trt: also a TensorRT engine")
+    parser.add_argument("--model", default="smollm2", help="'smollm2' or a Hugging Face model path/name")
+    parser.add_argument("--budget", type=float, default=0.0625, help="fraction of the full KV cache to keep")
+    parser.add_argument("--method", default="mixeddimkv", choices=METHODS)
+    parser.add_argument("--dims", default=None, help="comma list of candidate dims (default: the method's)")
+    parser.add_argument("--head-scores", default=None, help="head-score JSON (headkv, mixeddimkv-h)")
+    parser.add_argument("--out", required=True, help="output directory (written through a temp dir)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--max-prompt-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="capacity of the new-token region")
+    parser.add_argument("--capacity", type=int, default=None, help="store units per KV head (default: 2x budget)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--engine", default=None, help="trt: engine path (default OUT/decode.engine)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.target == "trt":
+        from mdkv_compile.backends.tensorrt_plugin import TensorRTUnavailable, require_tensorrt
+
+        try:
+            require_tensorrt()
+        except TensorRTUnavailable as e:
+            print(f"mdkv export trt: {e}", file=sys.stderr)
+            return 2
+    import torch
+
+    import mdkv_compile as mdkv
+    from mdkv_compile.backends.onnx_export import ExportError, export_onnx
+    from mdkv_compile.eval.assets import load_model
+
+    dims = None if args.dims is None else tuple(int(x) for x in args.dims.split(","))
+    try:
+        cfg = mdkv.MixedDimKVConfig(budget=args.budget, method=args.method, dims=dims, head_scores=args.head_scores)
+    except ValueError as e:
+        print(f"mdkv export: {e}", file=sys.stderr)
+        return 2
+    is_path = Path(args.model).exists()
+    # load_model caches one object per process: copy before patching.
+    model = copy.deepcopy(load_model(args.model, dtype=getattr(torch, args.dtype))[0])
+    source = str(Path(args.model).resolve()) if is_path else args.model
+    try:
+        mdkv.patch(model, cfg)
+        out = export_onnx(
+            model, cfg, args.out, batch=args.batch, max_prompt_tokens=args.max_prompt_tokens,
+            max_new_tokens=args.max_new_tokens, capacity=args.capacity, prefill_source=source,
+            overwrite=args.overwrite,
+        )
+    except (ExportError, NotImplementedError, ValueError) as e:
+        print(f"mdkv export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}/decode.onnx and {out}/manifest.json")
+    if args.target == "trt":
+        from mdkv_compile.backends.tensorrt_plugin import build_engine
+
+        engine = Path(args.engine) if args.engine else out / "decode.engine"
+        build_engine(out / "decode.onnx", engine)
+        print(f"wrote {engine}")
+    return 0

@@ -1,0 +1,207 @@
+"""ONNX export of the MixedDimKV decode step, run on real ONNX Runtime (CPU) against PyTorch."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.inliner
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import tiny_model
+
+import mdkv_compile as mdkv
+from mdkv_compile.backends.onnx_export import DOMAIN, OP_NAME, ExportError, align_store, export_onnx
+from mdkv_compile.backends.onnx_runtime import OnnxGenerator
+from mdkv_compile.cache import MixedDimCache
+
+NEW_TOKENS = 24
+PROMPT = 256
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _prompt(seed: int = 1, n: int = PROMPT) -> torch.Tensor:
+    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def exported(request, tmp_path_factory) -> tuple[str, torch.nn.Module, mdkv.MixedDimKVConfig, Path]:
+    arch = request.param
+    model = tiny_model(arch)
+    # budget 0.25 on a 256-token prompt: the tiny models store a mix of full and reduced tiers (on
+    # shorter prompts the per-prompt basis costs more than it saves and the policy only evicts)
+    cfg = mdkv.MixedDimKVConfig(budget=0.25)
+    mdkv.patch(model, cfg)
+    out = tmp_path_factory.mktemp(f"export_{arch}") / "decode"
+    export_onnx(model, cfg, out, max_prompt_tokens=PROMPT, max_new_tokens=NEW_TOKENS)
+    return arch, model, cfg, out
+
+
+def test_ort_greedy_matches_pytorch(exported) -> None:
+    _, model, _, out = exported
+    ids = _prompt()
+    ref = model.generate(
+        ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    got = OnnxGenerator(out).generate(ids, max_new_tokens=NEW_TOKENS)  # prefill model loaded from disk
+    assert torch.equal(got.sequences, ref.sequences)
+    err = max(float((a.float() - b).abs().max()) for a, b in zip(ref.logits, got.logits, strict=True))
+    assert err < 1e-3
+
+
+def test_prompt_store_uses_reduced_tiers(exported) -> None:
+    """The export's comparison above is only meaningful if the store really holds reduced tiers."""
+    _, model, cfg, _ = exported
+    cache = MixedDimCache(model.config, cfg)
+    with torch.no_grad():
+        model(input_ids=_prompt(), past_key_values=cache, use_cache=True)
+    assert any(len(layer.store.tier_dims) > 1 for layer in cache.layers)
+
+
+def test_checker_and_mdkv_nodes(exported) -> None:
+    _, model, _, out = exported
+    path = out / "decode.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(str(path))
+    nodes = [n for n in proto.graph.node if n.domain == DOMAIN]
+    assert len(nodes) == model.config.num_hidden_layers
+    assert all(n.op_type == OP_NAME for n in nodes)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attrs["plugin_namespace"] == b"mdkv" and attrs["plugin_version"] == b"1"
+    functions = {(f.domain, f.name) for f in proto.functions}
+    assert functions == {(DOMAIN, OP_NAME)}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["node"]["count"] == len(nodes)
+    assert manifest["tier_dims"] == [16, 8, 4, 2]
+    assert manifest["versions"]["onnx"] == onnx.__version__
+
+
+def test_inlined_graph_is_standard_ops_and_runs(exported) -> None:
+    _, model, _, out = exported
+    inlined = onnx.inliner.inline_local_functions(onnx.load(str(out / "decode.onnx")))
+    assert not inlined.functions
+    assert {n.domain for n in inlined.graph.node} <= {"", "ai.onnx"}
+    ids = _prompt(seed=2)
+    a = OnnxGenerator(out, model=model, inline=True).generate(ids, max_new_tokens=12)
+    b = OnnxGenerator(out, model=model).generate(ids, max_new_tokens=12)
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_cache_inputs_bytes_equal_static_store(exported) -> None:
+    _, model, cfg, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    session = ort.InferenceSession(str(out / "decode.onnx"))
+    dtypes = {"tensor(float)": 4, "tensor(int32)": 4}
+    graph_bytes = sum(
+        int(np.prod(i.shape)) * dtypes[i.type] for i in session.get_inputs() if i.name.startswith("store.")
+    )
+    cache = MixedDimCache(model.config, cfg)
+    with torch.no_grad():
+        model(input_ids=_prompt(), past_key_values=cache, use_cache=True)
+    tier_dims = tuple(manifest["tier_dims"])
+    store_bytes = sum(align_store(layer.store, tier_dims, manifest["capacity"]).stored_bytes() for layer in cache.layers)
+    assert graph_bytes == store_bytes == manifest["store_bytes"]
+
+
+def test_prompt_over_capacity_fails_clearly(exported) -> None:
+    _, model, _, out = exported
+    gen = OnnxGenerator(out, model=model)
+    with pytest.raises(ValueError, match=f"allows {PROMPT}"):
+        gen.generate(_prompt(n=PROMPT + 8), max_new_tokens=4)
+    with pytest.raises(ValueError, match="new-token slots"):
+        gen.generate(_prompt(), max_new_tokens=NEW_TOKENS + 8)
+
+
+def test_eviction_method_exports_without_basis(tmp_path) -> None:
+    model = tiny_model("llama")
+    cfg = mdkv.MixedDimKVConfig(budget=0.25, method="snapkv")
+    mdkv.patch(model, cfg)
+    out = export_onnx(model, cfg, tmp_path / "snap", max_prompt_tokens=PROMPT, max_new_tokens=8)
+    names = [i.name for i in ort.InferenceSession(str(out / "decode.onnx")).get_inputs()]
+    assert not any("basis" in n for n in names)
+    ids = _prompt()
+    ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(OnnxGenerator(out, model=model).generate(ids, max_new_tokens=8).sequences, ref)
+
+
+@pytest.mark.parametrize(
+    ("arch", "method", "match"),
+    [("gemma2", "mixeddimkv", "sliding"), ("llama", "lowrank", "lowrank")],
+)
+def test_unexportable_fails_before_writing(tmp_path, arch: str, method: str, match: str) -> None:
+    model = tiny_model(arch)
+    cfg = mdkv.MixedDimKVConfig(budget=0.25, method=method)
+    out = tmp_path / "nope"
+    with pytest.raises(ExportError, match=match):
+        export_onnx(model, cfg, out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_non_empty_out_dir_needs_overwrite(tmp_path) -> None:
+    model = tiny_model("llama")
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(ExportError, match="overwrite"):
+        export_onnx(model, mdkv.MixedDimKVConfig(budget=0.25), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_cli_export_onnx_then_generate(tmp_path) -> None:
+    from mdkv_compile.cli import main
+
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "exp"
+    rc = main([
+        "export", "onnx", "--model", str(tmp_path / "hf"), "--budget", "0.25",
+        "--max-prompt-tokens", str(PROMPT), "--max-new-tokens", "8", "--out", str(out),
+    ])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prefill"]["model"] == str((tmp_path / "hf").resolve())
+    ids = _prompt()
+    got = OnnxGenerator(out).generate(ids, max_new_tokens=8)
+    mdkv.patch(model, mdkv.MixedDimKVConfig(budget=0.25))
+    ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(got.sequences, ref)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed: the no-TensorRT error path does not apply")
+def test_cli_export_trt_without_tensorrt_names_it(tmp_path, capsys) -> None:
+    from mdkv_compile.cli import main
+
+    rc = main(["export", "trt", "--model", "smollm2", "--out", str(tmp_path / "e")])
+    assert rc == 2
+    assert "TensorRT" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT (not installed): builds an engine with the mdkv plugin")
+def test_trt_engine_from_export(exported, tmp_path) -> None:
+    from mdkv_compile.backends.tensorrt_plugin import build_engine
+
+    _, _, _, out = exported
+    engine = build_engine(out / "decode.onnx", tmp_path / "decode.engine")
+    assert engine.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_smollm2_export_matches_pytorch(tmp_path) -> None:
+    import copy
+
+    from mdkv_compile.eval.assets import load_model
+
+    model, tok = load_model("smollm2")
+    model = copy.deepcopy(model)  # load_model's object is shared: do not leave it patched
+    cfg = mdkv.MixedDimKVConfig(budget=0.1)
+    mdkv.patch(model, cfg)
+    out = export_onnx(model, cfg, tmp_path / "smol", max_prompt_tokens=256, max_new_tokens=16, prefill_source="smollm2")
+    text = "The capital of France is Paris. The capital of Italy is Rome. " * 8 + "The capital of France is"
+    ids = tok(text, return_tensors="pt").input_ids[:, :256]
+    ref = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    got = OnnxGenerator(out, model=model).generate(ids, max_new_tokens=16)
+    assert torch.equal(got.sequences, ref)
