@@ -104,7 +104,8 @@ def test_cache_inputs_bytes_equal_static_store(exported) -> None:
     with torch.no_grad():
         model(input_ids=_prompt(), past_key_values=cache, use_cache=True)
     tier_dims = tuple(manifest["tier_dims"])
-    store_bytes = sum(align_store(layer.store, tier_dims, manifest["capacity"]).stored_bytes() for layer in cache.layers)
+    stores = [align_store(layer.store, tier_dims, manifest["capacity"]) for layer in cache.layers]
+    store_bytes = sum(s.stored_bytes() for s in stores)
     assert graph_bytes == store_bytes == manifest["store_bytes"]
 
 
