@@ -206,3 +206,115 @@ def test_smollm2_export_matches_pytorch(tmp_path) -> None:
     ref = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     got = OnnxGenerator(out, model=model).generate(ids, max_new_tokens=16)
     assert torch.equal(got.sequences, ref)
+
+
+# --- the TensorRT plugin's kernel (runs without TensorRT: Triton on the GPU or its CPU interpreter)
+
+
+def _random_store(has_basis: bool, seed: int = 0):
+    from mdkv_compile.core.static import StaticStore
+
+    g = torch.Generator().manual_seed(seed)
+    bsz, n_kv, d, cap = 2, 2, 16, 200
+    if has_basis:
+        tier_dims = (16, 8, 4, 2)
+        counts = torch.tensor([[3, 5, 2, 1], [0, 7, 0, 4], [4, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.int32)
+        basis = [torch.randn(bsz * n_kv, d, 8, generator=g) for _ in range(2)]
+    else:
+        tier_dims, counts, basis = (16,), torch.tensor([[3], [0], [12], [1]], dtype=torch.int32), [None, None]
+    keys, values = (torch.randn(bsz * n_kv, cap, generator=g) for _ in range(2))
+    store = StaticStore(tier_dims, keys, values, counts, basis[0], basis[1], bsz, n_kv, d)
+    q = torch.randn(bsz, 2 * n_kv, 1, d, generator=g)
+    region = [torch.randn(bsz, n_kv, 8, d, generator=g) for _ in range(2)]
+    return q, store, region
+
+
+def _to(store, device: str):
+    from dataclasses import replace
+
+    move = {k: getattr(store, k).to(device) for k in ("keys", "values", "counts", "basis_k", "basis_v")
+            if getattr(store, k) is not None}
+    return replace(store, **move)
+
+
+@pytest.mark.parametrize("has_basis", [True, False])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_plugin_kernel_matches_attend_static(has_basis: bool, softcap: float | None) -> None:
+    from mdkv_compile.backends.tensorrt_plugin import static_decode_attention
+    from mdkv_compile.core.static import attend_static
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interpreter (conftest)
+    q, store, (kn, vn) = _random_store(has_basis)
+    n_new = torch.tensor(3)
+    ref = attend_static(q, store, kn, vn, n_new, 0.3, softcap)
+    got = static_decode_attention(q.to(device), _to(store, device), kn.to(device), vn.to(device), n_new.to(device),
+                                  0.3, softcap)
+    assert (got.cpu() - ref).abs().max() < 1e-5
+
+
+def test_plugin_kernel_on_a_prompt_store(exported) -> None:
+    """The kernel over a real compressed prompt (mixed tiers, per-owner bases) laid out for the export."""
+    from mdkv_compile.backends.tensorrt_plugin import static_decode_attention
+    from mdkv_compile.core.static import attend_static
+
+    _, model, cfg, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    cache = MixedDimCache(model.config, cfg)
+    with torch.no_grad():
+        model(input_ids=_prompt(), past_key_values=cache, use_cache=True)
+    store = align_store(cache.layers[0].store, tuple(manifest["tier_dims"]), manifest["capacity"])
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, model.config.num_attention_heads, 1, 16, generator=g)
+    kn, vn = (torch.randn(1, 2, NEW_TOKENS, 16, generator=g) for _ in range(2))
+    n_new = torch.tensor(5)
+    ref = attend_static(q, store, kn, vn, n_new, 0.25)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = [t.to(device) for t in (q, kn, vn, n_new)]
+    got = static_decode_attention(dev[0], _to(store, device), dev[1], dev[2], dev[3], 0.25)
+    assert (got.cpu() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_aot_ptx_compiles_without_a_gpu() -> None:
+    """What the QDP aot_impl hands TensorRT: PTX of one kernel, no scratch buffers."""
+    from mdkv_compile.backends.tensorrt_plugin import compile_ptx
+
+    name, ptx, threads, shared = compile_ptx((16, 8, 4, 2), 2, 0.25, 0.0)
+    assert name == "static_decode_kernel" and f".entry {name}(" in ptx and threads == 128
+    # inputs (9 pointers), CAP/NCAP/HQ (u32), output, then Triton's two scratch pointers
+    entry = ptx[ptx.index(f".entry {name}(") : ptx.index(")", ptx.index(f".entry {name}("))]
+    assert entry.count(".param .u64") == 12 and entry.count(".param .u32") == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: launches the AOT PTX as TensorRT would")
+def test_aot_ptx_launch_matches_attend_static() -> None:
+    """Loads the AOT PTX with the CUDA driver and launches it with QDP's argument order (inputs,
+    int32 scalars, output; Triton's scratch pointers null): the ABI TensorRT's AOT path relies on."""
+    import ctypes
+
+    from cuda.bindings import driver as cu
+
+    from mdkv_compile.backends.tensorrt_plugin import compile_ptx
+    from mdkv_compile.core.static import attend_static
+
+    q, store, (kn, vn) = _random_store(True)
+    n_new = torch.tensor(3)
+    ref = attend_static(q, store, kn, vn, n_new, 0.3)
+    major, minor = torch.cuda.get_device_capability()
+    name, ptx, threads, shared = compile_ptx(store.tier_dims, store.kv_heads, 0.3, 0.0, "fp32", major * 10 + minor)
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")  # make torch's primary context current
+    err, module = cu.cuModuleLoadData(ptx.encode() + b"\0")
+    assert err == cu.CUresult.CUDA_SUCCESS, err
+    err, fn = cu.cuModuleGetFunction(module, name.encode())
+    assert err == cu.CUresult.CUDA_SUCCESS, err
+    s = _to(store, "cuda")
+    tensors = [q.cuda(), s.keys, s.values, s.counts, kn.cuda(), vn.cuda(), n_new.cuda(), s.basis_k, s.basis_v]
+    out = torch.empty_like(tensors[0])
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int32
+    values = (*[t.data_ptr() for t in tensors], store.capacity, kn.shape[2], q.shape[1], out.data_ptr(), 0, 0)
+    types = (*[ptr] * 9, i32, i32, i32, ptr, ptr, ptr)
+    err, = cu.cuLaunchKernel(fn, q.shape[0] * q.shape[1], 1, 1, threads, 1, 1, shared, 0, (values, types), 0)
+    assert err == cu.CUresult.CUDA_SUCCESS, err
+    torch.cuda.synchronize()
+    assert (out.cpu() - ref).abs().max() < 1e-5

@@ -1,16 +1,65 @@
-"""TensorRT plugin for the `mdkv::MixedDimKVAttention` node (work in progress)."""
+"""TensorRT plugin for the `mdkv::MixedDimKVAttention` node of `mdkv export onnx`.
+
+What is here:
+
+* `static_decode_kernel` / `static_decode_kernel_nobasis`: one Triton kernel launch computing the
+  node over the *static* store layout (`mdkv_compile.core.static`: per owner one row of
+  `capacity` units, tiers back to back, `counts` per tier) plus the new-token region, one query
+  token per row. One program per query head; it reads only the filled slots of each tier (the
+  ONNX fallback function reads every tier's whole window). It is a plain, untuned kernel written
+  for a single launch (QDP's AOT path takes one kernel), not the two-launch split/merge kernel of
+  `mdkv_compile.ops.triton_attention`, which works on the packed (CSR) layout.
+* `static_decode_attention(...)`: launches it from PyTorch (tests; Triton's interpreter on CPU).
+* `register_plugin()`: the QDP definitions against the documented `tensorrt.plugin` API
+  (TensorRT >= 10.9): `@trtp.register("mdkv::MixedDimKVAttention")` (output = query's shape and
+  dtype), `@trtp.autotune` (fp32/fp16 combinations), `@trtp.aot_impl` compiling the kernel to PTX
+  with `triton.compile`, shape-derived scalars passed as `trtp.SymInt32` after the tensor inputs
+  (the kernel's argument order is inputs, scalars, output, constexprs, as QDP requires).
+* `build_engine(onnx_path, engine_path)`: parses the export with the plugin registered
+  (`ENABLE_PLUGIN_OVERRIDE` where the parser has it, so the node maps to the plugin and not to its
+  local function) and serializes an engine.
+
+What has run: the kernel against `attend_static` (tests/test_onnx_export.py, Triton's CPU
+interpreter; on a GPU it compiles and runs the same way), and `compile_ptx` where a CUDA target is
+available. What has NEVER run: everything that imports `tensorrt` (`register_plugin`,
+`build_engine`, the AOT launch inside an engine): TensorRT cannot be installed where this was
+written. Open points for the first TensorRT machine are in docs/export.md.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
+
+import torch
+
+from mdkv_compile.core.static import StaticStore
+
+PLUGIN_ID = "mdkv::MixedDimKVAttention"
+BLOCK_N = 32
+NUM_WARPS = 4
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
 
 
 class TensorRTUnavailable(RuntimeError):
     """TensorRT (the `tensorrt` Python package) is not installed here."""
 
 
-def require_tensorrt():
+def require_tensorrt() -> Any:
+    """The `tensorrt` module, or TensorRTUnavailable saying what is missing."""
     if importlib.util.find_spec("tensorrt") is None:
         raise TensorRTUnavailable(
             "TensorRT is not installed (no `tensorrt` Python package): building an engine needs TensorRT >= 10.9 "
@@ -21,6 +70,352 @@ def require_tensorrt():
     return tensorrt
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path) -> Path:
-    require_tensorrt()
-    raise NotImplementedError
+def _pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _online(m, l_sum, acc, other, s, v, alpha_other: tl.constexpr):
+        """Online-softmax step over one block: logits s [BLOCK_N] (-inf where masked), values
+        v [BLOCK_N, W] into acc; `other` is the accumulator of the other space (full vs reduced
+        coefficients), which shares the softmax state and only gets rescaled."""
+        m_new = tl.maximum(m, tl.max(s, 0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        l_sum = l_sum * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        if alpha_other:
+            other = other * alpha
+        return m_new, l_sum, acc, other
+
+    @triton.jit
+    def _logits(k, qv, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        s = tl.sum(k * qv[None, :], 1) * SCALE
+        if HAS_SOFTCAP:
+            # tanh through exp (saturates cleanly), as softcap_logits: softcap * tanh(s / softcap)
+            x = s / SOFTCAP
+            s = SOFTCAP * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+        return s
+
+    @triton.jit
+    def _reduced_tier(
+        k_ptr, v_ptr, row, start, cnt, qr, m, l_sum, accr, acc,
+        R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ):
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R)
+        slot = 0
+        while slot < cnt:
+            rows = slot + offs_n
+            rmask = rows < cnt
+            ptr = row + start + rows[:, None].to(tl.int64) * R + offs_r[None, :]
+            msk = rmask[:, None] & (offs_r < R)[None, :]
+            k = tl.load(k_ptr + ptr, mask=msk, other=0.0).to(tl.float32)
+            s = tl.where(rmask, _logits(k, qr, SCALE, SOFTCAP, HAS_SOFTCAP), float("-inf"))
+            v = tl.load(v_ptr + ptr, mask=msk, other=0.0).to(tl.float32)
+            m, l_sum, accr, acc = _online(m, l_sum, accr, acc, s, v, True)
+            slot += BLOCK_N
+        return m, l_sum, accr, acc
+
+    @triton.jit
+    def _static_decode_body(
+        q_ptr, k_ptr, v_ptr, cnt_ptr, kn_ptr, vn_ptr, nnew_ptr, bk_ptr, bv_ptr, CAP, NCAP, HQ, out_ptr,
+        KV_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
+        NUM_RED: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
+        R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ):
+        pid = tl.program_id(0)  # query row b * HQ + hq (one decode token)
+        b = pid // HQ
+        hq = pid % HQ
+        o = b * KV_HEADS + hq // (HQ // KV_HEADS)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        dmask = offs_d < D
+        q = tl.load(q_ptr + pid.to(tl.int64) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+        l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        accr = tl.zeros([BLOCK_R], tl.float32)
+        row = o.to(tl.int64) * CAP
+
+        # full tier: slots of D units from the start of the row
+        c0 = tl.load(cnt_ptr + o * T)
+        slot = 0
+        while slot < c0:
+            rows = slot + offs_n
+            rmask = rows < c0
+            ptr = row + rows[:, None].to(tl.int64) * D + offs_d[None, :]
+            msk = rmask[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + ptr, mask=msk, other=0.0).to(tl.float32)
+            s = tl.where(rmask, _logits(k, q, SCALE, SOFTCAP, HAS_SOFTCAP), float("-inf"))
+            v = tl.load(v_ptr + ptr, mask=msk, other=0.0).to(tl.float32)
+            m, l_sum, acc, accr = _online(m, l_sum, acc, accr, s, v, True)
+            slot += BLOCK_N
+        start = c0 * D
+
+        if NUM_RED > 0:
+            # the query rotated once into the owner's key basis: q_rot = q @ basis_k[o]
+            offs_r = tl.arange(0, BLOCK_R)
+            bmask = dmask[:, None] & (offs_r < R_MAX)[None, :]
+            bofs = o.to(tl.int64) * D * R_MAX + offs_d[:, None] * R_MAX + offs_r[None, :]
+            qr = tl.sum(q[:, None] * tl.load(bk_ptr + bofs, mask=bmask, other=0.0).to(tl.float32), 0)
+            c = tl.load(cnt_ptr + o * T + 1)
+            m, l_sum, accr, acc = _reduced_tier(
+                k_ptr, v_ptr, row, start, c, qr, m, l_sum, accr, acc, R1, BLOCK_R, BLOCK_N, SCALE, SOFTCAP, HAS_SOFTCAP
+            )
+            start += c * R1
+            if NUM_RED > 1:
+                c = tl.load(cnt_ptr + o * T + 2)
+                m, l_sum, accr, acc = _reduced_tier(
+                    k_ptr, v_ptr, row, start, c, qr, m, l_sum, accr, acc, R2, BLOCK_R, BLOCK_N,
+                    SCALE, SOFTCAP, HAS_SOFTCAP,
+                )
+                start += c * R2
+            if NUM_RED > 2:
+                c = tl.load(cnt_ptr + o * T + 3)
+                m, l_sum, accr, acc = _reduced_tier(
+                    k_ptr, v_ptr, row, start, c, qr, m, l_sum, accr, acc, R3, BLOCK_R, BLOCK_N,
+                    SCALE, SOFTCAP, HAS_SOFTCAP,
+                )
+                start += c * R3
+            if NUM_RED > 3:
+                c = tl.load(cnt_ptr + o * T + 4)
+                m, l_sum, accr, acc = _reduced_tier(
+                    k_ptr, v_ptr, row, start, c, qr, m, l_sum, accr, acc, R4, BLOCK_R, BLOCK_N,
+                    SCALE, SOFTCAP, HAS_SOFTCAP,
+                )
+
+        # new-token region: the first n_new slots of [NCAP, D] for this owner
+        n_new = tl.load(nnew_ptr)
+        slot = 0
+        while slot < n_new:
+            rows = slot + offs_n
+            rmask = rows < n_new
+            ptr = (o.to(tl.int64) * NCAP + rows[:, None]) * D + offs_d[None, :]
+            msk = rmask[:, None] & dmask[None, :]
+            k = tl.load(kn_ptr + ptr, mask=msk, other=0.0).to(tl.float32)
+            s = tl.where(rmask, _logits(k, q, SCALE, SOFTCAP, HAS_SOFTCAP), float("-inf"))
+            v = tl.load(vn_ptr + ptr, mask=msk, other=0.0).to(tl.float32)
+            m, l_sum, acc, accr = _online(m, l_sum, acc, accr, s, v, True)
+            slot += BLOCK_N
+
+        out = acc
+        if NUM_RED > 0:
+            # reduced tiers' value coefficients (zero-padded to r_max) rotated back once: accr @ basis_v[o]^T
+            bv = tl.load(bv_ptr + bofs, mask=bmask, other=0.0).to(tl.float32)
+            out = out + tl.sum(bv * accr[None, :], 1)
+        out = out / tl.where(l_sum > 0, l_sum, 1.0)
+        tl.store(out_ptr + pid.to(tl.int64) * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+
+    @triton.jit
+    def static_decode_kernel(
+        q_ptr, k_ptr, v_ptr, cnt_ptr, kn_ptr, vn_ptr, nnew_ptr, bk_ptr, bv_ptr, CAP, NCAP, HQ, out_ptr,
+        KV_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
+        NUM_RED: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
+        R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ):
+        """Node with bases (9 inputs): inputs, scalars CAP/NCAP/HQ, output, constexprs."""
+        _static_decode_body(
+            q_ptr, k_ptr, v_ptr, cnt_ptr, kn_ptr, vn_ptr, nnew_ptr, bk_ptr, bv_ptr, CAP, NCAP, HQ, out_ptr,
+            KV_HEADS, D, BLOCK_D, T, NUM_RED, R1, R2, R3, R4, R_MAX, BLOCK_R, BLOCK_N, SCALE, SOFTCAP, HAS_SOFTCAP,
+        )
+
+    @triton.jit
+    def static_decode_kernel_nobasis(
+        q_ptr, k_ptr, v_ptr, cnt_ptr, kn_ptr, vn_ptr, nnew_ptr, CAP, NCAP, HQ, out_ptr,
+        KV_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
+        BLOCK_N: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ):
+        """Node without bases (7 inputs, full tier only); the basis pointers are never read."""
+        _static_decode_body(
+            q_ptr, k_ptr, v_ptr, cnt_ptr, kn_ptr, vn_ptr, nnew_ptr, q_ptr, q_ptr, CAP, NCAP, HQ, out_ptr,
+            KV_HEADS, D, BLOCK_D, T, 0, 1, 1, 1, 1, 1, 1, BLOCK_N, SCALE, SOFTCAP, HAS_SOFTCAP,
+        )
+
+
+def kernel_constexprs(
+    tier_dims: tuple[int, ...], kv_heads: int, scale: float, softcap: float, has_basis: bool
+) -> dict[str, Any]:
+    """Compile-time constants of the kernel for one node's attributes."""
+    d = tier_dims[0]
+    red = tier_dims[1:]
+    if len(red) > 4:
+        raise ValueError(f"the kernel takes at most 4 reduced tiers, got {len(red)} ({tier_dims})")
+    out: dict[str, Any] = {
+        "KV_HEADS": kv_heads, "D": d, "BLOCK_D": _pow2(d), "T": len(tier_dims), "BLOCK_N": BLOCK_N,
+        "SCALE": float(scale), "SOFTCAP": float(softcap or 1.0), "HAS_SOFTCAP": bool(softcap),
+    }
+    if has_basis:
+        r = [*red, 1, 1, 1, 1][:4]
+        r_max = red[0] if red else 1
+        out.update(NUM_RED=len(red), R1=r[0], R2=r[1], R3=r[2], R4=r[3], R_MAX=r_max, BLOCK_R=_pow2(r_max))
+    return out
+
+
+def static_decode_attention(
+    query: torch.Tensor,
+    store: StaticStore,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    n_new: torch.Tensor,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The plugin's kernel launched from PyTorch: same contract as `attend_static` for one query
+    token (query [B, Hq, 1, d]); `n_new` counts the new tokens including this one."""
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed")
+    if query.shape[2] != 1:
+        raise ValueError("the plugin kernel serves one decode token per row")
+    d = query.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    has_basis = store.basis_k is not None
+    cx = kernel_constexprs(store.tier_dims, store.kv_heads, scale, softcap or 0.0, has_basis)
+    q = query.contiguous()
+    out = torch.empty_like(q)
+    rows = q.shape[0] * q.shape[1]
+    n = n_new.reshape(()).to(torch.int64)
+    args = [q, store.keys.contiguous(), store.values.contiguous(), store.counts.contiguous(),
+            key_new.contiguous(), value_new.contiguous(), n]
+    if has_basis:
+        args += [store.basis_k.contiguous(), store.basis_v.contiguous()]
+    args += [store.capacity, key_new.shape[2], q.shape[1], out]
+    kernel = static_decode_kernel if has_basis else static_decode_kernel_nobasis
+    kernel[(rows,)](*args, **cx, num_warps=NUM_WARPS)
+    return out
+
+
+def _signature(dtype: str, has_basis: bool, constexprs: dict[str, Any]) -> dict[str, str]:
+    """Triton signature of the kernel: tensor inputs, int32 scalars, output, constexprs."""
+    sig = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "cnt_ptr": "*i32",
+           "kn_ptr": f"*{dtype}", "vn_ptr": f"*{dtype}", "nnew_ptr": "*i64"}
+    if has_basis:
+        sig |= {"bk_ptr": f"*{dtype}", "bv_ptr": f"*{dtype}"}
+    sig |= {"CAP": "i32", "NCAP": "i32", "HQ": "i32", "out_ptr": f"*{dtype}"}
+    sig |= dict.fromkeys(constexprs, "constexpr")
+    return sig
+
+
+def compile_ptx(
+    tier_dims: tuple[int, ...], kv_heads: int, scale: float, softcap: float, dtype: str = "fp32",
+    capability: int = 90,
+) -> tuple[str, str, int, int]:
+    """Compile the kernel for one node to PTX ahead of time: (kernel name, PTX, threads per block,
+    shared memory bytes). This is what the QDP `aot_impl` hands to TensorRT."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter replaces @triton.jit functions with ones that cannot be compiled:
+        # compile in a child process that has the real ones.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        code = (
+            "import json, sys; from mdkv_compile.backends.tensorrt_plugin import compile_ptx; "
+            f"print(json.dumps(compile_ptx({tuple(tier_dims)!r}, {kv_heads!r}, {float(scale)!r}, "
+            f"{float(softcap)!r}, {dtype!r}, {capability!r})))"
+        )
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling the plugin kernel failed:\n{done.stderr[-4000:]}")
+        name, ptx, threads, shared = json.loads(done.stdout.strip().splitlines()[-1])
+        return name, ptx, threads, shared
+    from triton.backends.compiler import GPUTarget
+
+    has_basis = len(tier_dims) > 1
+    cx = kernel_constexprs(tier_dims, kv_heads, scale, softcap, has_basis)
+    kernel = static_decode_kernel if has_basis else static_decode_kernel_nobasis
+    src = triton.compiler.ASTSource(fn=kernel, signature=_signature(dtype, has_basis, cx), constexprs=cx)
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": NUM_WARPS})
+    md = compiled.metadata
+    # Triton >= 3.3 appends two pointer parameters (global and profile scratch) to every kernel;
+    # a QDP launch passes only inputs, scalars and outputs, so the kernel must not need them.
+    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
+        raise RuntimeError(f"{md.name} needs Triton scratch memory, which a TensorRT AOT launch does not provide")
+    return md.name, compiled.asm["ptx"], md.num_warps * 32, md.shared
+
+
+_REGISTERED = False
+
+
+def register_plugin() -> None:
+    """Register the QDP plugin `mdkv::MixedDimKVAttention` with TensorRT (idempotent).
+    NEVER RUN: no TensorRT where this was written."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    trt = require_tensorrt()
+    import numpy as np
+    import numpy.typing as npt
+    import tensorrt.plugin as trtp
+
+    @trtp.register(PLUGIN_ID)
+    def _desc(
+        query: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc, counts: trtp.TensorDesc,
+        key_new: trtp.TensorDesc, value_new: trtp.TensorDesc, n_new: trtp.TensorDesc,
+        basis_k: trtp.TensorDesc, basis_v: trtp.TensorDesc,
+        tier_dims: npt.NDArray[np.int64], kv_heads: int, scale: float, softcap: float,
+    ) -> trtp.TensorDesc:
+        return query.like()
+
+    @trtp.autotune(PLUGIN_ID)
+    def _autotune(query, keys, values, counts, key_new, value_new, n_new, basis_k, basis_v, outputs):
+        combo = trtp.AutoTuneCombination()
+        combo.pos([0, 1, 2, 4, 5, 7, 8, 9], "FP32|FP16")  # activations, cache, bases, output alike
+        combo.pos(3, "INT32")
+        combo.pos(6, "INT64")
+        return [combo]
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def _aot(
+        query: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc, counts: trtp.TensorDesc,
+        key_new: trtp.TensorDesc, value_new: trtp.TensorDesc, n_new: trtp.TensorDesc,
+        basis_k: trtp.TensorDesc, basis_v: trtp.TensorDesc,
+        tier_dims: npt.NDArray[np.int64], kv_heads: int, scale: float, softcap: float,
+        outputs: tuple[trtp.TensorDesc], tactic: int,
+    ):
+        dims = tuple(int(x) for x in tier_dims)
+        dtype = "fp32" if query.dtype == trt.float32 else "fp16"
+        major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+        name, ptx, threads, shared = compile_ptx(dims, kv_heads, scale, softcap, dtype, major * 10 + minor)
+        q = query.shape_expr
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = q[0] * q[1]  # one program per query head of each row
+        launch.block_x = threads
+        launch.shared_mem = shared
+        # Shape-derived scalars go after the tensor inputs and before the output (QDP's order).
+        extra = trtp.SymIntExprs.from_tuple(
+            [trtp.SymInt32(keys.shape_expr[1]), trtp.SymInt32(key_new.shape_expr[2]), trtp.SymInt32(q[1])]
+        )
+        return name.encode(), ptx.encode(), launch, extra
+
+    _REGISTERED = True
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, workspace_gib: float = 4.0) -> Path:
+    """Parse an export with the plugin registered and write a serialized engine.
+    NEVER RUN: no TensorRT where this was written."""
+    trt = require_tensorrt()
+    register_plugin()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # Without this flag (TensorRT >= 10.15) the parser may prefer the node's local function.
+    if hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):
+        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
+    engine_path = Path(engine_path)
+    engine_path.write_bytes(bytes(engine))
+    return engine_path
