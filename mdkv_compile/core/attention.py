@@ -100,21 +100,35 @@ def attend_packed(
     if not logit_parts:
         raise ValueError("attention over an empty cache: nothing stored and no new tokens")
 
-    logits = torch.cat(logit_parts, dim=-1)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows (padding) -> 0
-    out = torch.zeros(owners, group, n_queries, head_dim, device=query.device)
+    value_basis = None if store is None else store.owner_basis("v")
+    out = softmax_over_parts(logit_parts, value_parts, value_basis, head_dim)
+    return out.view(bsz, n_q_heads, n_queries, head_dim).to(query.dtype)
+
+
+def softmax_over_parts(
+    logit_parts: list[torch.Tensor],
+    value_parts: list[tuple[torch.Tensor, int]],
+    value_basis: torch.Tensor | None,
+    head_dim: int,
+) -> torch.Tensor:
+    """One softmax over every part's logits ([owners, G, L, n_part] each), then the weighted sum
+    of each part's values ([owners, n_part, r]): full-dimension parts directly, reduced ones in
+    coefficient space, rotated back once with value_basis [owners, d, r_max].
+    Returns [owners, G, L, d] float32."""
+    probs = torch.softmax(torch.cat(logit_parts, dim=-1), dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+    owners, group, n_queries, _ = probs.shape
+    out = torch.zeros(owners, group, n_queries, head_dim, device=probs.device)
     reduced = None
     start = 0
     for (v, r), part in zip(value_parts, logit_parts, strict=True):
-        p = probs[..., start : start + part.shape[-1]]
+        contrib = probs[..., start : start + part.shape[-1]] @ v[:, None]  # [owners, G, L, r]
         start += part.shape[-1]
-        contrib = p @ v[:, None]  # [owners, G, L, r]
         if r == head_dim:
             out = out + contrib
         else:
             if reduced is None:
-                reduced = torch.zeros(owners, group, n_queries, store.basis_v.shape[-1], device=query.device)
+                reduced = torch.zeros(owners, group, n_queries, value_basis.shape[-1], device=probs.device)
             reduced[..., :r] += contrib
     if reduced is not None:
-        out = out + reduced @ store.owner_basis("v").float().transpose(-1, -2)[:, None]
-    return out.view(bsz, n_q_heads, n_queries, head_dim).to(query.dtype)
+        out = out + reduced @ value_basis.float().transpose(-1, -2)[:, None]
+    return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mdkv_compile.core.attention import softmax_over_parts
 from mdkv_compile.core.packing import PackedStore
 from mdkv_compile.core.scoring import softcap_logits
 
@@ -147,21 +148,7 @@ def attend_static(
     logit_parts.append(logits.masked_fill(~allowed[None, None], float("-inf")))
     value_parts.append((value_new.float().reshape(owners, cap, d), d))
 
-    probs = torch.softmax(torch.cat(logit_parts, dim=-1), dim=-1).nan_to_num(0.0)
-    out = torch.zeros(owners, group, n_queries, d, device=query.device)
-    reduced = None
-    start = 0
-    for (v, r), part in zip(value_parts, logit_parts, strict=True):
-        contrib = probs[..., start : start + part.shape[-1]] @ v[:, None]
-        start += part.shape[-1]
-        if r == d:
-            out = out + contrib
-        else:
-            if reduced is None:
-                reduced = torch.zeros(owners, group, n_queries, store.basis_v.shape[-1], device=query.device)
-            reduced[..., :r] += contrib
-    if reduced is not None:
-        out = out + reduced @ store.basis_v.float().transpose(-1, -2)[:, None]
+    out = softmax_over_parts(logit_parts, value_parts, store.basis_v, d)
     return out.view(bsz, n_q_heads, n_queries, d).to(query.dtype)
 
 
