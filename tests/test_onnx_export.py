@@ -318,3 +318,13 @@ def test_aot_ptx_launch_matches_attend_static() -> None:
     assert err == cu.CUresult.CUDA_SUCCESS, err
     torch.cuda.synchronize()
     assert (out.cpu() - ref).abs().max() < 1e-5
+
+
+def test_batch_of_two_matches_pytorch(tmp_path) -> None:
+    model = tiny_model("llama")
+    cfg = mdkv.MixedDimKVConfig(budget=0.25)
+    mdkv.patch(model, cfg)
+    out = export_onnx(model, cfg, tmp_path / "b2", batch=2, max_prompt_tokens=PROMPT, max_new_tokens=8)
+    ids = torch.cat([_prompt(seed=3), _prompt(seed=4)])
+    ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(OnnxGenerator(out, model=model).generate(ids, max_new_tokens=8).sequences, ref)

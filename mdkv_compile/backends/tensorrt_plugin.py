@@ -355,7 +355,7 @@ def register_plugin() -> None:
         query: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc, counts: trtp.TensorDesc,
         key_new: trtp.TensorDesc, value_new: trtp.TensorDesc, n_new: trtp.TensorDesc,
         basis_k: trtp.TensorDesc, basis_v: trtp.TensorDesc,
-        tier_dims: npt.NDArray[np.int64], kv_heads: int, scale: float, softcap: float,
+        tier_dims: npt.NDArray[np.int32], kv_heads: int, scale: float, softcap: float,
     ) -> trtp.TensorDesc:
         return query.like()
 
@@ -372,7 +372,7 @@ def register_plugin() -> None:
         query: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc, counts: trtp.TensorDesc,
         key_new: trtp.TensorDesc, value_new: trtp.TensorDesc, n_new: trtp.TensorDesc,
         basis_k: trtp.TensorDesc, basis_v: trtp.TensorDesc,
-        tier_dims: npt.NDArray[np.int64], kv_heads: int, scale: float, softcap: float,
+        tier_dims: npt.NDArray[np.int32], kv_heads: int, scale: float, softcap: float,
         outputs: tuple[trtp.TensorDesc], tactic: int,
     ):
         dims = tuple(int(x) for x in tier_dims)
