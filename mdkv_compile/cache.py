@@ -23,6 +23,7 @@ from mdkv_compile.config import HEAD_SCORE_METHODS, MixedDimKVConfig
 from mdkv_compile.core.attention import attend_packed, dense_attention
 from mdkv_compile.core.bases import load_calibrated
 from mdkv_compile.core.packing import PackedStore, pack
+from mdkv_compile.distributed import HeadShard, check_local_heads, head_shard
 from mdkv_compile.policies import POLICIES, LayerContext
 from mdkv_compile.policies.head_scores import load_head_shares
 
@@ -72,10 +73,13 @@ class MixedDimLayer(CacheLayerMixin):
         dims: tuple[int, ...],
         head_shares: torch.Tensor | None = None,
         calibrated: tuple[torch.Tensor, torch.Tensor] | None = None,
+        shard: HeadShard | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.layer_idx, self.num_layers, self.dims = cfg, layer_idx, num_layers, dims
         self.head_shares, self.calibrated = head_shares, calibrated
+        # Tensor parallelism: this rank's slice of the KV heads (None: the whole layer).
+        self.shard = shard
         self.store: PackedStore | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n_prompt = 0  # prompt positions (padding included) covered by the store
@@ -164,7 +168,9 @@ class MixedDimLayer(CacheLayerMixin):
         scale: float | None,
         softcap: float | None,
     ) -> None:
-        bsz, _, n_tokens, _ = key.shape
+        bsz, n_heads, n_tokens, _ = key.shape
+        if self.shard is not None:
+            check_local_heads(self.shard, n_heads, self.layer_idx)
         for hook in _KV_HOOKS:
             hook(self.layer_idx, key, value)
         ctx = LayerContext(
@@ -173,7 +179,7 @@ class MixedDimLayer(CacheLayerMixin):
             layer_idx=self.layer_idx, num_layers=self.num_layers, cfg=self.cfg, dims=self.dims,
             scale=scale, softcap=softcap,
             head_shares=None if self.head_shares is None else self.head_shares.to(key.device),
-            calibrated=self.calibrated,
+            calibrated=self.calibrated, shard=self.shard,
         )
         sel = POLICIES[self.cfg.method](ctx)
         self.store = pack(
@@ -214,6 +220,11 @@ class MixedDimCache(Cache):
         if cfg.method in HEAD_SCORE_METHODS:
             shares = load_head_shares(cfg.head_scores, num_layers, n_kv, cfg.head_temp)
         calibrated = load_calibrated(cfg.basis_path) if cfg.basis == "calibrated" else {}
+        # Under tensor parallelism each rank keeps its KV heads' slice of the per-head inputs.
+        shard = head_shard(config, n_kv)
+        if shard is not None:
+            shares = None if shares is None else shares[:, shard.heads].contiguous()
+            calibrated = {i: (kb[shard.heads], vb[shard.heads]) for i, (kb, vb) in calibrated.items()}
         layer_types = getattr(text, "layer_types", None) or ["full_attention"] * num_layers
         layers: list[CacheLayerMixin] = []
         for i, kind in enumerate(layer_types[:num_layers]):
@@ -223,10 +234,12 @@ class MixedDimCache(Cache):
             if cfg.basis == "calibrated" and i not in calibrated:
                 raise ValueError(f"calibrated basis {cfg.basis_path} has no layer {i}; it was made for another model")
             layers.append(
-                MixedDimLayer(cfg, i, num_layers, dims, None if shares is None else shares[i], calibrated.get(i))
+                MixedDimLayer(
+                    cfg, i, num_layers, dims, None if shares is None else shares[i], calibrated.get(i), shard
+                )
             )
         super().__init__(layers=layers)
-        self.cfg = cfg
+        self.cfg, self.shard = cfg, shard
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)

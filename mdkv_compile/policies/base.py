@@ -19,6 +19,7 @@ import torch
 
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.scoring import forced_mask, window_importance
+from mdkv_compile.distributed import HeadShard
 
 
 @dataclass
@@ -37,10 +38,17 @@ class LayerContext:
     head_shares: torch.Tensor | None = None
     # Calibrated bases of this layer, [H, d, d] each (basis="calibrated").
     calibrated: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Tensor parallelism: this rank holds `shard.heads` of the layer's KV heads (None: all of them).
+    shard: HeadShard | None = None
 
     @property
     def head_dim(self) -> int:
         return self.key.shape[-1]
+
+    @property
+    def total_heads(self) -> int:
+        """KV heads of the layer over all tensor-parallel ranks (budgets are per model, not per rank)."""
+        return self.key.shape[1] if self.shard is None else self.shard.total_heads
 
     @property
     def n_valid(self) -> torch.Tensor:
@@ -82,13 +90,13 @@ def base_budget(ctx: LayerContext) -> torch.Tensor:
     """Uniform budget units per owner, [B] float: the config's budget before any per-layer or
     per-head redistribution."""
     cfg, d = ctx.cfg, ctx.head_dim
-    bsz, n_heads = ctx.key.shape[:2]
+    bsz = ctx.key.shape[0]
     if cfg.budget is not None:
         return cfg.budget * ctx.n_valid.double() * d
     if cfg.budget_tokens is not None:
         per_owner = float(cfg.budget_tokens * d)
     else:
-        per_owner = cfg.budget_bytes / (ctx.num_layers * n_heads * 2 * ctx.key.element_size())
+        per_owner = cfg.budget_bytes / (ctx.num_layers * ctx.total_heads * 2 * ctx.key.element_size())
     return torch.full((bsz,), per_owner, dtype=torch.double, device=ctx.key.device)
 
 
@@ -102,7 +110,7 @@ def owner_budget(ctx: LayerContext) -> torch.Tensor:
     if ctx.head_shares is not None:
         # HeadKV: a 1 - 1/beta share of each head's budget stays uniform; the rest is pooled over
         # every head of the model and handed out by head importance.
-        pooled = units / cfg.head_beta * ctx.num_layers * n_heads
+        pooled = units / cfg.head_beta * ctx.num_layers * ctx.total_heads
         units = units * (1 - 1 / cfg.head_beta) + ctx.head_shares[None, :].double() * pooled
     return units
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from mdkv_compile.distributed import gather_heads, local_heads
 from mdkv_compile.policies.base import (
     LayerContext,
     Selection,
@@ -56,11 +57,17 @@ def snapkv(ctx: LayerContext) -> Selection:
 
 
 def ada_snapkv(ctx: LayerContext) -> Selection:
-    bsz, n_heads, n_tokens = ctx.key.shape[:3]
     units, everything = _usable_units(ctx)
+    scores = scored(ctx, ctx.importance())
+    if ctx.shard is not None:
+        # The layer's pool spans every rank's heads: rank them all as one process would.
+        units, scores = gather_heads(units, ctx.shard), gather_heads(scores, ctx.shard)
+    bsz, n_heads, n_tokens = scores.shape
     k_row = (units.sum(-1) / ctx.head_dim).floor().clamp_min(0).long()
-    keep = keep_top(scored(ctx, ctx.importance()).reshape(bsz, n_heads * n_tokens), k_row)
-    return _finish(ctx, keep.view(bsz, n_heads, n_tokens), everything)
+    keep = keep_top(scores.reshape(bsz, n_heads * n_tokens), k_row).view(bsz, n_heads, n_tokens)
+    if ctx.shard is not None:
+        keep = local_heads(keep, ctx.shard)
+    return _finish(ctx, keep, everything)
 
 
 def streamingllm(ctx: LayerContext) -> Selection:

@@ -16,6 +16,7 @@ import torch
 from mdkv_compile.core.allocation import FORCED_LOSS, allocate
 from mdkv_compile.core.bases import prompt_basis
 from mdkv_compile.core.losses import attention_losses, candidate_losses
+from mdkv_compile.distributed import gather_heads, local_heads
 from mdkv_compile.policies.base import (
     LayerContext,
     Selection,
@@ -59,18 +60,28 @@ def _basis_storage(
 def _solve(
     ctx: LayerContext, losses: torch.Tensor, units: torch.Tensor, dims: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Allocate; returns (chosen dim [B, H, N] long, total loss per row [B])."""
-    bsz, n_heads, n_tokens, n_opts = losses.shape
+    """Allocate; returns (chosen dim [B, H, N] long, total loss per row [B], over all TP ranks)."""
     costs = torch.tensor(dims, device=losses.device)
-    if ctx.cfg.pool == "layer" and ctx.head_shares is None:
+    pooled = ctx.cfg.pool == "layer" and ctx.head_shares is None
+    if pooled and ctx.shard is not None:
+        # One knapsack over every rank's heads: each rank solves the gathered layer, keeps its slice.
+        losses, units = gather_heads(losses, ctx.shard), gather_heads(units, ctx.shard)
+    bsz, n_heads, n_tokens, n_opts = losses.shape
+    if pooled:
         budget = units.sum(-1).floor().clamp_min(0).long()
         choice = allocate(losses.reshape(bsz, n_heads * n_tokens, n_opts), costs, budget, ctx.cfg.solver)
     else:
         budget = units.floor().clamp_min(0).long().reshape(-1)
         choice = allocate(losses.reshape(bsz * n_heads, n_tokens, n_opts), costs, budget, ctx.cfg.solver)
     choice = choice.view(bsz, n_heads, n_tokens)
-    row_loss = losses.double().gather(-1, choice[..., None]).squeeze(-1).sum(dim=(1, 2))
-    return costs[choice], row_loss
+    token_loss = losses.double().gather(-1, choice[..., None]).squeeze(-1)
+    if ctx.shard is not None:
+        if pooled:
+            choice = local_heads(choice, ctx.shard)
+        else:
+            # The row's evict-or-mixed decision must be the same on every rank: sum over all heads.
+            token_loss = gather_heads(token_loss, ctx.shard)
+    return costs[choice], token_loss.sum(dim=(1, 2))
 
 
 def mixeddimkv(ctx: LayerContext) -> Selection:
@@ -144,7 +155,10 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
 def lowrank(ctx: LayerContext) -> Selection:
     """Every valid token at one rank r per row, the largest the budget affords (basis included)."""
     d = ctx.head_dim
-    units = owner_budget(ctx).min(-1).values  # one rank for every head of a row
+    units = owner_budget(ctx)
+    if ctx.shard is not None:
+        units = gather_heads(units, ctx.shard)  # the row's rank is the same on every TP rank
+    units = units.min(-1).values  # one rank for every head of a row
     n = ctx.n_valid.double()
     # Two tiers plus the owner -> basis index.
     usable = units - bookkeeping_units(3, ctx.key.element_size())

@@ -1,0 +1,115 @@
+"""Tensor parallelism: each rank's MixedDimCache compresses the KV heads it owns.
+
+Under transformers' tensor parallelism (`from_pretrained(..., tp_plan="auto")` under `torchrun`)
+q/k/v projections are column-sharded, so rank r of W sees KV heads [r*H/W, (r+1)*H/W) of every
+layer (contiguous: the projection's output rows are split in order). The model config still
+says H. This module holds what the cache and the policies need for that:
+
+- `head_shard(config)`: this rank's slice of the KV heads, or None when not tensor-parallel
+  (torch.distributed not initialised, world size 1, or no TP in the config). Every helper below
+  is only called with a shard, so single-process behaviour is untouched.
+- `gather_heads`: all-gather a per-head tensor along the head dimension. Budgets pooled across
+  heads (`ada-snapkv`, `pool="layer"`), the lowrank rank (min over heads) and the per-row
+  evict-or-mixed decision of `mixeddimkv` are computed on the gathered, model-wide tensors with
+  the single-process code, so every rank takes the same decision as one process would and keeps
+  its slice of it. What is gathered is per-token scores or losses, not keys or values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """This rank's contiguous slice of the KV heads of every layer."""
+
+    rank: int
+    world: int
+    total_heads: int  # KV heads per layer of the whole model (the config's count)
+    group: Any = None  # process group of the TP ranks; None = the default (world) group
+
+    @property
+    def local_heads(self) -> int:
+        return self.total_heads // self.world
+
+    @property
+    def heads(self) -> slice:
+        return slice(self.rank * self.local_heads, (self.rank + 1) * self.local_heads)
+
+
+def _tp_size(config: Any) -> int:
+    dcfg = getattr(config, "distributed_config", None)
+    if dcfg is None:
+        return 1
+    size = dcfg.get("tp_size") if isinstance(dcfg, dict) else getattr(dcfg, "tp_size", None)
+    return int(size or 1)
+
+
+def head_shard(config: Any, total_heads: int) -> HeadShard | None:
+    """The KV-head slice of this rank when the model is tensor-parallel, else None."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    tp = _tp_size(config)
+    if tp == 1:
+        return None  # data parallel or a replicated model: every rank holds every head
+    world = dist.get_world_size()
+    if tp != world:
+        # TP x FSDP/PP meshes: the TP group is a sub-group the config does not name.
+        raise NotImplementedError(
+            f"MixedDimCache supports tensor parallelism over the whole world only (tp_size={tp}, world size={world})"
+        )
+    if total_heads % tp:
+        raise ValueError(f"{total_heads} KV heads cannot be split over {tp} tensor-parallel ranks")
+    return HeadShard(rank=dist.get_rank(), world=world, total_heads=total_heads)
+
+
+def check_local_heads(shard: HeadShard, local: int, layer_idx: int) -> None:
+    """Fail clearly when the keys' head count does not match the sharding the cache assumed."""
+    if local != shard.local_heads:
+        raise RuntimeError(
+            f"layer {layer_idx}: keys have {local} KV heads on rank {shard.rank} of {shard.world}, expected "
+            f"{shard.local_heads} ({shard.total_heads} in the config); the model is sharded differently from "
+            "what MixedDimCache read off its config"
+        )
+
+
+def gather_heads(x: torch.Tensor, shard: HeadShard, dim: int = 1) -> torch.Tensor:
+    """All-gather a per-head tensor (heads on `dim`) into the model-wide tensor, heads in order."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(shard.world)]
+    dist.all_gather(parts, x, group=shard.group)
+    return torch.cat(parts, dim=dim)
+
+
+def local_heads(x: torch.Tensor, shard: HeadShard, dim: int = 1) -> torch.Tensor:
+    """This rank's slice of a model-wide per-head tensor."""
+    return x.narrow(dim, shard.heads.start, shard.local_heads)
+
+
+def shard_store_bytes(chosen_dim: torch.Tensor, tier_dims: tuple[int, ...], head_dim: int, itemsize: int,
+                      basis_rows: int, r_max: int, has_basis_index: bool, shard: HeadShard) -> int:
+    """Bytes `core.packing.pack` allocates on `shard`'s rank for a single-process selection
+    `chosen_dim` [B, H, N] (for tests and benchmarks: what each rank should hold).
+
+    `basis_rows`: rows of the single-process prompt basis (0 for none or a calibrated one). The
+    split is exact for tier payloads, bases and the basis index; the CSR offsets are per rank
+    (B*H/W + 1 int32 each), and a tier can be uniform on one rank but not on the whole model.
+    """
+    sel = local_heads(chosen_dim, shard)
+    owners = sel.shape[0] * sel.shape[1]
+    total = 0
+    for r in tier_dims:
+        counts = (sel == r).reshape(owners, -1).sum(-1)
+        total += int(counts.sum()) * r * itemsize * 2
+        if not bool((counts == counts[0]).all()):
+            total += (owners + 1) * 4
+    if basis_rows:
+        total += basis_rows // shard.world * head_dim * r_max * itemsize * 2
+    if has_basis_index:
+        total += owners * 4
+    return total

@@ -1,0 +1,170 @@
+"""MixedDimKV under transformers tensor parallelism: 2 gloo ranks on CPU, a tiny random Llama.
+
+The model is loaded with `from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))`
+(DTensor TP: each rank computes half of the attention heads) in two spawned processes, and every
+method is compared with a single-process run in this process: greedy tokens, the stored
+dimension of every prompt token of the rank's KV heads (pooled budgets are exact across ranks),
+and each rank's `cache.stored_bytes()` against its share of the single-process store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers
+
+import mdkv_compile as mdkv
+from mdkv_compile.cache import MixedDimCache, MixedDimLayer
+from mdkv_compile.config import HEAD_SCORE_METHODS, METHODS
+from mdkv_compile.core.bases import save_calibrated
+from mdkv_compile.distributed import HeadShard, shard_store_bytes
+
+WORLD = 2
+N_LAYERS, N_HEADS, N_KV, HEAD_DIM = 2, 8, 4, 16
+PROMPT, NEW_TOKENS = 160, 6
+
+# (name, MixedDimKVConfig kwargs, batch rows): every method, plus the pooled and byte budgets,
+# a calibrated basis and a left-padded batch, where the cross-rank logic matters.
+CASES: list[tuple[str, dict, int]] = [(m, {"method": m}, 1) for m in METHODS] + [
+    ("mixeddimkv-layer", {"method": "mixeddimkv", "pool": "layer"}, 1),
+    ("mixeddimkv-energy-layer", {"method": "mixeddimkv", "pool": "layer", "loss": "energy"}, 1),
+    ("mixeddimkv-calibrated", {"method": "mixeddimkv", "basis": "calibrated"}, 1),
+    ("headkv-bytes", {"method": "headkv", "budget": None, "budget_bytes": 12_000}, 1),
+    ("ada-snapkv-batch", {"method": "ada-snapkv"}, 2),
+    ("mixeddimkv-batch", {"method": "mixeddimkv"}, 2),
+]
+
+
+def _config(kwargs: dict, files: dict[str, str]) -> mdkv.MixedDimKVConfig:
+    base = {"budget": 0.25, "window": 8}
+    base.update(kwargs)
+    if base["method"] in HEAD_SCORE_METHODS:
+        base["head_scores"] = files["heads"]
+    if base.get("basis") == "calibrated":
+        base["basis_path"] = files["basis"]
+    return mdkv.MixedDimKVConfig(**base)
+
+
+def _inputs(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 256, (rows, PROMPT), generator=gen)
+    mask = torch.ones_like(ids)
+    if rows > 1:
+        mask[1, :40] = 0  # left padding: the second row is 40 tokens shorter
+        ids[1, :40] = 0
+    return ids, mask
+
+
+def _run(model: torch.nn.Module, files: dict[str, str]) -> dict[str, dict]:
+    """Every case on `model`: tokens, bytes, and the per-layer stored dims of the prompt."""
+    out = {}
+    for name, kwargs, rows in CASES:
+        cfg = _config(kwargs, files)
+        mdkv.patch(model, cfg)
+        cache = MixedDimCache(model.config, cfg)
+        ids, mask = _inputs(rows)
+        with torch.no_grad():
+            tokens = model.generate(
+                ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW_TOKENS, do_sample=False,
+                pad_token_id=0,
+            )
+        layers = [layer for layer in cache.layers if isinstance(layer, MixedDimLayer)]
+        out[name] = {
+            "tokens": tokens[:, PROMPT:].tolist(),
+            "stored": cache.stored_bytes(),
+            "full": cache.full_bytes(),
+            "selection": [layer.last_selection.clone() for layer in layers],
+            "layers": layers,
+        }
+    mdkv.unpatch(model)
+    return out
+
+
+def _worker(rank: int, port: int, model_dir: str, files: dict[str, str], out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32,
+            distributed_config=transformers.DistributedConfig(tp_plan="auto"),
+        ).eval()
+        results = _run(model, files)
+        for res in results.values():
+            res.pop("layers")
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _expected_rank_bytes(layers: list[MixedDimLayer], shard: HeadShard) -> int:
+    """What rank `shard.rank` should store for the single-process selection of `layers`."""
+    total = 0
+    for layer in layers:
+        store = layer.store
+        own_basis = store.basis_k is not None and not store.basis_shared
+        total += shard_store_bytes(
+            layer.last_selection, store.tier_dims, store.head_dim, layer.keys.element_size(),
+            basis_rows=store.basis_k.shape[0] if own_basis else 0,
+            r_max=0 if store.basis_k is None else store.basis_k.shape[-1],
+            has_basis_index=store.basis_index is not None, shard=shard,
+        )
+        total += 2 * layer.keys.numel() * layer.keys.element_size() // shard.world  # tokens after the prompt
+    return total
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[dict, list[dict]]:
+    tmp = tmp_path_factory.mktemp("tp")
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=N_HEADS * HEAD_DIM, intermediate_size=256, num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS, num_key_value_heads=N_KV, head_dim=HEAD_DIM, max_position_embeddings=1024,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp / "model")
+    gen = torch.Generator().manual_seed(2)
+    heads = tmp / "heads.json"
+    heads.write_text(json.dumps({"scores": torch.rand(N_LAYERS, N_HEADS, generator=gen).tolist()}))
+    bases = [torch.linalg.qr(torch.randn(N_KV, HEAD_DIM, HEAD_DIM, generator=gen)).Q for _ in range(2 * N_LAYERS)]
+    save_calibrated(tmp / "basis.safetensors", bases[:N_LAYERS], bases[N_LAYERS:])
+    files = {"heads": str(heads), "basis": str(tmp / "basis.safetensors")}
+
+    mp.start_processes(
+        _worker, args=(_free_port(), str(tmp / "model"), files, str(tmp)), nprocs=WORLD, start_method="spawn"
+    )
+    single = _run(model, files)
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return single, ranks
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_tp_matches_single_process(runs, name: str) -> None:
+    single, ranks = runs
+    ref = single[name]
+    for rank, by_case in enumerate(ranks):
+        res = by_case[name]
+        shard = HeadShard(rank=rank, world=WORLD, total_heads=N_KV)
+        assert res["tokens"] == ref["tokens"], f"rank {rank}: greedy tokens differ"
+        for layer_idx, (got, want) in enumerate(zip(res["selection"], ref["selection"], strict=True)):
+            torch.testing.assert_close(got, want[:, shard.heads], msg=f"rank {rank} layer {layer_idx}: allocation")
+        assert res["stored"] == _expected_rank_bytes(ref["layers"], shard), f"rank {rank}: stored bytes"
+        assert res["full"] * WORLD == ref["full"]
+    # Bytes split across ranks up to the per-rank CSR offsets (int32, B*H/W + 1 per non-uniform tier).
+    slack = 4 * (WORLD - 1) * 8 * N_LAYERS
+    assert abs(sum(r[name]["stored"] for r in ranks) - ref["stored"]) <= slack
