@@ -328,3 +328,24 @@ def test_batch_of_two_matches_pytorch(tmp_path) -> None:
     ids = torch.cat([_prompt(seed=3), _prompt(seed=4)])
     ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert torch.equal(OnnxGenerator(out, model=model).generate(ids, max_new_tokens=8).sequences, ref)
+
+
+def test_file_stands_alone(exported) -> None:
+    """The checker passes where no mdkv schema is registered (a deployment process), and the
+    local function is what stock ORT runs: without it the node is opaque and ORT refuses it."""
+    import subprocess
+    import sys
+
+    _, _, _, out = exported
+    path = out / "decode.onnx"
+    code = (
+        f"import onnx; onnx.checker.check_model({str(path)!r}, full_check=True); "
+        f"print(onnx.defs.has({OP_NAME!r}, {DOMAIN!r}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    proto = onnx.load(str(path))
+    del proto.functions[:]
+    with pytest.raises(Exception, match=OP_NAME):
+        ort.InferenceSession(proto.SerializeToString())

@@ -385,7 +385,7 @@ def _function_proto(example: list[torch.Tensor], attrs: dict[str, Any], opset_im
 
 
 def example_stores(
-    model: torch.nn.Module, cfg: MixedDimKVConfig, batch: int, capacity: int, tier_dims: tuple[int, ...]
+    model: torch.nn.Module, batch: int, capacity: int, tier_dims: tuple[int, ...]
 ) -> list[StaticStore]:
     """Zero stores of the export shapes (the exporter only needs shapes and dtypes)."""
     n_layers, _, n_kv, d = model_dims(model.config)
@@ -440,7 +440,7 @@ def export_onnx(
         raise ExportError("capacity, max_new_tokens and batch must be positive")
 
     dtype, device = model.dtype, model.device
-    stores = example_stores(model, cfg, batch, capacity, tier_dims)
+    stores = example_stores(model, batch, capacity, tier_dims)
     # Distinct tensors everywhere: torch.export treats one tensor passed twice as aliased inputs
     # and traces a graph that reads the same buffer for both.
     regions = [
