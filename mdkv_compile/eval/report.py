@@ -134,8 +134,9 @@ class Table:
             frac = _mean(
                 r["stored_bytes"] / r["full_bytes"] for r in rs if r.get("stored_bytes") and r.get("full_bytes")
             )
+            frac_text = "n/a" if frac is None else f"{frac:.4f}"
             lines.append(
-                f"| {m} | {'1' if b is None else f'{b:g}'} | {frac:.4f} | {st / 2**20:.3f} | {fu / 2**20:.3f} | "
+                f"| {m} | {'1' if b is None else f'{b:g}'} | {frac_text} | {st / 2**20:.3f} | {fu / 2**20:.3f} | "
                 f"{_dims_text(rs)} |"
             )
         return lines

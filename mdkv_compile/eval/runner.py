@@ -61,10 +61,16 @@ KEY_FIELDS = ("model", "method", "budget", "task", "length", "variant", "protoco
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# Config fields that change how a result is computed, not what it is.
+SAME_RESULT_OPTIONS = ("kernel",)
+
+
 def method_label(method: str, options: dict[str, Any]) -> str:
     """The method name results are keyed and reported by: extra config options make a variant
     (`mixeddimkv[window=16]`), so a rerun with other options never skips or mixes cells.
-    `full` ignores options: it is the one reference."""
+    `full` ignores options: it is the one reference. Options that choose an implementation of
+    the same computation (`kernel`) do not make a variant."""
+    options = {k: v for k, v in options.items() if k not in SAME_RESULT_OPTIONS}
     if method == "full" or not options:
         return method
     return f"{method}[{','.join(f'{k}={json.dumps(v)}' for k, v in sorted(options.items()))}]"
