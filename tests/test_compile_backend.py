@@ -137,3 +137,38 @@ def test_sites_without_cache_are_left_alone() -> None:
     # Without the model (a backend only gets the graph) the finder cannot prove this mask causal;
     # with a proof the backend would still keep exact attention ("no KV cache").
     assert len(report.left) == 2 and all(reason for _, reason in report.left)
+
+
+def test_hand_written_decoder_with_tensor_pasts() -> None:
+    """A decoder outside transformers (tuple pasts, torch.cat, MQA, where-mask of rank 2): the
+    backend is its only route to MixedDimKV. Budget 1.0 equals the plain model; 0.25 compresses."""
+    from test_find_attention import CatDecoder, _empty_past
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CatDecoder().eval()
+    prompt = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(3))
+
+    def run(fn) -> list[torch.Tensor]:
+        outs = []
+        with torch.no_grad():
+            x, past = fn(prompt, _empty_past())
+            outs.append(x[:, -1])
+            for tok in (5, 9, 11):
+                x, past = fn(torch.tensor([[tok]]), past)
+                outs.append(x[:, -1])
+        return outs
+
+    plain = run(model)
+    full = run(torch.compile(model, backend="mixeddimkv", options={"budget": 1.0, "window": 4}))
+    for a, b in zip(full, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    report = backend.LAST_REPORTS[-1]
+    assert report.rewritten == [k for k in report.rewritten if k.endswith(("blocks.0", "blocks.1"))]
+    assert len(report.rewritten) == 2
+
+    small = run(torch.compile(model, backend="mixeddimkv", options=OPTS))
+    torch.testing.assert_close(small[0], plain[0], atol=1e-4, rtol=1e-4)  # prefill attention is exact
+    assert not torch.allclose(small[-1], plain[-1], atol=1e-3)
+    layer = library.site_layer(backend.LAST_REPORTS[-1].rewritten[0])
+    assert layer.stored_bytes() < 0.5 * layer.full_bytes()

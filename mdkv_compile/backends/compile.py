@@ -93,6 +93,10 @@ def rewrite_graph(
             mask = site.mask
             if mask is not None and site.mask_use == "block":
                 mask = graph.call_function(torch.logical_not, (mask,))
+            # The cache layer reads masks as [B, 1|H, L, S] (padding from the last row): lift a
+            # broadcast [L, S] or [B, L, S] mask to rank 4.
+            for _ in range(4 - _val(site.mask).dim() if site.mask is not None else 0):
+                mask = graph.call_function(torch.unsqueeze, (mask, 0))
             scale = site.scale_node if site.scale_node is not None else site.scale
             new = graph.call_function(
                 torch.ops.mdkv.site_attention.default,
