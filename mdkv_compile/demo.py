@@ -47,7 +47,7 @@ def calibrate_on_unused_text(model, tokenizer, prompt_tokens: int) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", type=int, default=4000, help="haystack length in tokens")
+    parser.add_argument("--tokens", type=int, default=2000, help="haystack length in tokens")
     parser.add_argument("--depth", type=float, default=0.5, help="needle position in the haystack (0..1)")
     parser.add_argument("--budget", type=float, default=0.1, help="fraction of the full KV cache to keep")
     parser.add_argument(
