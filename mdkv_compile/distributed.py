@@ -78,9 +78,15 @@ def check_local_heads(shard: HeadShard, local: int, layer_idx: int) -> None:
         )
 
 
+# What the policies' collectives sent from this rank (calls, bytes): benchmarks read and reset it.
+GATHER_STATS = {"calls": 0, "bytes": 0}
+
+
 def gather_heads(x: torch.Tensor, shard: HeadShard, dim: int = 1) -> torch.Tensor:
     """All-gather a per-head tensor (heads on `dim`) into the model-wide tensor, heads in order."""
     x = x.contiguous()
+    GATHER_STATS["calls"] += 1
+    GATHER_STATS["bytes"] += x.numel() * x.element_size()
     parts = [torch.empty_like(x) for _ in range(shard.world)]
     dist.all_gather(parts, x, group=shard.group)
     return torch.cat(parts, dim=dim)
