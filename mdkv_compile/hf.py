@@ -70,11 +70,21 @@ def _check_supported(model: torch.nn.Module) -> None:
         raise NotImplementedError(f"{name}: only decoder-only causal LMs are supported")
 
 
-def patch(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -> torch.nn.Module:
+def patch(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None, fallback: str | None = None) -> torch.nn.Module:
     """Make `model.generate()` (and forward calls without a cache) compress the KV cache.
-    Patching again replaces the config. Returns the model."""
+    Patching again replaces the config. Returns the model. `fallback="compile"`: a model this
+    cannot reach is compiled with the mixeddimkv backend instead of raising NotImplementedError."""
     cfg = cfg or MixedDimKVConfig()
-    _check_supported(model)
+    if fallback not in (None, "compile"):
+        raise ValueError(f"patch(fallback={fallback!r}): use None or 'compile'")
+    try:
+        _check_supported(model)
+    except NotImplementedError:
+        if fallback is None:
+            raise
+        from mdkv_compile.backends.compile import compile_model
+
+        return compile_model(model, cfg)
     _, _, _, head_dim = model_dims(model.config)
     cfg.resolve_dims(head_dim)  # a dims that does not fit fails here, not mid-generation
     # Fail now on a missing head-score or basis file rather than at the first generate().

@@ -139,4 +139,17 @@ def mixeddimkv_backend(
     return compile_fx(gm, list(example_inputs))
 
 
-__all__ = ["LAST_REPORTS", "RewriteReport", "mixeddimkv_backend", "rewrite_graph"]
+
+
+def compile_model(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -> torch.nn.Module:
+    """Compile `model` in place with the mixeddimkv backend under `cfg` (for models that
+    `mdkv.patch` cannot reach: hand-written decoders, attention outside transformers' registry).
+    Returns the model. Sites the finder cannot prove causal stay exact (see LAST_REPORTS)."""
+    import dataclasses
+
+    cfg = cfg or MixedDimKVConfig()
+    model.compile(backend="mixeddimkv", options=dataclasses.asdict(cfg))
+    return model
+
+
+__all__ = ["LAST_REPORTS", "RewriteReport", "compile_model", "mixeddimkv_backend", "rewrite_graph"]
