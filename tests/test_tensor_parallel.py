@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,17 @@ def test_tp_matches_single_process(runs, name: str) -> None:
     # Bytes split across ranks up to the per-rank CSR offsets (int32, B*H/W + 1 per non-uniform tier).
     slack = 4 * (WORLD - 1) * 8 * N_LAYERS
     assert abs(sum(r[name]["stored"] for r in ranks) - ref["stored"]) <= slack
+
+
+def test_example_runs_under_torchrun() -> None:
+    """examples/tp_generate.py as documented: torchrun, 2 ranks, each reports its own store."""
+    root = Path(__file__).resolve().parent.parent
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+        str(root / "examples" / "tp_generate.py"), "--method", "ada-snapkv", "--prompt-tokens", "96",
+        "--new-tokens", "4",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 KV heads per rank" in proc.stdout
+    assert "rank 0: stored" in proc.stdout and "rank 1: stored" in proc.stdout
