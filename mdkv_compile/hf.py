@@ -44,9 +44,19 @@ def mixeddimkv_attention(
     if layer is None:
         # Not a MixedDimCache layer (sliding window, a DynamicCache, no cache): exact attention.
         out = dense_attention(query, key, value, attention_mask, scaling, softcap)
+    elif torch.compiler.is_compiling():
+        # Under torch.compile: compression is data-dependent Python (policies, packing), so it runs
+        # outside the graph, one break per layer, rather than being traced (dozens of breaks and
+        # recompiles); the cache keeps carrying the compressed state, so memory is saved.
+        out = _attend_outside_graph(layer, query, attention_mask, scaling, softcap)
     else:
         out = layer.attend(query, attention_mask, scaling, softcap)
     return out.transpose(1, 2).contiguous(), None
+
+
+@torch._dynamo.disable
+def _attend_outside_graph(layer, query, mask, scaling, softcap) -> torch.Tensor:
+    return layer.attend(query, mask, scaling, softcap)
 
 
 @functools.cache

@@ -182,3 +182,23 @@ def test_hand_written_decoder_with_tensor_pasts() -> None:
     assert not torch.allclose(small[-1], plain[-1], atol=1e-3)
     layer = library.site_layer(backend.LAST_REPORTS[-1].rewritten[0])
     assert layer.stored_bytes() < 0.5 * layer.full_bytes()
+
+
+def test_patched_model_compiled_keeps_compressed_cache() -> None:
+    """mdkv.patch + model.compile(backend="mixeddimkv"): the MixedDimCache carries the state
+    (memory saved), compression runs outside the graph (one break per layer), tokens equal eager,
+    and the number of graphs does not grow with the number of decode steps."""
+    torch._dynamo.reset()
+    cfg = mdkv.MixedDimKVConfig(**OPTS)
+    model = build_tiny_model("llama").eval()
+    mdkv.patch(model, cfg)
+    kw = {"do_sample": False, "pad_token_id": 0}
+    ref = model.generate(IDS, max_new_tokens=20, **kw)
+    model.compile(backend="mixeddimkv", options=OPTS)
+    counters.clear()
+    assert torch.equal(model.generate(IDS, max_new_tokens=6, **kw), ref[:, :46])
+    graphs = counters["stats"]["unique_graphs"]
+    cache = MixedDimCache(model.config, cfg)
+    assert torch.equal(model.generate(IDS, max_new_tokens=20, past_key_values=cache, **kw), ref)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert cache.stored_bytes() < 0.5 * cache.full_bytes()
