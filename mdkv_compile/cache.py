@@ -83,6 +83,7 @@ class MixedDimLayer(CacheLayerMixin):
         self.store: PackedStore | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n_prompt = 0  # prompt positions (padding included) covered by the store
+        self.last_selection: torch.Tensor | None = None  # [B, H, N] stored dim per prompt token
 
     # --- CacheLayerMixin -------------------------------------------------------------------------
 
@@ -186,7 +187,7 @@ class MixedDimLayer(CacheLayerMixin):
             key, value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
             sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared,
         )
-        self.last_selection = sel.chosen_dim  # [B, H, N] stored dim per prompt token, for inspection
+        self.last_selection = sel.chosen_dim
         self.n_prompt = n_tokens
         self.pending = None
 

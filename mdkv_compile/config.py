@@ -66,7 +66,9 @@ class MixedDimKVConfig:
     loss: str = "attention"
     key_weight: float = 0.5
     head_scores: str | None = None  # JSON from `mdkv profile-heads` (headkv, mixeddimkv-h)
-    head_beta: float = 1.2  # HeadKV: share of the budget kept uniform is 1/beta... see policies
+    # HeadKV: each head keeps 1 - 1/beta of its uniform budget; the rest is pooled over the model
+    # and handed out by head score (policies/base.py, owner_budget).
+    head_beta: float = 1.2
     head_temp: float = 1.0
     pyramid_beta: float = 20.0
     # Rank of `lowrank` (Palu-like: every token at one dimension). None: chosen from the budget.
@@ -157,8 +159,7 @@ class MixedDimKVConfig:
     def resolve_dims(self, head_dim: int) -> tuple[int, ...]:
         """Candidate dims for a model with this head dimension (checked against it)."""
         if self.dims is None:
-            dims = sorted({0, head_dim // 8, head_dim // 4, head_dim // 2, head_dim} - {0} | {0})
-            return tuple(d for d in dims if d == 0 or d >= 1)
+            return tuple(sorted({0, head_dim // 8, head_dim // 4, head_dim // 2, head_dim}))
         if max(self.dims) != head_dim or any(r > head_dim for r in self.dims):
             raise ValueError(
                 f"MixedDimKVConfig.dims={self.dims!r} does not fit this model: its head dimension is "

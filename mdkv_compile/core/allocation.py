@@ -108,7 +108,6 @@ def allocate_exact(losses: torch.Tensor, costs: torch.Tensor, budget: torch.Tens
                          "use solver='greedy'")
     losses = losses.double()
     inf = float("inf")
-    units = torch.arange(max_budget + 1, device=losses.device)
     dp = torch.zeros(g, max_budget + 1, dtype=torch.double, device=losses.device)
     choices = torch.empty(t, g, max_budget + 1, dtype=torch.long, device=losses.device)
     for i in range(t):
@@ -128,7 +127,6 @@ def allocate_exact(losses: torch.Tensor, costs: torch.Tensor, budget: torch.Tens
         k = choices[i].gather(-1, u[:, None]).squeeze(-1)
         out[:, i] = k
         u = u - costs[k]
-    del units
     return out
 
 
