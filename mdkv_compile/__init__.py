@@ -23,6 +23,8 @@ _LAZY = {
     "explain": "mdkv_compile.passes.explain",
     "export_onnx": "mdkv_compile.backends.onnx_export",
     "OnnxGenerator": "mdkv_compile.backends.onnx_runtime",
+    "compiled_cache_bytes": "mdkv_compile.backends.compile",
+    "reset_sites": "mdkv_compile.backends.compile",
 }
 
 __all__ = ["METHODS", "MixedDimKVConfig", "__version__", *_LAZY]

@@ -15,8 +15,8 @@ docs/compile_pass.md, "The mixeddimkv backend".
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +37,11 @@ class RewriteReport:
 
     rewritten: list[str] = field(default_factory=list)  # site keys
     left: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
+    # Rewritten sites whose cache concats were erased: the graph returns shape placeholders
+    # (zero-stride zeros of the concat's shape) to the model's own cache instead.
+    placeholders: list[str] = field(default_factory=list)  # site keys
+    # Rewritten sites whose concats stay (the model's cache keeps full keys/values), and why.
+    kept_cache: list[tuple[str, str]] = field(default_factory=list)  # (site key, reason)
 
 
 # Reports of the graphs compiled most recently (newest last; bounded).
@@ -45,6 +50,93 @@ LAST_REPORTS: list[RewriteReport] = []
 
 def _val(node: Any) -> Any:
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+
+
+def _concat_past(cat: torch.fx.Node, new: torch.fx.Node | None) -> torch.fx.Node | None:
+    """The past part of `cat` when it is `torch.cat([past, new], dim=-2)` of rank 4 (past [B, H, S, d]
+    or the legacy empty 1-D tensor of HF DynamicLayer's first step), else None."""
+    if cat.op != "call_function" or cat.target is not torch.cat or new is None:
+        return None
+    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or parts[1] is not new or not isinstance(dim, int):
+        return None
+    past, out = parts[0], _val(cat)
+    if not isinstance(past, torch.fx.Node) or not isinstance(out, torch.Tensor) or out.dim() != 4 or dim % 4 != 2:
+        return None
+    pv = _val(past)
+    if not isinstance(pv, torch.Tensor):
+        return None
+    # shape[0] of a symbolic 1-D tensor is a SymInt: compare only plain ints (no guard installed)
+    if pv.dim() == 4 or (pv.dim() == 1 and isinstance(pv.shape[0], int) and pv.shape[0] == 0):
+        return past
+    return None
+
+
+# Uses of a tensor that only read its metadata (the placeholder has the same shape, dtype, device).
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
+_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+
+
+def _shape_only(user: torch.fx.Node) -> bool:
+    if user.op == "call_method" and user.target in _SHAPE_METHODS:
+        return True
+    if user.op == "call_function" and user.target is getattr and len(user.args) > 1:
+        return user.args[1] in _SHAPE_ATTRS
+    return user.op == "call_function" and user.target in (
+        torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.numel,
+    )
+
+
+def _placeholder(graph: torch.fx.Graph, cat: torch.fx.Node, past: torch.fx.Node, new: torch.fx.Node) -> torch.fx.Node:
+    """Nodes (inserted before `cat`) building zeros of `cat`'s shape, dtype and device that hold
+    one token: `zeros_like(new[:, :, :1]).expand(-1, -1, S_past + S_new, -1)` (stride 0 on the
+    sequence dim). Sizes are read from `past` and `new`, never from `cat`, so `cat` can die."""
+    out = _val(cat)
+    with graph.inserting_before(cat):
+        one = graph.call_method("narrow", (new, -2, 0, 1))
+        base = graph.call_function(
+            torch.zeros_like, (one,), {"dtype": out.dtype, "memory_format": torch.contiguous_format}
+        )
+        length = graph.call_method("size", (new, -2))
+        if _val(past).dim() == 4:
+            length = graph.call_function(operator.add, (graph.call_method("size", (past, -2)), length))
+        return graph.call_method("expand", (base, -1, -1, length, -1))
+
+
+def _erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """Erase `node` and then every input of it left without users (pure calls only)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op not in ("call_function", "call_method") or n.is_impure():
+            continue
+        inputs = list(n.all_input_nodes)
+        graph.erase_node(n)
+        stack.extend(inputs)
+
+
+def _replace_cache(
+    graph: torch.fx.Graph, site: AttentionSite, pasts: tuple[torch.fx.Node, torch.fx.Node]
+) -> str | None:
+    """After the site is rewritten: give every use of the site's cache concats that escapes the
+    graph (outputs: what Dynamo writes back into a DynamicCache layer, a returned past tuple) a
+    shape placeholder instead, and erase the concats. Returns why not (None: done). Nothing is
+    changed when a concat has a use that reads its values inside the graph."""
+    cats = (site.k, site.v)
+    for cat in cats:
+        others = [u for u in cat.users if u.op != "output" and not _shape_only(u)]
+        if others:
+            return f"the cache concat {cat.name} is also read by {others[0].name} ({others[0].target}) in the graph"
+    for cat, past, new in zip(cats, pasts, (site.k_new, site.v_new), strict=True):
+        if not cat.users:
+            _erase_dead(graph, cat)
+            continue
+        ph = _placeholder(graph, cat, past, new)
+        for user in list(cat.users):
+            user.replace_input_with(cat, ph)
+        _erase_dead(graph, cat)
+    return None
 
 
 def _why_not(site: AttentionSite) -> str | None:
@@ -58,6 +150,8 @@ def _why_not(site: AttentionSite) -> str | None:
     shapes = [_val(n) for n in (site.q, site.k, site.v, site.k_new, site.v_new, site.output)]
     if any(not isinstance(s, torch.Tensor) or s.dim() != 4 for s in shapes):
         return "unsupported layout: q/k/v/output not rank 4 [B, H, L, d]"
+    if _concat_past(site.k, site.k_new) is None or _concat_past(site.v, site.v_new) is None:
+        return "keys/values are not directly torch.cat([past, new], dim=-2) of rank 4"
     if len(site.mask_terms) > 1:
         return "several mask terms on the scores"
     if site.mask is not None and site.mask_use not in ("allow", "block", "additive"):
@@ -65,9 +159,8 @@ def _why_not(site: AttentionSite) -> str | None:
     return None
 
 
-def _site_key(cfg_text: str, site: AttentionSite, index: int) -> str:
-    digest = hashlib.sha1(cfg_text.encode()).hexdigest()[:8]
-    return f"{digest}:{site.layer or index}"
+def _site_key(cfg: MixedDimKVConfig, site: AttentionSite, index: int) -> str:
+    return f"{library.site_key_prefix(cfg)}{site.layer or index}"
 
 
 def rewrite_graph(
@@ -83,10 +176,10 @@ def rewrite_graph(
             todo.append(site)
         else:
             report.left.append((site.layer or f"site {i}", reason))
-    cfg_text = library.cfg_to_json(cfg)
     graph = gm.graph
     for layer_idx, site in enumerate(todo):
-        key = _site_key(cfg_text, site, layer_idx)
+        key = _site_key(cfg, site, layer_idx)
+        pasts = (_concat_past(site.k, site.k_new), _concat_past(site.v, site.v_new))
         library.register_site(key, cfg, layer_idx, len(todo))
         out_val = _val(site.output)
         with graph.inserting_before(site.output):
@@ -100,8 +193,9 @@ def rewrite_graph(
             scale = site.scale_node if site.scale_node is not None else site.scale
             new = graph.call_function(
                 torch.ops.mdkv.site_attention.default,
-                (site.q, site.k, site.v, site.k_new, site.v_new, mask, scale, key),
+                (site.q, pasts[0], pasts[1], site.k_new, site.v_new, mask, scale, key, False),
             )
+            op = new
             if _val(site.q).dtype != out_val.dtype:
                 new = graph.call_function(torch.Tensor.to, (new, out_val.dtype))
         site.output.replace_all_uses_with(new)
@@ -109,12 +203,20 @@ def rewrite_graph(
             if not node.users:
                 graph.erase_node(node)
         report.rewritten.append(key)
+        why = _replace_cache(graph, site, pasts)
+        if why is None:
+            op.update_arg(8, True)  # the next call's past must be this graph's placeholder
+            report.placeholders.append(key)
+        else:
+            report.kept_cache.append((key, why))
     graph.lint()
     gm.recompile()
     LAST_REPORTS.append(report)
     del LAST_REPORTS[:-16]
     for location, reason in report.left:
         log.info("mixeddimkv: left %s alone: %s", location, reason)
+    for key, reason in report.kept_cache:
+        log.info("mixeddimkv: %s: the model's cache keeps full keys/values: %s", key, reason)
     return report
 
 
@@ -152,4 +254,20 @@ def compile_model(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -
     return model
 
 
-__all__ = ["LAST_REPORTS", "RewriteReport", "compile_model", "mixeddimkv_backend", "rewrite_graph"]
+# The compressed state of compiled models (ops/library.py holds it).
+compiled_cache_bytes = library.compiled_cache_bytes
+compiled_full_bytes = library.compiled_full_bytes
+reset_sites = library.reset_sites
+site_layers = library.site_layers
+
+__all__ = [
+    "LAST_REPORTS",
+    "RewriteReport",
+    "compile_model",
+    "compiled_cache_bytes",
+    "compiled_full_bytes",
+    "mixeddimkv_backend",
+    "reset_sites",
+    "rewrite_graph",
+    "site_layers",
+]

@@ -15,14 +15,16 @@ known at trace time: a policy that leaves a tier empty just has count 0 there.
 
 One stateful op serves the `mixeddimkv` backend (backends/compile.py):
 
-    mdkv::site_attention(q, k, v, k_new, v_new, mask, scale, site) -> out
+    mdkv::site_attention(q, k_past, v_past, k_new, v_new, mask, scale, site, past_is_placeholder) -> out
 
-It keeps a `MixedDimLayer` per site key in this process (see docs/compile_pass.md, "State").
+It keeps a `MixedDimLayer` per site key in this process (see docs/compile_pass.md, "State");
+`compiled_cache_bytes()` sums their bytes, `reset_sites()` drops them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import threading
@@ -194,9 +196,49 @@ def register_site(site: str, cfg: MixedDimKVConfig, layer_idx: int, num_layers: 
         _SITE_CONFIGS[site] = (cfg, layer_idx, num_layers)
 
 
+def site_key_prefix(cfg: MixedDimKVConfig) -> str:
+    """The part of every site key that names the config (`sha1(config)[:8] + ":"`)."""
+    return hashlib.sha1(cfg_to_json(cfg).encode()).hexdigest()[:8] + ":"
+
+
 def site_layer(site: str):
     """The `MixedDimLayer` holding a site's current compressed state (None before its prefill)."""
     return _SITES.get(site)
+
+
+def site_layers(
+    cfg: MixedDimKVConfig | dict | None = None, model: torch.nn.Module | None = None
+) -> dict[str, object]:
+    """Every site's `MixedDimLayer` (site key -> layer) that has run a prefill, restricted to the
+    sites compiled under `cfg` (a config or the backend's `options` dict) and to the attention
+    modules of `model` (matched by module path, e.g. `model.layers.0.self_attn`) when given.
+    Site keys name a config and a module path, not a model object: two models of the same
+    architecture compiled with the same config share their sites (docs/compile_pass.md)."""
+    if isinstance(cfg, dict):
+        cfg = MixedDimKVConfig.from_options(cfg)
+    prefix = "" if cfg is None else site_key_prefix(cfg)
+    paths = None
+    if model is not None:
+        paths = {name for name, _ in getattr(model, "_orig_mod", model).named_modules() if name}
+    with _LOCK:
+        return {
+            key: layer
+            for key, layer in _SITES.items()
+            if key.startswith(prefix) and (paths is None or key.split(":", 1)[1] in paths)
+        }
+
+
+def compiled_cache_bytes(cfg: MixedDimKVConfig | dict | None = None, model: torch.nn.Module | None = None) -> int:
+    """Bytes of the compressed KV state the `mixeddimkv` backend keeps for the current sequence:
+    `MixedDimLayer.stored_bytes()` summed over `site_layers(cfg, model)`. This is a compiled
+    model's real KV cache: the model's own cache only holds shape placeholders
+    (docs/compile_pass.md, "State")."""
+    return sum(layer.stored_bytes() for layer in site_layers(cfg, model).values())
+
+
+def compiled_full_bytes(cfg: MixedDimKVConfig | dict | None = None, model: torch.nn.Module | None = None) -> int:
+    """Bytes a plain KV cache would hold for the same sites and tokens (`full_bytes()` summed)."""
+    return sum(layer.full_bytes() for layer in site_layers(cfg, model).values())
 
 
 def reset_sites() -> None:
@@ -205,42 +247,66 @@ def reset_sites() -> None:
         _SITES.clear()
 
 
+def _past_length(past: torch.Tensor) -> int:
+    """Tokens in a concat cache's past part: [B, H, S, d], or the legacy empty 1-D tensor that
+    `torch.cat` skips (HF DynamicLayer's first step)."""
+    if past.dim() == 4:
+        return past.shape[-2]
+    if past.dim() == 1 and past.shape[0] == 0:
+        return 0
+    raise RuntimeError(f"mdkv site: past keys of shape {tuple(past.shape)} are neither [B, H, S, d] nor empty")
+
+
 @torch.library.custom_op("mdkv::site_attention", mutates_args=())
 def site_attention(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    key_past: torch.Tensor,
+    value_past: torch.Tensor,
     key_new: torch.Tensor,
     value_new: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float | None,
     site: str,
+    past_is_placeholder: bool,
 ) -> torch.Tensor:
-    """Attention of one rewritten site. key/value [B, H, S, d] are what the graph's own cache
-    holds (past + new), key_new/value_new the part this call added. When there is no past
-    (S == new length) this is a prompt: exact attention, then the prompt is compressed with the
-    site's queries; otherwise the new tokens are appended and attend over store + new tokens.
-    Exactly `MixedDimLayer.attend` of the eager path, so compiled and eager tokens agree."""
+    """Attention of one rewritten site over its cache `cat([past, new], -2)`. Of `key_past` /
+    `value_past` only the shape is read (the past length S): the keys themselves are the site's
+    compressed state. S == 0 is a prompt: exact attention over `key_new`/`value_new`, then the
+    prompt is compressed with the site's queries into a fresh state. S > 0 is a decode step: the
+    state must cover exactly S tokens, the new tokens are appended and attend over store + new
+    tokens. Exactly `MixedDimLayer.attend` of the eager path, so compiled and eager tokens agree.
+
+    `past_is_placeholder`: the graph returns zero-stride placeholders instead of the concatenated
+    cache, so a past with a real sequence stride was not made by this backend (it came from an
+    uncompiled run or another cache) and is refused rather than silently ignored."""
     from mdkv_compile.cache import MixedDimLayer
 
     cfg, layer_idx, num_layers = _SITE_CONFIGS[site]
-    n_new = key_new.shape[-2]
-    layer = _SITES.get(site)
-    if key.shape[-2] == n_new or layer is None:
-        if key.shape[-2] != n_new:
-            raise RuntimeError(
-                f"mdkv site {site}: decode step with no compressed prompt (the cache was filled outside "
-                "the compiled model, or the site state was reset mid-sequence)"
-            )
-        layer = MixedDimLayer(cfg, layer_idx, num_layers, cfg.resolve_dims(key.shape[-1]))
-        layer.lazy_initialization(key, value)
-        layer.pending = (key, value)
+    past = _past_length(key_past)
+    if _past_length(value_past) != past:
+        raise RuntimeError(f"mdkv site {site}: past keys hold {past} tokens, past values {_past_length(value_past)}")
+    if past == 0:
+        layer = MixedDimLayer(cfg, layer_idx, num_layers, cfg.resolve_dims(key_new.shape[-1]))
+        layer.lazy_initialization(key_new, value_new)
+        layer.pending = (key_new, value_new)
         _SITES[site] = layer
     else:
-        if layer.get_seq_length() + n_new != key.shape[-2]:
+        layer = _SITES.get(site)
+        if layer is None:
             raise RuntimeError(
-                f"mdkv site {site}: the graph's cache holds {key.shape[-2]} tokens but the compressed "
-                f"state covers {layer.get_seq_length()} + {n_new} new (calls out of order?)"
+                f"mdkv site {site}: decode step over a past of {past} tokens but no compressed prompt (the "
+                "cache was filled outside the compiled model, or reset_sites() ran mid-sequence)"
+            )
+        if past_is_placeholder and past > 1 and (key_past.stride(-2) != 0 or value_past.stride(-2) != 0):
+            raise RuntimeError(
+                f"mdkv site {site}: the past keys/values hold real data (sequence stride "
+                f"{key_past.stride(-2)}), not the placeholders this backend returns: a cache filled by an "
+                "uncompiled model (or another cache) cannot be continued by the compiled one"
+            )
+        if layer.get_seq_length() != past:
+            raise RuntimeError(
+                f"mdkv site {site}: the model's cache holds {past} tokens but the compressed state covers "
+                f"{layer.get_seq_length()} (a past from another sequence or another run, or calls out of order)"
             )
         layer.update(key_new, value_new)
     with torch.no_grad():
@@ -248,5 +314,5 @@ def site_attention(
 
 
 @site_attention.register_fake
-def _(query, key, value, key_new, value_new, mask, scale, site):
+def _(query, key_past, value_past, key_new, value_new, mask, scale, site, past_is_placeholder):
     return query.new_empty(query.shape)  # contiguous, as the real op returns
