@@ -6,6 +6,7 @@ and checks several things on it.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 from transformers import DynamicCache
@@ -34,11 +35,17 @@ def decode_loop(model, cache, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(tokens, 1), logits
 
 
-def eager_reference(opts: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def eager_reference(opts: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor, MixedDimCache]:
     model = build_tiny_model("llama").eval()
     cfg = mdkv.MixedDimKVConfig(**opts)
     mdkv.patch(model, cfg)
-    return decode_loop(model, MixedDimCache(model.config, cfg), steps)
+    cache = MixedDimCache(model.config, cfg)
+    return *decode_loop(model, cache, steps), cache
+
+
+def held_bytes(tensors) -> int:
+    """Bytes of the storages behind the tensors a model's cache holds."""
+    return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
 def test_static_ops_match_packed_reference_and_fakes() -> None:
@@ -84,15 +91,21 @@ def test_static_ops_match_packed_reference_and_fakes() -> None:
 
 
 def test_torch_compile_manual_loop_matches_eager_and_budget_one_matches_plain() -> None:
+    """Unpatched tiny Llama with a DynamicCache: tokens equal the eager MixedDimKV reference, the
+    DynamicCache holds only shape placeholders while the site state holds exactly the reference
+    cache's bytes, misuse raises, and budget 1.0 equals the plain model."""
     torch._dynamo.reset()
+    library.reset_sites()
     steps = 10
     model = build_tiny_model("llama").eval()
-    plain, plain_logits = decode_loop(model, DynamicCache(config=model.config), steps)
+    plain_cache = DynamicCache(config=model.config)
+    plain, plain_logits = decode_loop(model, plain_cache, steps)
 
     counters.clear()
     compiled = torch.compile(model, backend="mixeddimkv", options=OPTS)
-    tokens, logits = decode_loop(compiled, DynamicCache(config=model.config), steps)
-    ref, ref_logits = eager_reference(OPTS, steps)
+    cache = DynamicCache(config=model.config)
+    tokens, logits = decode_loop(compiled, cache, steps)
+    ref, ref_logits, ref_cache = eager_reference(OPTS, steps)
     assert torch.equal(tokens, ref)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert not torch.equal(tokens, plain)  # budget 0.25 really compresses
@@ -101,9 +114,35 @@ def test_torch_compile_manual_loop_matches_eager_and_budget_one_matches_plain() 
     assert sum(counters["graph_break"].values()) == 0
     report = backend.LAST_REPORTS[-1]
     assert len(report.rewritten) == 2 and not report.left
+    assert report.placeholders == report.rewritten and not report.kept_cache
 
-    full = torch.compile(model, backend="mixeddimkv", options={"budget": 1.0})
-    tokens, logits = decode_loop(full, DynamicCache(config=model.config), steps)
+    # The model's cache: right length, zero-stride placeholders of [B, H, 1, d] storage each.
+    n_tokens = IDS.shape[1] + steps
+    assert cache.get_seq_length() == plain_cache.get_seq_length() == n_tokens
+    held = held_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
+    full = held_bytes(t for layer in plain_cache.layers for t in (layer.keys, layer.values))
+    assert full == ref_cache.full_bytes() == 2 * 2 * 2 * n_tokens * 16 * 4  # layers, k/v, heads, tokens, d
+    assert held == 2 * 2 * 2 * 16 * 4  # one token per layer, k/v and head
+    for layer in cache.layers:
+        assert layer.keys.shape == (1, 2, n_tokens, 16) and layer.keys.stride(2) == 0
+    # The compressed state is the site registry's, byte for byte the eager MixedDimCache's.
+    assert backend.compiled_cache_bytes(OPTS, model) == ref_cache.stored_bytes() < 0.5 * full
+    assert backend.compiled_full_bytes(OPTS, model) == full
+
+    # Misuse raises instead of attending over the wrong state.
+    nxt = tokens[:, -1:]
+    cache.crop(n_tokens - 5)  # placeholders of another length (e.g. assisted decoding's crop)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="holds 45 tokens but the compressed state covers 50"):
+        compiled(input_ids=nxt, past_key_values=cache, use_cache=True)
+    # A real past of the right length from the uncompiled model: refused, not silently ignored.
+    with torch.no_grad(), pytest.raises(RuntimeError, match="hold real data"):
+        compiled(input_ids=nxt, past_key_values=plain_cache, use_cache=True)
+    library.reset_sites()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no compressed prompt"):
+        compiled(input_ids=nxt, past_key_values=cache, use_cache=True)
+
+    full_model = torch.compile(model, backend="mixeddimkv", options={"budget": 1.0})
+    tokens, logits = decode_loop(full_model, DynamicCache(config=model.config), steps)
     assert torch.equal(tokens, plain)
     torch.testing.assert_close(logits, plain_logits, atol=1e-4, rtol=1e-4)
 
@@ -119,8 +158,13 @@ def test_model_compile_generate_matches_eager_reference() -> None:
     model.compile(backend="mixeddimkv", options=OPTS)
     counters.clear()
     first = model.generate(IDS, **kw)
-    again = model.generate(IDS, **kw)  # a new prompt resets every site's compressed state
-    assert torch.equal(first, ref) and torch.equal(again, ref)
+    # a new prompt resets every site's compressed state
+    again = model.generate(IDS, return_dict_in_generate=True, **kw)
+    assert torch.equal(first, ref) and torch.equal(again.sequences, ref)
+    # generate()'s DynamicCache holds placeholders of the right length (the last token is not fed).
+    cache = again.past_key_values
+    assert cache.get_seq_length() == ref.shape[1] - 1
+    assert sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values)) == 512
     assert sum(counters["graph_break"].values()) == 0
     assert counters["stats"]["unique_graphs"] <= 3
 
@@ -149,15 +193,17 @@ def test_sites_without_cache_are_left_alone() -> None:
 def test_hand_written_decoder_with_tensor_pasts() -> None:
     """A decoder outside transformers (tuple pasts, torch.cat, MQA, where-mask of rank 2): the
     backend is its only route to MixedDimKV. Budget 1.0 equals the plain model; 0.25 compresses
-    (through `mdkv.patch(..., fallback="compile")`)."""
+    (through `mdkv.patch(..., fallback="compile")`), the returned pasts are placeholders and a
+    past the compiled model did not make raises."""
     from test_find_attention import CatDecoder, _empty_past
 
     torch._dynamo.reset()
+    library.reset_sites()
     torch.manual_seed(0)
     model = CatDecoder().eval()
     prompt = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(3))
 
-    def run(fn) -> list[torch.Tensor]:
+    def run(fn) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
         outs = []
         with torch.no_grad():
             x, past = fn(prompt, _empty_past())
@@ -165,23 +211,78 @@ def test_hand_written_decoder_with_tensor_pasts() -> None:
             for tok in (5, 9, 11):
                 x, past = fn(torch.tensor([[tok]]), past)
                 outs.append(x[:, -1])
-        return outs
+        return outs, past
 
-    plain = run(model)
-    full = run(torch.compile(model, backend="mixeddimkv", options={"budget": 1.0, "window": 4}))
+    plain, plain_past = run(model)
+    full, _ = run(torch.compile(model, backend="mixeddimkv", options={"budget": 1.0, "window": 4}))
     for a, b in zip(full, plain, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     report = backend.LAST_REPORTS[-1]
     assert report.rewritten == [k for k in report.rewritten if k.endswith(("blocks.0", "blocks.1"))]
-    assert len(report.rewritten) == 2
+    assert len(report.rewritten) == 2 and report.placeholders == report.rewritten
 
     # mdkv.patch cannot reach this model; with fallback="compile" it compiles it with the backend.
     assert mdkv.patch(model, mdkv.MixedDimKVConfig(**OPTS), fallback="compile") is model
-    small = run(model)
+    small, past = run(model)
     torch.testing.assert_close(small[0], plain[0], atol=1e-4, rtol=1e-4)  # prefill attention is exact
     assert not torch.allclose(small[-1], plain[-1], atol=1e-3)
+    # The returned pasts: the plain model's shapes, one token of storage each (stride 0).
+    full_bytes = held_bytes(t for kv in plain_past for t in kv)
+    assert full_bytes == 2 * 2 * 27 * 16 * 4  # layers, k/v, tokens, d (one kv head)
+    assert [t.shape for kv in past for t in kv] == [t.shape for kv in plain_past for t in kv]
+    assert held_bytes(t for kv in past for t in kv) == 2 * 2 * 16 * 4
+    # The compressed state lives in the site registry.
+    assert backend.compiled_full_bytes(OPTS, model) == full_bytes
+    assert backend.compiled_cache_bytes(OPTS, model) < 0.5 * full_bytes
     layer = library.site_layer(backend.LAST_REPORTS[-1].rewritten[0])
     assert layer.stored_bytes() < 0.5 * layer.full_bytes()
+
+    with torch.no_grad():
+        nxt = torch.tensor([[7]])
+        short = [(k[:, :, :20], v[:, :, :20]) for k, v in past]
+        with pytest.raises(RuntimeError, match="holds 20 tokens but the compressed state covers 27"):
+            model(nxt, short)
+        # The uncompiled model's past has the same length as the compressed state: only its data differ.
+        with pytest.raises(RuntimeError, match="hold real data"):
+            model(nxt, plain_past)
+        x, _ = model(nxt, past)  # the failed calls changed nothing: the right past still works
+        assert x.shape == (1, 1, 64)
+
+
+def test_cache_read_inside_the_graph_keeps_the_concat() -> None:
+    """Rewrite only (no Inductor): a site whose concatenated keys are also read inside the graph
+    keeps its concat (reason recorded); the other site's concats are erased and the graph
+    returns zero-stride placeholders of the concat's shape."""
+    from test_find_attention import CatDecoder, _empty_past
+
+    from mdkv_compile.passes.explain import capture_graphs
+
+    class KeyReadingDecoder(CatDecoder):
+        def forward(self, idx, past):
+            x, new_past = super().forward(idx, past)
+            return x + new_past[0][0].mean(), new_past  # reads layer 0's past keys
+
+    torch.manual_seed(0)
+    model = KeyReadingDecoder().eval()
+    prompt = torch.randint(0, 128, (1, 6))
+    ((gm, example),), _, _ = capture_graphs(model, prompt, _empty_past())
+    report = backend.rewrite_graph(gm, example, mdkv.MixedDimKVConfig(**OPTS))
+    assert len(report.rewritten) == 2
+    assert [key.split(":")[1] for key in report.placeholders] == ["blocks.1"]
+    ((kept, why),) = report.kept_cache
+    assert kept.endswith("blocks.0") and "also read by" in why
+    # Layer 0 keeps both concats (the decision is per site); layer 1's are erased.
+    assert sum(n.target is torch.cat for n in gm.graph.nodes) == 2
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.mdkv.site_attention.default]
+    assert [(n.args[7].split(":")[1], n.args[8]) for n in ops] == [("blocks.0", False), ("blocks.1", True)]
+
+    library.reset_sites()
+    with torch.no_grad():
+        x, k0, v0, k1, v1 = gm(*example)  # Dynamo's flat outputs: x, then the past tensors in order
+        want, want_past = model(prompt, _empty_past())
+    torch.testing.assert_close(x, want, atol=1e-5, rtol=1e-5)  # prompt attention is exact
+    torch.testing.assert_close((k0, v0), want_past[0])  # kept: the real keys and values
+    assert k1.shape == v1.shape == want_past[1][0].shape and k1.stride(2) == v1.stride(2) == 0
 
 
 def test_patched_model_compiled_keeps_compressed_cache() -> None:
