@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # triton import until needed).
 _LAZY = {
     "MixedDimCache": "mdkv_compile.cache",
+    "GraphedDecoder": "mdkv_compile.cuda_graphs",
     "patch": "mdkv_compile.hf",
     "unpatch": "mdkv_compile.hf",
     "explain": "mdkv_compile.passes.explain",

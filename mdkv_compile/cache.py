@@ -10,10 +10,16 @@ own bounded sliding cache.
 A cache's `update()` never sees queries, so the layer is handed to the attention function
 through `current_layer()`: transformers calls `cache.update(...)` immediately before the
 attention function of the same layer.
+
+Decoded tokens go to one of two regions: by default a tensor that grows by concatenation; with
+`MixedDimCache(..., max_new_tokens=n)` a region of fixed capacity written in place, whose count
+lives on the device, so a decode step has static shapes and addresses and can be captured as a
+CUDA graph (`mdkv_compile.cuda_graphs.GraphedDecoder`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -28,6 +34,11 @@ from mdkv_compile.policies import POLICIES, LayerContext
 from mdkv_compile.policies.head_scores import load_head_shares
 
 _STATE = threading.local()
+
+
+def _writable(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Buffers made during an inference-mode prefill can only be written in inference mode."""
+    return torch.inference_mode() if t.is_inference() else contextlib.nullcontext()
 
 
 def current_layer(layer_idx: int) -> MixedDimLayer | None:
@@ -74,6 +85,7 @@ class MixedDimLayer(CacheLayerMixin):
         head_shares: torch.Tensor | None = None,
         calibrated: tuple[torch.Tensor, torch.Tensor] | None = None,
         shard: HeadShard | None = None,
+        max_new_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.layer_idx, self.num_layers, self.dims = cfg, layer_idx, num_layers, dims
@@ -84,6 +96,12 @@ class MixedDimLayer(CacheLayerMixin):
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n_prompt = 0  # prompt positions (padding included) covered by the store
         self.last_selection: torch.Tensor | None = None  # [B, H, N] stored dim per prompt token
+        # Decoded tokens: `n_new` of them (host count). With a fixed region (`max_new_tokens`), the
+        # device count `n_valid` ([1] int64) is what kernels read and what in-place writes advance.
+        self.max_new_tokens = max_new_tokens
+        self.n_new = 0
+        self.n_valid: torch.Tensor | None = None
+        self._kernel_args: tuple | None = None  # the store's decode-kernel arguments, made once
 
     # --- CacheLayerMixin -------------------------------------------------------------------------
 
@@ -105,14 +123,45 @@ class MixedDimLayer(CacheLayerMixin):
             self.pending = (key_states, value_states)
             return key_states, value_states
         # After compression, `keys`/`values` hold only the tokens appended at full dimension.
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        n_add = key_states.shape[-2]
+        if self.max_new_tokens is None:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        else:
+            if self.n_new + n_add > self.max_new_tokens:
+                raise RuntimeError(
+                    f"MixedDimCache layer {self.layer_idx}: {self.n_new} + {n_add} decoded tokens exceed "
+                    f"max_new_tokens={self.max_new_tokens}; make the cache with a larger max_new_tokens"
+                )
+            # Slots from the device count, advanced in place: no host value enters the step, so a
+            # captured graph writes the right slot on every replay.
+            with _writable(self.n_valid):
+                slots = self.n_valid + torch.arange(n_add, device=self.n_valid.device)
+                self.keys.index_copy_(2, slots, key_states)
+                self.values.index_copy_(2, slots, value_states)
+                self.n_valid.add_(n_add)
+        self.n_new += n_add
         return self.keys, self.values
+
+    def new_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded tokens' keys and values, [B, H, n_new, d]."""
+        return self.keys[:, :, : self.n_new], self.values[:, :, : self.n_new]
+
+    def set_decoded(self, n_new: int) -> None:
+        """Set the count of decoded tokens (host and device): used to rewind after the warm-up runs
+        of a CUDA-graph capture. Tokens past `n_new` are ignored and later overwritten."""
+        if self.max_new_tokens is None or self.store is None:
+            raise RuntimeError("set_decoded needs a compressed layer with a fixed region (max_new_tokens)")
+        if not 0 <= n_new <= self.max_new_tokens:
+            raise ValueError(f"set_decoded({n_new}): outside 0..max_new_tokens={self.max_new_tokens}")
+        self.n_new = n_new
+        with _writable(self.n_valid):
+            self.n_valid.fill_(n_new)
 
     def get_seq_length(self) -> int:
         if self.store is None:
             return 0 if self.pending is None else self.pending[0].shape[-2]
-        return self.n_prompt + self.keys.shape[-2]
+        return self.n_prompt + self.n_new
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -121,7 +170,8 @@ class MixedDimLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.store, self.pending, self.n_prompt = None, None, 0
+        self.store, self.pending, self.n_prompt, self.n_new = None, None, 0, 0
+        self.n_valid, self._kernel_args = None, None
         self.is_initialized = False
 
     def _unsupported(self, *args, **kwargs):
@@ -144,19 +194,41 @@ class MixedDimLayer(CacheLayerMixin):
             out = dense_attention(query, key, value, mask, scale, softcap)
             self.compress(query, key, value, mask, scale, softcap)
             return out
-        new_mask = None if mask is None else mask[..., self.n_prompt : self.n_prompt + self.keys.shape[-2]]
+        if self._use_kernel(query, mask):
+            from mdkv_compile.ops.triton_attention import packed_decode_store, store_arguments
+
+            if self._kernel_args is None and self.store.basis_index is None:
+                # Reused every step (bases shared through basis_index are gathered per call
+                # instead: a per-owner copy would hold memory that stored_bytes does not count).
+                self._kernel_args = store_arguments(self.store)
+            if self.max_new_tokens is None:
+                return packed_decode_store(
+                    query, self.store, self.keys, self.values, None, scale, softcap, arguments=self._kernel_args
+                )
+            return packed_decode_store(
+                query, self.store, self.keys, self.values, self.max_new_tokens, scale, softcap,
+                n_valid=self.n_valid, arguments=self._kernel_args,
+            )
+        keys, values = self.new_tokens()
+        return attend_packed(query, self.store, keys, values, self._new_mask(mask), scale, softcap)
+
+    def _new_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, 1|H, L, n_new] bool: which decoded tokens each query sees (None: all, causally)."""
+        new_mask = None if mask is None else mask[..., self.n_prompt : self.n_prompt + self.n_new]
         if new_mask is not None and new_mask.dtype != torch.bool:
             new_mask = new_mask > torch.finfo(new_mask.dtype).min / 2
-        if self._use_kernel(query, new_mask):
-            from mdkv_compile.ops.triton_attention import packed_decode_store
+        return new_mask
 
-            return packed_decode_store(query, self.store, self.keys, self.values, None, scale, softcap)
-        return attend_packed(query, self.store, self.keys, self.values, new_mask, scale, softcap)
-
-    def _use_kernel(self, query: torch.Tensor, new_mask: torch.Tensor | None) -> bool:
+    def _use_kernel(self, query: torch.Tensor, mask: torch.Tensor | None) -> bool:
         """The Triton decode kernel serves one-token steps on CUDA where every new token is visible."""
-        if self.cfg.kernel != "auto" or not query.is_cuda or query.shape[2] != 1 or self.keys.shape[-2] == 0:
+        if self.cfg.kernel != "auto" or not query.is_cuda or query.shape[2] != 1 or self.n_new == 0:
             return False
+        if torch.cuda.is_current_stream_capturing():
+            # Capturing a graph: transformers builds a mask from host lengths frozen at capture
+            # (and checking it would synchronise). Decoded tokens are never padding (padding was
+            # dropped at compression), so every one is visible: the kernel needs no mask.
+            return True
+        new_mask = self._new_mask(mask)
         return new_mask is None or bool(new_mask.all())
 
     @torch.no_grad()
@@ -190,6 +262,10 @@ class MixedDimLayer(CacheLayerMixin):
         self.last_selection = sel.chosen_dim
         self.n_prompt = n_tokens
         self.pending = None
+        if self.max_new_tokens is not None:
+            shape = (bsz, n_heads, self.max_new_tokens, key.shape[-1])
+            self.keys, self.values = key.new_zeros(shape), value.new_zeros(shape)
+            self.n_valid = torch.zeros(1, dtype=torch.long, device=key.device)
 
     def stored_bytes(self) -> int:
         new = self.keys.numel() * self.keys.element_size() * 2 if self.is_initialized else 0
@@ -212,8 +288,12 @@ _KV_HOOKS: list = []
 class MixedDimCache(Cache):
     """A transformers Cache that compresses the prompt's KV with MixedDimKV (or any policy)."""
 
-    def __init__(self, config, cfg: MixedDimKVConfig | None = None) -> None:
+    def __init__(self, config, cfg: MixedDimKVConfig | None = None, max_new_tokens: int | None = None) -> None:
+        """`max_new_tokens`: give the decoded tokens a fixed region of that many slots per layer,
+        written in place (static shapes: CUDA graphs); None grows it by concatenation."""
         cfg = cfg or MixedDimKVConfig()
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be a positive number of slots or None")
         num_layers, _, n_kv, head_dim = model_dims(config)
         dims = cfg.resolve_dims(head_dim)
         text = config.get_text_config(decoder=True)
@@ -236,7 +316,8 @@ class MixedDimCache(Cache):
                 raise ValueError(f"calibrated basis {cfg.basis_path} has no layer {i}; it was made for another model")
             layers.append(
                 MixedDimLayer(
-                    cfg, i, num_layers, dims, None if shares is None else shares[i], calibrated.get(i), shard
+                    cfg, i, num_layers, dims, None if shares is None else shares[i], calibrated.get(i), shard,
+                    max_new_tokens,
                 )
             )
         super().__init__(layers=layers)
@@ -248,6 +329,14 @@ class MixedDimCache(Cache):
         _STATE.layer = layer if isinstance(layer, MixedDimLayer) else None
         _STATE.layer_idx = layer_idx
         return out
+
+    def set_decoded(self, n_total: int) -> None:
+        """Set every compressed layer's length to `n_total` tokens (prompt + decoded); fixed-region
+        caches only (see `MixedDimLayer.set_decoded`)."""
+        for layer in self.layers:
+            if not isinstance(layer, MixedDimLayer):
+                raise RuntimeError(f"set_decoded: layer {type(layer).__name__} is not a compressed layer")
+            layer.set_decoded(n_total - layer.n_prompt)
 
     def stored_bytes(self) -> int:
         """Bytes of every tensor this cache allocated: stores, prompt bases, bookkeeping, new tokens."""

@@ -299,9 +299,10 @@ if HAS_TRITON:
         k4_ptr, v4_ptr, off4_ptr,
         qr_ptr, stride_qr,
         kn_ptr, vn_ptr, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-        n_new, H_KV, G, S,
+        n_new, n_new_ptr, H_KV, G, S,
         ml_ptr, acc_ptr, coef_ptr,
         qk_scale, scale, softcap,
+        N_FROM_PTR: tl.constexpr,
         NUM_RED: tl.constexpr,
         R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
         BR1: tl.constexpr, BR2: tl.constexpr, BR3: tl.constexpr, BR4: tl.constexpr,
@@ -319,6 +320,10 @@ if HAS_TRITON:
         s = tl.program_id(1)
         reg = tl.program_id(2)  # 0: full tier + decoded region; t >= 1: reduced tier t
         NREG: tl.constexpr = NUM_RED + 1
+        if N_FROM_PTR:
+            # the count of decoded tokens lives on the device: a captured CUDA graph replays with
+            # whatever the step wrote there, not the value seen at capture
+            n_new = tl.load(n_new_ptr)
         # Inductor passes Python floats as fp64 scalars: keep the softmax state fp32
         qk_scale = tl.cast(qk_scale, tl.float32)
         scale = tl.cast(scale, tl.float32)
@@ -716,7 +721,10 @@ def _launch(
     wrap,  # wrap_triton inside the triton_op (Inductor sees the kernels), identity otherwise
     out: Tensor | None = None,
     poison_workspace: bool = False,
+    n_valid: Tensor | None = None,
 ) -> Tensor:
+    """Decode launch. ``n_valid`` (int32 ``[1]`` on the device), when given, is the number of decoded
+    tokens the kernel reads, and ``n_new`` only sizes the splits (pass the region's capacity)."""
     B, Hq, Lq, d = q.shape
     Hkv = k_new.shape[1]
     G = Hq // Hkv
@@ -782,9 +790,10 @@ def _launch(
         q_rot, q_rot.stride(1),
         k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new.stride(0), v_new.stride(1), v_new.stride(2),
-        n_new, Hkv, G, S,
+        n_new, qc if n_valid is None else n_valid, Hkv, G, S,
         ml, acc, coef,
         scale * 1.4426950408889634, scale, cap,
+        N_FROM_PTR=n_valid is not None,
         NUM_RED=n_red,
         R1=rs[0], R2=rs[1], R3=rs[2], R4=rs[3],
         BR1=brs[0], BR2=brs[1], BR3=brs[2], BR4=brs[3],
@@ -923,11 +932,12 @@ def packed_decode_attention_triton(
     softcap: float | None = None,
     out: Tensor | None = None,
     poison_workspace: bool = False,
+    n_valid: Tensor | None = None,
 ) -> Tensor:
     """The Triton path called directly (no op dispatch). ``out`` and ``poison_workspace`` let tests
     check that every output element is written and no unwritten workspace element is read."""
     return _launch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new, scale,
-                   softcap, _identity, out=out, poison_workspace=poison_workspace)
+                   softcap, _identity, out=out, poison_workspace=poison_workspace, n_valid=n_valid)
 
 
 def _op_impl(
@@ -942,12 +952,15 @@ def _op_impl(
     n_new: int,
     scale: float,
     softcap: float | None = None,
+    n_valid: Tensor | None = None,
 ) -> Tensor:
     if _use_triton(q):
         from torch.library import wrap_triton
 
         return _launch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,
-                       scale, softcap, wrap_triton)
+                       scale, softcap, wrap_triton, n_valid=n_valid)
+    if n_valid is not None:  # the reference path needs the count on the host
+        n_new = int(n_valid.reshape(-1)[0])
     return packed_attention_torch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,
                                   scale, softcap)
 
@@ -969,6 +982,7 @@ def packed_decode_attention(
     n_new: int,
     scale: float,
     softcap: float | None = None,
+    n_valid: Tensor | None = None,
 ) -> Tensor:
     """Decode attention over a packed store plus the full-dimension decoded region.
 
@@ -978,10 +992,12 @@ def packed_decode_attention(
     ``[B * H_kv, d, r_max]`` (``None`` with no reduced tier); ``k_new``/``v_new``:
     ``[B, H_kv, n_cap, d]`` of which the first ``n_new`` positions are attended. Returns
     ``[B, Hq, 1, d]`` in q's dtype. An owner with no token at all gets a zero output.
+    ``n_valid``: int32 ``[1]`` on q's device holding the number of decoded tokens; when given, the
+    kernel reads the count there (CUDA-graph replay) and ``n_new`` only sizes the work split.
     """
     return torch.ops.mdkv.packed_decode_attention(q, list(tier_keys), list(tier_values), list(tier_offsets),
                                                   basis_k, basis_v, k_new, v_new, int(n_new), float(scale),
-                                                  None if softcap is None else float(softcap))
+                                                  None if softcap is None else float(softcap), n_valid)
 
 
 def packed_chunk_attention_triton(
@@ -1091,15 +1107,19 @@ def packed_decode_store(
     n_new: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    n_valid: Tensor | None = None,
+    arguments: tuple | None = None,
 ) -> Tensor:
     """``packed_decode_attention`` over a core ``PackedStore``; same result as
     ``mdkv_compile.core.attention.attend_packed(q, store, k_new[:, :, :n_new], v_new[:, :, :n_new])``
-    for one query token (every stored and every new token visible)."""
-    keys, vals, offs, bk, bv = store_arguments(store)
+    for one query token (every stored and every new token visible). ``arguments``: the store's
+    ``store_arguments`` computed once (a caller decoding many steps over one store saves the per-step
+    work); ``n_valid``: the decoded-token count on the device (see ``packed_decode_attention``)."""
+    keys, vals, offs, bk, bv = store_arguments(store) if arguments is None else arguments
     B, _, _, d = q.shape
     if k_new is None or v_new is None:
         k_new = v_new = q.new_zeros(B, store.kv_heads, 1, d)
-        n_new = 0
+        n_new, n_valid = 0, None
     n_new = k_new.shape[2] if n_new is None else n_new
     scale = d**-0.5 if scale is None else scale
-    return packed_decode_attention(q, keys, vals, offs, bk, bv, k_new, v_new, n_new, scale, softcap)
+    return packed_decode_attention(q, keys, vals, offs, bk, bv, k_new, v_new, n_new, scale, softcap, n_valid)

@@ -1,0 +1,114 @@
+"""Decode steps of a transformers causal LM replayed as one CUDA graph.
+
+An eager decode step of a 32-layer model is hundreds of kernel launches and Python calls; at
+batch 8 that costs more than reading a compressed cache (docs/gpu_notes.md). `GraphedDecoder`
+captures the step once and replays it, so a step costs what its kernels cost:
+
+    cache = mdkv.MixedDimCache(model.config, cfg, max_new_tokens=256)   # fixed decode region
+    out = model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)  # prefill
+    decoder = GraphedDecoder(model, cache)
+    token = out.logits[:, -1:].argmax(-1)
+    for _ in range(n):
+        token = decoder.step(token).argmax(-1, keepdim=True)
+
+It needs a cache whose decode step has fixed shapes and addresses and keeps its lengths on the
+device: a `MixedDimCache` made with `max_new_tokens` (after its prefill), or transformers'
+`StaticCache` (the full-cache reference). The step's inputs are copied into fixed buffers; the
+captured graph reads them, so replay `n` computes what an eager call would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mdkv_compile.cache import MixedDimCache, MixedDimLayer
+
+
+def _check_cache(cache) -> None:
+    from transformers import StaticCache
+
+    if isinstance(cache, StaticCache):
+        return
+    if not isinstance(cache, MixedDimCache):
+        raise TypeError(f"GraphedDecoder needs a MixedDimCache or a StaticCache, not {type(cache).__name__}")
+    for i, layer in enumerate(cache.layers):
+        if not isinstance(layer, MixedDimLayer):
+            raise ValueError(f"GraphedDecoder: layer {i} ({type(layer).__name__}) grows by concatenation")
+        if layer.max_new_tokens is None:
+            raise ValueError("GraphedDecoder: make the cache with MixedDimCache(..., max_new_tokens=n)")
+        if layer.store is None:
+            raise ValueError("GraphedDecoder: run the prefill (a forward over the prompt) before decoding")
+
+
+class GraphedDecoder:
+    """One-token decode steps of `model` over `cache`, captured on the first `step` and replayed."""
+
+    def __init__(self, model: torch.nn.Module, cache, warmup: int = 2) -> None:
+        _check_cache(cache)
+        self.model, self.cache, self.warmup = model, cache, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self._ids: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        # tokens in the cache, kept on the host (the device keeps its own count); read once here
+        self.length = int(cache.get_seq_length())
+
+    def _rewind(self, length: int) -> None:
+        """Undo the warm-up runs: set the cache's length back to `length`."""
+        if isinstance(self.cache, MixedDimCache):
+            self.cache.set_decoded(length)
+        else:
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(length)
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(
+            input_ids=self._ids, position_ids=self._positions, past_key_values=self.cache,
+            use_cache=True, logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Decode `tokens` ([B, 1] token ids on the model's device). Returns the next-token logits
+        [B, vocab]: a buffer the next step overwrites (clone it to keep it)."""
+        if tokens.dim() != 2 or tokens.shape[1] != 1:
+            raise ValueError(f"GraphedDecoder.step takes [batch, 1] token ids, got {tuple(tokens.shape)}")
+        length = self.length
+        if isinstance(self.cache, MixedDimCache) and any(
+            layer.n_new >= layer.max_new_tokens for layer in self.cache.layers
+        ):
+            raise RuntimeError("GraphedDecoder: the decode region is full; make the cache with a larger max_new_tokens")
+        with torch.inference_mode():
+            if self.graph is None:
+                self._capture(tokens, length)
+            else:
+                if tokens.shape != self._ids.shape:
+                    raise ValueError(f"batch changed from {self._ids.shape[0]} to {tokens.shape[0]} after capture")
+                self._ids.copy_(tokens)
+                self._positions.fill_(length)
+                self.graph.replay()
+        if isinstance(self.cache, MixedDimCache):
+            # the replay advanced the device counts; the host counts follow
+            for layer in self.cache.layers:
+                layer.n_new += 1
+        self.length += 1
+        return self.logits
+
+    def _capture(self, tokens: torch.Tensor, length: int) -> None:
+        self._ids = tokens.clone()
+        self._positions = torch.full((tokens.shape[0], 1), length, dtype=torch.long, device=tokens.device)
+        stream = torch.cuda.Stream(device=tokens.device)
+        stream.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(stream):  # warm-up off the capture stream, as CUDA graphs require
+            for _ in range(self.warmup):
+                self._forward()
+                self._rewind(length)
+        torch.cuda.current_stream(tokens.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+        self._rewind(length)  # capture ran the Python (host counts moved) but no kernel
+        self.graph.replay()
+
+
+__all__ = ["GraphedDecoder"]

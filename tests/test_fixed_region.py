@@ -1,0 +1,73 @@
+"""The fixed decode region (`MixedDimCache(..., max_new_tokens=n)`): same tokens as the growing one,
+clear errors, and the CUDA-graph decoder's input checks (the graph itself needs a GPU:
+benchmarks/check_cuda_graph_decode.py runs it on the H200)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import mdkv_compile as mdkv
+from mdkv_compile.cuda_graphs import GraphedDecoder
+
+
+def decode(model, cache, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Prefill then greedy single-token forward steps; returns the tokens and each step's logits."""
+    with torch.inference_mode():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        tokens, logits = [token], [out.logits[:, -1]]
+        for _ in range(steps):
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+            logits.append(out.logits[:, -1])
+    return torch.cat(tokens, 1), logits
+
+
+@pytest.mark.parametrize("method,budget", [("mixeddimkv", 0.25), ("snapkv", 0.25), ("full", 1.0)])
+def test_fixed_region_decodes_like_growing_region(method: str, budget: float) -> None:
+    model = tiny_model("llama")
+    cfg = mdkv.MixedDimKVConfig(budget=budget, method=method, window=4)
+    mdkv.patch(model, cfg)
+    ids = torch.randint(1, 256, (2, 120), generator=torch.Generator().manual_seed(3))
+    ref_tokens, ref_logits = decode(model, mdkv.MixedDimCache(model.config, cfg), ids, 12)
+    cache = mdkv.MixedDimCache(model.config, cfg, max_new_tokens=16)
+    tokens, logits = decode(model, cache, ids, 12)
+    assert torch.equal(tokens, ref_tokens)
+    assert max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits, strict=True)) < 1e-5
+    layer = cache.layers[0]
+    assert cache.get_seq_length() == 120 + 12 and int(layer.n_valid) == 12
+    assert layer.keys.shape[2] == 16  # the region keeps its shape (and address) while decoding
+    # rewinding the count makes the next step overwrite the rewound slots (what the graph capture relies on)
+    cache.set_decoded(120 + 11)
+    assert cache.get_seq_length() == 131 and int(layer.n_valid) == 11
+
+
+def test_fixed_region_overflow_and_bad_sizes_raise() -> None:
+    model = tiny_model("llama")
+    cfg = mdkv.MixedDimKVConfig(budget=0.5, method="snapkv", window=4)
+    mdkv.patch(model, cfg)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        mdkv.MixedDimCache(model.config, cfg, max_new_tokens=0)
+    cache = mdkv.MixedDimCache(model.config, cfg, max_new_tokens=2)
+    ids = torch.randint(1, 256, (1, 40), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(RuntimeError, match="exceed max_new_tokens=2"):
+        decode(model, cache, ids, 3)
+    with pytest.raises(ValueError, match="outside"):
+        cache.set_decoded(40 + 5)
+
+
+def test_graphed_decoder_rejects_caches_it_cannot_replay() -> None:
+    model = tiny_model("llama")
+    cfg = mdkv.MixedDimKVConfig(budget=0.5, method="snapkv", window=4)
+    mdkv.patch(model, cfg)
+    from transformers import DynamicCache
+
+    with pytest.raises(TypeError, match="MixedDimCache or a StaticCache"):
+        GraphedDecoder(model, DynamicCache(config=model.config))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GraphedDecoder(model, mdkv.MixedDimCache(model.config, cfg))
+    with pytest.raises(ValueError, match="prefill"):
+        GraphedDecoder(model, mdkv.MixedDimCache(model.config, cfg, max_new_tokens=4))
