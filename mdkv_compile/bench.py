@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mdkv_compile import bench_e2e
 from mdkv_compile.ops import triton_attention as ta
 
 L2_BYTES = 60 * 2**20  # H200: 60 MB (KINDS.md reading); used only to flag cache-resident rows
@@ -40,9 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and memory (mdkv_compile/bench_e2e.py)",
     )
     parser.add_argument("--out", default="bench_decode_attention.json", help="JSON results file")
-    parser.add_argument("--steps", type=int, default=12, help="e2e: decode steps timed per configuration")
-    parser.add_argument("--layers", type=int, default=None, help="e2e: fewer layers for a quick run")
-    parser.add_argument("--quick", action="store_true", help="e2e: small shapes (checks the script)")
+    bench_e2e.add_e2e_options(parser)
     parser.add_argument("--contexts", default="8192,32768,131072", help="comma-separated prompt lengths")
     parser.add_argument("--batches", default="1,4,16,32,64", help="comma-separated batch sizes")
     parser.add_argument("--budget", type=float, default=0.0625, help="stored bytes / full-cache bytes")
@@ -368,8 +367,6 @@ def sweep(args: argparse.Namespace, gen: torch.Generator, dev: str, log: list[st
 
 def run(args: argparse.Namespace) -> int:
     if args.suite == "e2e":
-        from mdkv_compile import bench_e2e
-
         return bench_e2e.run(args)
     if not torch.cuda.is_available():
         print("mdkv bench needs a CUDA GPU", file=sys.stderr)

@@ -1,0 +1,105 @@
+"""Where prefill compression spends its time on a GPU: one Llama-3-8B-shaped layer (32 query / 8 KV
+heads, head_dim 128, bf16, random inputs), `MixedDimLayer.compress` per method, timed with
+synchronisation; the host synchronisations it makes (torch.cuda sync debug mode, by source
+line) and the top operators of torch.profiler. Writes JSON.
+
+    python benchmarks/profile_compress.py --out profile.json [--batch 8 --context 32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from mdkv_compile.cache import MixedDimLayer
+from mdkv_compile.config import MixedDimKVConfig
+
+
+def make_layer(method: str, budget: float) -> MixedDimLayer:
+    cfg = MixedDimKVConfig(budget=budget, method=method)
+    return MixedDimLayer(cfg, layer_idx=5, num_layers=32, dims=cfg.resolve_dims(128))
+
+
+def time_compress(method: str, budget: float, q, k, v, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        layer = make_layer(method, budget)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        layer.compress(q, k, v, None, None, None)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def sync_sites(method: str, budget: float, q, k, v) -> dict[str, int]:
+    """Host synchronisations by source line (file:line of the Python frame that triggered them)."""
+    layer = make_layer(method, budget)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer.compress(q, k, v, None, None, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    counts: collections.Counter[str] = collections.Counter()
+    for w in caught:
+        counts[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    return dict(counts.most_common())
+
+
+def top_ops(method: str, budget: float, q, k, v, n: int = 25) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = make_layer(method, budget)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        layer.compress(q, k, v, None, None, None)
+        torch.cuda.synchronize()
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:n]:
+        rows.append(dict(name=e.key, calls=e.count, cuda_ms=e.device_time_total / 1e3, cpu_ms=e.cpu_time_total / 1e3))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--methods", default="snapkv,mixeddimkv")
+    parser.add_argument("--budget", type=float, default=0.0625)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    B, N = args.batch, args.context
+    opts = dict(device="cuda", dtype=torch.bfloat16)
+    q, k, v = torch.randn(B, 32, N, 128, **opts), torch.randn(B, 8, N, 128, **opts), torch.randn(B, 8, N, 128, **opts)
+    # an SDPA prefill of the same layer, for scale: what one layer's attention costs at this size
+    torch.cuda.synchronize()
+    sdpa = []
+    for _ in range(3):
+        t = time.perf_counter()
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.cuda.synchronize()
+        sdpa.append(time.perf_counter() - t)
+    result = dict(device=torch.cuda.get_device_name(0), batch=B, context=N, budget=args.budget,
+                  sdpa_prefill_ms=statistics.median(sdpa) * 1e3, methods={})
+    for method in args.methods.split(","):
+        times = time_compress(method, args.budget, q, k, v, repeats=4)
+        result["methods"][method] = dict(
+            compress_ms=[t * 1e3 for t in times], median_ms=statistics.median(times[1:]) * 1e3,
+            syncs=sync_sites(method, args.budget, q, k, v), top_ops=top_ops(method, args.budget, q, k, v),
+        )
+        args.out.write_text(json.dumps(result, indent=1))
+        print(method, json.dumps({k: v for k, v in result["methods"][method].items() if k != "top_ops"}), flush=True)
+    print(json.dumps(result["methods"], indent=1)[:6000])
+
+
+if __name__ == "__main__":
+    main()
