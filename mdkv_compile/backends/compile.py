@@ -8,8 +8,10 @@ second registration under the same name trips Dynamo's duplicate-name assert.
 
 Per Dynamo graph: find attention sites (passes/find_attention.py), replace every rewritable
 site whose keys come through a concat cache (HF DynamicCache, tuple pasts, hand-written
-`torch.cat` caches) by `mdkv::site_attention`, leave every other site as it is (logged with the
-reason), then hand the graph to Inductor. Where the compressed state lives and why:
+`torch.cat` caches) by `mdkv::site_attention`, give the model's own cache zero-stride shape
+placeholders instead of the concatenated keys/values (the concats are erased), leave every other
+site as it is (logged with the reason), then hand the graph to Inductor. The compressed state
+lives in a per-site registry (`compiled_cache_bytes()`, `reset_sites()`); where and why:
 docs/compile_pass.md, "The mixeddimkv backend".
 """
 
