@@ -50,6 +50,16 @@ def _hull_segments(losses: torch.Tensor, costs: torch.Tensor) -> tuple[torch.Ten
     return torch.stack(slopes, -1), torch.stack(seg_costs, -1), torch.stack(targets, -1)
 
 
+def _row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Integer cumsum along the last axis of [G, L], as one flat scan minus each row's start.
+    Exact (integers), so the same as torch.cumsum(x, -1); on CUDA a single 1-D scan runs as one
+    device-wide scan, where the per-row kernel gives few long rows a handful of thread blocks."""
+    if x.is_floating_point():
+        raise TypeError("_row_cumsum is exact for integer tensors only")
+    flat = torch.cumsum(x.reshape(-1), 0).view(x.shape)
+    return flat - (flat[:, :1] - x[:, :1])
+
+
 def allocate_greedy(losses: torch.Tensor, costs: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """losses [G, T, D] (non-increasing along D), costs [D] int ascending (costs[0] = 0),
     budget [G] int. Returns the chosen option per token, [G, T] long."""
@@ -63,7 +73,7 @@ def allocate_greedy(losses: torch.Tensor, costs: torch.Tensor, budget: torch.Ten
     order = torch.sort(flat_slope, dim=-1, descending=True, stable=True).indices
     sorted_cost = flat_cost.gather(-1, order)
     sorted_valid = flat_slope.gather(-1, order) > float("-inf")
-    taken_sorted = sorted_valid & (torch.cumsum(sorted_cost, -1) <= budget[:, None])
+    taken_sorted = sorted_valid & (_row_cumsum(sorted_cost) <= budget[:, None])
     taken = torch.zeros_like(taken_sorted).scatter(-1, order, taken_sorted).view(g, t, d - 1)
     # A token's choice is the furthest hull vertex whose segment was taken (segments are a chain
     # and the prefix of a sorted chain is a prefix of the chain).
@@ -80,7 +90,6 @@ def _fill_leftover(
     """Spend the budget left after the hull walk on single upgrades (any option, hull or not),
     best loss saved first. Each round upgrades one token per group; leftover shrinks every round."""
     g, t, d = losses.shape
-    group_idx = torch.arange(g, device=losses.device)
     for _ in range(4 * d + 8):
         used = costs[choice].sum(-1)
         left = budget - used
@@ -90,11 +99,14 @@ def _fill_leftover(
         flat = gain.view(g, -1)
         best = flat.argmax(-1)
         ok = flat.gather(-1, best[:, None]).squeeze(-1) > 0
+        # The one host synchronisation per round: rounds are few and each one costs more than a sync.
         if not bool(ok.any()):
             break
         tok, opt = best // d, best % d
-        choice = choice.clone()
-        choice[group_idx[ok], tok[ok]] = opt[ok]
+        # A scatter of every group (unchanged where not ok) instead of a boolean-mask assignment,
+        # which would synchronise again.
+        new = torch.where(ok, opt, choice.gather(-1, tok[:, None]).squeeze(-1))
+        choice = choice.scatter(-1, tok[:, None], new[:, None])
     return choice
 
 

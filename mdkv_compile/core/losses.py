@@ -11,10 +11,23 @@ from __future__ import annotations
 import torch
 
 
+def running_min(columns: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cummin(torch.stack(columns, -1), -1).values for a handful of columns, as len - 1
+    elementwise minima: the same values (a minimum is exact), without the scan-with-indices kernel,
+    which on CUDA is very slow for a short innermost dimension."""
+    out = [columns[0]]
+    for col in columns[1:]:
+        out.append(torch.minimum(out[-1], col))
+    return torch.stack(out, dim=-1)
+
+
 def residual_fraction(coef: torch.Tensor, norm2: torch.Tensor, dims: tuple[int, ...], head_dim: int) -> torch.Tensor:
-    """coef: [..., r_max] coordinates in an orthonormal basis; norm2: [...] squared norms.
-    Returns [..., len(dims)]: energy outside the first r coordinates over the total, per r."""
-    energy = torch.cumsum(coef.float().square(), dim=-1)  # energy kept by the first j+1 columns
+    """coef: [..., N, r_max] coordinates in an orthonormal basis; norm2: [..., N] squared norms.
+    Returns [..., N, len(dims)]: energy outside the first r coordinates over the total, per r."""
+    # Energy kept by the first j+1 columns, scanned over a non-innermost axis: CUDA then runs one
+    # sequential loop per token (the innermost-axis scan kernel is slow for short rows); on CPU the
+    # scan is the same sequential loop either way, so the values are those of a last-axis cumsum.
+    energy = torch.cumsum(coef.float().transpose(-1, -2).square(), dim=-2)  # [..., r_max, N]
     out = []
     for r in dims:
         if r == 0:
@@ -22,7 +35,7 @@ def residual_fraction(coef: torch.Tensor, norm2: torch.Tensor, dims: tuple[int, 
         elif r >= head_dim:
             out.append(torch.zeros_like(norm2))
         else:
-            kept = energy[..., r - 1]
+            kept = energy[..., r - 1, :]
             out.append(((norm2 - kept) / norm2.clamp_min(1e-12)).clamp(0.0, 1.0))
     return torch.stack(out, dim=-1)
 
@@ -31,22 +44,23 @@ def candidate_losses(
     importance: torch.Tensor,
     key_coef: torch.Tensor | None,
     value_coef: torch.Tensor | None,
-    key_norm2: torch.Tensor,
-    value_norm2: torch.Tensor,
+    key_norm2: torch.Tensor | None,
+    value_norm2: torch.Tensor | None,
     dims: tuple[int, ...],
     head_dim: int,
     key_weight: float,
 ) -> torch.Tensor:
-    """importance [B, H, N]; coefficients [B, H, N, r_max] (None when dims has no reduced tier).
-    Returns [B, H, N, len(dims)] float32, non-increasing along the last axis."""
-    if key_coef is None or value_coef is None:
+    """importance [B, H, N]; coefficients [B, H, N, r_max] and squared norms [B, H, N] (None when
+    dims has no reduced tier). Returns [B, H, N, len(dims)] float32, non-increasing along the last
+    axis."""
+    if key_coef is None or value_coef is None or key_norm2 is None or value_norm2 is None:
         frac = torch.stack([torch.full_like(importance, 1.0 if r == 0 else 0.0) for r in dims], dim=-1)
     else:
         frac = key_weight * residual_fraction(key_coef, key_norm2, dims, head_dim) + (
             1.0 - key_weight
         ) * residual_fraction(value_coef, value_norm2, dims, head_dim)
         # Rounding can make a longer prefix look worse by 1e-8; the solver needs monotone losses.
-        frac = torch.cummin(frac, dim=-1).values
+        frac = running_min(list(frac.unbind(-1)))
     return importance.float()[..., None] * frac
 
 
@@ -84,7 +98,7 @@ def attention_losses(
             out.append(torch.zeros_like(importance))
         else:
             tail = window_queries[..., r:].float() @ key_coef_full[..., r:].float().transpose(-1, -2)  # [B,H,W,N]
-            delta = scale * tail.square().mean(dim=-2).sqrt()
+            delta = scale * tail.square_().mean(dim=-2).sqrt()
             out.append((value_frac[..., j] + delta).clamp(max=1.0))
-    frac = torch.cummin(torch.stack(out, dim=-1), dim=-1).values
+    frac = running_min(out)
     return importance.float()[..., None] * frac

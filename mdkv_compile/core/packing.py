@@ -80,24 +80,39 @@ def pack(
     bsz, n_heads, n_tokens, head_dim = key.shape
     owners = bsz * n_heads
     flat_dim = chosen_dim.reshape(owners * n_tokens)
+    masks = [flat_dim == r for r in tier_dims]
+    # Tokens per (tier, owner), whether each tier is uniform over owners, and its size: one host
+    # synchronisation for every shape the store needs (then nonzero_static, which does not sync).
+    counts = torch.stack([m.view(owners, n_tokens).sum(-1) for m in masks]) if masks else None
+    sizes: list[int] = []
+    uniform: list[int] = []
+    if counts is not None and owners > 0:
+        head = torch.cat([counts.sum(-1), (counts == counts[:, :1]).all(-1).long()]).tolist()
+        sizes, uniform = head[: len(masks)], head[len(masks) :]
+    elif counts is not None:
+        sizes, uniform = [0] * len(masks), [1] * len(masks)
     keys, values, offsets = [], [], []
-    for r in tier_dims:
-        # nonzero() of an owner-major flat mask lists tokens by owner, then position.
-        idx = (flat_dim == r).nonzero().squeeze(-1)
+    key_flat = value_flat = None
+    if key_coef is not None and value_coef is not None:
+        # Views when the coefficients allow it; rows are gathered before the tier's columns are cut.
+        key_flat = key_coef.reshape(owners * n_tokens, key_coef.shape[-1])
+        value_flat = value_coef.reshape(owners * n_tokens, value_coef.shape[-1])
+    for t, r in enumerate(tier_dims):
+        # Indices of an owner-major flat mask list tokens by owner, then position.
+        idx = torch.nonzero_static(masks[t], size=sizes[t]).squeeze(-1)
         if r == head_dim:
             k_t = key.reshape(-1, head_dim).index_select(0, idx)
             v_t = value.reshape(-1, head_dim).index_select(0, idx)
         else:
-            if key_coef is None or value_coef is None:
+            if key_flat is None or value_flat is None:
                 raise ValueError(f"tier {r} is used but no basis coordinates were given")
-            k_t = key_coef[..., :r].reshape(-1, r).index_select(0, idx).to(key.dtype)
-            v_t = value_coef[..., :r].reshape(-1, r).index_select(0, idx).to(value.dtype)
-        counts = torch.bincount(idx // n_tokens, minlength=owners)
-        if bool((counts == counts[0]).all()):
+            k_t = key_flat.index_select(0, idx)[:, :r].to(key.dtype)
+            v_t = value_flat.index_select(0, idx)[:, :r].to(value.dtype)
+        if uniform[t]:
             off = None
         else:
             off = torch.zeros(owners + 1, dtype=torch.int32, device=key.device)
-            off[1:] = torch.cumsum(counts, 0).to(torch.int32)
+            off[1:] = torch.cumsum(counts[t], 0).to(torch.int32)
         keys.append(k_t.contiguous())
         values.append(v_t.contiguous())
         offsets.append(off)

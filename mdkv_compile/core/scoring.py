@@ -41,14 +41,16 @@ def window_importance(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     w = min(window, n_tokens)
     q_win = query[:, :, n_tokens - w :].float().view(bsz, n_kv_heads, group, w, head_dim)
-    logits = torch.einsum("bhgwd,bhnd->bhgwn", q_win, key.float()) * scale
+    # In-place where the tensor is this function's own [B, H, G, W, N] temporary: same values, fewer
+    # full-size copies.
+    logits = torch.einsum("bhgwd,bhnd->bhgwn", q_win, key.float()).mul_(scale)
     logits = softcap_logits(logits, softcap)
     # Causal inside the window: window row i sits at position N - w + i.
     positions = torch.arange(n_tokens, device=key.device)
     row_pos = positions[n_tokens - w :]
     allowed = (positions[None, :] <= row_pos[:, None])[None, None, None] & valid[:, None, None, None, :]
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    logits = logits.masked_fill_(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     scores = probs.mean(dim=(2, 3))  # [B, H, N]
     if pool_kernel > 1:
         scores = F.max_pool1d(

@@ -54,9 +54,12 @@ class LayerContext:
     def n_valid(self) -> torch.Tensor:
         return self.valid.sum(-1)
 
-    def importance(self) -> torch.Tensor:
+    def importance(self, key: torch.Tensor | None = None) -> torch.Tensor:
+        """Window importance [B, H, N]; `key` may be a float32 copy of `self.key` (same values) that
+        the caller already holds, so that no second copy is made."""
         return window_importance(
-            self.query, self.key, self.valid, self.cfg.window, self.cfg.pool_kernel, self.scale, self.softcap
+            self.query, self.key if key is None else key, self.valid, self.cfg.window, self.cfg.pool_kernel,
+            self.scale, self.softcap,
         )
 
     def forced(self) -> torch.Tensor:
