@@ -130,13 +130,25 @@ def _synced(fn):
 
 
 def time_generate(model, ids: torch.Tensor, steps: int) -> tuple[float, list[float]]:
-    """transformers' generate() with its default (dynamic) cache: prefill time from a 1-token call,
-    per-step time from the difference to a (1 + steps)-token call (both greedy, no early stop)."""
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=None)
+    """transformers' generate() with its default (dynamic) cache, greedy. A logits processor runs once
+    per new token, after that token's forward: synchronised timestamps there give the prefill time
+    (start to first call) and each decode step's time (between consecutive calls)."""
+    from transformers import LogitsProcessorList
+
+    stamps: list[float] = []
+
+    def stamp(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return scores
+
     with torch.inference_mode():
-        _, t1 = _synced(lambda: model.generate(ids, max_new_tokens=1, **kw))
-        _, tn = _synced(lambda: model.generate(ids, max_new_tokens=1 + steps, **kw))
-    return t1, [(tn - t1) / steps]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1 + steps, min_new_tokens=1 + steps, do_sample=False, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([stamp]))
+    steps_s = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return stamps[0] - start, steps_s[1:]
 
 
 def _prefill_static(model, cache, ids: torch.Tensor) -> float:

@@ -19,9 +19,18 @@ captured graph reads them, so replay `n` computes what an eager call would.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mdkv_compile.cache import MixedDimCache, MixedDimLayer
+
+
+@functools.cache
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture: cuBLAS keeps a workspace per stream (32 MiB on
+    an H200, never released), so a new stream per decoder would leak that much each time."""
+    return torch.cuda.Stream(device=device)
 
 
 def _check_cache(cache) -> None:
@@ -97,7 +106,7 @@ class GraphedDecoder:
     def _capture(self, tokens: torch.Tensor, length: int) -> None:
         self._ids = tokens.clone()
         self._positions = torch.full((tokens.shape[0], 1), length, dtype=torch.long, device=tokens.device)
-        stream = torch.cuda.Stream(device=tokens.device)
+        stream = _warmup_stream(tokens.device)
         stream.wait_stream(torch.cuda.current_stream(tokens.device))
         with torch.cuda.stream(stream):  # warm-up off the capture stream, as CUDA graphs require
             for _ in range(self.warmup):
