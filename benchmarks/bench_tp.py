@@ -34,7 +34,7 @@ def _generate(model, cfg: mdkv.MixedDimKVConfig, ids: torch.Tensor, new_tokens: 
     """One greedy generation with a fresh cache: tokens, bytes, allocation, wall time.
     `sync`: the model is sharded, so every rank starts the clock together."""
     mdkv.patch(model, cfg)
-    cache = MixedDimCache(model.config, cfg)
+    cache = MixedDimCache(model.config, cfg, record_selection=True)
     GATHER_STATS.update(calls=0, bytes=0)
     if sync:
         dist.barrier()

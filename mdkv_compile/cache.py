@@ -86,6 +86,7 @@ class MixedDimLayer(CacheLayerMixin):
         calibrated: tuple[torch.Tensor, torch.Tensor] | None = None,
         shard: HeadShard | None = None,
         max_new_tokens: int | None = None,
+        record_selection: bool = False,
     ) -> None:
         super().__init__()
         self.cfg, self.layer_idx, self.num_layers, self.dims = cfg, layer_idx, num_layers, dims
@@ -95,7 +96,14 @@ class MixedDimLayer(CacheLayerMixin):
         self.store: PackedStore | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n_prompt = 0  # prompt positions (padding included) covered by the store
-        self.last_selection: torch.Tensor | None = None  # [B, H, N] stored dim per prompt token
+        # What the policy chose: entries per dim (`selection_dims`, 0 = dropped) in `selection_counts`
+        # ([len(dims)] int64, on the device: no sync); with `record_selection`, also the dim of every
+        # prompt entry, `last_selection` [B, H, N] int64: 8 bytes per entry beside the store (at 128K
+        # tokens that is 25% of a 0.0625 store), so it is kept only on request.
+        self.record_selection = record_selection
+        self.last_selection: torch.Tensor | None = None
+        self.selection_dims: tuple[int, ...] = ()
+        self.selection_counts: torch.Tensor | None = None
         # Decoded tokens: `n_new` of them (host count). With a fixed region (`max_new_tokens`), the
         # device count `n_valid` ([1] int64) is what kernels read and what in-place writes advance.
         self.max_new_tokens = max_new_tokens
@@ -259,13 +267,21 @@ class MixedDimLayer(CacheLayerMixin):
             key, value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
             sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared,
         )
-        self.last_selection = sel.chosen_dim
+        self.selection_dims = (0, *sel.tier_dims)
+        self.selection_counts = torch.stack([(sel.chosen_dim == r).sum() for r in self.selection_dims])
+        self.last_selection = sel.chosen_dim if self.record_selection else None
         self.n_prompt = n_tokens
         self.pending = None
         if self.max_new_tokens is not None:
             shape = (bsz, n_heads, self.max_new_tokens, key.shape[-1])
             self.keys, self.values = key.new_zeros(shape), value.new_zeros(shape)
             self.n_valid = torch.zeros(1, dtype=torch.long, device=key.device)
+
+    def selection_summary(self) -> dict[int, int]:
+        """{dim: prompt entries stored at that dim} (0 = dropped); empty before compression. Syncs."""
+        if self.selection_counts is None:
+            return {}
+        return dict(zip(self.selection_dims, self.selection_counts.tolist(), strict=True))
 
     def stored_bytes(self) -> int:
         new = self.keys.numel() * self.keys.element_size() * 2 if self.is_initialized else 0
@@ -288,9 +304,16 @@ _KV_HOOKS: list = []
 class MixedDimCache(Cache):
     """A transformers Cache that compresses the prompt's KV with MixedDimKV (or any policy)."""
 
-    def __init__(self, config, cfg: MixedDimKVConfig | None = None, max_new_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        config,
+        cfg: MixedDimKVConfig | None = None,
+        max_new_tokens: int | None = None,
+        record_selection: bool = False,
+    ) -> None:
         """`max_new_tokens`: give the decoded tokens a fixed region of that many slots per layer,
-        written in place (static shapes: CUDA graphs); None grows it by concatenation."""
+        written in place (static shapes: CUDA graphs); None grows it by concatenation.
+        `record_selection`: keep every prompt entry's chosen dim (`MixedDimLayer.last_selection`)."""
         cfg = cfg or MixedDimKVConfig()
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be a positive number of slots or None")
@@ -317,7 +340,7 @@ class MixedDimCache(Cache):
             layers.append(
                 MixedDimLayer(
                     cfg, i, num_layers, dims, None if shares is None else shares[i], calibrated.get(i), shard,
-                    max_new_tokens,
+                    max_new_tokens, record_selection,
                 )
             )
         super().__init__(layers=layers)

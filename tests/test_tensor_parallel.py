@@ -70,7 +70,7 @@ def _run(model: torch.nn.Module, files: dict[str, str]) -> dict[str, dict]:
     for name, kwargs, rows in CASES:
         cfg = _config(kwargs, files)
         mdkv.patch(model, cfg)
-        cache = MixedDimCache(model.config, cfg)
+        cache = MixedDimCache(model.config, cfg, record_selection=True)
         ids, mask = _inputs(rows)
         with torch.no_grad():
             tokens = model.generate(

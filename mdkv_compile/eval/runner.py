@@ -182,15 +182,16 @@ def stop_token_ids(model: Any, tok: Any) -> set[int]:
 
 def dim_fractions(cache: Any) -> dict[str, float] | None:
     """Share of prompt (token, KV head) entries stored at each dimension, over all layers, from
-    the layers' `last_selection` (None for caches without one). Shows whether a method really
+    the layers' `selection_counts` (None for caches without them). Shows whether a method really
     mixed dimensions or fell back to eviction ({0, d} only)."""
-    sels = [layer.last_selection.flatten() for layer in getattr(cache, "layers", [])
-            if getattr(layer, "last_selection", None) is not None]  # fmt: skip
-    if not sels:
+    totals: dict[int, int] = {}
+    for layer in getattr(cache, "layers", []):
+        for dim, n in (layer.selection_summary() if hasattr(layer, "selection_summary") else {}).items():
+            totals[dim] = totals.get(dim, 0) + n
+    total = sum(totals.values())
+    if not total:
         return None
-    vals, counts = torch.cat(sels).unique(return_counts=True)
-    total = int(counts.sum())
-    return {str(int(v)): round(int(n) / total, 5) for v, n in zip(vals, counts, strict=True)}
+    return {str(dim): round(n / total, 5) for dim, n in sorted(totals.items()) if n}
 
 
 def cache_bytes(cache: Any) -> tuple[int | None, int | None]:
