@@ -25,6 +25,7 @@ METHODS = (
 # Methods that need per-head importance scores from `profile-heads` (a JSON file).
 HEAD_SCORE_METHODS = ("headkv", "mixeddimkv-h")
 BASES = ("prompt", "calibrated")
+BASIS_SOLVERS = ("subspace", "eigh")
 POOLS = ("head", "layer")
 SOLVERS = ("greedy", "exact")
 LOSSES = ("attention", "energy")
@@ -59,6 +60,10 @@ class MixedDimKVConfig:
     sink_tokens: int | None = None
     basis: str = "prompt"
     basis_path: str | None = None  # safetensors file from `mdkv_compile.core.bases.calibrate`
+    # How a prompt basis is computed: "subspace" (a few sync-free subspace iterations, within ~1-2%
+    # of the exact basis' captured energy; core/bases.py) or "eigh" (exact eigenvectors; on CUDA
+    # a slow batched Jacobi solver that synchronises). Calibration always uses eigh.
+    basis_solver: str = "subspace"
     pool: str = "head"
     # Per-token loss of a reduced dimension: "attention" (error it puts into the attention output,
     # from the window queries' logit error and the value error) or "energy" (importance-weighted
@@ -125,6 +130,8 @@ class MixedDimKVConfig:
             _fail("sink_tokens", self.sink_tokens, "None or a non-negative int")
         if self.basis not in BASES:
             _fail("basis", self.basis, f"one of {', '.join(BASES)}")
+        if self.basis_solver not in BASIS_SOLVERS:
+            _fail("basis_solver", self.basis_solver, f"one of {', '.join(BASIS_SOLVERS)}")
         if self.basis == "calibrated" and not self.basis_path:
             _fail("basis_path", self.basis_path, "a safetensors file from calibrate() when basis='calibrated'")
         if self.pool not in POOLS:

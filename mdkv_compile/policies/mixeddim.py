@@ -27,13 +27,19 @@ from mdkv_compile.policies.base import (
 )
 
 
-def _bases(ctx: LayerContext, rank: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Key and value bases [B, H, d, rank] (prompt PCA) or [H, d, rank] (calibrated), and whether
-    they are shared (not stored per prompt)."""
+def _bases(
+    ctx: LayerContext, rank: int, key: torch.Tensor | None = None, value: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Key and value bases [B, H, d, rank] (prompt PCA, by `cfg.basis_solver`) or [H, d, rank]
+    (calibrated), and whether they are shared (not stored per prompt). `key` / `value` may be
+    float32 copies of the context's tensors (same values) the caller already holds."""
     if ctx.calibrated is not None:
         kb, vb = ctx.calibrated
         return kb[:, :, :rank].to(ctx.key.device), vb[:, :, :rank].to(ctx.key.device), True
-    return prompt_basis(ctx.key, ctx.valid, rank), prompt_basis(ctx.value, ctx.valid, rank), False
+    key = ctx.key if key is None else key
+    value = ctx.value if value is None else value
+    solver = ctx.cfg.basis_solver
+    return prompt_basis(key, ctx.valid, rank, solver), prompt_basis(value, ctx.valid, rank, solver), False
 
 
 def _coefficients(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -42,26 +48,41 @@ def _coefficients(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 def _basis_storage(
-    ctx: LayerContext, kb: torch.Tensor, vb: torch.Tensor, shared: bool, rows: torch.Tensor
+    ctx: LayerContext, kb: torch.Tensor, vb: torch.Tensor, shared: bool, rows: torch.Tensor, n_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The bases to keep for the rows that use them, and the owner -> basis-row index."""
+    """The bases to keep for the rows that use them (`rows` [B] bool, `n_rows` of them, known on
+    the host), and the owner -> basis-row index. Synchronises nothing."""
     if shared:
         return kb, vb, None
     bsz, n_heads = ctx.key.shape[:2]
     d, rank = kb.shape[-2:]
-    if bool(rows.all()):
+    if n_rows == bsz:
         return kb.reshape(-1, d, rank), vb.reshape(-1, d, rank), None
     slot = torch.cumsum(rows.long(), 0) - 1
     heads = torch.arange(n_heads, device=rows.device)
     index = torch.where(rows[:, None], slot[:, None] * n_heads + heads[None, :], -1)
-    return kb[rows].reshape(-1, d, rank), vb[rows].reshape(-1, d, rank), index.reshape(-1).to(torch.int32)
+    pick = torch.nonzero_static(rows, size=n_rows).squeeze(-1)  # = kb[rows], without a sync
+    return (
+        kb.index_select(0, pick).reshape(-1, d, rank),
+        vb.index_select(0, pick).reshape(-1, d, rank),
+        index.reshape(-1).to(torch.int32),
+    )
+
+
+def _device_ints(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A small long tensor written on the device by fills: torch.tensor(values, device=...) copies
+    from pageable host memory, which synchronises."""
+    out = torch.empty(len(values), dtype=torch.long, device=device)
+    for i, v in enumerate(values):
+        out[i : i + 1].fill_(v)
+    return out
 
 
 def _solve(
     ctx: LayerContext, losses: torch.Tensor, units: torch.Tensor, dims: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Allocate; returns (chosen dim [B, H, N] long, total loss per row [B], over all TP ranks)."""
-    costs = torch.tensor(dims, device=losses.device)
+    costs = _device_ints(dims, losses.device)
     pooled = ctx.cfg.pool == "layer" and ctx.head_shares is None
     if pooled and ctx.shard is not None:
         # One knapsack over every rank's heads: each rank solves the gathered layer, keeps its slice.
@@ -85,43 +106,50 @@ def _solve(
 
 
 def mixeddimkv(ctx: LayerContext) -> Selection:
+    """Host synchronisations: one per round of the greedy solver's leftover fill (core/allocation.py)
+    and one here, at the end, for how many rows use the mixed tiers (the store's shapes depend on
+    it). With basis_solver="eigh" the eigendecomposition synchronises too."""
     d = ctx.head_dim
     dims = ctx.dims
     reduced = tuple(r for r in dims if 0 < r < d)
     itemsize = ctx.key.element_size()
-    units = owner_budget(ctx)
-    everything = keeps_everything(ctx)
-    if bool(everything.all()):
+    if ctx.cfg.budget is not None and ctx.cfg.budget >= 1.0:
+        # keeps_everything() holds for every row; known on the host, so no need to ask the device.
         return full_selection(ctx)
+    units = owner_budget(ctx)
+    # Rows that keep everything (other budgets) are settled by the torch.where calls below, so no
+    # early exit (and no synchronisation) is needed for them.
+    everything = keeps_everything(ctx)
 
     forced = ctx.forced()[:, None, :, None]
-    importance = ctx.importance()
-    k_norm2 = ctx.key.float().square().sum(-1)
-    v_norm2 = ctx.value.float().square().sum(-1)
+    key_f = ctx.key.float()  # one float32 copy of the keys for importance, basis and coordinates
+    importance = ctx.importance(key_f)
 
     def constrain(losses: torch.Tensor) -> torch.Tensor:
         # Forced tokens are kept whole: any smaller option costs as much as dropping them.
-        forced_row = torch.full((losses.shape[-1],), FORCED_LOSS, device=losses.device)
-        forced_row[-1] = 0.0
+        n_opts = losses.shape[-1]
+        last = torch.arange(n_opts, device=losses.device) == n_opts - 1
+        forced_row = torch.where(last, 0.0, FORCED_LOSS)  # float32 [FORCED_LOSS, ..., 0], no host copy
         return torch.where(forced, forced_row, losses).masked_fill(~ctx.valid[:, None, :, None], 0.0)
-
-    def losses_for(option_dims: tuple[int, ...], kc: torch.Tensor | None, vc: torch.Tensor | None) -> torch.Tensor:
-        return constrain(candidate_losses(importance, kc, vc, k_norm2, v_norm2, option_dims, d, ctx.cfg.key_weight))
 
     evict_dims = (0, d)
     evict_units = units - bookkeeping_units(1, itemsize)
-    evict_dim, evict_loss = _solve(ctx, losses_for(evict_dims, None, None), evict_units, evict_dims)
+    evict_losses = candidate_losses(importance, None, None, None, None, evict_dims, d, ctx.cfg.key_weight)
+    evict_dim, evict_loss = _solve(ctx, constrain(evict_losses), evict_units, evict_dims)
     if not reduced:
         chosen = torch.where(everything[:, None, None], full_selection(ctx).chosen_dim, evict_dim)
         return Selection(chosen_dim=chosen, tier_dims=(d,))
 
     r_max = max(reduced)
+    value_f = ctx.value.float()
+    v_norm2 = value_f.square().sum(-1)
     # The attention loss needs every key coordinate (the logit error lives in the tail).
-    kb_full, vb, shared = _bases(ctx, d if ctx.cfg.loss == "attention" else r_max)
+    kb_full, vb, shared = _bases(ctx, d if ctx.cfg.loss == "attention" else r_max, key_f, value_f)
     vb = vb[..., :r_max]
-    kc_full, vc = _coefficients(ctx.key, kb_full), _coefficients(ctx.value, vb)
+    kc_full, vc = _coefficients(key_f, kb_full), _coefficients(value_f, vb)
     kb, kc = kb_full[..., :r_max].contiguous(), kc_full[..., :r_max]
     if ctx.cfg.loss == "attention":
+        del key_f, value_f
         bsz, n_heads = ctx.key.shape[:2]
         w = min(ctx.cfg.window, ctx.key.shape[2])
         q_win = ctx.query[:, :, -w:].float().reshape(bsz, n_heads, -1, d)  # the group's window queries
@@ -129,7 +157,11 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
         scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d)
         mixed_losses = constrain(attention_losses(importance, q_rot, kc_full, vc, v_norm2, dims, d, scale))
     else:
-        mixed_losses = losses_for(dims, kc, vc)
+        k_norm2 = key_f.square().sum(-1)
+        del key_f, value_f
+        mixed_losses = constrain(
+            candidate_losses(importance, kc, vc, k_norm2, v_norm2, dims, d, ctx.cfg.key_weight)
+        )
     # One more bookkeeping slot pays for the owner -> basis index when rows differ.
     mixed_units = units - bookkeeping_units(len(reduced) + 2, itemsize) - (0 if shared else d * r_max)
     mixed_dim, mixed_loss = _solve(ctx, mixed_losses, mixed_units, dims)
@@ -137,9 +169,10 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
     use_mixed = (mixed_loss < evict_loss) & ~everything
     chosen = torch.where(use_mixed[:, None, None], mixed_dim, evict_dim)
     chosen = torch.where(everything[:, None, None], full_selection(ctx).chosen_dim, chosen)
-    if not bool(use_mixed.any()):
+    n_mixed = int(use_mixed.sum())  # the policy's host synchronisation: the tiers and bases depend on it
+    if n_mixed == 0:
         return Selection(chosen_dim=chosen, tier_dims=(d,))
-    basis_k, basis_v, index = _basis_storage(ctx, kb, vb, shared, use_mixed)
+    basis_k, basis_v, index = _basis_storage(ctx, kb, vb, shared, use_mixed, n_mixed)
     return Selection(
         chosen_dim=chosen,
         tier_dims=(d, *sorted(reduced, reverse=True)),
@@ -168,12 +201,13 @@ def lowrank(ctx: LayerContext) -> Selection:
         rank = rank.clamp_max(ctx.cfg.lowrank_dim)
     rank = torch.where(keeps_everything(ctx), d, rank)
     chosen = torch.where(ctx.valid[:, None, :], rank[:, None, None], 0).expand(ctx.key.shape[:3]).long()
-    reduced = sorted({int(r) for r in rank.tolist() if 0 < r < d}, reverse=True)
+    ranks = [int(r) for r in rank.tolist()]  # the one host synchronisation: the tiers depend on it
+    reduced = sorted({r for r in ranks if 0 < r < d}, reverse=True)
     if not reduced:
         return Selection(chosen_dim=chosen, tier_dims=(d,))
     kb, vb, shared = _bases(ctx, reduced[0])
     uses = (rank > 0) & (rank < d)
-    basis_k, basis_v, index = _basis_storage(ctx, kb, vb, shared, uses)
+    basis_k, basis_v, index = _basis_storage(ctx, kb, vb, shared, uses, sum(0 < r < d for r in ranks))
     return Selection(
         chosen_dim=chosen,
         tier_dims=(d, *reduced),
