@@ -9,9 +9,10 @@ A row is (batch, context, cache, budget, mode):
 * cache: "dynamic" (transformers' DynamicCache + SDPA, the unpatched model), "static"
   (transformers' StaticCache + SDPA), or a MixedDimKV method ("full" at budget 1.0 is our own
   path with nothing compressed: the baseline that isolates what compression buys).
-* mode: "generate" (transformers' `model.generate()`; per-step time from two calls with 1 and
-  1 + steps new tokens), "eager" (single-token forward calls), "graph" (the step captured once
-  as a CUDA graph and replayed, `mdkv_compile.cuda_graphs.GraphedDecoder`).
+* mode: "generate" (transformers' `model.generate()`, steps timed by a logits processor), "eager"
+  (single-token forward calls), "graph" (the step captured once as a CUDA graph and replayed,
+  `mdkv_compile.cuda_graphs.GraphedDecoder`), "compiled-graph" (the same after
+  `compile_regions`: MLP and RMSNorm modules compiled by Inductor; these rows run last).
 
 Per row: prefill once (timed), decode steps (each timed with synchronisation; median), peak
 allocated memory (torch.cuda.max_memory_allocated), the cache's own measured bytes and, with
@@ -38,6 +39,7 @@ LLAMA3_8B = dict(
     rope_theta=500000.0,
 )
 HF_CACHES = ("dynamic", "static")
+GRAPH_MODES = ("graph", "compiled-graph")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Config:
     context: int
     cache: str  # "dynamic", "static" or a MixedDimKV method
     budget: float = 1.0
-    mode: str = "eager"  # "eager", "graph" or "generate"
+    mode: str = "eager"  # "eager", "graph", "compiled-graph" or "generate"
 
 
 def plan(part: str, quick: bool) -> list[Config]:
@@ -55,6 +57,7 @@ def plan(part: str, quick: bool) -> list[Config]:
             Config(1, 2048, "dynamic"), Config(1, 2048, "dynamic", mode="generate"),
             Config(1, 2048, "static", mode="graph"), Config(1, 2048, "full", mode="graph"),
             Config(1, 2048, "mixeddimkv", 0.0625), Config(1, 2048, "mixeddimkv", 0.0625, "graph"),
+            Config(1, 2048, "mixeddimkv", 0.0625, "compiled-graph"),
         ]
     decode = [
         # (b) end-to-end decode at 32K, batch 8: transformers' generate(), the same full cache under a
@@ -63,6 +66,8 @@ def plan(part: str, quick: bool) -> list[Config]:
         Config(8, 32768, "full", mode="graph"), Config(8, 32768, "snapkv", 0.0625, "graph"),
         Config(8, 32768, "mixeddimkv", 0.0625, "graph"), Config(8, 32768, "mixeddimkv", 0.0625, "eager"),
         Config(8, 32768, "mixeddimkv", 0.01, "graph"),
+        Config(8, 32768, "full", mode="compiled-graph"), Config(8, 32768, "mixeddimkv", 0.0625, "compiled-graph"),
+        Config(8, 32768, "mixeddimkv", 0.01, "compiled-graph"),
         # 128K context, batch 1 (batch 8 of a full 128K cache does not fit: 137 GB)
         Config(1, 131072, "full", mode="graph"), Config(1, 131072, "mixeddimkv", 0.0625, "graph"),
         Config(1, 131072, "mixeddimkv", 0.01, "graph"),
@@ -108,7 +113,7 @@ def make_cache(model, c: Config, max_new_tokens: int):
         return StaticCache(config=model.config, max_cache_len=c.context + max_new_tokens)
     cfg = mdkv.MixedDimKVConfig(budget=c.budget, method=c.cache)
     mdkv.patch(model, cfg)
-    return mdkv.MixedDimCache(model.config, cfg, max_new_tokens=max_new_tokens if c.mode == "graph" else None)
+    return mdkv.MixedDimCache(model.config, cfg, max_new_tokens=max_new_tokens if c.mode in GRAPH_MODES else None)
 
 
 def cache_bytes(cache) -> tuple[int, int]:
@@ -180,7 +185,7 @@ def time_decode(model, cache, ids: torch.Tensor, c: Config, steps: int) -> tuple
             token = out.logits[:, -1:].argmax(-1)
             del out
     step_s = []
-    if c.mode == "graph":
+    if c.mode in GRAPH_MODES:
         decoder = GraphedDecoder(model, cache)
         for _ in range(steps):
             logits, t = _synced(lambda tok=token: decoder.step(tok))
@@ -286,6 +291,7 @@ def add_e2e_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="e2e: small shapes (checks the script)")
     parser.add_argument("--part", choices=("decode", "prefill", "capacity", "all"), default="all",
                         help="e2e: which rows (capacity: 128K sequences that fit, full vs compressed)")
+    parser.add_argument("--modes", default=None, help="e2e: only rows of these comma-separated modes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -297,6 +303,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+def run_rows(model, configs: list[Config], args: argparse.Namespace, result: dict) -> None:
+    """Warm up (each configuration once at 1K tokens: kernels compiled, libraries loaded), then
+    time every configuration; the JSON is rewritten after each row."""
+    for c in dict.fromkeys(dataclasses.replace(c, batch=1, context=1024) for c in configs):
+        run_config(model, c, 4)
+    for c in configs:
+        try:
+            row = run_config(model, c, args.steps)
+        except Exception as exc:  # record and go on: one OOM must not lose the other rows
+            row = dict(dataclasses.asdict(c), error=repr(exc)[:500])
+            traceback.print_exc()
+            torch.cuda.empty_cache()
+        result["rows"].append(row)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(row), flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -311,19 +334,16 @@ def run(args: argparse.Namespace) -> int:
         "total_memory_bytes": torch.cuda.get_device_properties(0).total_memory,
     }
     configs = plan(args.part, args.quick)
-    # warm-up at a small size: kernels compiled and libraries loaded before anything is timed
-    for c in dict.fromkeys(dataclasses.replace(c, batch=1, context=1024) for c in configs):
-        run_config(model, c, 4)
-    for c in configs:
-        try:
-            row = run_config(model, c, args.steps)
-        except Exception as exc:  # record and go on: one OOM must not lose the other rows
-            row = dict(dataclasses.asdict(c), error=repr(exc)[:500])
-            traceback.print_exc()
-            torch.cuda.empty_cache()
-        result["rows"].append(row)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(json.dumps(row), flush=True)
+    if args.modes:
+        configs = [c for c in configs if c.mode in args.modes.split(",")]
+    # rows that need compiled regions last: compiling changes the model for every later row
+    groups = [[c for c in configs if c.mode != "compiled-graph"], [c for c in configs if c.mode == "compiled-graph"]]
+    for compiled, group in enumerate(groups):
+        if compiled and group:
+            from mdkv_compile.cuda_graphs import compile_regions
+
+            result["compiled_regions"] = compile_regions(model)
+        run_rows(model, group, args, result)
     if args.part in ("capacity", "all"):
         context = 4096 if args.quick else 131072
         for cache_kind, budget in (("dynamic", 1.0), ("mixeddimkv", 0.0625), ("mixeddimkv", 0.01)):

@@ -71,3 +71,18 @@ def test_graphed_decoder_rejects_caches_it_cannot_replay() -> None:
         GraphedDecoder(model, mdkv.MixedDimCache(model.config, cfg))
     with pytest.raises(ValueError, match="prefill"):
         GraphedDecoder(model, mdkv.MixedDimCache(model.config, cfg, max_new_tokens=4))
+
+
+def test_compiled_regions_decode_like_eager() -> None:
+    """compile_regions (Inductor on MLP and RMSNorm modules) keeps the compressed decode's tokens."""
+    from mdkv_compile.cuda_graphs import compile_regions
+
+    model = tiny_model("llama")
+    cfg = mdkv.MixedDimKVConfig(budget=0.25, method="mixeddimkv", window=4)
+    mdkv.patch(model, cfg)
+    ids = torch.randint(1, 256, (1, 80), generator=torch.Generator().manual_seed(5))
+    ref_tokens, ref_logits = decode(model, mdkv.MixedDimCache(model.config, cfg, max_new_tokens=8), ids, 6)
+    assert compile_regions(model) == 2 * 3 + 1  # per layer: mlp + 2 norms; the final norm
+    tokens, logits = decode(model, mdkv.MixedDimCache(model.config, cfg, max_new_tokens=8), ids, 6)
+    assert torch.equal(tokens, ref_tokens)
+    assert max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits, strict=True)) < 1e-4
