@@ -1,17 +1,20 @@
-"""Decode attention over the packed store: the Triton kernels (run by Triton's CPU interpreter here)
-and the pure-torch fallback, both against an independent float64 reference that reconstructs every
-key and value (k_hat = basis_k[o][:, :r] @ c) and runs plain softmax attention owner by owner."""
+"""Decode attention over the packed store: the Triton kernels (compiled on a GPU, run by Triton's
+CPU interpreter elsewhere) and the pure-torch fallback, both against an independent float64
+reference that reconstructs every key and value (k_hat = basis_k[o][:, :r] @ c) and runs plain
+softmax attention owner by owner."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 
-# must be set before triton is imported anywhere in this process
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU the kernels run in the interpreter, which must be chosen before triton is imported
+# anywhere in this process (conftest does the same). With a GPU they are compiled and run there.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
