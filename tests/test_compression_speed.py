@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mdkv_compile.config import MixedDimKVConfig
-from mdkv_compile.core.allocation import _row_cumsum
+from mdkv_compile.core.allocation import _fill_leftover, _row_cumsum, allocate_greedy
 from mdkv_compile.core.bases import masked_second_moment, prompt_basis, subspace_basis
 from mdkv_compile.core.losses import running_min
 from mdkv_compile.core.packing import pack, reconstruct
@@ -197,6 +197,21 @@ def test_row_cumsum_equals_cumsum() -> None:
     x = torch.randint(0, 128, (5, 1000), generator=gen)
     assert torch.equal(_row_cumsum(x), torch.cumsum(x, -1))
     assert _row_cumsum(x[:, :0]).shape == (5, 0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_keep_evict_needs_no_leftover_fill(seed: int) -> None:
+    """allocate_greedy skips the fill rounds (and their syncs) for two options: they never change
+    the choice there."""
+    gen = torch.Generator().manual_seed(seed)
+    losses = torch.rand(6, 200, 1, generator=gen, dtype=torch.double)
+    losses = torch.cat([losses, torch.zeros_like(losses)], -1)
+    losses[0, :50, 0] = 0.0  # tokens with nothing to gain
+    costs = torch.tensor([0, 16])
+    budget = torch.randint(0, 200 * 16, (6,), generator=gen)
+    budget[1] = 200 * 16 + 5  # room for everything
+    choice = allocate_greedy(losses, costs, budget)
+    assert torch.equal(_fill_leftover(losses, costs, budget, choice), choice)
 
 
 def reference_pack_tiers(key, chosen, tier_dims):

@@ -81,6 +81,11 @@ def allocate_greedy(losses: torch.Tensor, costs: torch.Tensor, budget: torch.Ten
     choice = torch.where(
         n_taken > 0, target.gather(-1, (n_taken - 1).clamp_min(0)[..., None]).squeeze(-1), 0
     )
+    if d == 2:
+        # Keep/evict: every segment costs costs[1] and the taken ones are a prefix of the sorted
+        # order, so once one does not fit the leftover is below costs[1] and no upgrade fits.
+        # The fill would only spend a host sync finding that out.
+        return choice
     return _fill_leftover(losses, costs, budget, choice)
 
 

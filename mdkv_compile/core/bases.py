@@ -81,6 +81,19 @@ def prompt_basis(x: torch.Tensor, valid: torch.Tensor, rank: int, solver: str = 
     return vecs.flip(-1)[..., :rank].contiguous()
 
 
+def prompt_bases(
+    key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, rank: int, solver: str = "eigh"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prompt_basis` of the keys and of the values. The subspace solver runs both as one batch
+    (half the launches: its cost on CUDA is the number of small batched factorisations, not their
+    size); eigh runs them one after the other, exactly as before."""
+    if solver != "subspace":
+        return prompt_basis(key, valid, rank, solver), prompt_basis(value, valid, rank, solver)
+    moments = torch.stack([masked_second_moment(key, valid), masked_second_moment(value, valid)])
+    both = subspace_basis(moments, rank)
+    return both[0], both[1]
+
+
 def second_moment_basis(second_moment: torch.Tensor) -> torch.Tensor:
     """Full ordered basis [.., d, d] from accumulated second moments."""
     _, vecs = torch.linalg.eigh(second_moment.double())

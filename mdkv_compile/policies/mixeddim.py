@@ -14,7 +14,7 @@ import math
 import torch
 
 from mdkv_compile.core.allocation import FORCED_LOSS, allocate
-from mdkv_compile.core.bases import prompt_basis
+from mdkv_compile.core.bases import prompt_bases
 from mdkv_compile.core.losses import attention_losses, candidate_losses
 from mdkv_compile.distributed import gather_heads, local_heads
 from mdkv_compile.policies.base import (
@@ -38,8 +38,8 @@ def _bases(
         return kb[:, :, :rank].to(ctx.key.device), vb[:, :, :rank].to(ctx.key.device), True
     key = ctx.key if key is None else key
     value = ctx.value if value is None else value
-    solver = ctx.cfg.basis_solver
-    return prompt_basis(key, ctx.valid, rank, solver), prompt_basis(value, ctx.valid, rank, solver), False
+    kb, vb = prompt_bases(key, value, ctx.valid, rank, ctx.cfg.basis_solver)
+    return kb, vb, False
 
 
 def _coefficients(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -106,9 +106,9 @@ def _solve(
 
 
 def mixeddimkv(ctx: LayerContext) -> Selection:
-    """Host synchronisations: one per round of the greedy solver's leftover fill (core/allocation.py)
-    and one here, at the end, for how many rows use the mixed tiers (the store's shapes depend on
-    it). With basis_solver="eigh" the eigendecomposition synchronises too."""
+    """Host synchronisations: one per round of the mixed solve's leftover fill (core/allocation.py;
+    the keep/evict solve has none) and one here, at the end, for how many rows use the mixed tiers
+    (the store's shapes depend on it). With basis_solver="eigh" the eigendecomposition syncs too."""
     d = ctx.head_dim
     dims = ctx.dims
     reduced = tuple(r for r in dims if 0 < r < d)
