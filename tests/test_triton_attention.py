@@ -217,17 +217,17 @@ def test_budget_one_equals_full_attention() -> None:
     """All tokens in the full tier, nothing reduced: plain GQA attention over the same keys."""
     gen = torch.Generator().manual_seed(11)
     B, Hkv, G, d, n = 2, 2, 3, 32, 37
-    k = torch.randn(B, Hkv, n, d, generator=gen)
-    v = torch.randn(B, Hkv, n, d, generator=gen)
-    q = torch.randn(B, Hkv * G, 1, d, generator=gen)
-    off = torch.arange(0, B * Hkv + 1, dtype=torch.int32) * n
-    empty = torch.zeros(B, Hkv, 1, d)
+    k = torch.randn(B, Hkv, n, d, generator=gen).to(DEVICE)
+    v = torch.randn(B, Hkv, n, d, generator=gen).to(DEVICE)
+    q = torch.randn(B, Hkv * G, 1, d, generator=gen).to(DEVICE)
+    off = torch.arange(0, B * Hkv + 1, dtype=torch.int32, device=DEVICE) * n
+    empty = torch.zeros(B, Hkv, 1, d, device=DEVICE)
     out = packed_decode_attention_triton(
         q, [k.reshape(-1, d)], [v.reshape(-1, d)], [off], None, None, empty, empty, 0, d**-0.5
     )
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
-    )
+    ).cpu()
     assert rel_err(out, ref) < 1e-5
 
 
@@ -241,7 +241,7 @@ def test_many_splits_and_merge_chunks() -> None:
                          block_n_reduced_max=64)
         gen = torch.Generator().manual_seed(5)
         c = make_case(gen, 1, 2, 3, 32, (32, 16, 8), 70, 3, 4, torch.float32)
-        out = torch.full((1, 6, 1, 32), float("nan"))
+        out = torch.full((1, 6, 1, 32), float("nan"), device=DEVICE)
         packed_decode_attention_triton(**c, out=out, poison_workspace=True)
         assert rel_err(out, reference(c)) < 1e-5
     finally:
@@ -354,3 +354,11 @@ def test_count_read_on_device_matches_host_count() -> None:
     # the count is data: change it in place and the same arguments give the 5-token answer
     n_valid.fill_(5)
     assert rel_err(packed_decode_attention_triton(**args, n_valid=n_valid), reference({**c, "n_new": 5})) < 1e-5
+
+
+def test_argument_on_another_device_is_a_clear_error() -> None:
+    gen = torch.Generator().manual_seed(3)
+    c = make_case(gen, 1, 2, 2, 32, (32, 16), 20, 2, 4, torch.float32)
+    c["q"] = c["q"].to("meta")
+    with pytest.raises(ValueError, match="on cpu|on cuda"):
+        packed_decode_attention_triton(**c)

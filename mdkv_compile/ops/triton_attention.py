@@ -706,6 +706,13 @@ def _use_triton(q: Tensor) -> bool:
     return HAS_TRITON and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def _check_devices(q: Tensor, *tensors: Tensor | None) -> None:
+    """Every kernel argument on q's device: a stray CPU tensor would otherwise fail deep in the launcher."""
+    for t in tensors:
+        if t is not None and t.device != q.device:
+            raise ValueError(f"packed attention: an argument is on {t.device}, the query on {q.device}")
+
+
 def _launch(
     q: Tensor,
     tier_keys: list[Tensor],
@@ -725,6 +732,7 @@ def _launch(
 ) -> Tensor:
     """Decode launch. ``n_valid`` (int32 ``[1]`` on the device), when given, is the number of decoded
     tokens the kernel reads, and ``n_new`` only sizes the splits (pass the region's capacity)."""
+    _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, n_valid, out)
     B, Hq, Lq, d = q.shape
     Hkv = k_new.shape[1]
     G = Hq // Hkv
@@ -830,6 +838,7 @@ def _launch_chunk(
     poison_workspace: bool = False,
 ) -> Tensor:
     """Chunked prefill: q [B, Hq, L, d] are the last L of the n_new new tokens (causal among them)."""
+    _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, out)
     B, Hq, L, d = q.shape
     Hkv = k_new.shape[1]
     G = Hq // Hkv
