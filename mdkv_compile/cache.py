@@ -30,7 +30,7 @@ from mdkv_compile.core.attention import attend_packed, dense_attention
 from mdkv_compile.core.bases import load_calibrated
 from mdkv_compile.core.packing import PackedStore, pack
 from mdkv_compile.distributed import HeadShard, check_local_heads, head_shard
-from mdkv_compile.policies import POLICIES, LayerContext
+from mdkv_compile.policies import LayerContext, select
 from mdkv_compile.policies.head_scores import load_head_shares
 
 _STATE = threading.local()
@@ -262,7 +262,7 @@ class MixedDimLayer(CacheLayerMixin):
             head_shares=None if self.head_shares is None else self.head_shares.to(key.device),
             calibrated=self.calibrated, shard=self.shard,
         )
-        sel = POLICIES[self.cfg.method](ctx)
+        sel = select(ctx)
         self.store = pack(
             key, value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
             sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared,

@@ -89,7 +89,7 @@ def compress_static(
     """Compress one layer's prompt (query [B, Hq, N, d], key/value [B, H, N, d], valid [B, N])
     into fixed-shape store tensors: keys, values [B*H, capacity], counts [B*H, T] int32,
     basis_k, basis_v [B*H, d, r_max] (zeros where unused)."""
-    from mdkv_compile.policies import POLICIES, LayerContext
+    from mdkv_compile.policies import LayerContext, select
 
     config = cfg_from_json(cfg)
     d = key.shape[-1]
@@ -99,7 +99,7 @@ def compress_static(
         cfg=config, dims=dims, scale=scale,
     )
     with torch.no_grad():
-        sel = POLICIES[config.method](ctx)
+        sel = select(ctx)
         store = pack(
             key, value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
             sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared,

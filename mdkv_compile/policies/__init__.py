@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
 
 from mdkv_compile.policies import eviction, mixeddim
 from mdkv_compile.policies.base import LayerContext, Selection
@@ -23,4 +26,37 @@ POLICIES: dict[str, Policy] = {
     "mixeddimkv-h": mixeddim.mixeddimkv,
 }
 
-__all__ = ["POLICIES", "LayerContext", "Policy", "Selection"]
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(x: torch.Tensor) -> Iterator[None]:
+    """On CUDA with a bf16/fp16 model, run the policy's float32 matmuls (second moments, basis
+    projections, logit errors) on TF32 tensor cores: plain fp32 uses FFMA kernels, the largest
+    cost of compression on an H200 (docs/gpu_notes.md), and TF32's 10-bit mantissa is finer than
+    the 7/10 bits the cache is stored with. The flag is process-wide, so it is restored at once."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+    saved = matmul.fp32_precision if new_api else matmul.allow_tf32
+    if new_api:
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = saved
+        else:
+            matmul.allow_tf32 = saved
+
+
+def select(ctx: LayerContext) -> Selection:
+    """Run the config's policy on one layer (the one entry point: eager cache and compiled ops)."""
+    with _tf32_matmuls(ctx.key):
+        return POLICIES[ctx.cfg.method](ctx)
+
+
+__all__ = ["POLICIES", "LayerContext", "Policy", "Selection", "select"]
