@@ -76,8 +76,18 @@ def _check_supported(model: torch.nn.Module) -> None:
             "registry, so mdkv.patch cannot reach it; use torch.compile(model, backend='mixeddimkv')"
         )
     text = model.config.get_text_config(decoder=True)
-    if getattr(text, "is_encoder_decoder", False) or not getattr(text, "is_decoder", True):
+    # Some causal LM configs carry a stale `is_decoder = False` (GPTNeoXConfig): then the attention
+    # modules' own `is_causal` flags decide (BERT's LM head with is_decoder False stays rejected).
+    if getattr(text, "is_encoder_decoder", False) or not (
+        getattr(text, "is_decoder", True) or _attention_is_causal(model)
+    ):
         raise NotImplementedError(f"{name}: only decoder-only causal LMs are supported")
+
+
+def _attention_is_causal(model: torch.nn.Module) -> bool:
+    """Every attention module that declares `is_causal` declares it True (and there is one)."""
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
 
 
 def patch(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None, fallback: str | None = None) -> torch.nn.Module:
