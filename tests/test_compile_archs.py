@@ -65,3 +65,38 @@ def test_patch_trusts_causal_attention_over_a_stale_is_decoder_flag() -> None:
                                             intermediate_size=64, vocab_size=50))
     with pytest.raises(NotImplementedError, match="only decoder-only causal LMs"):
         mdkv.patch(bert)
+
+
+def test_inductor_cache_hit_keeps_the_rewrite(tmp_path, monkeypatch) -> None:
+    """The rewrite runs on the Dynamo graph before Inductor, so the FX-graph cache keys on the
+    rewritten graph: a second compile that hits the cache still compresses (same tokens and bytes
+    as the eager reference), and another config cannot be served from the first one's entry."""
+    from torch._dynamo.utils import counters
+    from transformers import DynamicCache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cfg = mdkv.MixedDimKVConfig(**OPTS)
+    model = build_tiny_model("llama").eval()
+    mdkv.patch(model, cfg)
+    reference = MixedDimCache(model.config, cfg)
+    ref_tokens = greedy(model, reference)
+    mdkv.unpatch(model)
+    plain = greedy(model, DynamicCache(config=model.config))
+    assert not torch.equal(plain, ref_tokens)  # compression changes this model's tokens
+
+    def compiled_tokens(opts: dict) -> torch.Tensor:
+        torch._dynamo.reset()
+        library.reset_sites()
+        return greedy(torch.compile(model, backend="mixeddimkv", options=opts), DynamicCache(config=model.config))
+
+    with torch._inductor.config.patch(fx_graph_cache=True, fx_graph_remote_cache=False):
+        counters.clear()
+        assert torch.equal(compiled_tokens(OPTS), ref_tokens)
+        assert counters["inductor"]["fxgraph_cache_miss"] > 0
+        counters.clear()
+        assert torch.equal(compiled_tokens(OPTS), ref_tokens)
+        assert counters["inductor"]["fxgraph_cache_hit"] > 0
+        assert mdkv.compiled_cache_bytes(OPTS, model) == reference.stored_bytes()
+        counters.clear()
+        assert torch.equal(compiled_tokens({**OPTS, "budget": 1.0}), plain)
+        assert counters["inductor"]["fxgraph_cache_miss"] > 0
