@@ -13,13 +13,13 @@ import collections
 import json
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from mdkv_compile.cache import MixedDimLayer
 from mdkv_compile.config import MixedDimKVConfig
+from mdkv_compile.profiling import host_sync_sites
 
 
 def make_layer(method: str, budget: float) -> MixedDimLayer:
@@ -42,16 +42,8 @@ def time_compress(method: str, budget: float, q, k, v, repeats: int) -> list[flo
 def sync_sites(method: str, budget: float, q, k, v) -> dict[str, int]:
     """Host synchronisations by source line (file:line of the Python frame that triggered them)."""
     layer = make_layer(method, budget)
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            layer.compress(q, k, v, None, None, None)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    counts: collections.Counter[str] = collections.Counter()
-    for w in caught:
-        counts[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    sites = host_sync_sites(lambda: layer.compress(q, k, v, None, None, None))
+    counts = collections.Counter(f"{Path(f).name}:{line}" for f, line in sites)
     return dict(counts.most_common())
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import linecache
-import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from mdkv_compile.core.bases import masked_second_moment, prompt_basis, subspace
 from mdkv_compile.core.losses import running_min
 from mdkv_compile.core.packing import pack, reconstruct
 from mdkv_compile.policies import POLICIES, LayerContext
+from mdkv_compile.profiling import host_sync_sites
 
 
 def eigh_basis(second_moment: torch.Tensor) -> torch.Tensor:
@@ -260,15 +260,7 @@ def test_compress_synchronises_only_where_shapes_need_it(method: str) -> None:
     v = torch.randn(1, 8, 4096, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
     cfg = MixedDimKVConfig(budget=0.0625, method=method)
     layer = MixedDimLayer(cfg, layer_idx=5, num_layers=32, dims=cfg.resolve_dims(128))
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            layer.compress(q, k, v, None, None, None)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    sites = [(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message).lower()]
+    sites = host_sync_sites(lambda: layer.compress(q, k, v, None, None, None))
     bad = [f"{Path(f).name}:{n}: {linecache.getline(f, n).strip()}" for f, n in sites
            if not any(a in linecache.getline(f, n) for a in allowed)]
     assert not bad, bad
