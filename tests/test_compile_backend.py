@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 import mdkv_compile as mdkv
 from mdkv_compile.backends import compile as backend
-from mdkv_compile.cache import MixedDimCache
+from mdkv_compile.cache import MixedDimCache, MixedDimLayer
 from mdkv_compile.core.attention import attend_packed
 from mdkv_compile.core.packing import pack
 from mdkv_compile.ops import library
@@ -247,6 +247,137 @@ def test_hand_written_decoder_with_tensor_pasts() -> None:
             model(nxt, plain_past)
         x, _ = model(nxt, past)  # the failed calls changed nothing: the right past still works
         assert x.shape == (1, 1, 64)
+
+
+def static_greedy(fn, prompt: torch.Tensor, steps: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens of a gpt-fast style loop (`fn(idx, input_pos) -> logits`): prefill at positions
+    0..N-1, then one token per step at the next position; and the last step's logits."""
+    n = prompt.shape[1]
+    with torch.no_grad():
+        logits = fn(prompt, torch.arange(n))[:, -1]
+        tokens = []
+        for i in range(steps):
+            tokens.append(logits.argmax(-1, keepdim=True))
+            logits = fn(tokens[-1], torch.tensor([n + i]))[:, -1]
+    return torch.cat(tokens, 1), logits
+
+
+def static_lm(max_seq: int = 64):
+    """The gpt-fast style decoder of test_find_attention with an LM head: layer 0 writes its
+    buffers with `index_copy_` and attends with SDPA (bool mask), layer 1 writes with
+    `k_cache[:, :, input_pos] = k` and attends with einsum + masked_fill(~mask)."""
+    from test_find_attention import StaticKVDecoder
+
+    class StaticLM(StaticKVDecoder):
+        def __init__(self) -> None:
+            super().__init__(max_seq=max_seq, layer_kw=[{"write": "index_copy", "sdpa": True}, {"write": "setitem"}])
+            self.head = torch.nn.Linear(64, 128, bias=False)
+
+        def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+            return self.head(super().forward(idx, input_pos))
+
+    torch.manual_seed(0)
+    return StaticLM().eval()
+
+
+def mixeddim_reference(model, cfg: mdkv.MixedDimKVConfig):
+    """The eager MixedDimKV reference of `static_lm`: a copy whose attention layers keep a
+    `MixedDimLayer` each (a fresh one at input_pos 0, appended to later) and attend through
+    `MixedDimLayer.attend` with the mask cut to the written positions; the copy's buffers are
+    not used. Returns (reference model, {layer path: MixedDimLayer of the current sequence})."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    states: dict[str, object] = {}
+    for i, attn in enumerate(ref.layers):
+
+        def forward(x, mask, input_pos, attn=attn, i=i):
+            b, t, _ = x.shape
+            q, k, v = attn.project(x)
+            start = int(input_pos[0])
+            if start == 0:
+                states[f"layers.{i}"] = MixedDimLayer(cfg, i, len(ref.layers), cfg.resolve_dims(k.shape[-1]))
+            layer = states[f"layers.{i}"]
+            layer.update(k, v)
+            out = layer.attend(q, mask[..., : start + t], k.shape[-1] ** -0.5, None)
+            return attn.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+        attn.forward = forward
+    return ref, states
+
+
+def test_static_kv_buffer_decoder_matches_eager_reference() -> None:
+    """gpt-fast style static KV buffers (written in place at input_pos, mask rows picked by
+    input_pos): each layer's site is rewritten to `mdkv::site_attention_buffer`; 32 greedy tokens
+    equal the eager MixedDimKV reference, the site state holds the reference's bytes, the model's
+    buffer is still written, budget 1.0 equals the plain model, recompiles are bounded and a
+    write at the wrong position raises."""
+    torch._dynamo.reset()
+    library.reset_sites()
+    steps, n = 32, 24
+    model = static_lm()
+    prompt = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(3))
+
+    rep = mdkv.explain(model, prompt, torch.arange(n))
+    assert [s.location for s in rep.rewritten] == ["layers.0", "layers.1"] and not rep.skipped
+    assert all(s.is_causal and s.kv_cache == "buffer" for s in rep.sites)
+
+    plain, plain_logits = static_greedy(model, prompt, steps)
+    cfg = mdkv.MixedDimKVConfig(**OPTS)
+    ref_model, ref_layers = mixeddim_reference(model, cfg)
+    ref, ref_logits = static_greedy(ref_model, prompt, steps)
+
+    counters.clear()
+    compiled = torch.compile(model, backend="mixeddimkv", options=OPTS)
+    tokens, logits = static_greedy(compiled, prompt, steps)
+    assert torch.equal(tokens, ref)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(tokens, plain)  # budget 0.25 really compresses
+    # Prefill and one decode graph for all 32 steps (input_pos is a tensor: its values add no guards).
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert sum(counters["graph_break"].values()) == 0
+    report = backend.LAST_REPORTS[-1]
+    assert [k.split(":")[1] for k in report.rewritten] == ["layers.0", "layers.1"] and not report.left
+    assert report.buffers == report.rewritten and not report.placeholders and not report.kept_cache
+
+    # The compressed state: byte for byte the reference's MixedDimLayers.
+    total = n + steps
+    assert all(layer.get_seq_length() == total for layer in ref_layers.values())
+    ref_bytes = sum(layer.stored_bytes() for layer in ref_layers.values())
+    per_token = 2 * 2 * 2 * 16 * 4  # layers, k/v, kv heads, d, fp32
+    assert backend.compiled_cache_bytes(OPTS, model) == ref_bytes
+    assert backend.compiled_full_bytes(OPTS, model) == total * per_token
+    # The decoded tokens stay at full dimension; the 24-token prompt is compressed.
+    assert ref_bytes - steps * per_token < 0.5 * n * per_token
+    # The model's buffers are its own (max_seq = 64 positions) and still written at input_pos.
+    assert held_bytes(t for layer in model.layers for t in (layer.k_cache, layer.v_cache)) == 2 * 2 * 2 * 64 * 16 * 4
+    fed = torch.cat([prompt, tokens[:, :-1]], 1)
+    with torch.no_grad():
+        _, k0, _ = model.layers[0].project(model.emb(fed))
+    torch.testing.assert_close(model.layers[0].k_cache[:, :, :total - 1], k0)
+
+    # A write that does not continue the compressed state raises; the state is left as it was.
+    nxt = torch.tensor([[int(tokens[0, -1])]])  # a view of `tokens` has other strides: a recompile
+    with torch.no_grad(), pytest.raises(RuntimeError, match="at position 40 but the compressed state covers 56"):
+        compiled(nxt, torch.tensor([40]))
+    site = report.rewritten[0]
+    x = torch.randn(1, 2, 2, 16)
+    with pytest.raises(RuntimeError, match=r"positions \[56, 58\] are not 2 consecutive"):
+        torch.ops.mdkv.site_attention_buffer(torch.randn(1, 4, 2, 16), x, x, torch.tensor([56, 58]), None, None, site)
+    with torch.no_grad():
+        got = compiled(nxt, torch.tensor([total]))
+        want = ref_model(nxt, torch.tensor([total]))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] <= 2
+    library.reset_sites()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no compressed prompt"):
+        compiled(nxt, torch.tensor([total + 1]))
+
+    full_model = torch.compile(model, backend="mixeddimkv", options={"budget": 1.0, "window": 4})
+    tokens, logits = static_greedy(full_model, prompt, steps)
+    assert torch.equal(tokens, plain)
+    torch.testing.assert_close(logits, plain_logits, atol=1e-4, rtol=1e-4)
+    assert backend.LAST_REPORTS[-1].buffers == backend.LAST_REPORTS[-1].rewritten != []
 
 
 def test_cache_read_inside_the_graph_keeps_the_concat() -> None:

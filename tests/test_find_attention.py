@@ -193,37 +193,61 @@ def test_t5_decoder_self_attention_bias_reason() -> None:
 
 
 class StaticKVAttention(nn.Module):
-    def __init__(self, n_kv: int = 2, max_seq: int = 16) -> None:
+    """`write`: "setitem" (`k_cache[:, :, input_pos] = k`) or "index_copy" (`index_copy_(2, input_pos, k)`);
+    `sdpa`: F.scaled_dot_product_attention with the bool mask instead of the einsum chain."""
+
+    def __init__(self, n_kv: int = 2, max_seq: int = 16, write: str = "setitem", sdpa: bool = False) -> None:
         super().__init__()
-        self.n_kv = n_kv
+        self.n_kv, self.write, self.sdpa = n_kv, write, sdpa
         self.wqkv = nn.Linear(DIM, (HEADS + 2 * n_kv) * HEAD_DIM, bias=False)
         self.wo = nn.Linear(DIM, DIM, bias=False)
         self.register_buffer("k_cache", torch.zeros(1, n_kv, max_seq, HEAD_DIM))
         self.register_buffer("v_cache", torch.zeros(1, n_kv, max_seq, HEAD_DIM))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         kv = self.n_kv * HEAD_DIM
         q, k, v = self.wqkv(x).split([DIM, kv, kv], dim=-1)
         q = q.view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
         k = k.view(b, t, self.n_kv, HEAD_DIM).transpose(1, 2)
         v = v.view(b, t, self.n_kv, HEAD_DIM).transpose(1, 2)
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x)
+        if self.write == "index_copy":
+            self.k_cache.index_copy_(2, input_pos, k)
+            self.v_cache.index_copy_(2, input_pos, v)
+        else:
+            self.k_cache[:, :, input_pos] = k
+            self.v_cache[:, :, input_pos] = v
         keys = self.k_cache.repeat_interleave(HEADS // self.n_kv, dim=1)
         values = self.v_cache.repeat_interleave(HEADS // self.n_kv, dim=1)
-        scores = torch.einsum("bhqd,bhkd->bhqk", q, keys) / math.sqrt(HEAD_DIM)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = F.softmax(scores.float(), dim=-1).type_as(q)
-        out = torch.einsum("bhqk,bhkd->bhqd", probs, values)
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        else:
+            scores = torch.einsum("bhqd,bhkd->bhqk", q, keys) / math.sqrt(HEAD_DIM)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            probs = F.softmax(scores.float(), dim=-1).type_as(q)
+            out = torch.einsum("bhqk,bhkd->bhqd", probs, values)
         return self.wo(out.transpose(1, 2).reshape(b, t, DIM))
 
 
 class StaticKVDecoder(nn.Module):
-    def __init__(self, layers: int = 2, max_seq: int = 16, causal_buffer: torch.Tensor | None = None) -> None:
+    """`layer_kw`: keyword arguments of each layer's StaticKVAttention (default: two plain layers)."""
+
+    def __init__(
+        self,
+        layers: int = 2,
+        max_seq: int = 16,
+        causal_buffer: torch.Tensor | None = None,
+        layer_kw: list[dict] | None = None,
+    ) -> None:
         super().__init__()
         self.emb = nn.Embedding(128, DIM)
-        self.layers = nn.ModuleList(StaticKVAttention(max_seq=max_seq) for _ in range(layers))
+        kws = layer_kw or [{} for _ in range(layers)]
+        self.layers = nn.ModuleList(StaticKVAttention(max_seq=max_seq, **kw) for kw in kws)
         buf = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool)) if causal_buffer is None else causal_buffer
         self.register_buffer("causal_mask", buf)
 

@@ -9,8 +9,11 @@ second registration under the same name trips Dynamo's duplicate-name assert.
 Per Dynamo graph: find attention sites (passes/find_attention.py), replace every rewritable
 site whose keys come through a concat cache (HF DynamicCache, tuple pasts, hand-written
 `torch.cat` caches) by `mdkv::site_attention`, give the model's own cache zero-stride shape
-placeholders instead of the concatenated keys/values (the concats are erased), leave every other
-site as it is (logged with the reason), then hand the graph to Inductor. The compressed state
+placeholders instead of the concatenated keys/values (the concats are erased); replace every
+rewritable site whose keys are a static KV buffer written in place at a position tensor (gpt-fast,
+torchtune, HF StaticCache: `buf.index_copy_(2, pos, k)`, `buf[:, :, pos] = k`) by
+`mdkv::site_attention_buffer` (the write stays: the buffer is the model's; the op does not read
+it); leave every other site as it is (logged with the reason), then hand the graph to Inductor. The compressed state
 lives in a per-site registry (`compiled_cache_bytes()`, `reset_sites()`); where and why:
 docs/compile_pass.md, "The mixeddimkv backend".
 """
@@ -44,6 +47,9 @@ class RewriteReport:
     placeholders: list[str] = field(default_factory=list)  # site keys
     # Rewritten sites whose concats stay (the model's cache keeps full keys/values), and why.
     kept_cache: list[tuple[str, str]] = field(default_factory=list)  # (site key, reason)
+    # Rewritten sites whose cache is a static KV buffer written in place: the write stays (the buffer
+    # is the model's and stays truthful), the site op only gets the written values and positions.
+    buffers: list[str] = field(default_factory=list)  # site keys
 
 
 # Reports of the graphs compiled most recently (newest last; bounded).
@@ -141,18 +147,108 @@ def _replace_cache(
     return None
 
 
+# In-place ops that write into a tensor (or through a view of it).
+_WRITES = {"index_copy_", "index_put_", "copy_", "scatter_", "index_fill_", "masked_scatter_", "__setitem__"}
+_VIEWS = {"narrow", "view", "select", "__getitem__", "as_strided", "unfold"}
+
+
+def _full_slice(x: Any) -> bool:
+    return isinstance(x, slice) and x == slice(None, None, None)
+
+
+def _write_at_positions(node: torch.fx.Node, buf: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(positions, value) when `node` writes `value` into `buf` along dim 2 at a 1-D position
+    tensor: `buf[:, :, pos] = value` (optionally `[:, :, pos, :]`) or `buf.index_copy_(2, pos, value)`."""
+    if node.op == "call_function" and node.target is operator.setitem and len(node.args) == 3:
+        _, index, value = node.args
+        if (
+            isinstance(index, tuple)
+            and len(index) in (3, 4)
+            and all(_full_slice(i) for i in (*index[:2], *index[3:]))
+            and isinstance(index[2], torch.fx.Node)
+            and isinstance(value, torch.fx.Node)
+        ):
+            return index[2], value
+        return None
+    is_index_copy = (node.op == "call_method" and node.target == "index_copy_") or (
+        node.op == "call_function" and node.target is torch.Tensor.index_copy_
+    )
+    if is_index_copy and len(node.args) == 4:
+        _, dim, pos, value = node.args
+        nodes = isinstance(pos, torch.fx.Node) and isinstance(value, torch.fx.Node)
+        if isinstance(dim, int) and dim in (2, -2) and nodes:
+            return pos, value
+    return None
+
+
+def _is_write(node: torch.fx.Node, target: torch.fx.Node) -> bool:
+    if not node.args or node.args[0] is not target:
+        return False
+    if node.op == "call_function" and node.target is operator.setitem:
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name in _WRITES
+
+
+def _buffer_write(buf: torch.fx.Node, site: AttentionSite) -> tuple[torch.fx.Node, torch.fx.Node] | str:
+    """(positions, value) of the one write into the static KV buffer `buf` that precedes the site,
+    or why the site cannot be rewritten. The site must read the buffer itself (rank 4, written on
+    dim 2), and the buffer must get exactly one write before it, of a supported form."""
+    order = {n: i for i, n in enumerate(buf.graph.nodes)}
+    limit = order[site.output]
+    bv = _val(buf)
+    if not isinstance(bv, torch.Tensor) or bv.dim() != 4:
+        return "the keys/values read are not a rank-4 KV buffer [B, H, S_max, d]"
+    found = []
+    for user in buf.users:
+        if order[user] >= limit:
+            continue
+        if _is_write(user, buf):
+            found.append(user)
+        elif user.op in ("call_function", "call_method") and (
+            getattr(user.target, "__name__", user.target) in _VIEWS or user.target is operator.getitem
+        ) and any(_is_write(u, user) for u in user.users):
+            return f"the KV buffer {buf.name} is written through a view ({user.name}): write form not supported"
+    if not found:
+        return f"keys/values {buf.name} are not the written KV buffer itself (a slice or copy of it?)"
+    if len(found) > 1:
+        return f"the KV buffer {buf.name} is written {len(found)} times before the attention"
+    write = _write_at_positions(found[0], buf)
+    if write is None:
+        return (
+            f"write form {found[0].target} into {buf.name} not supported (supported: buf[:, :, pos] = x, "
+            "buf.index_copy_(2, pos, x))"
+        )
+    pos, value = write
+    pv, vv = _val(pos), _val(value)
+    if not isinstance(pv, torch.Tensor) or pv.dim() != 1 or pv.is_floating_point() or pv.dtype == torch.bool:
+        return "the KV buffer write positions are not a 1-D integer tensor"
+    if not isinstance(vv, torch.Tensor) or vv.dim() != 4:
+        return "the value written into the KV buffer is not rank 4 [B, H, L, d]"
+    return pos, value
+
+
 def _why_not(site: AttentionSite) -> str | None:
     """Why a finder-rewritable site is still left alone by this backend (None: rewrite it)."""
     if site.kv_cache == "none":
         return "no KV cache in the graph: nothing to compress (exact attention kept)"
-    if site.kv_cache != "concat":
-        return f"kv cache kind {site.kv_cache!r} not supported by the backend yet (static buffers)"
+    if site.kv_cache not in ("concat", "buffer"):
+        return f"kv cache kind {site.kv_cache!r} not supported by the backend"
     if site.k_new is None or site.v_new is None:
-        return "new keys/values of the cache concat not identified"
+        return "new keys/values of the cache not identified"
     shapes = [_val(n) for n in (site.q, site.k, site.v, site.k_new, site.v_new, site.output)]
     if any(not isinstance(s, torch.Tensor) or s.dim() != 4 for s in shapes):
         return "unsupported layout: q/k/v/output not rank 4 [B, H, L, d]"
-    if _concat_past(site.k, site.k_new) is None or _concat_past(site.v, site.v_new) is None:
+    if site.kv_cache == "buffer":
+        if site.mask is None:
+            return "static KV buffer without a mask (the unwritten positions of the buffer would be read)"
+        writes = [_buffer_write(buf, site) for buf in (site.k, site.v)]
+        for w in writes:
+            if isinstance(w, str):
+                return w
+        if writes[0][0] is not writes[1][0]:
+            return "keys and values are written into their buffers at different position tensors"
+    elif _concat_past(site.k, site.k_new) is None or _concat_past(site.v, site.v_new) is None:
         return "keys/values are not directly torch.cat([past, new], dim=-2) of rank 4"
     if len(site.mask_terms) > 1:
         return "several mask terms on the scores"
@@ -181,7 +277,11 @@ def rewrite_graph(
     graph = gm.graph
     for layer_idx, site in enumerate(todo):
         key = _site_key(cfg, site, layer_idx)
-        pasts = (_concat_past(site.k, site.k_new), _concat_past(site.v, site.v_new))
+        buffer = site.kv_cache == "buffer"
+        if buffer:
+            (positions, k_new), (_, v_new) = _buffer_write(site.k, site), _buffer_write(site.v, site)
+        else:
+            pasts = (_concat_past(site.k, site.k_new), _concat_past(site.v, site.v_new))
         library.register_site(key, cfg, layer_idx, len(todo))
         out_val = _val(site.output)
         with graph.inserting_before(site.output):
@@ -193,10 +293,16 @@ def rewrite_graph(
             for _ in range(4 - _val(site.mask).dim() if site.mask is not None else 0):
                 mask = graph.call_function(torch.unsqueeze, (mask, 0))
             scale = site.scale_node if site.scale_node is not None else site.scale
-            new = graph.call_function(
-                torch.ops.mdkv.site_attention.default,
-                (site.q, pasts[0], pasts[1], site.k_new, site.v_new, mask, scale, key, False),
-            )
+            if buffer:  # the write into the buffer stays; the op gets what it writes and where
+                new = graph.call_function(
+                    torch.ops.mdkv.site_attention_buffer.default,
+                    (site.q, k_new, v_new, positions, mask, scale, key),
+                )
+            else:
+                new = graph.call_function(
+                    torch.ops.mdkv.site_attention.default,
+                    (site.q, pasts[0], pasts[1], site.k_new, site.v_new, mask, scale, key, False),
+                )
             op = new
             if _val(site.q).dtype != out_val.dtype:
                 new = graph.call_function(torch.Tensor.to, (new, out_val.dtype))
@@ -205,6 +311,9 @@ def rewrite_graph(
             if not node.users:
                 graph.erase_node(node)
         report.rewritten.append(key)
+        if buffer:
+            report.buffers.append(key)
+            continue
         why = _replace_cache(graph, site, pasts)
         if why is None:
             op.update_arg(8, True)  # the next call's past must be this graph's placeholder

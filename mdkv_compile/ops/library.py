@@ -13,12 +13,15 @@ static shapes, so they trace under Dynamo/AOTAutograd and Inductor calls them as
 graph). The store always has one tier per nonzero candidate dim (descending), so its shapes are
 known at trace time: a policy that leaves a tier empty just has count 0 there.
 
-One stateful op serves the `mixeddimkv` backend (backends/compile.py):
+Two stateful ops serve the `mixeddimkv` backend (backends/compile.py), one per cache kind:
 
     mdkv::site_attention(q, k_past, v_past, k_new, v_new, mask, scale, site, past_is_placeholder) -> out
+        concat caches (DynamicCache, tuple pasts): the past length comes from k_past's shape
+    mdkv::site_attention_buffer(q, k_new, v_new, positions, mask, scale, site) -> out
+        static KV buffers written in place at `positions` (read on the host)
 
-It keeps a `MixedDimLayer` per site key in this process (see docs/compile_pass.md, "State");
-`compiled_cache_bytes()` sums their bytes, `reset_sites()` drops them.
+Both keep a `MixedDimLayer` per site key in this process (`_advance_site`; see
+docs/compile_pass.md, "State"); `compiled_cache_bytes()` sums their bytes, `reset_sites()` drops them.
 """
 
 from __future__ import annotations
@@ -257,6 +260,38 @@ def _past_length(past: torch.Tensor) -> int:
     raise RuntimeError(f"mdkv site: past keys of shape {tuple(past.shape)} are neither [B, H, S, d] nor empty")
 
 
+def _advance_site(
+    site: str, start: int, key_new: torch.Tensor, value_new: torch.Tensor, where: str
+):
+    """The site's `MixedDimLayer` after this call's new tokens, written at position `start`, are in
+    it. `start == 0` is a prompt: a fresh state holding them pending (the next `attend` is exact
+    attention over them, then compresses). `start > 0` continues the state, which must cover
+    exactly `start` tokens (else RuntimeError: nothing is changed). `where` describes the call for
+    the error messages (e.g. "the model's cache holds 45 tokens")."""
+    from mdkv_compile.cache import MixedDimLayer
+
+    cfg, layer_idx, num_layers = _SITE_CONFIGS[site]
+    if start == 0:
+        layer = MixedDimLayer(cfg, layer_idx, num_layers, cfg.resolve_dims(key_new.shape[-1]))
+        layer.lazy_initialization(key_new, value_new)
+        layer.pending = (key_new, value_new)
+        _SITES[site] = layer
+        return layer
+    layer = _SITES.get(site)
+    if layer is None:
+        raise RuntimeError(
+            f"mdkv site {site}: {where} but no compressed prompt (the cache was filled outside the compiled "
+            "model, or reset_sites() ran mid-sequence)"
+        )
+    if layer.get_seq_length() != start:
+        raise RuntimeError(
+            f"mdkv site {site}: {where} but the compressed state covers {layer.get_seq_length()} (a cache "
+            "from another sequence or another run, or calls out of order)"
+        )
+    layer.update(key_new, value_new)
+    return layer
+
+
 @torch.library.custom_op("mdkv::site_attention", mutates_args=())
 def site_attention(
     query: torch.Tensor,
@@ -279,40 +314,68 @@ def site_attention(
     `past_is_placeholder`: the graph returns zero-stride placeholders instead of the concatenated
     cache, so a past with a real sequence stride was not made by this backend (it came from an
     uncompiled run or another cache) and is refused rather than silently ignored."""
-    from mdkv_compile.cache import MixedDimLayer
-
-    cfg, layer_idx, num_layers = _SITE_CONFIGS[site]
     past = _past_length(key_past)
     if _past_length(value_past) != past:
         raise RuntimeError(f"mdkv site {site}: past keys hold {past} tokens, past values {_past_length(value_past)}")
-    if past == 0:
-        layer = MixedDimLayer(cfg, layer_idx, num_layers, cfg.resolve_dims(key_new.shape[-1]))
-        layer.lazy_initialization(key_new, value_new)
-        layer.pending = (key_new, value_new)
-        _SITES[site] = layer
-    else:
-        layer = _SITES.get(site)
-        if layer is None:
-            raise RuntimeError(
-                f"mdkv site {site}: decode step over a past of {past} tokens but no compressed prompt (the "
-                "cache was filled outside the compiled model, or reset_sites() ran mid-sequence)"
-            )
-        if past_is_placeholder and past > 1 and (key_past.stride(-2) != 0 or value_past.stride(-2) != 0):
-            raise RuntimeError(
-                f"mdkv site {site}: the past keys/values hold real data (sequence stride "
-                f"{key_past.stride(-2)}), not the placeholders this backend returns: a cache filled by an "
-                "uncompiled model (or another cache) cannot be continued by the compiled one"
-            )
-        if layer.get_seq_length() != past:
-            raise RuntimeError(
-                f"mdkv site {site}: the model's cache holds {past} tokens but the compressed state covers "
-                f"{layer.get_seq_length()} (a past from another sequence or another run, or calls out of order)"
-            )
-        layer.update(key_new, value_new)
+    if past_is_placeholder and past > 1 and (key_past.stride(-2) != 0 or value_past.stride(-2) != 0):
+        raise RuntimeError(
+            f"mdkv site {site}: the past keys/values hold real data (sequence stride "
+            f"{key_past.stride(-2)}), not the placeholders this backend returns: a cache filled by an "
+            "uncompiled model (or another cache) cannot be continued by the compiled one"
+        )
+    layer = _advance_site(site, past, key_new, value_new, f"the model's cache holds {past} tokens")
     with torch.no_grad():
         return layer.attend(query, mask, scale, None).contiguous()
 
 
 @site_attention.register_fake
 def _(query, key_past, value_past, key_new, value_new, mask, scale, site, past_is_placeholder):
+    return query.new_empty(query.shape)  # contiguous, as the real op returns
+
+
+@torch.library.custom_op("mdkv::site_attention_buffer", mutates_args=())
+def site_attention_buffer(
+    query: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    site: str,
+) -> torch.Tensor:
+    """Attention of one rewritten site whose cache is a static KV buffer written in place
+    (gpt-fast / torchtune / HF StaticCache: `k_cache.index_copy_(2, pos, k)`, `k_cache[:, :, pos] = k`).
+    `key_new` / `value_new` are the values written, `positions` the write positions (1-D), `mask`
+    the model's mask over the whole buffer ([B, 1|H, L, S_max], True = attend; its columns are
+    absolute positions). The buffer itself is not an argument: the op never reads it.
+
+    The positions are read on the host (a device sync on GPU; the op is eager Python anyway) and
+    must be L consecutive positions `start .. start+L-1`. `start == 0` is a prompt: exact attention
+    over the new tokens, then compression with the site's queries into a fresh state. `start > 0`
+    is a decode step or chunk: the state must cover exactly `start` tokens, the new tokens are
+    appended and attend over store + new tokens. The mask is cut to its first `start + L`
+    columns, the shape a concat cache's mask has, then everything is `MixedDimLayer.attend`."""
+    n_new = key_new.shape[-2]
+    pos = positions.reshape(-1).tolist()
+    start = int(pos[0]) if pos else 0
+    if pos != list(range(start, start + n_new)):
+        shown = pos if len(pos) <= 8 else [*pos[:4], "...", *pos[-2:]]
+        raise RuntimeError(
+            f"mdkv site {site}: the KV buffer write positions {shown} are not {n_new} consecutive positions "
+            "(the backend supports writes of consecutive positions only)"
+        )
+    if mask is not None:
+        if mask.shape[-1] < start + n_new:
+            raise RuntimeError(
+                f"mdkv site {site}: the mask covers {mask.shape[-1]} key positions, fewer than the "
+                f"{start + n_new} written so far"
+            )
+        mask = mask[..., : start + n_new]
+    layer = _advance_site(site, start, key_new, value_new, f"the model writes its KV buffer at position {start}")
+    with torch.no_grad():
+        return layer.attend(query, mask, scale, None).contiguous()
+
+
+@site_attention_buffer.register_fake
+def _(query, key_new, value_new, positions, mask, scale, site):
     return query.new_empty(query.shape)  # contiguous, as the real op returns
