@@ -380,6 +380,32 @@ def test_static_kv_buffer_decoder_matches_eager_reference() -> None:
     assert backend.LAST_REPORTS[-1].buffers == backend.LAST_REPORTS[-1].rewritten != []
 
 
+def test_hf_static_cache_matches_eager_reference() -> None:
+    """Unpatched tiny Llama with transformers' StaticCache (buffers allocated in-graph on first use,
+    `index_copy_(2, cache_position, k)`, HF's mask over the whole buffer): the sites are rewritten
+    to the buffer op; 10 greedy tokens equal the eager `mdkv.patch` + MixedDimCache reference and
+    the site state holds its bytes."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    library.reset_sites()
+    steps = 10
+    model = build_tiny_model("llama").eval()
+    counters.clear()
+    compiled = torch.compile(model, backend="mixeddimkv", options=OPTS)
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    tokens, logits = decode_loop(compiled, cache, steps)
+    ref, ref_logits, ref_cache = eager_reference(OPTS, steps)
+    assert torch.equal(tokens, ref)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] <= 2 and sum(counters["graph_break"].values()) == 0
+    report = backend.LAST_REPORTS[-1]
+    assert len(report.rewritten) == 2 and report.buffers == report.rewritten and not report.left
+    assert backend.compiled_cache_bytes(OPTS, model) == ref_cache.stored_bytes()
+    # The StaticCache keeps its full-length buffers (the writes stay in the graph).
+    assert all(layer.keys.shape[-2] == 64 for layer in cache.layers)
+
+
 def test_cache_read_inside_the_graph_keeps_the_concat() -> None:
     """Rewrite only (no Inductor): a site whose concatenated keys are also read inside the graph
     keeps its concat (reason recorded); the other site's concats are erased and the graph
