@@ -50,6 +50,17 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     return getattr(transformers, model_name)(config).eval()
 
 
+def greedy_decode(model, cache, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens of a manual prefill + decode loop over `cache`, and the last step's logits."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        tokens = []
+        for _ in range(steps):
+            tokens.append(logits.argmax(-1, keepdim=True))
+            logits = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.cat(tokens, 1), logits
+
+
 def write_head_scores(path: Path, num_layers: int, n_heads: int, seed: int = 0) -> Path:
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(num_layers, n_heads, generator=gen).tolist()

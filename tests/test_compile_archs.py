@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import greedy_decode
 
 import mdkv_compile as mdkv
 from mdkv_compile.cache import MixedDimCache
@@ -22,13 +23,7 @@ IDS = torch.randint(1, 128, (1, 24), generator=torch.Generator().manual_seed(3))
 
 
 def greedy(model, cache) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(input_ids=IDS, past_key_values=cache, use_cache=True).logits[:, -1]
-        tokens = []
-        for _ in range(NEW_TOKENS):
-            tokens.append(logits.argmax(-1, keepdim=True))
-            logits = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True).logits[:, -1]
-    return torch.cat(tokens, 1)
+    return greedy_decode(model, cache, IDS, NEW_TOKENS)[0]
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2", "opt", "gpt_neox"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import greedy_decode
 from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
@@ -25,14 +26,8 @@ IDS = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(1))
 
 
 def decode_loop(model, cache, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy tokens of a manual prefill + decode loop, and the last step's logits."""
-    with torch.no_grad():
-        logits = model(input_ids=IDS, past_key_values=cache, use_cache=True).logits[:, -1]
-        tokens = []
-        for _ in range(steps):
-            tokens.append(logits.argmax(-1, keepdim=True))
-            logits = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True).logits[:, -1]
-    return torch.cat(tokens, 1), logits
+    """Greedy tokens of a manual prefill of IDS + decode loop, and the last step's logits."""
+    return greedy_decode(model, cache, IDS, steps)
 
 
 def eager_reference(opts: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor, MixedDimCache]:
