@@ -34,6 +34,7 @@ against float64 references under Triton's interpreter and compiled on an H200 (t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -713,6 +714,117 @@ def _check_devices(q: Tensor, *tensors: Tensor | None) -> None:
             raise ValueError(f"packed attention: an argument is on {t.device}, the query on {q.device}")
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """The launch arguments shared by the decode and chunk kernels (one place for both)."""
+
+    q: Tensor  # contiguous query
+    keys: list[Tensor]
+    vals: list[Tensor]
+    offs: list[Tensor]
+    bk: Tensor
+    bv: Tensor
+    n_red: int
+    r_max_p: int
+    block_d: int
+    tier_args: list  # full tier + 4 reduced slots (unused slots point at the full tier), for the split kernels
+    tier_consts: dict  # R1..R4, BR1..BR4, BN1..BN4
+    block_n: int
+    stride_bo: int
+    stride_bd: int
+
+    def q_rot(self, n_own: int, rows: int, d: int) -> Tensor:
+        """basis_k[o].T @ q for every query row of owner o, once: [owners, rows, r_max]."""
+        flat = self.q.view(n_own, rows, d)
+        return torch.matmul(flat, self.bk).contiguous() if self.n_red else flat
+
+
+def _prepare(
+    q: Tensor,
+    tier_keys: list[Tensor],
+    tier_values: list[Tensor],
+    tier_offsets: list[Tensor],
+    basis_k: Tensor | None,
+    basis_v: Tensor | None,
+    k_new: Tensor,
+    v_new: Tensor,
+    *others: Tensor | None,
+) -> _Prepared:
+    _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, *others)
+    d = q.shape[-1]
+    n_red = len(tier_keys) - 1
+    assert q.shape[1] % k_new.shape[1] == 0 and 0 <= n_red <= MAX_REDUCED_TIERS
+    assert tier_keys[0].shape[-1] == d and k_new.shape[-1] == d
+    assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1 and k_new.stride(2) == v_new.stride(2)
+    dims = [int(k.shape[1]) for k in tier_keys[1:]]
+    assert all(0 < r <= d for r in dims)
+    keys = [k.contiguous() for k in tier_keys]
+    vals = [v.contiguous() for v in tier_values]
+    offs = [o.to(torch.int32).contiguous() for o in tier_offsets]
+    if n_red:
+        assert basis_k is not None and basis_v is not None
+        bk, bv = basis_k.contiguous(), basis_v.contiguous()  # one stride pair serves both
+        r_max = int(max(dims))
+    else:  # no reduced tier: any tensor will do as an unused pointer
+        bk = bv = keys[0]
+        r_max = 16
+    block_d = max(16, _next_pow2(d))
+    # padding to 5 tiers: unused slots point at the full tier and are skipped (NUM_RED constexpr)
+    pad = MAX_REDUCED_TIERS - n_red
+    ks, vs, os_ = keys[1:] + [keys[0]] * pad, vals[1:] + [vals[0]] * pad, offs[1:] + [offs[0]] * pad
+    rs = dims + [16] * pad
+    brs = [max(16, _next_pow2(r)) for r in rs]
+    # larger row blocks for narrow tiers: ~16 KiB of keys per block
+    bns = [int(min(TUNING["block_n_reduced_max"], max(64, 8192 // br))) for br in brs]
+    tier_args = [keys[0], vals[0], offs[0]]
+    for t in range(MAX_REDUCED_TIERS):
+        tier_args += [ks[t], vs[t], os_[t]]
+    consts = {}
+    for t in range(MAX_REDUCED_TIERS):
+        consts.update({f"R{t + 1}": rs[t], f"BR{t + 1}": brs[t], f"BN{t + 1}": bns[t]})
+    return _Prepared(
+        q=q.contiguous(), keys=keys, vals=vals, offs=offs, bk=bk, bv=bv, n_red=n_red,
+        r_max_p=_next_pow2(max(r_max, 16)), block_d=block_d, tier_args=tier_args, tier_consts=consts,
+        block_n=TUNING["block_n_full"] if block_d <= 128 else 32,
+        stride_bo=bk.stride(0) if n_red else 0, stride_bd=bk.stride(1) if n_red else 0,
+    )
+
+
+def _workspace(
+    p: _Prepared, n_own: int, splits: int, rows: int, rows_padded: int, d: int, poison: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-split partials: (m, l) per padded row and region, acc per row, reduced-tier coefficients."""
+    nreg = p.n_red + 1
+    dev = p.q.device
+    ml = torch.empty(n_own * splits * nreg * 2 * rows_padded, device=dev, dtype=torch.float32)
+    acc = torch.empty(n_own * splits * rows * d, device=dev, dtype=torch.float32)
+    coef = torch.empty(max(1, n_own * splits * p.n_red * rows * p.r_max_p), device=dev, dtype=torch.float32)
+    if poison:  # tests: any read of an unwritten workspace element shows up as NaN
+        for t in (ml, acc, coef):
+            t.fill_(float("nan"))
+    return ml, acc, coef
+
+
+def _merge(wrap, p: _Prepared, ml, acc, coef, out: Tensor, n_own: int, rows: int, rows_padded: int, splits: int,
+           d: int) -> None:
+    """Log-sum-exp merge of the split partials into `out`: one program per (owner, query row)."""
+    wrap(_packed_decode_merge)[(n_own, rows)](
+        ml, acc, coef, p.bv, p.stride_bo, p.stride_bd, out, rows, splits,
+        NUM_RED=p.n_red,
+        R1=p.tier_consts["R1"], R2=p.tier_consts["R2"], R3=p.tier_consts["R3"], R4=p.tier_consts["R4"],
+        R_MAX=p.r_max_p, GP=rows_padded, D=d, BLOCK_D=p.block_d, BLOCK_REG=_next_pow2(max(2, p.n_red + 1)),
+        BLOCK_S=TUNING["merge_block_s"],
+        num_warps=4,
+    )
+
+
+def _output(out: Tensor | None, q: Tensor) -> Tensor:
+    if out is None:
+        return torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    assert out.shape == q.shape and out.is_contiguous() and out.dtype == q.dtype
+    return out
+
+
 def _launch(
     q: Tensor,
     tier_keys: list[Tensor],
@@ -730,94 +842,35 @@ def _launch(
     poison_workspace: bool = False,
     n_valid: Tensor | None = None,
 ) -> Tensor:
-    """Decode launch. ``n_valid`` (int32 ``[1]`` on the device), when given, is the number of decoded
+    """Decode launch. ``n_valid`` (int64 ``[1]`` on the device), when given, is the number of decoded
     tokens the kernel reads, and ``n_new`` only sizes the splits (pass the region's capacity)."""
-    _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, n_valid, out)
+    p = _prepare(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_valid, out)
     B, Hq, Lq, d = q.shape
-    Hkv = k_new.shape[1]
-    G = Hq // Hkv
-    n_own = B * Hkv
-    n_red = len(tier_keys) - 1
     assert Lq == 1, "decode kernel: one query token per sequence"
-    assert Hq % Hkv == 0 and 0 <= n_red <= MAX_REDUCED_TIERS
-    assert tier_keys[0].shape[-1] == d and k_new.shape[-1] == d
-    assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1 and k_new.stride(2) == v_new.stride(2)
-    dims = [int(k.shape[1]) for k in tier_keys[1:]]
-    assert all(0 < r <= d for r in dims)
-    qc = q.contiguous()
-    keys = [k.contiguous() for k in tier_keys]
-    vals = [v.contiguous() for v in tier_values]
-    offs = [o.to(torch.int32).contiguous() for o in tier_offsets]
-    dev = q.device
-    if n_red:
-        assert basis_k is not None and basis_v is not None
-        bk, bv = basis_k.contiguous(), basis_v.contiguous()  # one stride pair serves both
-        r_max = int(max(dims))
-    else:  # no reduced tier: any tensor will do as an unused pointer
-        bk = bv = keys[0]
-        r_max = 16
-    r_max_p = _next_pow2(max(r_max, 16))
+    Hkv = k_new.shape[1]
+    G, n_own, nreg = Hq // Hkv, B * Hkv, p.n_red + 1
     GP = max(16, _next_pow2(G))
-    BLOCK_D = max(16, _next_pow2(d))
-    avg_rows = sum(int(k.shape[0]) for k in keys) // max(n_own, 1) + n_new
-    nreg = n_red + 1
-    S = _num_splits(n_own, nreg, avg_rows, _sm_count(dev))
-
-    # padding to 5 tiers: unused slots point at the full tier and are skipped (NUM_RED constexpr)
-    pad = MAX_REDUCED_TIERS - n_red
-    ks = keys[1:] + [keys[0]] * pad
-    vs = vals[1:] + [vals[0]] * pad
-    os_ = offs[1:] + [offs[0]] * pad
-    rs = dims + [16] * pad
-    brs = [max(16, _next_pow2(r)) for r in rs]
-    # larger row blocks for narrow tiers: ~16 KiB of keys per block
-    bns = [int(min(TUNING["block_n_reduced_max"], max(64, 8192 // br))) for br in brs]
-    block_n = TUNING["block_n_full"] if BLOCK_D <= 128 else 32
-
-    ml = torch.empty(n_own * S * nreg * 2 * GP, device=dev, dtype=torch.float32)
-    acc = torch.empty(n_own * S * G * d, device=dev, dtype=torch.float32)
-    coef = torch.empty(max(1, n_own * S * n_red * G * r_max_p), device=dev, dtype=torch.float32)
-    if poison_workspace:  # tests: any read of an unwritten workspace element shows up as NaN
-        for t in (ml, acc, coef):
-            t.fill_(float("nan"))
-    if out is None:
-        out = torch.empty(B, Hq, 1, d, device=dev, dtype=q.dtype)
-    assert out.shape == (B, Hq, 1, d) and out.is_contiguous() and out.dtype == q.dtype
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    dot_prec = q.dtype == torch.float32
+    avg_rows = sum(int(k.shape[0]) for k in p.keys) // max(n_own, 1) + n_new
+    S = _num_splits(n_own, nreg, avg_rows, _sm_count(q.device))
+    ml, acc, coef = _workspace(p, n_own, S, G, GP, d, poison_workspace)
+    out = _output(out, q)
+    q_rot = p.q_rot(n_own, G, d)
     has_cap = softcap is not None
-    cap = float(softcap) if has_cap else 1.0
-    stride_bo, stride_bd = (bk.stride(0), bk.stride(1)) if n_red else (0, 0)
-    # q_rot = basis_k[o].T @ q for every query head of owner o, once: [owners, G, r_max]
-    q_rot = torch.matmul(qc.view(n_own, G, d), bk).contiguous() if n_red else qc.view(n_own, G, d)
-
     wrap(_packed_decode_split)[(n_own, S, nreg)](
-        qc,
-        keys[0], vals[0], offs[0],
-        ks[0], vs[0], os_[0], ks[1], vs[1], os_[1], ks[2], vs[2], os_[2], ks[3], vs[3], os_[3],
+        p.q, *p.tier_args,
         q_rot, q_rot.stride(1),
         k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new.stride(0), v_new.stride(1), v_new.stride(2),
-        n_new, qc if n_valid is None else n_valid, Hkv, G, S,
+        n_new, p.q if n_valid is None else n_valid, Hkv, G, S,
         ml, acc, coef,
-        scale * 1.4426950408889634, scale, cap,
+        scale * 1.4426950408889634, scale, float(softcap) if has_cap else 1.0,
         N_FROM_PTR=n_valid is not None,
-        NUM_RED=n_red,
-        R1=rs[0], R2=rs[1], R3=rs[2], R4=rs[3],
-        BR1=brs[0], BR2=brs[1], BR3=brs[2], BR4=brs[3],
-        BN1=bns[0], BN2=bns[1], BN3=bns[2], BN4=bns[3],
-        R_MAX=r_max_p, GP=GP, D=d, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
-        HAS_SOFTCAP=has_cap, DOT_PREC=dot_prec, INTERP=interp,
+        NUM_RED=p.n_red, **p.tier_consts,
+        R_MAX=p.r_max_p, GP=GP, D=d, BLOCK_D=p.block_d, BLOCK_N=p.block_n,
+        HAS_SOFTCAP=has_cap, DOT_PREC=q.dtype == torch.float32, INTERP=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
-    wrap(_packed_decode_merge)[(n_own, G)](
-        ml, acc, coef, bv, stride_bo, stride_bd, out, G, S,
-        NUM_RED=n_red,
-        R1=rs[0], R2=rs[1], R3=rs[2], R4=rs[3],
-        R_MAX=r_max_p, GP=GP, D=d, BLOCK_D=BLOCK_D, BLOCK_REG=_next_pow2(max(2, nreg)),
-        BLOCK_S=TUNING["merge_block_s"],
-        num_warps=4,
-    )
+    _merge(wrap, p, ml, acc, coef, out, n_own, G, GP, S, d)
     return out
 
 
@@ -838,88 +891,35 @@ def _launch_chunk(
     poison_workspace: bool = False,
 ) -> Tensor:
     """Chunked prefill: q [B, Hq, L, d] are the last L of the n_new new tokens (causal among them)."""
-    _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, out)
+    p = _prepare(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, out)
     B, Hq, L, d = q.shape
-    Hkv = k_new.shape[1]
-    G = Hq // Hkv
-    M = G * L
-    n_own = B * Hkv
-    n_red = len(tier_keys) - 1
-    assert Hq % Hkv == 0 and 0 <= n_red <= MAX_REDUCED_TIERS
     assert 1 <= L <= n_new <= k_new.shape[2], "the queries are the last L of the n_new new tokens"
-    assert tier_keys[0].shape[-1] == d and k_new.shape[-1] == d
-    assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1 and k_new.stride(2) == v_new.stride(2)
-    dims = [int(k.shape[1]) for k in tier_keys[1:]]
-    assert all(0 < r <= d for r in dims)
-    qc = q.contiguous()
-    keys = [k.contiguous() for k in tier_keys]
-    vals = [v.contiguous() for v in tier_values]
-    offs = [o.to(torch.int32).contiguous() for o in tier_offsets]
-    dev = q.device
-    if n_red:
-        assert basis_k is not None and basis_v is not None
-        bk, bv = basis_k.contiguous(), basis_v.contiguous()
-        r_max = int(max(dims))
-    else:
-        bk = bv = keys[0]
-        r_max = 16
-    r_max_p = _next_pow2(max(r_max, 16))
+    Hkv = k_new.shape[1]
+    M, n_own, nreg = (Hq // Hkv) * L, B * Hkv, p.n_red + 1
     BLOCK_M = max(16, min(TUNING["chunk_block_m"], _next_pow2(M)))
     NMB = -(-M // BLOCK_M)
     M_P = NMB * BLOCK_M
-    BLOCK_D = max(16, _next_pow2(d))
-    nreg = n_red + 1
-    avg_rows = sum(int(k.shape[0]) for k in keys) // max(n_own, 1) + n_new
-    S = _num_splits(n_own * NMB, nreg, avg_rows, _sm_count(dev))
-    pad = MAX_REDUCED_TIERS - n_red
-    ks = keys[1:] + [keys[0]] * pad
-    vs = vals[1:] + [vals[0]] * pad
-    os_ = offs[1:] + [offs[0]] * pad
-    rs = dims + [16] * pad
-    brs = [max(16, _next_pow2(r)) for r in rs]
-    bns = [int(min(TUNING["block_n_reduced_max"], max(64, 8192 // br))) for br in brs]
-    block_n = TUNING["block_n_full"] if BLOCK_D <= 128 else 32
-
-    ml = torch.empty(n_own * S * nreg * 2 * M_P, device=dev, dtype=torch.float32)
-    acc = torch.empty(n_own * S * M * d, device=dev, dtype=torch.float32)
-    coef = torch.empty(max(1, n_own * S * n_red * M * r_max_p), device=dev, dtype=torch.float32)
-    if poison_workspace:
-        for t in (ml, acc, coef):
-            t.fill_(float("nan"))
-    if out is None:
-        out = torch.empty(B, Hq, L, d, device=dev, dtype=q.dtype)
-    assert out.shape == (B, Hq, L, d) and out.is_contiguous() and out.dtype == q.dtype
-    stride_bo, stride_bd = (bk.stride(0), bk.stride(1)) if n_red else (0, 0)
-    q_rot = torch.matmul(qc.view(n_own, M, d), bk).contiguous() if n_red else qc.view(n_own, M, d)
+    avg_rows = sum(int(k.shape[0]) for k in p.keys) // max(n_own, 1) + n_new
+    S = _num_splits(n_own * NMB, nreg, avg_rows, _sm_count(q.device))
+    ml, acc, coef = _workspace(p, n_own, S, M, M_P, d, poison_workspace)
+    out = _output(out, q)
+    q_rot = p.q_rot(n_own, M, d)
     has_cap = softcap is not None
     wrap(_packed_chunk_split)[(n_own, S, nreg * NMB)](
-        qc,
-        keys[0], vals[0], offs[0],
-        ks[0], vs[0], os_[0], ks[1], vs[1], os_[1], ks[2], vs[2], os_[2], ks[3], vs[3], os_[3],
+        p.q, *p.tier_args,
         q_rot, q_rot.stride(1),
         k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new.stride(0), v_new.stride(1), v_new.stride(2),
         n_new, L, Hkv, M, S, NMB,
         ml, acc, coef,
         scale * 1.4426950408889634, scale, float(softcap) if has_cap else 1.0,
-        NUM_RED=n_red,
-        R1=rs[0], R2=rs[1], R3=rs[2], R4=rs[3],
-        BR1=brs[0], BR2=brs[1], BR3=brs[2], BR4=brs[3],
-        BN1=bns[0], BN2=bns[1], BN3=bns[2], BN4=bns[3],
-        R_MAX=r_max_p, BLOCK_M=BLOCK_M, M_P=M_P, D=d, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
-        HAS_SOFTCAP=has_cap, DOT_PREC=q.dtype == torch.float32,
-        INTERP=os.environ.get("TRITON_INTERPRET") == "1",
+        NUM_RED=p.n_red, **p.tier_consts,
+        R_MAX=p.r_max_p, BLOCK_M=BLOCK_M, M_P=M_P, D=d, BLOCK_D=p.block_d, BLOCK_N=p.block_n,
+        HAS_SOFTCAP=has_cap, DOT_PREC=q.dtype == torch.float32, INTERP=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
     # the decode merge serves any number of rows per owner: rows = G * L, row stride M_P
-    wrap(_packed_decode_merge)[(n_own, M)](
-        ml, acc, coef, bv, stride_bo, stride_bd, out, M, S,
-        NUM_RED=n_red,
-        R1=rs[0], R2=rs[1], R3=rs[2], R4=rs[3],
-        R_MAX=r_max_p, GP=M_P, D=d, BLOCK_D=BLOCK_D, BLOCK_REG=_next_pow2(max(2, nreg)),
-        BLOCK_S=TUNING["merge_block_s"],
-        num_warps=4,
-    )
+    _merge(wrap, p, ml, acc, coef, out, n_own, M, M_P, S, d)
     return out
 
 
