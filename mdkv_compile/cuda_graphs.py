@@ -83,10 +83,18 @@ class GraphedDecoder:
         if tokens.dim() != 2 or tokens.shape[1] != 1:
             raise ValueError(f"GraphedDecoder.step takes [batch, 1] token ids, got {tuple(tokens.shape)}")
         length = self.length
-        if isinstance(self.cache, MixedDimCache) and any(
-            layer.n_new >= layer.max_new_tokens for layer in self.cache.layers
-        ):
-            raise RuntimeError("GraphedDecoder: the decode region is full; make the cache with a larger max_new_tokens")
+        if isinstance(self.cache, MixedDimCache):
+            if self.cache.get_seq_length() != length:
+                # positions are kept here, not read back: a step run outside the decoder would be
+                # silently mis-positioned
+                raise RuntimeError(
+                    f"GraphedDecoder: the cache holds {self.cache.get_seq_length()} tokens but the decoder counted "
+                    f"{length}; do not mix graphed steps with other forward calls on the same cache"
+                )
+            if any(layer.n_new >= layer.max_new_tokens for layer in self.cache.layers):
+                raise RuntimeError(
+                    "GraphedDecoder: the decode region is full; make the cache with a larger max_new_tokens"
+                )
         with torch.inference_mode():
             if self.graph is None:
                 self._capture(tokens, length)
