@@ -86,3 +86,19 @@ def test_compiled_regions_decode_like_eager() -> None:
     tokens, logits = decode(model, mdkv.MixedDimCache(model.config, cfg, max_new_tokens=8), ids, 6)
     assert torch.equal(tokens, ref_tokens)
     assert max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits, strict=True)) < 1e-4
+
+
+def test_graphed_decoder_refuses_a_cache_advanced_elsewhere() -> None:
+    """The decoder counts positions on the host; a step run outside it is caught before any replay
+    (checked before capture, so it runs without a GPU)."""
+    model = tiny_model("llama")
+    cfg = mdkv.MixedDimKVConfig(budget=0.5, method="snapkv", window=4)
+    mdkv.patch(model, cfg)
+    cache = mdkv.MixedDimCache(model.config, cfg, max_new_tokens=4)
+    ids = torch.randint(1, 256, (1, 30), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        model(ids, past_key_values=cache, use_cache=True)
+        decoder = GraphedDecoder(model, cache)
+        model(ids[:, -1:], past_key_values=cache, use_cache=True)  # a step the decoder did not see
+    with pytest.raises(RuntimeError, match="do not mix graphed steps"):
+        decoder.step(ids[:, -1:])
