@@ -23,31 +23,39 @@ FORCED_LOSS = 1.0e6
 def _hull_segments(losses: torch.Tensor, costs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Segments of each token's lower convex hull, walking from option 0 (cost 0).
 
-    losses [G, T, D], costs [D] ascending with costs[0] == 0. Returns (slope, cost, target), each
-    [G, T, D-1]; slope is -inf for segments that do not exist (no further gain).
+    losses [G, T, D] finite, costs [D] ascending with costs[0] == 0. Returns (slope, cost, vertex):
+    slope and cost [G, T, D-1] per segment, slope -inf for segments that do not exist (no further
+    gain, cost 0); vertex [G, T, D], the walk's position before the first segment (option 0) and
+    after each one (unchanged after a missing segment).
     """
     g, t, d = losses.shape
     cur = torch.zeros(g, t, dtype=torch.long, device=losses.device)
-    done = torch.zeros(g, t, dtype=torch.bool, device=losses.device)
-    option = torch.arange(d, device=losses.device)
     costs_f = costs.to(losses.dtype)
-    slopes, seg_costs, targets = [], [], []
+    # Per current option c (row) and option o (column), built once: the cost step to o (clamped,
+    # as the division needs) where o lies ahead of c, else +inf. A finite loss difference over +inf
+    # is +-0, never above a positive slope, so the options behind c need no -inf mask of their own:
+    # wherever a segment exists (best slope > 0) its slope and option are those of the masked
+    # walk, and where none does the step is discarded.
+    option = torch.arange(d, device=losses.device)
+    step_from = torch.where(
+        option[None, :] > option[:, None], (costs_f[None, :] - costs_f[:, None]).clamp_min(1e-9), float("inf")
+    )
+    slopes, vertices = [], [cur]
     for _ in range(d - 1):
         cur_loss = losses.gather(-1, cur[..., None])
-        cur_cost = costs_f[cur][..., None]
-        delta_cost = costs_f - cur_cost
-        ahead = option > cur[..., None]
-        slope = torch.where(ahead, (cur_loss - losses) / delta_cost.clamp_min(1e-9), float("-inf"))
-        # argmax returns the first maximum: collinear points become separate, smaller steps.
-        nxt = slope.argmax(dim=-1)
-        best = slope.gather(-1, nxt[..., None]).squeeze(-1)
-        ok = ~done & (best > 0)
+        slope = (cur_loss - losses) / step_from[cur]
+        # max returns the first maximum, as argmax does: collinear points become separate, smaller steps.
+        best, nxt = slope.max(dim=-1)
+        # A walk that stopped (no positive slope) stays stopped: its vertex and so its slopes no
+        # longer change, so `best > 0` alone says whether the segment exists.
+        ok = best > 0
         slopes.append(torch.where(ok, best, float("-inf")))
-        seg_costs.append(torch.where(ok, costs[nxt] - costs[cur], 0))
-        targets.append(torch.where(ok, nxt, cur))
         cur = torch.where(ok, nxt, cur)
-        done = done | ~ok
-    return torch.stack(slopes, -1), torch.stack(seg_costs, -1), torch.stack(targets, -1)
+        vertices.append(cur)
+    vertex = torch.stack(vertices, -1)
+    # A segment's cost is the cost step between its ends (0 where the walk stayed put).
+    vertex_cost = costs[vertex]
+    return torch.stack(slopes, -1), vertex_cost[..., 1:] - vertex_cost[..., :-1], vertex
 
 
 def _row_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -61,26 +69,22 @@ def _row_cumsum(x: torch.Tensor) -> torch.Tensor:
 
 
 def allocate_greedy(losses: torch.Tensor, costs: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """losses [G, T, D] (non-increasing along D), costs [D] int ascending (costs[0] = 0),
+    """losses [G, T, D] (finite, non-increasing along D), costs [D] int ascending (costs[0] = 0),
     budget [G] int. Returns the chosen option per token, [G, T] long."""
     g, t, d = losses.shape
     losses = losses.double()
-    slope, seg_cost, target = _hull_segments(losses, costs)
+    slope, seg_cost, vertex = _hull_segments(losses, costs)
     flat_slope = slope.reshape(g, -1)
     flat_cost = seg_cost.reshape(g, -1)
     # Stable: equal slopes keep token order (earlier tokens first), and a token's own segments
     # (non-increasing slopes) keep their order.
-    order = torch.sort(flat_slope, dim=-1, descending=True, stable=True).indices
+    sorted_slope, order = torch.sort(flat_slope, dim=-1, descending=True, stable=True)
     sorted_cost = flat_cost.gather(-1, order)
-    sorted_valid = flat_slope.gather(-1, order) > float("-inf")
-    taken_sorted = sorted_valid & (_row_cumsum(sorted_cost) <= budget[:, None])
+    taken_sorted = (sorted_slope > float("-inf")) & (_row_cumsum(sorted_cost) <= budget[:, None])
     taken = torch.zeros_like(taken_sorted).scatter(-1, order, taken_sorted).view(g, t, d - 1)
     # A token's choice is the furthest hull vertex whose segment was taken (segments are a chain
-    # and the prefix of a sorted chain is a prefix of the chain).
-    n_taken = taken.sum(-1)
-    choice = torch.where(
-        n_taken > 0, target.gather(-1, (n_taken - 1).clamp_min(0)[..., None]).squeeze(-1), 0
-    )
+    # and the prefix of a sorted chain is a prefix of the chain): vertex[n_taken], option 0 if none.
+    choice = vertex.gather(-1, taken.sum(-1, keepdim=True)).squeeze(-1)
     if d == 2:
         # Keep/evict: every segment costs costs[1] and the taken ones are a prefix of the sorted
         # order, so once one does not fit the leftover is below costs[1] and no upgrade fits.
@@ -95,15 +99,15 @@ def _fill_leftover(
     """Spend the budget left after the hull walk on single upgrades (any option, hull or not),
     best loss saved first. Each round upgrades one token per group; leftover shrinks every round."""
     g, t, d = losses.shape
+    step = costs[None, :] - costs[:, None]  # cost of moving from option c (row) to option o, once
     for _ in range(4 * d + 8):
-        used = costs[choice].sum(-1)
-        left = budget - used
+        left = budget - costs[choice].sum(-1)
         cur_loss = losses.gather(-1, choice[..., None])
-        delta = costs[None, None, :] - costs[choice][..., None]
+        delta = step[choice]
         gain = torch.where((delta > 0) & (delta <= left[:, None, None]), cur_loss - losses, 0.0)
-        flat = gain.view(g, -1)
-        best = flat.argmax(-1)
-        ok = flat.gather(-1, best[:, None]).squeeze(-1) > 0
+        # max gives the first maximum (as argmax) and its value in one reduction.
+        best_gain, best = gain.view(g, -1).max(-1)
+        ok = best_gain > 0
         # The one host synchronisation per round: rounds are few and each one costs more than a sync.
         if not bool(ok.any()):
             break
