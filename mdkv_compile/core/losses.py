@@ -28,6 +28,7 @@ def residual_fraction(coef: torch.Tensor, norm2: torch.Tensor, dims: tuple[int, 
     # sequential loop per token (the innermost-axis scan kernel is slow for short rows); on CPU the
     # scan is the same sequential loop either way, so the values are those of a last-axis cumsum.
     energy = torch.cumsum(coef.float().transpose(-1, -2).square(), dim=-2)  # [..., r_max, N]
+    denom = norm2.clamp_min(1e-12)  # shared by the tiers
     out = []
     for r in dims:
         if r == 0:
@@ -36,7 +37,7 @@ def residual_fraction(coef: torch.Tensor, norm2: torch.Tensor, dims: tuple[int, 
             out.append(torch.zeros_like(norm2))
         else:
             kept = energy[..., r - 1, :]
-            out.append(((norm2 - kept) / norm2.clamp_min(1e-12)).clamp(0.0, 1.0))
+            out.append(((norm2 - kept) / denom).clamp(0.0, 1.0))
     return torch.stack(out, dim=-1)
 
 
@@ -50,17 +51,20 @@ def candidate_losses(
     head_dim: int,
     key_weight: float,
 ) -> torch.Tensor:
-    """importance [B, H, N]; coefficients [B, H, N, r_max] and squared norms [B, H, N] (None when
-    dims has no reduced tier). Returns [B, H, N, len(dims)] float32, non-increasing along the last
+    """importance [B, H, N] (non-negative, finite); coefficients [B, H, N, r_max] and squared norms
+    [B, H, N] (None when dims has no reduced tier). Returns [B, H, N, len(dims)] float32, non-increasing along the last
     axis."""
     if key_coef is None or value_coef is None or key_norm2 is None or value_norm2 is None:
-        frac = torch.stack([torch.full_like(importance, 1.0 if r == 0 else 0.0) for r in dims], dim=-1)
-    else:
-        frac = key_weight * residual_fraction(key_coef, key_norm2, dims, head_dim) + (
-            1.0 - key_weight
-        ) * residual_fraction(value_coef, value_norm2, dims, head_dim)
-        # Rounding can make a longer prefix look worse by 1e-8; the solver needs monotone losses.
-        frac = running_min(list(frac.unbind(-1)))
+        # Fraction 1 at dim 0, else 0: the losses are importance and 0 (importance * 1.0 and
+        # importance * 0.0 for the non-negative, finite importance of `window_importance`).
+        importance = importance.float()
+        zero = torch.zeros_like(importance)
+        return torch.stack([importance if r == 0 else zero for r in dims], dim=-1)
+    frac = key_weight * residual_fraction(key_coef, key_norm2, dims, head_dim) + (
+        1.0 - key_weight
+    ) * residual_fraction(value_coef, value_norm2, dims, head_dim)
+    # Rounding can make a longer prefix look worse by 1e-8; the solver needs monotone losses.
+    frac = running_min(list(frac.unbind(-1)))
     return importance.float()[..., None] * frac
 
 
@@ -89,7 +93,8 @@ def attention_losses(
     Logit errors weigh like this because attention is exponential in them: a retrieval token whose
     key loses a little energy in a direction the queries use loses most of its weight.
     """
-    value_frac = residual_fraction(value_coef, value_norm2, dims, head_dim).clamp_min(0).sqrt()
+    # residual_fraction is already in [0, 1] (+0, never -0: a clamp, or exact 1 / 0).
+    value_frac = residual_fraction(value_coef, value_norm2, dims, head_dim).sqrt()
     out = []
     for j, r in enumerate(dims):
         if r == 0:

@@ -80,17 +80,17 @@ def pack(
     bsz, n_heads, n_tokens, head_dim = key.shape
     owners = bsz * n_heads
     flat_dim = chosen_dim.reshape(owners * n_tokens)
-    masks = [flat_dim == r for r in tier_dims]
-    # Tokens per (tier, owner), whether each tier is uniform over owners, and its size: one host
-    # synchronisation for every shape the store needs (then nonzero_static, which does not sync).
-    counts = torch.stack([m.view(owners, n_tokens).sum(-1) for m in masks]) if masks else None
+    masks = torch.stack([flat_dim == r for r in tier_dims]) if tier_dims else None  # [tiers, B*H*N]
+    # Tokens per (tier, owner), copied to the host: one synchronisation for every shape the store
+    # needs (each tier's size, and whether it is uniform over owners); then nonzero_static, which
+    # does not sync. The copy is tiers x owners integers.
+    counts = masks.view(len(tier_dims), owners, n_tokens).sum(-1) if masks is not None else None
     sizes: list[int] = []
-    uniform: list[int] = []
-    if counts is not None and owners > 0:
-        head = torch.cat([counts.sum(-1), (counts == counts[:, :1]).all(-1).long()]).tolist()
-        sizes, uniform = head[: len(masks)], head[len(masks) :]
-    elif counts is not None:
-        sizes, uniform = [0] * len(masks), [1] * len(masks)
+    uniform: list[bool] = []
+    if counts is not None:
+        host_counts = counts.tolist() if owners > 0 else [[] for _ in tier_dims]
+        sizes = [sum(row) for row in host_counts]
+        uniform = [all(c == row[0] for c in row) for row in host_counts]
     keys, values, offsets = [], [], []
     key_flat = value_flat = None
     if key_coef is not None and value_coef is not None:
@@ -112,7 +112,7 @@ def pack(
             off = None
         else:
             off = torch.zeros(owners + 1, dtype=torch.int32, device=key.device)
-            off[1:] = torch.cumsum(counts[t], 0).to(torch.int32)
+            torch.cumsum(counts[t], 0, dtype=torch.int32, out=off[1:])
         keys.append(k_t.contiguous())
         values.append(v_t.contiguous())
         offsets.append(off)

@@ -79,14 +79,15 @@ def _device_ints(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def _solve(
-    ctx: LayerContext, losses: torch.Tensor, units: torch.Tensor, dims: tuple[int, ...]
+    ctx: LayerContext, losses: torch.Tensor, units: torch.Tensor, costs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Allocate; returns (chosen dim [B, H, N] long, total loss per row [B], over all TP ranks)."""
-    costs = _device_ints(dims, losses.device)
+    """Allocate over options of `costs` ([D] long on the device: the candidate dims); returns
+    (chosen dim [B, H, N] long, total loss per row [B], over all TP ranks)."""
     pooled = ctx.cfg.pool == "layer" and ctx.head_shares is None
     if pooled and ctx.shard is not None:
         # One knapsack over every rank's heads: each rank solves the gathered layer, keeps its slice.
         losses, units = gather_heads(losses, ctx.shard), gather_heads(units, ctx.shard)
+    losses = losses.double()  # the solvers work in float64; converted once for them and the total
     bsz, n_heads, n_tokens, n_opts = losses.shape
     if pooled:
         budget = units.sum(-1).floor().clamp_min(0).long()
@@ -95,7 +96,7 @@ def _solve(
         budget = units.floor().clamp_min(0).long().reshape(-1)
         choice = allocate(losses.reshape(bsz * n_heads, n_tokens, n_opts), costs, budget, ctx.cfg.solver)
     choice = choice.view(bsz, n_heads, n_tokens)
-    token_loss = losses.double().gather(-1, choice[..., None]).squeeze(-1)
+    token_loss = losses.gather(-1, choice[..., None]).squeeze(-1)
     if ctx.shard is not None:
         if pooled:
             choice = local_heads(choice, ctx.shard)
@@ -122,20 +123,28 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
     everything = keeps_everything(ctx)
 
     forced = ctx.forced()[:, None, :, None]
+    invalid = ~ctx.valid[:, None, :, None]
+    # Forced tokens are kept whole: any smaller option costs as much as dropping them. The loss row
+    # [FORCED_LOSS, ..., FORCED_LOSS, 0] (float32, no host copy) of the mixed options; the evict
+    # solve's options (0, d) are its last two.
+    forced_row = torch.full((len(dims),), FORCED_LOSS, device=ctx.key.device)
+    forced_row[-1:].fill_(0.0)
+    # Option costs (the dims) on the device, once; (0, d) is a strided view of them.
+    costs = _device_ints(dims, ctx.key.device)
     key_f = ctx.key.float()  # one float32 copy of the keys for importance, basis and coordinates
     importance = ctx.importance(key_f)
 
     def constrain(losses: torch.Tensor) -> torch.Tensor:
-        # Forced tokens are kept whole: any smaller option costs as much as dropping them.
-        n_opts = losses.shape[-1]
-        last = torch.arange(n_opts, device=losses.device) == n_opts - 1
-        forced_row = torch.where(last, 0.0, FORCED_LOSS)  # float32 [FORCED_LOSS, ..., 0], no host copy
-        return torch.where(forced, forced_row, losses).masked_fill(~ctx.valid[:, None, :, None], 0.0)
+        return torch.where(forced, forced_row[-losses.shape[-1] :], losses).masked_fill(invalid, 0.0)
 
     evict_dims = (0, d)
+    if (dims[0], dims[-1]) == evict_dims:
+        evict_costs = costs[:: len(dims) - 1]
+    else:
+        evict_costs = _device_ints(evict_dims, costs.device)
     evict_units = units - bookkeeping_units(1, itemsize)
     evict_losses = candidate_losses(importance, None, None, None, None, evict_dims, d, ctx.cfg.key_weight)
-    evict_dim, evict_loss = _solve(ctx, constrain(evict_losses), evict_units, evict_dims)
+    evict_dim, evict_loss = _solve(ctx, constrain(evict_losses), evict_units, evict_costs)
     if not reduced:
         chosen = torch.where(everything[:, None, None], full_selection(ctx).chosen_dim, evict_dim)
         return Selection(chosen_dim=chosen, tier_dims=(d,))
@@ -147,7 +156,7 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
     kb_full, vb, shared = _bases(ctx, d if ctx.cfg.loss == "attention" else r_max, key_f, value_f)
     vb = vb[..., :r_max]
     kc_full, vc = _coefficients(key_f, kb_full), _coefficients(value_f, vb)
-    kb, kc = kb_full[..., :r_max].contiguous(), kc_full[..., :r_max]
+    kb, kc = kb_full[..., :r_max], kc_full[..., :r_max]  # views: `pack` makes the stored basis contiguous
     if ctx.cfg.loss == "attention":
         del key_f, value_f
         bsz, n_heads = ctx.key.shape[:2]
@@ -164,7 +173,7 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
         )
     # One more bookkeeping slot pays for the owner -> basis index when rows differ.
     mixed_units = units - bookkeeping_units(len(reduced) + 2, itemsize) - (0 if shared else d * r_max)
-    mixed_dim, mixed_loss = _solve(ctx, mixed_losses, mixed_units, dims)
+    mixed_dim, mixed_loss = _solve(ctx, mixed_losses, mixed_units, costs)
 
     use_mixed = (mixed_loss < evict_loss) & ~everything
     chosen = torch.where(use_mixed[:, None, None], mixed_dim, evict_dim)
