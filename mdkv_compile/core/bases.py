@@ -55,7 +55,8 @@ def subspace_basis(second_moment: torch.Tensor, rank: int, iters: int = SUBSPACE
     a = second_moment.double()
     d = a.shape[-1]
     mean_eig = (a.diagonal(dim1=-2, dim2=-1).sum(-1) / d).clamp_min(1e-30)
-    a = a / mean_eig[..., None, None] + SUBSPACE_SHIFT * torch.eye(d, dtype=a.dtype, device=a.device)
+    a = a / mean_eig[..., None, None]
+    a.diagonal(dim1=-2, dim2=-1).add_(SUBSPACE_SHIFT)  # + shift * I (in place: one op, no identity matrix)
     order = a.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True, stable=True)[..., :rank]
     y = a.gather(-1, order[..., None, :].expand(*a.shape[:-1], rank))  # a @ (those identity columns)
     a2 = a @ a

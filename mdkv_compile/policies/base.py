@@ -12,6 +12,7 @@ head_dim units. A prompt basis of rank r_max costs head_dim * r_max units per ow
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,8 +51,9 @@ class LayerContext:
         """KV heads of the layer over all tensor-parallel ranks (budgets are per model, not per rank)."""
         return self.key.shape[1] if self.shard is None else self.shard.total_heads
 
-    @property
+    @functools.cached_property
     def n_valid(self) -> torch.Tensor:
+        """[B] valid tokens per row; summed once per context (budgets ask for it several times)."""
         return self.valid.sum(-1)
 
     def importance(self, key: torch.Tensor | None = None) -> torch.Tensor:
