@@ -205,10 +205,12 @@ class MixedDimLayer(CacheLayerMixin):
         if self._use_kernel(query, mask):
             from mdkv_compile.ops.triton_attention import packed_decode_store, store_arguments
 
-            if self._kernel_args is None and self.store.basis_index is None:
-                # Reused every step (bases shared through basis_index are gathered per call
-                # instead: a per-owner copy would hold memory that stored_bytes does not count).
-                self._kernel_args = store_arguments(self.store)
+            store = self.store
+            if self._kernel_args is None and (store.basis_k is None or store.owner_basis("k") is store.basis_k):
+                # Reused every step, when it references the store's own tensors; bases that are
+                # gathered per owner (shared rows) are gathered per call instead, since a kept copy
+                # would hold memory that stored_bytes does not count.
+                self._kernel_args = store_arguments(store)
             if self.max_new_tokens is None:
                 return packed_decode_store(
                     query, self.store, self.keys, self.values, None, scale, softcap, arguments=self._kernel_args

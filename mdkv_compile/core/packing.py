@@ -39,10 +39,13 @@ class PackedStore:
         return (off[1:] - off[:-1]).long()
 
     def owner_basis(self, which: str) -> torch.Tensor | None:
-        """Basis per owner, [B*H, d, r_max] (a gather, for reference computations)."""
+        """Basis per owner, [B*H, d, r_max]: the stored tensor itself when it already has one row
+        per owner, else a gathered copy."""
         basis = self.basis_k if which == "k" else self.basis_v
         if basis is None:
             return None
+        if self.basis_index is None and basis.shape[0] == self.owners:
+            return basis
         owners = torch.arange(self.owners, device=basis.device)
         idx = owners % basis.shape[0] if self.basis_index is None else self.basis_index.long().clamp_min(0)
         return basis[idx]
