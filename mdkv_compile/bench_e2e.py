@@ -311,15 +311,21 @@ def run_rows(model, configs: list[Config], args: argparse.Namespace, result: dic
     for c in dict.fromkeys(dataclasses.replace(c, batch=1, context=1024) for c in configs):
         run_config(model, c, 4)
     for c in configs:
-        try:
-            row = run_config(model, c, args.steps)
-        except Exception as exc:  # record and go on: one OOM must not lose the other rows
-            row = dict(dataclasses.asdict(c), error=repr(exc)[:500])
-            traceback.print_exc()
-            torch.cuda.empty_cache()
-        result["rows"].append(row)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(json.dumps(row), flush=True)
+        _record(result, "rows", args.out, lambda c=c: run_config(model, c, args.steps), dataclasses.asdict(c))
+
+
+def _record(result: dict, key: str, out: Path, measure, describe: dict) -> None:
+    """Run one measurement, append its row (or the error, described) to result[key], rewrite the
+    JSON and print the row: one OOM must not lose the other rows."""
+    try:
+        row = measure()
+    except Exception as exc:
+        row = dict(describe, error=repr(exc)[:500])
+        traceback.print_exc()
+        torch.cuda.empty_cache()
+    result[key].append(row)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(row), flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -347,15 +353,11 @@ def run(args: argparse.Namespace) -> int:
     if args.part in ("capacity", "all"):
         context = 4096 if args.quick else 131072
         for cache_kind, budget in (("dynamic", 1.0), ("mixeddimkv", 0.0625), ("mixeddimkv", 0.01)):
-            try:
-                row = sequences_that_fit(model, context, cache_kind, budget)
-            except Exception as exc:
-                row = dict(context=context, cache=cache_kind, budget=budget, error=repr(exc)[:500])
-                traceback.print_exc()
-                torch.cuda.empty_cache()
-            result["capacity"].append(row)
-            args.out.write_text(json.dumps(result, indent=1))
-            print(json.dumps(row), flush=True)
+            _record(
+                result, "capacity", args.out,
+                lambda kind=cache_kind, b=budget: sequences_that_fit(model, context, kind, b),
+                dict(context=context, cache=cache_kind, budget=budget),
+            )
     return 0
 
 

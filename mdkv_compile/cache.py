@@ -211,10 +211,8 @@ class MixedDimLayer(CacheLayerMixin):
                 # gathered per owner (shared rows) are gathered per call instead, since a kept copy
                 # would hold memory that stored_bytes does not count.
                 self._kernel_args = store_arguments(store)
-            if self.max_new_tokens is None:
-                return packed_decode_store(
-                    query, self.store, self.keys, self.values, None, scale, softcap, arguments=self._kernel_args
-                )
+            # fixed region: the kernel reads the count on the device (n_valid is None otherwise) and
+            # the capacity only sizes its work split; a growing region is all valid
             return packed_decode_store(
                 query, self.store, self.keys, self.values, self.max_new_tokens, scale, softcap,
                 n_valid=self.n_valid, arguments=self._kernel_args,
