@@ -38,19 +38,14 @@ def _tf32_matmuls(x: torch.Tensor) -> Iterator[None]:
         yield
         return
     matmul = torch.backends.cuda.matmul
-    new_api = hasattr(matmul, "fp32_precision")
-    saved = matmul.fp32_precision if new_api else matmul.allow_tf32
-    if new_api:
-        matmul.fp32_precision = "tf32"
-    else:
-        matmul.allow_tf32 = True
+    # torch >= 2.9 names the setting fp32_precision; older versions allow_tf32
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    saved = getattr(matmul, name)
+    setattr(matmul, name, value)
     try:
         yield
     finally:
-        if new_api:
-            matmul.fp32_precision = saved
-        else:
-            matmul.allow_tf32 = saved
+        setattr(matmul, name, saved)
 
 
 def select(ctx: LayerContext) -> Selection:
