@@ -401,6 +401,66 @@ def test_hf_static_cache_matches_eager_reference() -> None:
     assert all(layer.keys.shape[-2] == 64 for layer in cache.layers)
 
 
+def test_reduce_overhead_static_cache_uses_fixed_region_and_matches_eager() -> None:
+    """`mode="reduce-overhead"` with transformers' StaticCache: the sites' decoded tokens go to a
+    fixed region sized by the buffer (what a CUDA-graph replay needs: backends/site_graphs.py); the
+    decode graph, and only it, is marked capturable; tokens equal the eager reference. On CPU no
+    graph is captured (the wrapper calls Inductor's code directly); the capture itself runs only
+    on CUDA (benchmarks/check_compile_graphs.py, docs/gpu_notes.md)."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    library.reset_sites()
+    steps, max_len = 10, 64
+    model = build_tiny_model("llama").eval()
+    compiled = torch.compile(model, backend="mixeddimkv", options={**OPTS, "mode": "reduce-overhead"})
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    tokens, logits = decode_loop(compiled, cache, steps)
+    ref, ref_logits, _ = eager_reference(OPTS, steps)
+    assert torch.equal(tokens, ref)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    prefill, decode = backend.LAST_REPORTS[-2:]
+    assert prefill.buffers == prefill.rewritten and not prefill.one_token
+    assert decode.one_token == decode.rewritten == prefill.rewritten and len(decode.rewritten) == 2
+    for key in decode.rewritten:
+        layer = library.site_layer(key)
+        assert layer.max_new_tokens == max_len - IDS.shape[1] and layer.n_new == steps
+        assert int(layer.n_valid) == steps  # the device count the captured step would read
+    # A second sequence starts a new state (new numbers: a captured graph of the old one is stale).
+    before = library.site_generations(decode.rewritten)
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    tokens2, _ = decode_loop(compiled, cache, steps)
+    assert torch.equal(tokens2, ref)
+    after = library.site_generations(decode.rewritten)
+    assert None not in after and all(a != b for a, b in zip(after, before, strict=True))
+    library.reset_sites()
+    assert library.site_generations(decode.rewritten) == (None, None)
+
+
+def test_written_inputs_finds_in_place_writes_through_views() -> None:
+    """The CUDA-graph wrapper must not copy an input the graph writes (the copy would take the
+    write): `written_inputs` finds direct writes, writes through views and any in-place method."""
+    from mdkv_compile.backends.site_graphs import written_inputs
+
+    def f(k_buf, v_buf, acc, x, pos):
+        k_buf.index_copy_(2, pos, x)
+        v_buf[0][:, pos] = x[0]
+        acc.add_(x.sum())
+        return x * 2
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    args = (torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4), torch.zeros(()), torch.randn(1, 2, 1, 4), torch.tensor([3]))
+    torch.compile(f, backend=keep, fullgraph=True)(*args)
+    placeholders = [n.name for n in graphs[0].graph.nodes if n.op == "placeholder"]
+    assert sorted(placeholders[i] for i in written_inputs(graphs[0])) == ["l_acc_", "l_k_buf_", "l_v_buf_"]
+
+
 def test_cache_read_inside_the_graph_keeps_the_concat() -> None:
     """Rewrite only (no Inductor): a site whose concatenated keys are also read inside the graph
     keeps its concat (reason recorded); the other site's concats are erased and the graph

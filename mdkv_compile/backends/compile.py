@@ -50,6 +50,8 @@ class RewriteReport:
     # Rewritten sites whose cache is a static KV buffer written in place: the write stays (the buffer
     # is the model's and stays truthful), the site op only gets the written values and positions.
     buffers: list[str] = field(default_factory=list)  # site keys
+    # Buffer sites whose query length is 1 in this graph (a decode step): CUDA-graph capturable.
+    one_token: list[str] = field(default_factory=list)  # site keys
 
 
 # Reports of the graphs compiled most recently (newest last; bounded).
@@ -181,13 +183,30 @@ def _write_at_positions(node: torch.fx.Node, buf: torch.fx.Node) -> tuple[torch.
     return None
 
 
-def _is_write(node: torch.fx.Node, target: torch.fx.Node) -> bool:
+def _is_write(node: torch.fx.Node, target: torch.fx.Node, any_inplace: bool = False) -> bool:
+    """Whether `node` writes into `target` (its first argument): one of the cache writes in
+    `_WRITES`, or with `any_inplace` any in-place method (`name_`) or an `out=` argument."""
+    if node.kwargs.get("out") is target:
+        return any_inplace
     if not node.args or node.args[0] is not target:
         return False
     if node.op == "call_function" and node.target is operator.setitem:
         return True
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return name in _WRITES
+    if not isinstance(name, str):
+        return False
+    return name in _WRITES or (any_inplace and name.endswith("_") and not name.endswith("__"))
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and (
+        getattr(node.target, "__name__", node.target) in _VIEWS or node.target is operator.getitem
+    )
+
+
+def writes_into(node: torch.fx.Node) -> bool:
+    """Whether the graph writes into `node`'s tensor in place, directly or through a view of it."""
+    return any(_is_write(user, node, any_inplace=True) or (_is_view(user) and writes_into(user)) for user in node.users)
 
 
 def _buffer_write(buf: torch.fx.Node, site: AttentionSite) -> tuple[torch.fx.Node, torch.fx.Node] | str:
@@ -205,9 +224,7 @@ def _buffer_write(buf: torch.fx.Node, site: AttentionSite) -> tuple[torch.fx.Nod
             continue
         if _is_write(user, buf):
             found.append(user)
-        elif user.op in ("call_function", "call_method") and (
-            getattr(user.target, "__name__", user.target) in _VIEWS or user.target is operator.getitem
-        ) and any(_is_write(u, user) for u in user.users):
+        elif _is_view(user) and any(_is_write(u, user) for u in user.users):
             return f"the KV buffer {buf.name} is written through a view ({user.name}): write form not supported"
     if not found:
         return f"keys/values {buf.name} are not the written KV buffer itself (a slice or copy of it?)"
@@ -262,9 +279,11 @@ def _site_key(cfg: MixedDimKVConfig, site: AttentionSite, index: int) -> str:
 
 
 def rewrite_graph(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: MixedDimKVConfig
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: MixedDimKVConfig, fixed_region: bool = False
 ) -> RewriteReport:
-    """Replace the rewritable sites of `gm` in place by `mdkv::site_attention`."""
+    """Replace the rewritable sites of `gm` in place by `mdkv::site_attention` (concat caches) or
+    `mdkv::site_attention_buffer` (static KV buffers; with `fixed_region`, decoded tokens go to a
+    fixed region written at a device count, which CUDA graphs need: see backends/site_graphs.py)."""
     report = RewriteReport()
     sites = find_attention_sites(gm, example_inputs)
     todo: list[AttentionSite] = []
@@ -296,7 +315,7 @@ def rewrite_graph(
             if buffer:  # the write into the buffer stays; the op gets what it writes and where
                 new = graph.call_function(
                     torch.ops.mdkv.site_attention_buffer.default,
-                    (site.q, k_new, v_new, positions, mask, scale, key),
+                    (site.q, k_new, v_new, positions, mask, scale, key, fixed_region),
                 )
             else:
                 new = graph.call_function(
@@ -313,6 +332,8 @@ def rewrite_graph(
         report.rewritten.append(key)
         if buffer:
             report.buffers.append(key)
+            if _val(site.q).shape[-2] == 1:  # a plain int: this graph is only ever a one-token step
+                report.one_token.append(key)
             continue
         why = _replace_cache(graph, site, pasts)
         if why is None:
@@ -339,11 +360,31 @@ def mixeddimkv_backend(
     options: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
     """torch.compile backend: MixedDimKV rewrite of the attention sites, then Inductor.
-    `options` are MixedDimKVConfig fields; `mode` is passed on to Inductor."""
+    `options` are MixedDimKVConfig fields, plus `"mode"` (torch.compile refuses `mode=` beside
+    `options=`); `mode` is passed on to Inductor, except that `"reduce-overhead"` captures decode
+    steps itself (backends/site_graphs.py)."""
     from torch._inductor.compile_fx import compile_fx
 
+    if options and "mode" in options:
+        options = dict(options)
+        mode = options.pop("mode")
     cfg = MixedDimKVConfig.from_options(options)
-    rewrite_graph(gm, example_inputs, cfg)
+    graphs = mode == "reduce-overhead"
+    report = rewrite_graph(gm, example_inputs, cfg, fixed_region=graphs)
+    if graphs and report.rewritten:
+        # Inductor's CUDA graphs would replay the site ops' Python state away: decode steps over
+        # static KV buffers get this package's capture instead, the other graphs none.
+        if report.one_token == report.rewritten and cfg.kernel == "auto":
+            from mdkv_compile.backends.site_graphs import SiteGraphs, written_inputs
+
+            written = written_inputs(gm)  # before Inductor, which may change the graph
+            return SiteGraphs(compile_fx(gm, list(example_inputs)), report.rewritten, written)
+        log.warning(
+            "mixeddimkv: a graph with %s runs without CUDA graphs (mode='reduce-overhead' captures only "
+            "one-token decode steps over static KV buffers, with kernel='auto')",
+            "a prompt step" if report.buffers == report.rewritten else "concat-cache attention sites",
+        )
+        return compile_fx(gm, list(example_inputs))
     if mode is not None:
         from torch._inductor import list_mode_options
 

@@ -17,7 +17,7 @@ Two stateful ops serve the `mixeddimkv` backend (backends/compile.py), one per c
 
     mdkv::site_attention(q, k_past, v_past, k_new, v_new, mask, scale, site, past_is_placeholder) -> out
         concat caches (DynamicCache, tuple pasts): the past length comes from k_past's shape
-    mdkv::site_attention_buffer(q, k_new, v_new, positions, mask, scale, site) -> out
+    mdkv::site_attention_buffer(q, k_new, v_new, positions, mask, scale, site, fixed_region) -> out
         static KV buffers written in place at `positions` (read on the host)
 
 Both keep a `MixedDimLayer` per site key in this process (`_advance_site`; see
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import threading
@@ -188,6 +189,9 @@ def _(key_new, value_new, n_new, key, value):
 
 _SITES: dict[str, object] = {}
 _SITE_CONFIGS: dict[str, tuple[MixedDimKVConfig, int, int]] = {}
+# A number per site state, new at every prompt: a captured decode graph is valid for one state only.
+_GENERATIONS: dict[str, int] = {}
+_NEXT_GENERATION = itertools.count(1)
 _LOCK = threading.Lock()
 
 
@@ -197,6 +201,12 @@ def register_site(site: str, cfg: MixedDimKVConfig, layer_idx: int, num_layers: 
     the config's hash, so a new config is a new key."""
     with _LOCK:
         _SITE_CONFIGS[site] = (cfg, layer_idx, num_layers)
+
+
+def site_generations(sites: list[str]) -> tuple[int | None, ...]:
+    """The state number of each site (None: no prompt yet). It changes at every new prompt of a
+    site and at `reset_sites()`, which is when a CUDA graph captured over the old state is stale."""
+    return tuple(_GENERATIONS.get(site) for site in sites)
 
 
 def site_key_prefix(cfg: MixedDimKVConfig) -> str:
@@ -217,8 +227,8 @@ def site_layers(
     modules of `model` (matched by module path, e.g. `model.layers.0.self_attn`) when given.
     Site keys name a config and a module path, not a model object: two models of the same
     architecture compiled with the same config share their sites (docs/compile_pass.md)."""
-    if isinstance(cfg, dict):
-        cfg = MixedDimKVConfig.from_options(cfg)
+    if isinstance(cfg, dict):  # the backend's options: config fields, and perhaps the compile mode
+        cfg = MixedDimKVConfig.from_options({k: v for k, v in cfg.items() if k != "mode"})
     prefix = "" if cfg is None else site_key_prefix(cfg)
     paths = None
     if model is not None:
@@ -248,6 +258,7 @@ def reset_sites() -> None:
     """Drop every site's compressed state (the next call of each site is a prefill again)."""
     with _LOCK:
         _SITES.clear()
+        _GENERATIONS.clear()
 
 
 def _past_length(past: torch.Tensor) -> int:
@@ -261,21 +272,25 @@ def _past_length(past: torch.Tensor) -> int:
 
 
 def _advance_site(
-    site: str, start: int, key_new: torch.Tensor, value_new: torch.Tensor, where: str
+    site: str, start: int, key_new: torch.Tensor, value_new: torch.Tensor, where: str, max_new_tokens: int | None = None
 ):
     """The site's `MixedDimLayer` after this call's new tokens, written at position `start`, are in
     it. `start == 0` is a prompt: a fresh state holding them pending (the next `attend` is exact
-    attention over them, then compresses). `start > 0` continues the state, which must cover
-    exactly `start` tokens (else RuntimeError: nothing is changed). `where` describes the call for
-    the error messages (e.g. "the model's cache holds 45 tokens")."""
+    attention over them, then compresses), with a fixed decode region of `max_new_tokens` slots
+    when given. `start > 0` continues the state, which must cover exactly `start` tokens (else
+    RuntimeError: nothing is changed). `where` describes the call for the error messages (e.g.
+    "the model's cache holds 45 tokens")."""
     from mdkv_compile.cache import MixedDimLayer
 
     cfg, layer_idx, num_layers = _SITE_CONFIGS[site]
     if start == 0:
-        layer = MixedDimLayer(cfg, layer_idx, num_layers, cfg.resolve_dims(key_new.shape[-1]))
+        layer = MixedDimLayer(
+            cfg, layer_idx, num_layers, cfg.resolve_dims(key_new.shape[-1]), max_new_tokens=max_new_tokens
+        )
         layer.lazy_initialization(key_new, value_new)
         layer.pending = (key_new, value_new)
         _SITES[site] = layer
+        _GENERATIONS[site] = next(_NEXT_GENERATION)
         return layer
     layer = _SITES.get(site)
     if layer is None:
@@ -342,6 +357,7 @@ def site_attention_buffer(
     mask: torch.Tensor | None,
     scale: float | None,
     site: str,
+    fixed_region: bool = False,
 ) -> torch.Tensor:
     """Attention of one rewritten site whose cache is a static KV buffer written in place
     (gpt-fast / torchtune / HF StaticCache: `k_cache.index_copy_(2, pos, k)`, `k_cache[:, :, pos] = k`).
@@ -354,8 +370,13 @@ def site_attention_buffer(
     over the new tokens, then compression with the site's queries into a fresh state. `start > 0`
     is a decode step or chunk: the state must cover exactly `start` tokens, the new tokens are
     appended and attend over store + new tokens. The mask is cut to its first `start + L`
-    columns, the shape a concat cache's mask has, then everything is `MixedDimLayer.attend`."""
+    columns, the shape a concat cache's mask has, then everything is `MixedDimLayer.attend`.
+    With `fixed_region` (sites compiled for CUDA graphs) the decoded tokens go to a fixed region of
+    `S_max - L` slots (the buffer's positions after the prompt), written at a device count; while
+    a graph is captured the op reads nothing on the host (`_capture_decode_step`)."""
     n_new = key_new.shape[-2]
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():  # (a CPU build cannot even ask)
+        return _capture_decode_step(query, key_new, value_new, scale, site)
     pos = positions.reshape(-1).tolist()
     start = int(pos[0]) if pos else 0
     if pos != list(range(start, start + n_new)):
@@ -364,6 +385,10 @@ def site_attention_buffer(
             f"mdkv site {site}: the KV buffer write positions {shown} are not {n_new} consecutive positions "
             "(the backend supports writes of consecutive positions only)"
         )
+    # A fixed region takes the buffer's positions after the prompt (the mask spans the buffer).
+    region = None
+    if fixed_region and start == 0 and mask is not None and mask.shape[-1] > n_new:
+        region = mask.shape[-1] - n_new
     if mask is not None:
         if mask.shape[-1] < start + n_new:
             raise RuntimeError(
@@ -371,11 +396,36 @@ def site_attention_buffer(
                 f"{start + n_new} written so far"
             )
         mask = mask[..., : start + n_new]
-    layer = _advance_site(site, start, key_new, value_new, f"the model writes its KV buffer at position {start}")
+    layer = _advance_site(
+        site, start, key_new, value_new, f"the model writes its KV buffer at position {start}", region
+    )
     with torch.no_grad():
         return layer.attend(query, mask, scale, None).contiguous()
 
 
+def _capture_decode_step(
+    query: torch.Tensor, key_new: torch.Tensor, value_new: torch.Tensor, scale: float | None, site: str
+) -> torch.Tensor:
+    """A buffer site's decode step while a CUDA graph is captured (backends/site_graphs.py): no host
+    read. The new token goes to the fixed region at the device count and attends through the
+    decode kernel, which reads that count; a replay repeats exactly this. The positions and mask
+    were checked by the eager warm-up call of the same state (the capturer runs one first)."""
+    layer = _SITES.get(site)
+    if layer is None or getattr(layer, "max_new_tokens", None) is None or layer.store is None:
+        raise RuntimeError(
+            f"mdkv site {site}: captured into a CUDA graph without a compressed prompt and a fixed decode "
+            "region (compile with mode='reduce-overhead' and run the prompt first)"
+        )
+    if query.shape[-2] != 1 or layer.cfg.kernel != "auto":
+        # the PyTorch path slices the region by the host count, which a replay would not advance
+        raise RuntimeError(
+            f"mdkv site {site}: only one-token steps through the decode kernel (kernel='auto') can be captured"
+        )
+    layer.update(key_new, value_new)
+    with torch.no_grad():
+        return layer.attend(query, None, scale, None).contiguous()
+
+
 @site_attention_buffer.register_fake
-def _(query, key_new, value_new, positions, mask, scale, site):
+def _(query, key_new, value_new, positions, mask, scale, site, fixed_region=False):
     return query.new_empty(query.shape)  # contiguous, as the real op returns

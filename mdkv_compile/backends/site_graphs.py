@@ -1,0 +1,142 @@
+"""CUDA graphs for the `mixeddimkv` backend's decode graphs (`mode="reduce-overhead"`).
+
+Inductor's own CUDA graphs (cudagraph trees) replay a graph without running any Python, so they
+cannot know that a rewritten site's compressed state was replaced by a new prompt: a replay would
+keep reading and writing the old sequence's tensors. This wrapper does the capture itself and
+keys every captured graph on the state numbers of its sites (`library.site_generations`):
+
+* call 1 with a new state (or new shapes): eager, the warm-up (Triton autotuning, lazy inits; the
+  site op checks the positions there);
+* call 2: capture (the site op takes its device-only path, `library._capture_decode_step`), then
+  one replay, which performs this call;
+* later calls: copy the inputs into the captured ones, replay.
+
+Only graphs whose every rewritten site is a static-KV-buffer decode step (one query token) are
+wrapped: their step writes the new token at a device count and the decode kernel reads that
+count, so a replay is the same step. Prompt graphs and concat-cache graphs run without CUDA graphs
+(their site op keeps host state). Static inputs (parameters, module buffers, tensors marked with
+`torch._dynamo.mark_static_address` such as transformers' StaticCache, and any input the graph
+writes in place) are read where they are: if one moves, the graph is captured again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mdkv_compile.ops import library
+
+log = logging.getLogger(__name__)
+
+# What the wrappers did in this process (benchmarks and GPU checks read it): eager warm-up calls,
+# captures, replays.
+STATS = {"warmups": 0, "captures": 0, "replays": 0}
+
+
+def _signature(args: Sequence[Any]) -> tuple:
+    """What a capture is specific to besides addresses: shapes, strides, dtypes and plain values."""
+    return tuple(
+        (tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args
+    )
+
+
+def _layers(sites: Sequence[str]) -> list:
+    return [library.site_layer(site) for site in sites]
+
+
+@dataclass
+class _Capture:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[Any]  # what the graph reads: the caller's static tensors, copies of the others
+    static: list[int]  # positions of the static tensors
+    outputs: list[Any]
+    generations: tuple[int | None, ...]
+
+
+class SiteGraphs:
+    """An Inductor-compiled decode graph (`compile_fx` output) replayed as CUDA graphs."""
+
+    def __init__(self, compiled: Callable[..., Any], sites: Sequence[str], written: set[int]) -> None:
+        self.compiled, self.sites, self.written = compiled, list(sites), written
+        self._captures: dict[tuple, _Capture] = {}
+        self._warm: dict[tuple, tuple[int | None, ...]] = {}  # signature -> state of its eager warm-up
+
+    def __call__(self, *args: Any) -> Any:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not tensors or not all(t.is_cuda for t in tensors) or torch.cuda.is_current_stream_capturing():
+            return self.compiled(*args)
+        signature = _signature(args)
+        generations = library.site_generations(self.sites)
+        capture = self._captures.get(signature)
+        if capture is not None and capture.generations == generations and self._same_static(capture, args):
+            return self._replay(capture, args)
+        if self._warm.get(signature) != generations or None in generations:
+            self._captures.pop(signature, None)  # a stale capture holds the old state's memory
+            out = self.compiled(*args)
+            STATS["warmups"] += 1
+            # the state after the call: a one-token prompt makes a new state, whose first decode
+            # step must then be a warm-up again
+            self._warm[signature] = library.site_generations(self.sites)
+            return out
+        capture = self._capture(args, generations)
+        self._captures[signature] = capture
+        return self._replay(capture, args, copy_inputs=False)
+
+    def _is_static(self, index: int, arg: Any) -> bool:
+        return index in self.written or isinstance(arg, torch.nn.Parameter) or (
+            getattr(arg, "_dynamo_static_input_type", None) is not None
+        )
+
+    def _same_static(self, capture: _Capture, args: Sequence[Any]) -> bool:
+        return all(args[i].data_ptr() == capture.inputs[i].data_ptr() for i in capture.static)
+
+    def _capture(self, args: list[Any], generations: tuple[int | None, ...]) -> _Capture:
+        static = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and self._is_static(i, a)]
+        inputs = [
+            a.clone(memory_format=torch.preserve_format) if isinstance(a, torch.Tensor) and i not in static else a
+            for i, a in enumerate(args)
+        ]
+        layers = _layers(self.sites)
+        decoded = [layer.n_new for layer in layers]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.compiled(*inputs)
+        # The capture ran the sites' Python (host counts moved) but no kernel: the replay does the step.
+        for layer, n in zip(layers, decoded, strict=True):
+            layer.n_new = n
+        STATS["captures"] += 1
+        log.info("mixeddimkv: captured a CUDA graph of a decode step over %d sites", len(self.sites))
+        return _Capture(graph, inputs, static, list(outputs), generations)
+
+    def _replay(self, capture: _Capture, args: Sequence[Any], copy_inputs: bool = True) -> list[Any]:
+        if copy_inputs:
+            for arg, mine in zip(args, capture.inputs, strict=True):
+                if isinstance(arg, torch.Tensor) and arg is not mine:
+                    mine.copy_(arg)
+        capture.graph.replay()
+        STATS["replays"] += 1
+        for layer in _layers(self.sites):
+            layer.n_new += 1  # the replay advanced the device count; the host count follows
+        # Outputs live in the graph's memory, which the next replay overwrites: hand out copies,
+        # except views of the caller's own tensors (a written buffer returned by the graph).
+        owned = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        return [
+            o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in owned else o
+            for o in capture.outputs
+        ]
+
+
+def written_inputs(gm: torch.fx.GraphModule) -> set[int]:
+    """Positions (among the graph's inputs) of the inputs the graph writes in place, directly or
+    through a view: the model's KV buffers. Their address is part of a capture."""
+    from mdkv_compile.backends.compile import writes_into
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {i for i, node in enumerate(placeholders) if writes_into(node)}
+
+
+__all__ = ["STATS", "SiteGraphs", "written_inputs"]
