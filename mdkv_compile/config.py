@@ -79,8 +79,9 @@ class MixedDimKVConfig:
     # Rank of `lowrank` (Palu-like: every token at one dimension). None: chosen from the budget.
     lowrank_dim: int | None = None
     solver: str = "greedy"
-    # Decode attention: "auto" uses the Triton kernel on CUDA for one-token steps, "torch" always
-    # uses the PyTorch reference (core/attention.py).
+    # Triton kernels: "auto" uses them on CUDA (decode attention for one-token steps; window scoring
+    # and logit errors at compression, ops/triton_compress.py), "torch" always uses the PyTorch
+    # references (core/attention.py, core/scoring.py, core/losses.py).
     kernel: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 

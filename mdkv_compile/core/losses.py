@@ -68,6 +68,19 @@ def candidate_losses(
     return importance.float()[..., None] * frac
 
 
+def logit_errors(
+    window_queries: torch.Tensor, key_coef_full: torch.Tensor, dims: tuple[int, ...], scale: float
+) -> torch.Tensor:
+    """[B, H, N, len(dims)]: for each r in dims (0 < r < d), the rms over the window queries of the logit
+    error of keeping a key's first r coordinates, scale * |q[r:] . k[r:]|. The reference for the fused
+    kernel (ops/triton_compress.py), which never holds the [B, H, W, N] product."""
+    out = []
+    for r in dims:
+        tail = window_queries[..., r:].float() @ key_coef_full[..., r:].float().transpose(-1, -2)  # [B,H,W,N]
+        out.append(scale * tail.square_().mean(dim=-2).sqrt())
+    return torch.stack(out, dim=-1)
+
+
 def attention_losses(
     importance: torch.Tensor,
     window_queries: torch.Tensor,
@@ -77,6 +90,7 @@ def attention_losses(
     dims: tuple[int, ...],
     head_dim: int,
     scale: float,
+    errors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loss as the error a token's reduction puts into the attention output (default).
 
@@ -92,9 +106,14 @@ def attention_losses(
     logit error of keeping the first r coordinates is the dot product over the remaining ones.
     Logit errors weigh like this because attention is exponential in them: a retrieval token whose
     key loses a little energy in a direction the queries use loses most of its weight.
+    `errors`: `logit_errors` of the reduced dims (0 < r < d, in order) when the caller computed them
+    (the fused kernel); None computes them here.
     """
     # residual_fraction is already in [0, 1] (+0, never -0: a clamp, or exact 1 / 0).
     value_frac = residual_fraction(value_coef, value_norm2, dims, head_dim).sqrt()
+    reduced = tuple(r for r in dims if 0 < r < head_dim)
+    if errors is None and reduced:
+        errors = logit_errors(window_queries, key_coef_full, reduced, scale)
     out = []
     for j, r in enumerate(dims):
         if r == 0:
@@ -102,8 +121,6 @@ def attention_losses(
         elif r >= head_dim:
             out.append(torch.zeros_like(importance))
         else:
-            tail = window_queries[..., r:].float() @ key_coef_full[..., r:].float().transpose(-1, -2)  # [B,H,W,N]
-            delta = scale * tail.square_().mean(dim=-2).sqrt()
-            out.append((value_frac[..., j] + delta).clamp(max=1.0))
+            out.append((value_frac[..., j] + errors[..., reduced.index(r)]).clamp(max=1.0))
     frac = running_min(out)
     return importance.float()[..., None] * frac

@@ -53,9 +53,10 @@ def window_importance(
     probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     scores = probs.mean(dim=(2, 3))  # [B, H, N]
     if pool_kernel > 1:
+        # An even kernel gives N + 1 outputs: the first N (output j covers j - k/2 .. j + k/2 - 1).
         scores = F.max_pool1d(
             scores.reshape(bsz * n_kv_heads, 1, n_tokens), pool_kernel, stride=1, padding=pool_kernel // 2
-        ).view(bsz, n_kv_heads, n_tokens)
+        )[..., :n_tokens].reshape(bsz, n_kv_heads, n_tokens)
     return scores.masked_fill(~valid[:, None, :], 0.0)
 
 

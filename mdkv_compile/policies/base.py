@@ -56,9 +56,24 @@ class LayerContext:
         """[B] valid tokens per row; summed once per context (budgets ask for it several times)."""
         return self.valid.sum(-1)
 
+    def uses_kernels(self) -> bool:
+        """Compression steps run the fused Triton kernels (ops/triton_compress.py): on CUDA with
+        cfg.kernel == "auto"; the PyTorch reference otherwise."""
+        if self.cfg.kernel != "auto" or not self.key.is_cuda:
+            return False
+        from mdkv_compile.ops.triton_attention import HAS_TRITON  # lazily: CPU runs never import triton
+
+        return HAS_TRITON
+
     def importance(self, key: torch.Tensor | None = None) -> torch.Tensor:
         """Window importance [B, H, N]; `key` may be a float32 copy of `self.key` (same values) that
-        the caller already holds, so that no second copy is made."""
+        the caller already holds, so that no second copy is made (the kernel reads `self.key`)."""
+        if self.uses_kernels():
+            from mdkv_compile.ops import triton_compress
+
+            return triton_compress.window_importance(
+                self.query, self.key, self.valid, self.cfg.window, self.cfg.pool_kernel, self.scale, self.softcap
+            )
         return window_importance(
             self.query, self.key if key is None else key, self.valid, self.cfg.window, self.cfg.pool_kernel,
             self.scale, self.softcap,

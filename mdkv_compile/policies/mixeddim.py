@@ -164,7 +164,13 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
         q_win = ctx.query[:, :, -w:].float().reshape(bsz, n_heads, -1, d)  # the group's window queries
         q_rot = q_win @ (kb_full.float() if kb_full.dim() == 4 else kb_full.float()[None])
         scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d)
-        mixed_losses = constrain(attention_losses(importance, q_rot, kc_full, vc, v_norm2, dims, d, scale))
+        errors = None
+        if ctx.uses_kernels():
+            from mdkv_compile.ops.triton_compress import logit_errors
+
+            # fp32 products for an fp32 model; TF32 otherwise, as the reference's matmuls under select()
+            errors = logit_errors(q_rot, kc_full, reduced, scale, exact=ctx.key.dtype == torch.float32)
+        mixed_losses = constrain(attention_losses(importance, q_rot, kc_full, vc, v_norm2, dims, d, scale, errors))
     else:
         k_norm2 = key_f.square().sum(-1)
         del key_f, value_f
