@@ -1,7 +1,14 @@
 """GPU check: decoding through the Triton packed-store kernel gives the same tokens and close
-logits as the PyTorch reference, on a small random Llama in bf16 (prints one line per method)."""
+logits as the PyTorch reference, on a small random Llama in bf16 (prints one line per method).
+
+``--chunk``: instead, chunks of new tokens after a compressed prompt (a 64-token question, one decoded
+token, a 16-token chunk), growing and fixed decode regions, fp32 and bf16: the chunk kernel must run
+(its launch seen by the profiler) and give the PyTorch path's logits; exits 1 otherwise."""
 
 from __future__ import annotations
+
+import argparse
+import sys
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -9,9 +16,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import mdkv_compile as mdkv
 
 
+def _config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)
+
+
 def main() -> None:
-    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)
+    config = _config()
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(0, 1024, (2, 2048), device="cuda")
@@ -33,5 +44,46 @@ def main() -> None:
               f"(logit scale {scale:.2f})")
 
 
+def _chunk_steps(model, cfg: mdkv.MixedDimKVConfig, max_new_tokens: int | None, ids: list[torch.Tensor]):
+    """Prompt ids[0], then each of ids[1:] as one forward: (logits of those, chunk-kernel launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    mdkv.patch(model, cfg)
+    cache = mdkv.MixedDimCache(model.config, cfg, max_new_tokens=max_new_tokens)
+    logits = []
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(ids[0], past_key_values=cache, use_cache=True)
+        for x in ids[1:]:
+            logits.append(model(x, past_key_values=cache, use_cache=True).logits.float())
+    launches = sum(e.count for e in prof.key_averages() if "_packed_chunk_split" in e.key)
+    return logits, launches
+
+
+def chunk_check() -> bool:
+    config = _config()
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, 1024, (2, n), generator=gen).cuda() for n in (2048, 64, 1, 16)]
+    ok = True
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to("cuda", dtype).eval()
+        for method in ("mixeddimkv", "snapkv"):
+            for region in (None, 128):
+                runs = {k: _chunk_steps(model, mdkv.MixedDimKVConfig(budget=0.1, method=method, kernel=k), region, ids)
+                        for k in ("torch", "auto")}
+                (ref, n_ref), (got, n_got) = runs["torch"], runs["auto"]
+                err = max(float((a - b).norm() / b.norm()) for a, b in zip(got, ref, strict=True))
+                good = err < tol and n_got > 0 and n_ref == 0
+                ok &= good
+                print(f"cuda chunk kernel vs torch: {str(dtype):<14} {method:<11} region={region} "
+                      f"chunk-kernel launches auto={n_got} torch={n_ref} max_rel_logit_err={err:.2e} "
+                      f"(tol {tol:.0e}) {'ok' if good else 'FAIL'}", flush=True)
+    return ok
+
+
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunk", action="store_true", help="check chunks after compression instead")
+    if parser.parse_args().chunk:
+        sys.exit(0 if chunk_check() else 1)
     main()

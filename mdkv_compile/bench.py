@@ -14,12 +14,20 @@ does internally for GQA decode); the faster is the baseline. Every time is the m
 ``do_bench_cudagraph`` (launch overhead removed; no L2 flush: rows whose data fits the 60 MB L2 are
 flagged). Bandwidth = the bytes each method must read (and write) / time, against a measured
 device-to-device copy in the same run. Correctness against a float64 reference runs first.
+
+``--sweep``: the decode kernel's launch parameters (``ta.Tuning``: split count, warps, stages, rows
+per block) at shapes that fill the GPU, one knob group at a time from the best so far, with SDPA over
+an evicted cache of the same bytes beside it. ``--chunks``: chunked prefill (L query tokens after a
+compressed prompt) against SDPA over the full and the evicted cache with the same causal chunk.
+``--dry-run``: every code path on the CPU under ``TRITON_INTERPRET=1`` at tiny shapes (no timing).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -52,8 +60,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-new", type=int, default=32, help="decoded tokens already appended")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time")
     parser.add_argument("--max-gib", type=float, default=80.0, help="skip shapes whose tensors exceed this")
-    parser.add_argument("--sweep", action="store_true", help="also sweep launch heuristics at a few shapes")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the decode kernel's launch parameters")
+    parser.add_argument("--sweep-shapes", default="131072x8,32768x32,8192x64",
+                        help="CONTEXTxBATCH list for --sweep")
+    parser.add_argument("--sweep-rep-ms", type=int, default=40, help="do_bench_cudagraph repetition time (sweep)")
+    parser.add_argument("--chunks", default="", help="chunk lengths L to time (chunked prefill), e.g. 16,64,256")
+    parser.add_argument("--chunk-batches", default="1,8", help="batch sizes of the chunk rows")
+    parser.add_argument("--chunk-context", type=int, default=32768, help="compressed prompt length of the chunk rows")
+    parser.add_argument("--chunk-block-m", default="64",
+                        help="Tuning.chunk_block_m values to time for the packed chunk (first = reported)")
     parser.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile check")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, TRITON_INTERPRET=1, tiny shapes, one untimed call per method: checks the code paths")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,12 +237,18 @@ def copy_bandwidth(dev: str) -> dict[str, float]:
     return dict(bytes=2 * n, ms=ms, tb_s=2 * n / ms / 1e9)
 
 
-def _time(fn, rep_ms: int) -> dict[str, float | None]:
+def _time(fn, rep_ms: int, dry: bool = False, eager: bool = True) -> dict[str, float | None]:
+    """Medians of do_bench (eager, L2 flushed; skipped with eager=False) and do_bench_cudagraph.
+    dry: one untimed call (CPU dry runs), ms = its wall time."""
+    if dry:
+        t0 = time.perf_counter()
+        fn()
+        return {"ms": (time.perf_counter() - t0) * 1e3, "ms_graph": None}
     import triton.testing as tt
 
     fn()
     torch.cuda.synchronize()
-    out: dict[str, float | None] = {"ms": tt.do_bench(fn, rep=rep_ms, return_mode="median")}
+    out: dict[str, float | None] = {"ms": tt.do_bench(fn, rep=rep_ms, return_mode="median") if eager else None}
     try:
         out["ms_graph"] = tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
     except Exception:  # a method that cannot be captured still has its eager time
@@ -233,24 +257,78 @@ def _time(fn, rep_ms: int) -> dict[str, float | None]:
 
 
 def _sdpa_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Any]:
-    """SDPA without the math backend (it would materialise repeated KV heads)."""
+    """SDPA without the math backend (it would materialise repeated KV heads). One query token:
+    ``enable_gqa`` and the group folded into the query length. A chunk of L > 1 (the last L of the
+    keys' positions, causal): lower-right causal bias, an explicit boolean mask with ``enable_gqa``,
+    and the group folded into the query length with the mask repeated per head of the group."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
 
-    B, Hq, _, d = q.shape
-    Hkv = k.shape[1]
+    from mdkv_compile.core.attention import causal_mask
+
+    B, Hq, L, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    qg = q.view(B, Hkv, G * L, d)  # row g * L + l: q's own memory order
 
-    def gqa() -> torch.Tensor:
+    def sdpa(qq: torch.Tensor, **kw: Any) -> torch.Tensor:
         with sdpa_kernel(backends):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return F.scaled_dot_product_attention(qq, k, v, **kw)
 
-    qg = q.view(B, Hkv, Hq // Hkv, d)
+    if L == 1:
+        return {"gqa": lambda: sdpa(q, enable_gqa=True), "grouped": lambda: sdpa(qg).view(B, Hq, 1, d)}
+    mask = causal_mask(L, S, q.device)
+    mask_g = mask.repeat(G, 1)
+    return {
+        "gqa_lower_right": lambda: sdpa(q, attn_mask=causal_lower_right(L, S), enable_gqa=True),
+        "gqa_mask": lambda: sdpa(q, attn_mask=mask, enable_gqa=True),
+        "grouped_mask": lambda: sdpa(qg, attn_mask=mask_g).view(B, Hq, L, d),
+    }
 
-    def grouped() -> torch.Tensor:
-        with sdpa_kernel(backends):
-            return F.scaled_dot_product_attention(qg, k, v).view(B, Hq, 1, d)
 
-    return {"gqa": gqa, "grouped": grouped}
+def _sdpa_cache(q: torch.Tensor, n_tokens: int, name: str, args: argparse.Namespace, gen: torch.Generator,
+                eager: bool = True) -> tuple[dict[str, Any], int]:
+    """Every SDPA variant over a fresh cache of n_tokens tokens per KV head (freed after): results
+    keyed f"{name}_{variant}", and the cache's bytes."""
+    B, _, _, d = q.shape
+    k = torch.randn(B, args.kv_heads, n_tokens, d, generator=gen, device=q.device, dtype=q.dtype)
+    v = torch.randn_like(k)
+    res: dict[str, Any] = {}
+    first = None  # the variants compute the same attention: each is checked against the first that ran
+    for variant, fn in _sdpa_variants(q, k, v).items():
+        try:
+            o = fn()
+            first = o if first is None else first
+            r = _time(fn, args.rep_ms, args.dry_run, eager)
+            res[f"{name}_{variant}"] = {**r, "rel_err_vs_first": rel_err(o, first)}
+        except Exception as e:
+            res[f"{name}_{variant}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    nbytes = 2 * k.numel() * k.element_size()
+    del k, v
+    if q.is_cuda:
+        torch.cuda.empty_cache()
+    return res, nbytes
+
+
+def _annotate(res: dict[str, Any], bytes_of: dict[str, int], bw: float) -> None:
+    """Bytes, bandwidth (TB/s) and the copy-bandwidth floor of every timed method; bytes_of maps a
+    method's prefix (sdpa_full, sdpa_evict, packed...) to the bytes it must move."""
+    for key, r in res.items():
+        if "ms" not in r:
+            continue
+        prefix = max((p for p in bytes_of if key.startswith(p)), key=len)
+        b = bytes_of[prefix]
+        r["bytes"] = b
+        r["tb_s"] = b / r["ms"] / 1e9 if r.get("ms") else None
+        r["tb_s_graph"] = b / r["ms_graph"] / 1e9 if r.get("ms_graph") else None
+        r["floor_ms"] = b / (bw * 1e12) * 1e3
+        r["fits_l2"] = b < L2_BYTES
+
+
+def _best(res: dict[str, Any], prefix: str, key: str) -> float | None:
+    vals = [r[key] for k_, r in res.items() if k_.startswith(prefix) and r.get(key)]
+    return min(vals) if vals else None
 
 
 def bench_shape(B: int, n_ctx: int, args: argparse.Namespace, gen: torch.Generator, dev: str,
@@ -271,115 +349,225 @@ def bench_shape(B: int, n_ctx: int, args: argparse.Namespace, gen: torch.Generat
     qo_bytes = 2 * q.numel() * it  # read q, write out
     scale = d**-0.5
 
-    k = torch.randn(B, Hkv, n_ctx + nn, d, generator=gen, device=dev, dtype=dtype)
-    v = torch.randn_like(k)
-    res: dict[str, Any] = {}
-    for name, fn in _sdpa_variants(q, k, v).items():
-        try:
-            res[f"sdpa_full_{name}"] = _time(fn, args.rep_ms)
-        except Exception as e:
-            res[f"sdpa_full_{name}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    del k, v
-    torch.cuda.empty_cache()
-
-    ke = torch.randn(B, Hkv, n_keep + nn, d, generator=gen, device=dev, dtype=dtype)
-    ve = torch.randn_like(ke)
-    for name, fn in _sdpa_variants(q, ke, ve).items():
-        try:
-            res[f"sdpa_evict_{name}"] = _time(fn, args.rep_ms)
-        except Exception as e:
-            res[f"sdpa_evict_{name}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    evict_bytes = 2 * B * Hkv * (n_keep + nn) * d * it
-    del ke, ve
+    res, _ = _sdpa_cache(q, n_ctx + nn, "sdpa_full", args, gen)
+    evict, evict_bytes = _sdpa_cache(q, n_keep + nn, "sdpa_evict", args, gen)
+    res.update(evict)
 
     p = make_packed(B, Hkv, d, tiers, counts, nn, dtype, gen, dev)
     pb = packed_bytes(p)
-    res["packed"] = _time(lambda: ta.packed_decode_attention_triton(q, **p, scale=scale), args.rep_ms)
+    res["packed"] = _time(lambda: ta.packed_decode_attention_triton(q, **p, scale=scale), args.rep_ms, args.dry_run)
     # the same expected bytes with random tokens per owner and tier (0 .. 2x the mean): load imbalance
     pj = make_packed(B, Hkv, d, tiers, counts, nn, dtype, gen, dev, jitter=True)
-    res["packed_jitter"] = _time(lambda: ta.packed_decode_attention_triton(q, **pj, scale=scale), args.rep_ms)
+    res["packed_jitter"] = _time(lambda: ta.packed_decode_attention_triton(q, **pj, scale=scale), args.rep_ms,
+                                 args.dry_run)
     pjb = packed_bytes(pj)
     pj.clear()
 
-    bytes_of = {"sdpa_full": full_cache + qo_bytes, "sdpa_evict": evict_bytes + qo_bytes, "packed": pb + qo_bytes,
-                "packed_jitter": pjb + qo_bytes}
-    for key, r in res.items():
-        if "ms" not in r:
-            continue
-        b = bytes_of[key.rsplit("_", 1)[0] if key.startswith("sdpa") else key]
-        r["bytes"] = b
-        r["tb_s"] = b / r["ms"] / 1e9
-        r["tb_s_graph"] = b / r["ms_graph"] / 1e9 if r.get("ms_graph") else None
-        r["floor_ms"] = b / (bw * 1e12) * 1e3
-        r["fits_l2"] = b < L2_BYTES
+    _annotate(res, {"sdpa_full": full_cache + qo_bytes, "sdpa_evict": evict_bytes + qo_bytes,
+                    "packed": pb + qo_bytes, "packed_jitter": pjb + qo_bytes}, bw)
     row["methods"] = res
-
-    def best(prefix: str, key: str) -> float | None:
-        vals = [r[key] for k_, r in res.items() if k_.startswith(prefix) and r.get(key)]
-        return min(vals) if vals else None
-
     for key in ("ms", "ms_graph"):
-        f, e, pk = best("sdpa_full", key), best("sdpa_evict", key), res["packed"].get(key)
+        f, e, pk = _best(res, "sdpa_full", key), _best(res, "sdpa_evict", key), res["packed"].get(key)
         row[f"speedup_vs_full_{key}"] = f / pk if f and pk else None
         row[f"packed_over_evict_{key}"] = pk / e if e and pk else None
     row["packed_stored_bytes_per_owner"] = used_per_owner
     p.clear()  # free the store before the next shape
-    torch.cuda.empty_cache()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
     pr = res["packed"]
     nan = float("nan")
     log.append(
-        f"B={B:3d} N={n_ctx:6d} | full {best('sdpa_full', 'ms') or nan:8.4f} ms"
-        f" ({best('sdpa_full', 'ms_graph') or nan:8.4f} g)"
-        f" | evict {best('sdpa_evict', 'ms') or nan:7.4f} ({best('sdpa_evict', 'ms_graph') or nan:7.4f} g)"
+        f"B={B:3d} N={n_ctx:6d} | full {_best(res, 'sdpa_full', 'ms') or nan:8.4f} ms"
+        f" ({_best(res, 'sdpa_full', 'ms_graph') or nan:8.4f} g)"
+        f" | evict {_best(res, 'sdpa_evict', 'ms') or nan:7.4f} ({_best(res, 'sdpa_evict', 'ms_graph') or nan:7.4f} g)"
         f" | packed {pr['ms']:7.4f} ({pr['ms_graph'] or nan:7.4f} g)"
         f" {pr['tb_s_graph'] or 0:5.2f} TB/s g, floor {pr['floor_ms']:.4f} ms"
     )
     return row
 
 
-def sweep(args: argparse.Namespace, gen: torch.Generator, dev: str, log: list[str]) -> list[dict[str, Any]]:
-    """Split-K target, reduced-tier block rows and stages at three shapes: the heuristics' evidence."""
-    import triton.testing as tt
+# Sweep: one knob group at a time, each from the best configuration so far (coordinate descent).
+# Split counts are a runtime argument (no recompile); warps/stages and rows per block each compile a
+# variant. None = the default policy of `_num_splits`.
+SWEEP_SPLITS = (None, 1, 2, 4, 8, 16)
+SWEEP_WARPS_STAGES = ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4))
+SWEEP_BLOCKS = ((64, 128), (32, 128), (128, 128), (64, 64), (64, 256), (128, 256))  # (full, reduced max)
 
+
+def _parse_shapes(spec: str) -> list[tuple[int, int]]:
+    """'131072x8,32768x32' -> [(131072, 8), (32768, 32)] (context, batch)."""
     out = []
-    Hq, Hkv, d = args.q_heads, args.kv_heads, args.head_dim
-    tiers = [int(x) for x in args.tiers.split(",")]
-    base = dict(ta.TUNING)
-    for B, n_ctx in ((1, 8192), (1, 131072), (64, 32768)):
-        counts, _ = tier_counts(n_ctx, args.budget, tiers, d, 2)
-        p = make_packed(B, Hkv, d, tiers, counts, args.n_new, torch.bfloat16, gen, dev)
-        q = torch.randn(B, Hq, 1, d, generator=gen, device=dev, dtype=torch.bfloat16)
-        for pps in (2, 4, 8):
-            for bnr in (64, 128):
-                for ns in (2, 3):
-                    ta.TUNING.update(programs_per_sm=pps, block_n_reduced_max=bnr, num_stages=ns)
-                    fn = lambda: ta.packed_decode_attention_triton(q, **p, scale=d**-0.5)  # noqa: B023
-                    fn()
-                    ms = tt.do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median")
-                    out.append(dict(batch=B, context=n_ctx, programs_per_sm=pps, block_n_reduced_max=bnr,
-                                    num_stages=ns, ms_graph=ms))
-                    log.append(f"sweep B={B} N={n_ctx} pps={pps} bnr={bnr} stages={ns}: {ms:.4f} ms")
-        ta.TUNING.clear()
-        ta.TUNING.update(base)
-        p.clear()
+    for item in filter(None, spec.split(",")):
+        ctx, batch = item.lower().split("x")
+        out.append((int(ctx), int(batch)))
     return out
+
+
+def sweep(args: argparse.Namespace, gen: torch.Generator, dev: str, bw: float,
+          log: list[str]) -> list[dict[str, Any]]:
+    """Decode kernel launch parameters at shapes that fill the GPU (`_sweep_shape` each)."""
+    return [_sweep_shape(n_ctx, B, args, gen, dev, bw, log) for n_ctx, B in _parse_shapes(args.sweep_shapes)]
+
+
+def _sweep_shape(n_ctx: int, B: int, args: argparse.Namespace, gen: torch.Generator, dev: str, bw: float,
+                 log: list[str]) -> dict[str, Any]:
+    """CUDA-graph medians of the configurations one knob group at a time, bytes read, bandwidth, the
+    best configuration, and SDPA over an evicted cache of equal bytes."""
+    Hq, Hkv, d, nn = args.q_heads, args.kv_heads, args.head_dim, args.n_new
+    tiers = [int(x) for x in args.tiers.split(",")]
+    n_sm = ta._sm_count(torch.device(dev))
+    t_shape = time.time()
+    counts, _ = tier_counts(n_ctx, args.budget, tiers, d, 2)
+    p = make_packed(B, Hkv, d, tiers, counts, nn, torch.bfloat16, gen, dev)
+    q = torch.randn(B, Hq, 1, d, generator=gen, device=dev, dtype=torch.bfloat16)
+    nbytes = packed_bytes(p) + 2 * q.numel() * 2
+    n_own, nreg = B * Hkv, len(tiers)
+    avg_rows = sum(int(k.shape[0]) for k in p["tier_keys"]) // n_own + nn
+    ref = ta.packed_decode_attention_triton(q, **p, scale=d**-0.5)
+    nan = float("nan")
+    timed: dict[ta.Tuning, dict[str, Any]] = {}  # in the order measured
+
+    def measure(tuning: ta.Tuning) -> dict[str, Any]:
+        if tuning in timed:
+            return timed[tuning]
+
+        def fn() -> torch.Tensor:
+            return ta.packed_decode_attention_triton(q, **p, scale=d**-0.5, tuning=tuning)
+
+        # every configuration must give the default's answer (accumulation order aside)
+        err = rel_err(fn(), ref)
+        t = _time(fn, args.sweep_rep_ms, args.dry_run, eager=False)
+        ms = t["ms"] if args.dry_run else t["ms_graph"]
+        r = dict(tuning=dataclasses.asdict(tuning), splits=ta._num_splits(n_own, nreg, avg_rows, n_sm, tuning),
+                 rel_err_vs_default=err, ok=err < 1e-2, ms_graph=ms, tb_s_graph=nbytes / ms / 1e9 if ms else None)
+        timed[tuning] = r
+        log.append(f"sweep N={n_ctx} B={B} S={r['splits']:3d} warps={tuning.num_warps} "
+                   f"stages={tuning.num_stages} bn={tuning.block_n_full}/{tuning.block_n_reduced_max}: "
+                   f"{ms or nan:.4f} ms {r['tb_s_graph'] or 0:.2f} TB/s{'' if r['ok'] else ' MISMATCH'}")
+        print(log[-1], flush=True)
+        return r
+
+    def best_of(cands: list[ta.Tuning]) -> ta.Tuning:
+        good = [(r["ms_graph"], t) for t in cands if (r := measure(t))["ok"] and r["ms_graph"] is not None]
+        return min(good, key=lambda x: x[0])[1] if good else cands[0]
+
+    default = ta.DEFAULT_TUNING
+    # split counts: distinct resolved S only (the policy's S is one of the fixed ones or another)
+    by_s: dict[int, ta.Tuning] = {}
+    for s_ in SWEEP_SPLITS:
+        t = dataclasses.replace(default, splits=s_)
+        by_s.setdefault(ta._num_splits(n_own, nreg, avg_rows, n_sm, t), t)
+    best = best_of(list(by_s.values()))
+    best = best_of([dataclasses.replace(best, num_warps=w, num_stages=st) for w, st in SWEEP_WARPS_STAGES])
+    best = best_of([dataclasses.replace(best, block_n_full=bf, block_n_reduced_max=br) for bf, br in SWEEP_BLOCKS])
+    evict, evict_bytes = _sdpa_cache(q, int(args.budget * n_ctx) + nn, "sdpa_evict", args, gen, eager=False)
+    _annotate(evict, {"sdpa_evict": evict_bytes + 2 * q.numel() * 2}, bw)
+    e_ms = _best(evict, "sdpa_evict", "ms" if args.dry_run else "ms_graph")
+    d_ms, b_ms = measure(default)["ms_graph"], measure(best)["ms_graph"]
+    row = dict(context=n_ctx, batch=B, bytes=nbytes, floor_ms=nbytes / (bw * 1e12) * 1e3,
+               configs=list(timed.values()), default=measure(default), best=measure(best), sdpa_evict=evict,
+               best_over_default=b_ms / d_ms if b_ms and d_ms else None,
+               best_over_evict=b_ms / e_ms if b_ms and e_ms else None,
+               best_fraction_of_copy_bw=(nbytes / b_ms / 1e9) / bw if b_ms else None,
+               seconds=time.time() - t_shape)
+    changed = {k: v for k, v in dataclasses.asdict(best).items() if v != getattr(default, k)}
+    log.append(f"sweep best N={n_ctx} B={B}: {b_ms or nan:.4f} ms (default {d_ms or nan:.4f}, evicted SDPA "
+               f"{e_ms or nan:.4f}) {row['best']['tb_s_graph'] or 0:.2f} TB/s = "
+               f"{row['best_fraction_of_copy_bw'] or 0:.0%} of copy; S={row['best']['splits']} "
+               f"changed from default: {changed or 'nothing'}")
+    print(log[-1], flush=True)
+    p.clear()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def chunk_rows(args: argparse.Namespace, gen: torch.Generator, dev: str, bw: float,
+               log: list[str]) -> list[dict[str, Any]]:
+    """Chunked prefill: L query tokens (the chunk's own keys appended as the new tokens, causal among
+    them) after a compressed prompt of --chunk-context tokens, against SDPA over the full cache and over
+    an evicted cache of equal bytes with the same causal chunk."""
+    Hq, Hkv, d, n_ctx = args.q_heads, args.kv_heads, args.head_dim, args.chunk_context
+    tiers = [int(x) for x in args.tiers.split(",")]
+    counts, _ = tier_counts(n_ctx, args.budget, tiers, d, 2)
+    n_keep = int(args.budget * n_ctx)
+    rows = []
+    for B in [int(x) for x in args.chunk_batches.split(",")]:
+        for L in [int(x) for x in args.chunks.split(",")]:
+            # values the launch clamps to the same rows per program (as _launch_chunk does) are timed once
+            block_ms = list(dict.fromkeys(max(16, min(int(x), ta._next_pow2(Hq // Hkv * L)))
+                                          for x in args.chunk_block_m.split(",")))
+            q = torch.randn(B, Hq, L, d, generator=gen, device=dev, dtype=torch.bfloat16)
+            qo_bytes = 2 * q.numel() * 2
+            res, full_bytes = _sdpa_cache(q, n_ctx + L, "sdpa_full", args, gen)
+            evict, evict_bytes = _sdpa_cache(q, n_keep + L, "sdpa_evict", args, gen)
+            res.update(evict)
+            p = make_packed(B, Hkv, d, tiers, counts, L, torch.bfloat16, gen, dev)
+            ref = ta.packed_attention_torch(q, **p, scale=d**-0.5)
+            errs = {}
+            for bm in block_ms:
+                tuning = dataclasses.replace(ta.DEFAULT_TUNING, chunk_block_m=bm)
+
+                def fn(q: torch.Tensor = q, p: dict[str, Any] = p, tuning: ta.Tuning = tuning) -> torch.Tensor:
+                    return ta.packed_chunk_attention_triton(q, **p, scale=d**-0.5, tuning=tuning)
+
+                errs[bm] = rel_err(fn(), ref)
+                res[f"packed_bm{bm}"] = _time(fn, args.rep_ms, args.dry_run)
+            _annotate(res, {"sdpa_full": full_bytes + qo_bytes, "sdpa_evict": evict_bytes + qo_bytes,
+                            "packed": packed_bytes(p) + qo_bytes}, bw)
+            key = "ms_graph" if not args.dry_run else "ms"
+            pk = res[f"packed_bm{block_ms[0]}"].get(key)
+            f, e = _best(res, "sdpa_full", key), _best(res, "sdpa_evict", key)
+            row = dict(batch=B, chunk=L, context=n_ctx, tier_counts=counts, evict_tokens=n_keep, methods=res,
+                       rel_err_vs_torch=errs, ok=all(x < 2e-2 for x in errs.values()),
+                       speedup_vs_full=f / pk if f and pk else None, packed_over_evict=pk / e if e and pk else None,
+                       sdpa_variants_agree=all(r.get("rel_err_vs_first", 0.0) < 2e-2 for r in res.values()))
+            rows.append(row)
+            nan = float("nan")
+            log.append(f"chunk B={B:2d} L={L:4d} N={n_ctx} | full {f or nan:8.4f} ms | evict {e or nan:7.4f} | packed "
+                       + " ".join(f"bm{bm} {res[f'packed_bm{bm}'].get(key) or nan:7.4f}" for bm in block_ms)
+                       + f" | rel_err {max(errs.values()):.1e}{'' if row['ok'] else ' FAIL'}"
+                       + ("" if row["sdpa_variants_agree"] else " | SDPA variants DISAGREE (see JSON)"))
+            print(log[-1], flush=True)
+            p.clear()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _dry_run_args(args: argparse.Namespace) -> None:
+    """Tiny shapes for a CPU run under the interpreter: every code path, nothing timed."""
+    args.q_heads, args.kv_heads, args.head_dim, args.n_new = 4, 2, 32, 3
+    args.tiers = "32,16,8"
+    args.contexts, args.batches = "512", "1"
+    args.sweep_shapes = "512x2"
+    args.chunk_context, args.chunk_batches = 512, "1"
+    args.chunks = args.chunks and "4"
+    args.budget = 0.25
+    args.no_compile_check = True
 
 
 def run(args: argparse.Namespace) -> int:
     if args.suite == "e2e":
         return bench_e2e.run(args)
-    if not torch.cuda.is_available():
-        print("mdkv bench needs a CUDA GPU", file=sys.stderr)
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+        _dry_run_args(args)
+    elif not torch.cuda.is_available():
+        print("mdkv bench needs a CUDA GPU (or --dry-run with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     import triton
 
-    dev = "cuda"
+    dev = "cpu" if args.dry_run else "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     log: list[str] = []
     result: dict[str, Any] = dict(
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        python=platform.python_version(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
-        args=vars(args), tuning=dict(ta.TUNING), started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu (dry run)", torch=torch.__version__,
+        triton=triton.__version__, python=platform.python_version(),
+        sms=ta._sm_count(torch.device(dev)), args=vars(args), tuning=dataclasses.asdict(ta.DEFAULT_TUNING),
+        started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     result["correctness"] = correctness(dev, gen, log)
     print("\n".join(log), flush=True)
@@ -390,23 +578,35 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_compile_check:
         result["compile"] = compile_check(dev, gen, log)
         print(log[-1], flush=True)
-    result["copy_bandwidth"] = copy_bandwidth(dev)
+    result["copy_bandwidth"] = copy_bandwidth(dev) if dev == "cuda" else dict(tb_s=1.0, note="dry run: not measured")
     bw = result["copy_bandwidth"]["tb_s"]
     print(f"copy bandwidth {bw:.3f} TB/s", flush=True)
     rows = []
-    for n_ctx in [int(x) for x in args.contexts.split(",")]:
-        for B in [int(x) for x in args.batches.split(",")]:
+    for n_ctx in [int(x) for x in args.contexts.split(",") if x]:
+        for B in [int(x) for x in args.batches.split(",") if x]:
             rows.append(bench_shape(B, n_ctx, args, gen, dev, bw, log))
             print(log[-1], flush=True)
             _write(args.out, {**result, "rows": rows})  # partial results survive a timeout
     result["rows"] = rows
+    ok = True
+    if args.chunks:
+        t0 = time.time()
+        result["chunk_rows"] = chunk_rows(args, gen, dev, bw, log)
+        result["chunk_seconds"] = time.time() - t0
+        ok &= all(r["ok"] for r in result["chunk_rows"])
+        _write(args.out, result)
     if args.sweep:
-        result["sweep"] = sweep(args, gen, dev, log)
+        t0 = time.time()
+        result["sweep"] = sweep(args, gen, dev, bw, log)
+        result["sweep_seconds"] = time.time() - t0
+        ok &= all(c["ok"] for r in result["sweep"] for c in r["configs"])
     result["kernels"] = kernel_resources()
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _write(args.out, result)
-    print("\n".join(x for x in log if x.startswith("B=")))
-    return 0
+    print("\n".join(x for x in log if x.startswith(("B=", "chunk B=", "sweep best"))))
+    if not ok:
+        print("a chunk row or sweep configuration did not match the reference (see the JSON)", file=sys.stderr)
+    return 0 if ok else 1
 
 
 def _write(path: str, obj: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from mdkv_compile.config import HEAD_SCORE_METHODS, MixedDimKVConfig
-from mdkv_compile.core.attention import attend_packed, dense_attention
+from mdkv_compile.core.attention import attend_packed, causal_mask, dense_attention
 from mdkv_compile.core.bases import load_calibrated
 from mdkv_compile.core.packing import PackedStore, pack
 from mdkv_compile.distributed import HeadShard, check_local_heads, head_shard
@@ -109,7 +109,7 @@ class MixedDimLayer(CacheLayerMixin):
         self.max_new_tokens = max_new_tokens
         self.n_new = 0
         self.n_valid: torch.Tensor | None = None
-        self._kernel_args: tuple | None = None  # the store's decode-kernel arguments, made once
+        self._kernel_args: tuple | None = None  # the store's kernel arguments, made once
 
     # --- CacheLayerMixin -------------------------------------------------------------------------
 
@@ -203,22 +203,30 @@ class MixedDimLayer(CacheLayerMixin):
             self.compress(query, key, value, mask, scale, softcap)
             return out
         if self._use_kernel(query, mask):
-            from mdkv_compile.ops.triton_attention import packed_decode_store, store_arguments
-
-            store = self.store
-            if self._kernel_args is None and (store.basis_k is None or store.owner_basis("k") is store.basis_k):
-                # Reused every step, when it references the store's own tensors; bases that are
-                # gathered per owner (shared rows) are gathered per call instead, since a kept copy
-                # would hold memory that stored_bytes does not count.
-                self._kernel_args = store_arguments(store)
-            # fixed region: the kernel reads the count on the device (n_valid is None otherwise) and
-            # the capacity only sizes its work split; a growing region is all valid
-            return packed_decode_store(
-                query, self.store, self.keys, self.values, self.max_new_tokens, scale, softcap,
-                n_valid=self.n_valid, arguments=self._kernel_args,
-            )
+            return self._attend_kernel(query, scale, softcap)
         keys, values = self.new_tokens()
         return attend_packed(query, self.store, keys, values, self._new_mask(mask), scale, softcap)
+
+    def _attend_kernel(self, query: torch.Tensor, scale: float | None, softcap: float | None) -> torch.Tensor:
+        """The Triton kernels over store + new tokens (what `attend` runs when `_use_kernel` says so):
+        the decode kernel for one query token, the chunk kernel for a chunk of L > 1."""
+        from mdkv_compile.ops.triton_attention import packed_store_attention, store_arguments
+
+        store = self.store
+        if self._kernel_args is None and (store.basis_k is None or store.owner_basis("k") is store.basis_k):
+            # Reused every step, when it references the store's own tensors; bases that are
+            # gathered per owner (shared rows) are gathered per call instead, since a kept copy
+            # would hold memory that stored_bytes does not count.
+            self._kernel_args = store_arguments(store)
+        if query.shape[2] > 1:
+            # a chunk: the kernel takes the host count, exact here (update() advanced it; chunks are
+            # never captured into a graph, see _use_kernel) for a growing and a fixed region alike
+            return packed_store_attention(query, store, self.keys, self.values, self.n_new, scale, softcap,
+                                          arguments=self._kernel_args)
+        # fixed region: the kernel reads the count on the device (n_valid is None otherwise) and
+        # the capacity only sizes its work split; a growing region is all valid
+        return packed_store_attention(query, store, self.keys, self.values, self.max_new_tokens, scale, softcap,
+                                      n_valid=self.n_valid, arguments=self._kernel_args)
 
     def _new_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         """[B, 1|H, L, n_new] bool: which decoded tokens each query sees (None: all, causally)."""
@@ -228,16 +236,32 @@ class MixedDimLayer(CacheLayerMixin):
         return new_mask
 
     def _use_kernel(self, query: torch.Tensor, mask: torch.Tensor | None) -> bool:
-        """The Triton decode kernel serves one-token steps on CUDA where every new token is visible."""
-        if self.cfg.kernel != "auto" or not query.is_cuda or query.shape[2] != 1 or self.n_new == 0:
+        """The Triton kernels serve steps on CUDA after compression (`cfg.kernel == "auto"`) where
+        each query sees every new token up to itself and none after (`_sees_new_causally`)."""
+        if self.cfg.kernel != "auto" or not query.is_cuda or self.n_new == 0:
             return False
         if torch.cuda.is_current_stream_capturing():
             # Capturing a graph: transformers builds a mask from host lengths frozen at capture
             # (and checking it would synchronise). Decoded tokens are never padding (padding was
-            # dropped at compression), so every one is visible: the kernel needs no mask.
-            return True
+            # dropped at compression), so every one is visible: the decode kernel needs no mask.
+            # Chunks are not served: the chunk kernel takes the host count, which a replay would not
+            # advance (the PyTorch path slices by it too).
+            return query.shape[2] == 1
+        return self._sees_new_causally(query.shape[2], mask)
+
+    def _sees_new_causally(self, n_queries: int, mask: torch.Tensor | None) -> bool:
+        """Whether the model's mask lets the L queries (the last L new tokens) see exactly the new
+        tokens up to their own positions: what both kernels compute. For L = 1 that is every new
+        token. A mask that hides one (or shows a later one) goes to the PyTorch path. Syncs."""
+        if not 1 <= n_queries <= self.n_new:
+            return False
         new_mask = self._new_mask(mask)
-        return new_mask is None or bool(new_mask.all())
+        if new_mask is None:  # attend_packed's convention: no mask is causal
+            return True
+        if new_mask.dim() != 4 or new_mask.shape[-2:] != (n_queries, self.n_new):
+            return False
+        causal = causal_mask(n_queries, self.n_new, new_mask.device)
+        return bool((new_mask == causal).all())
 
     @torch.no_grad()
     def compress(

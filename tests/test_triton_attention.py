@@ -235,18 +235,13 @@ def test_many_splits_and_merge_chunks() -> None:
     """Small splits and a merge that reads 2 splits at a time: the chunked LSE merge and empty slices."""
     from mdkv_compile.ops import triton_attention as ta
 
-    saved = dict(ta.TUNING)
-    try:
-        ta.TUNING.update(min_rows_per_split=4, programs_per_sm=64, merge_block_s=2, block_n_full=16,
-                         block_n_reduced_max=64)
-        gen = torch.Generator().manual_seed(5)
-        c = make_case(gen, 1, 2, 3, 32, (32, 16, 8), 70, 3, 4, torch.float32)
-        out = torch.full((1, 6, 1, 32), float("nan"), device=DEVICE)
-        packed_decode_attention_triton(**c, out=out, poison_workspace=True)
-        assert rel_err(out, reference(c)) < 1e-5
-    finally:
-        ta.TUNING.clear()
-        ta.TUNING.update(saved)
+    tuning = ta.Tuning(min_rows_per_split=4, programs_per_sm=64, merge_block_s=2, block_n_full=16,
+                       block_n_reduced_max=64)
+    gen = torch.Generator().manual_seed(5)
+    c = make_case(gen, 1, 2, 3, 32, (32, 16, 8), 70, 3, 4, torch.float32)
+    out = torch.full((1, 6, 1, 32), float("nan"), device=DEVICE)
+    packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
+    assert rel_err(out, reference(c)) < 1e-5
 
 
 def test_matches_core_attend_packed() -> None:
@@ -294,14 +289,9 @@ def test_chunk_matches_float64_reference(case: tuple) -> None:
     name, B, Hkv, G, d, tiers, max_count, L, n_new, n_cap, dtype, softcap, block_m = case
     gen = torch.Generator().manual_seed(abs(hash(name)) % 2**31)
     c = make_case(gen, B, Hkv, G, d, tiers, max_count, n_new, n_cap, dtype, L=L)
-    saved = dict(ta.TUNING)
-    try:
-        ta.TUNING["chunk_block_m"] = block_m
-        out = torch.full((B, Hkv * G, L, d), float("nan"), dtype=dtype, device=DEVICE)
-        packed_chunk_attention_triton(**c, softcap=softcap, out=out, poison_workspace=True)
-    finally:
-        ta.TUNING.clear()
-        ta.TUNING.update(saved)
+    out = torch.full((B, Hkv * G, L, d), float("nan"), dtype=dtype, device=DEVICE)
+    packed_chunk_attention_triton(**c, softcap=softcap, out=out, poison_workspace=True,
+                                  tuning=ta.Tuning(chunk_block_m=block_m))
     assert torch.isfinite(out).all()
     ref = reference(c, softcap)
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
@@ -362,3 +352,64 @@ def test_argument_on_another_device_is_a_clear_error() -> None:
     c["q"] = c["q"].to("meta")
     with pytest.raises(ValueError, match="on cpu|on cuda"):
         packed_decode_attention_triton(**c)
+
+
+def test_tuning_overrides_the_launch_and_keeps_results() -> None:
+    """Sweep-style launch parameters (fixed split counts, row blocks, warps, stages) change the launch,
+    not the answer; a fixed split count overrides the policy."""
+    from mdkv_compile.ops import triton_attention as ta
+
+    assert ta._num_splits(8, 5, 10_000, 132, ta.Tuning(splits=7)) == 7
+    assert ta._num_splits(8, 5, 10_000, 132) == ta._num_splits(8, 5, 10_000, 132, ta.DEFAULT_TUNING) == 14
+    gen = torch.Generator().manual_seed(19)
+    c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 90, 4, 6, torch.float32)
+    ref = reference(c)
+    for tuning in (ta.Tuning(splits=1), ta.Tuning(splits=5, num_warps=8, num_stages=2),
+                   ta.Tuning(block_n_full=32, block_n_reduced_max=64, num_stages=4),
+                   ta.Tuning(block_n_full=128, block_n_reduced_max=256, splits=2)):
+        out = torch.full_like(c["q"], float("nan"))
+        packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
+        assert rel_err(out, ref) < 1e-5, tuning
+
+
+@pytest.mark.parametrize("max_new_tokens", [None, 16], ids=["growing_region", "fixed_region"])
+def test_cache_chunk_kernel_path_matches_attend_packed(max_new_tokens: int | None) -> None:
+    """MixedDimLayer's kernel path (`_attend_kernel`, what `attend` runs on CUDA) against its PyTorch
+    path (`attend_packed`, what it runs on the CPU) over a compressed prompt: a chunk right after
+    compression, a decode step, then a chunk after decoded tokens (causal offset n_new - L > 0); and
+    which masks the kernels may serve."""
+    from mdkv_compile.cache import MixedDimLayer
+    from mdkv_compile.config import MixedDimKVConfig
+    from mdkv_compile.core.attention import attend_packed
+
+    gen = torch.Generator().manual_seed(23)
+    B, H, G, N, d = 2, 2, 2, 128, 32
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+
+    cfg = MixedDimKVConfig(budget=0.25, method="mixeddimkv", window=8)
+    layer = MixedDimLayer(cfg, 0, 1, cfg.resolve_dims(d), max_new_tokens=max_new_tokens)
+
+    def near_rank3() -> torch.Tensor:  # so the policy stores tokens at reduced dimensions
+        return randn(B, H, N, 3) @ randn(3, d) + 0.01 * randn(B, H, N, d)
+
+    layer.update(near_rank3(), near_rank3())
+    layer.attend(randn(B, H * G, N, d), None, None, None)  # prefill: compresses
+    assert layer.store is not None and len(layer.store.tier_dims) > 1, "want reduced tiers in the store"
+    for L in (5, 1, 3):
+        layer.update(randn(B, H, L, d), randn(B, H, L, d))
+        q = randn(B, H * G, L, d)
+        # the model's mask over prompt + new tokens ([B, 1, L, N + n_new]): causal for the new tokens
+        mask = torch.ones(B, 1, L, N + layer.n_new, dtype=torch.bool, device=DEVICE)
+        mask[..., N:] = torch.ones(layer.n_new, layer.n_new, dtype=torch.bool, device=DEVICE).tril()[-L:]
+        assert layer._sees_new_causally(L, mask) and layer._sees_new_causally(L, None)
+        hidden = mask.clone()
+        hidden[..., -2 if L > 1 else -1] = False  # the last query no longer sees a token before it
+        assert not layer._sees_new_causally(L, hidden)
+        if L > 1:  # a query that sees a later new token: not causal
+            assert not layer._sees_new_causally(L, torch.ones_like(mask))
+        ref = attend_packed(q, layer.store, *layer.new_tokens(), None, d**-0.5)
+        # attend: the PyTorch path on the CPU, the kernels on CUDA (the mask is causal)
+        torch.testing.assert_close(layer.attend(q, mask, d**-0.5, None), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer._attend_kernel(q, d**-0.5, None), ref, rtol=1e-4, atol=1e-5)

@@ -29,7 +29,11 @@ pure-torch version that is also traceable. Versions and measurements: docs/kerne
 Chunked prefill (``mdkv::packed_chunk_attention``, ``packed_chunk_attention``): the same two kernels
 generalised to ``L`` query tokens per sequence (the last ``L`` of the new tokens, causal among them),
 the ``G * L`` query rows of an owner cut into blocks of ``BLOCK_M`` rows on grid axis 2. Checked
-against float64 references under Triton's interpreter and compiled on an H200 (tests pass there); not timed.
+against float64 references under Triton's interpreter and compiled on an H200 (tests pass there); timing:
+``mdkv bench --chunks`` (docs/kernel_notes.md). ``MixedDimLayer.attend`` runs it for chunks on CUDA.
+
+Launch parameters (split count policy, rows per block, warps, stages): ``Tuning``; every caller gets
+``DEFAULT_TUNING``, the ``*_triton`` entry points take ``tuning=`` so ``mdkv bench --sweep`` can vary them.
 """
 
 from __future__ import annotations
@@ -670,26 +674,34 @@ if HAS_TRITON:
 # ------------------------------------------------------------------------------------------------
 
 
-# Launch heuristics, module-level so the benchmark can sweep them (values: docs/kernel_notes.md).
-TUNING: dict[str, int] = {
-    "programs_per_sm": 4,  # split-K target: enough programs in flight to cover memory latency
-    "min_rows_per_split": 64,  # below this a split's fixed cost (q, bases, partial writes) dominates
-    "max_splits": 256,
-    "num_warps": 4,
-    "num_stages": 3,  # sweep on H200 (docs/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
-    "block_n_full": 64,  # rows per block, full tier and decoded region
-    "block_n_reduced_max": 128,  # rows per block of a reduced tier (~16 KiB of keys, at most this)
-    "merge_block_s": 16,  # splits read at once by the merge
-    "chunk_block_m": 64,  # chunked prefill: query rows (G * L) per program; not tuned on a GPU yet
-}
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Launch parameters of the split and merge kernels (values: docs/kernel_notes.md). The defaults
+    are what every caller gets; a benchmark passes its own instance (``tuning=``) to sweep them."""
+
+    programs_per_sm: int = 4  # split-K target: enough programs in flight to cover memory latency
+    min_rows_per_split: int = 64  # below this a split's fixed cost (q, bases, partial writes) dominates
+    max_splits: int = 256
+    splits: int | None = None  # a fixed split count (sweeps); None: the policy of `_num_splits`
+    num_warps: int = 4
+    num_stages: int = 3  # sweep on H200 (docs/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
+    block_n_full: int = 64  # rows per block, full tier and decoded region
+    block_n_reduced_max: int = 128  # rows per block of a reduced tier (~16 KiB of keys, at most this)
+    merge_block_s: int = 16  # splits read at once by the merge
+    chunk_block_m: int = 64  # chunked prefill: query rows (G * L) per program; not tuned on a GPU yet
 
 
-def _num_splits(n_owners: int, n_regions: int, avg_rows: int, n_sm: int) -> int:
+DEFAULT_TUNING = Tuning()
+
+
+def _num_splits(n_owners: int, n_regions: int, avg_rows: int, n_sm: int, tuning: Tuning = DEFAULT_TUNING) -> int:
     """Splits per (owner, region) from shapes only (no device sync, no recompiles: S is a runtime
     argument). avg_rows: rows per owner over all regions."""
-    want = max(1, -(-TUNING["programs_per_sm"] * n_sm // (n_owners * n_regions)))
-    cap = max(1, avg_rows // (n_regions * TUNING["min_rows_per_split"]))
-    return int(min(want, cap, TUNING["max_splits"]))
+    if tuning.splits is not None:
+        return max(1, int(tuning.splits))
+    want = max(1, -(-tuning.programs_per_sm * n_sm // (n_owners * n_regions)))
+    cap = max(1, avg_rows // (n_regions * tuning.min_rows_per_split))
+    return int(min(want, cap, tuning.max_splits))
 
 
 @functools.cache
@@ -749,6 +761,7 @@ def _prepare(
     k_new: Tensor,
     v_new: Tensor,
     *others: Tensor | None,
+    tuning: Tuning,
 ) -> _Prepared:
     _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, *others)
     d = q.shape[-1]
@@ -775,7 +788,7 @@ def _prepare(
     rs = dims + [16] * pad
     brs = [max(16, _next_pow2(r)) for r in rs]
     # larger row blocks for narrow tiers: ~16 KiB of keys per block
-    bns = [int(min(TUNING["block_n_reduced_max"], max(64, 8192 // br))) for br in brs]
+    bns = [int(min(tuning.block_n_reduced_max, max(64, 8192 // br))) for br in brs]
     tier_args = [keys[0], vals[0], offs[0]]
     for t in range(MAX_REDUCED_TIERS):
         tier_args += [ks[t], vs[t], os_[t]]
@@ -785,7 +798,7 @@ def _prepare(
     return _Prepared(
         q=q.contiguous(), keys=keys, vals=vals, offs=offs, bk=bk, bv=bv, n_red=n_red,
         r_max_p=_next_pow2(max(r_max, 16)), block_d=block_d, tier_args=tier_args, tier_consts=consts,
-        block_n=TUNING["block_n_full"] if block_d <= 128 else 32,
+        block_n=tuning.block_n_full if block_d <= 128 else min(tuning.block_n_full, 32),
         stride_bo=bk.stride(0) if n_red else 0, stride_bd=bk.stride(1) if n_red else 0,
     )
 
@@ -806,14 +819,14 @@ def _workspace(
 
 
 def _merge(wrap, p: _Prepared, ml, acc, coef, out: Tensor, n_own: int, rows: int, rows_padded: int, splits: int,
-           d: int) -> None:
+           d: int, tuning: Tuning) -> None:
     """Log-sum-exp merge of the split partials into `out`: one program per (owner, query row)."""
     wrap(_packed_decode_merge)[(n_own, rows)](
         ml, acc, coef, p.bv, p.stride_bo, p.stride_bd, out, rows, splits,
         NUM_RED=p.n_red,
         R1=p.tier_consts["R1"], R2=p.tier_consts["R2"], R3=p.tier_consts["R3"], R4=p.tier_consts["R4"],
         R_MAX=p.r_max_p, GP=rows_padded, D=d, BLOCK_D=p.block_d, BLOCK_REG=_next_pow2(max(2, p.n_red + 1)),
-        BLOCK_S=TUNING["merge_block_s"],
+        BLOCK_S=tuning.merge_block_s,
         num_warps=4,
     )
 
@@ -841,17 +854,20 @@ def _launch(
     out: Tensor | None = None,
     poison_workspace: bool = False,
     n_valid: Tensor | None = None,
+    tuning: Tuning | None = None,
 ) -> Tensor:
     """Decode launch. ``n_valid`` (int64 ``[1]`` on the device), when given, is the number of decoded
     tokens the kernel reads, and ``n_new`` only sizes the splits (pass the region's capacity)."""
-    p = _prepare(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_valid, out)
+    tuning = tuning or DEFAULT_TUNING
+    p = _prepare(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_valid, out,
+                 tuning=tuning)
     B, Hq, Lq, d = q.shape
     assert Lq == 1, "decode kernel: one query token per sequence"
     Hkv = k_new.shape[1]
     G, n_own, nreg = Hq // Hkv, B * Hkv, p.n_red + 1
     GP = max(16, _next_pow2(G))
     avg_rows = sum(int(k.shape[0]) for k in p.keys) // max(n_own, 1) + n_new
-    S = _num_splits(n_own, nreg, avg_rows, _sm_count(q.device))
+    S = _num_splits(n_own, nreg, avg_rows, _sm_count(q.device), tuning)
     ml, acc, coef = _workspace(p, n_own, S, G, GP, d, poison_workspace)
     out = _output(out, q)
     q_rot = p.q_rot(n_own, G, d)
@@ -868,9 +884,9 @@ def _launch(
         NUM_RED=p.n_red, **p.tier_consts,
         R_MAX=p.r_max_p, GP=GP, D=d, BLOCK_D=p.block_d, BLOCK_N=p.block_n,
         HAS_SOFTCAP=has_cap, DOT_PREC=q.dtype == torch.float32, INTERP=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
-    _merge(wrap, p, ml, acc, coef, out, n_own, G, GP, S, d)
+    _merge(wrap, p, ml, acc, coef, out, n_own, G, GP, S, d, tuning)
     return out
 
 
@@ -889,18 +905,20 @@ def _launch_chunk(
     wrap,
     out: Tensor | None = None,
     poison_workspace: bool = False,
+    tuning: Tuning | None = None,
 ) -> Tensor:
     """Chunked prefill: q [B, Hq, L, d] are the last L of the n_new new tokens (causal among them)."""
-    p = _prepare(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, out)
+    tuning = tuning or DEFAULT_TUNING
+    p = _prepare(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, out, tuning=tuning)
     B, Hq, L, d = q.shape
     assert 1 <= L <= n_new <= k_new.shape[2], "the queries are the last L of the n_new new tokens"
     Hkv = k_new.shape[1]
     M, n_own, nreg = (Hq // Hkv) * L, B * Hkv, p.n_red + 1
-    BLOCK_M = max(16, min(TUNING["chunk_block_m"], _next_pow2(M)))
+    BLOCK_M = max(16, min(tuning.chunk_block_m, _next_pow2(M)))
     NMB = -(-M // BLOCK_M)
     M_P = NMB * BLOCK_M
     avg_rows = sum(int(k.shape[0]) for k in p.keys) // max(n_own, 1) + n_new
-    S = _num_splits(n_own * NMB, nreg, avg_rows, _sm_count(q.device))
+    S = _num_splits(n_own * NMB, nreg, avg_rows, _sm_count(q.device), tuning)
     ml, acc, coef = _workspace(p, n_own, S, M, M_P, d, poison_workspace)
     out = _output(out, q)
     q_rot = p.q_rot(n_own, M, d)
@@ -916,10 +934,10 @@ def _launch_chunk(
         NUM_RED=p.n_red, **p.tier_consts,
         R_MAX=p.r_max_p, BLOCK_M=BLOCK_M, M_P=M_P, D=d, BLOCK_D=p.block_d, BLOCK_N=p.block_n,
         HAS_SOFTCAP=has_cap, DOT_PREC=q.dtype == torch.float32, INTERP=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     # the decode merge serves any number of rows per owner: rows = G * L, row stride M_P
-    _merge(wrap, p, ml, acc, coef, out, n_own, M, M_P, S, d)
+    _merge(wrap, p, ml, acc, coef, out, n_own, M, M_P, S, d, tuning)
     return out
 
 
@@ -942,11 +960,13 @@ def packed_decode_attention_triton(
     out: Tensor | None = None,
     poison_workspace: bool = False,
     n_valid: Tensor | None = None,
+    tuning: Tuning | None = None,
 ) -> Tensor:
     """The Triton path called directly (no op dispatch). ``out`` and ``poison_workspace`` let tests
-    check that every output element is written and no unwritten workspace element is read."""
+    check that every output element is written and no unwritten workspace element is read;
+    ``tuning`` replaces the launch parameters (benchmarks; None: ``DEFAULT_TUNING``)."""
     return _launch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new, scale,
-                   softcap, _identity, out=out, poison_workspace=poison_workspace, n_valid=n_valid)
+                   softcap, _identity, out=out, poison_workspace=poison_workspace, n_valid=n_valid, tuning=tuning)
 
 
 def _op_impl(
@@ -1023,10 +1043,11 @@ def packed_chunk_attention_triton(
     softcap: float | None = None,
     out: Tensor | None = None,
     poison_workspace: bool = False,
+    tuning: Tuning | None = None,
 ) -> Tensor:
     """The chunked-prefill Triton path called directly (see ``packed_chunk_attention``)."""
     return _launch_chunk(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new, scale,
-                         softcap, _identity, out=out, poison_workspace=poison_workspace)
+                         softcap, _identity, out=out, poison_workspace=poison_workspace, tuning=tuning)
 
 
 def _chunk_op_impl(
@@ -1108,7 +1129,7 @@ def store_arguments(store) -> tuple[list[Tensor], list[Tensor], list[Tensor], Te
     return keys, vals, offs, store.owner_basis("k"), store.owner_basis("v")
 
 
-def packed_decode_store(
+def packed_store_attention(
     q: Tensor,
     store,
     k_new: Tensor | None,
@@ -1119,16 +1140,27 @@ def packed_decode_store(
     n_valid: Tensor | None = None,
     arguments: tuple | None = None,
 ) -> Tensor:
-    """``packed_decode_attention`` over a core ``PackedStore``; same result as
+    """Attention over a core ``PackedStore`` plus new tokens: ``packed_decode_attention`` for one query
+    token, ``packed_chunk_attention`` for ``L > 1`` (the queries are the last ``L`` of the ``n_new``
+    new tokens, causal among them). Same result as
     ``mdkv_compile.core.attention.attend_packed(q, store, k_new[:, :, :n_new], v_new[:, :, :n_new])``
-    for one query token (every stored and every new token visible). ``arguments``: the store's
-    ``store_arguments`` computed once (a caller decoding many steps over one store saves the per-step
-    work); ``n_valid``: the decoded-token count on the device (see ``packed_decode_attention``)."""
+    (every stored token visible, new tokens causally). ``arguments``: the store's ``store_arguments``
+    computed once (a caller decoding many steps over one store saves the per-step work);
+    ``n_valid``: the decoded-token count on the device (decode only, see ``packed_decode_attention``)."""
     keys, vals, offs, bk, bv = store_arguments(store) if arguments is None else arguments
-    B, _, _, d = q.shape
+    B, _, L, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    if L > 1:
+        if k_new is None or v_new is None or n_valid is not None:
+            # the chunk kernel takes the count from the host and its queries are among the new tokens
+            raise ValueError("packed_store_attention: a chunk (L > 1) needs its new tokens and a host count n_new")
+        n_new = k_new.shape[2] if n_new is None else n_new
+        return packed_chunk_attention(q, keys, vals, offs, bk, bv, k_new, v_new, n_new, scale, softcap)
     if k_new is None or v_new is None:
         k_new = v_new = q.new_zeros(B, store.kv_heads, 1, d)
         n_new, n_valid = 0, None
     n_new = k_new.shape[2] if n_new is None else n_new
-    scale = d**-0.5 if scale is None else scale
     return packed_decode_attention(q, keys, vals, offs, bk, bv, k_new, v_new, n_new, scale, softcap, n_valid)
+
+
+packed_decode_store = packed_store_attention  # the one-token case, the name the decode tests use
