@@ -34,6 +34,17 @@ from mdkv_compile.ops import library
 CHECK_STEPS = 24
 
 
+def ensure_backend() -> None:
+    """Register the backend when the package runs from a source tree (no installed entry point, as
+    on the GPU machine)."""
+    from torch._dynamo.backends.registry import list_backends, register_backend
+
+    from mdkv_compile.backends.compile import mixeddimkv_backend
+
+    if "mixeddimkv" not in list_backends(exclude_tags=()):
+        register_backend(name="mixeddimkv")(mixeddimkv_backend)
+
+
 def small_model() -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192)
@@ -68,9 +79,17 @@ def greedy(fn, config, ids: torch.Tensor, steps: int, max_len: int, timed: bool 
 
 
 def compare(name: str, a: torch.Tensor, b: torch.Tensor, **extra) -> dict:
-    row = dict(case=name, tokens_equal=bool(torch.equal(a.argmax(-1), b.argmax(-1))),
-               token_agreement=float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+    """Logits [steps, B, V] of two greedy runs. Once a row's tokens differ its inputs differ, so
+    the step where they first do says more than the agreement: with `b`'s top-2 margin there
+    (a near tie flips under bf16 rounding) and the largest logit difference before it."""
+    same = a.argmax(-1) == b.argmax(-1)  # [steps, B]
+    row = dict(case=name, tokens_equal=bool(same.all()), token_agreement=float(same.float().mean()),
                max_logit_diff=float((a - b).abs().max()), **extra)
+    if not same.all():
+        step, batch = (~same).nonzero()[0].tolist()
+        top2 = b[step, batch].topk(2).values
+        row.update(first_diff_step=step, first_diff_row=batch, ref_top2_margin_there=float(top2[0] - top2[1]),
+                   max_logit_diff_before=float((a[:step] - b[:step]).abs().max()) if step else 0.0)
     print(json.dumps(row), flush=True)
     return row
 
@@ -143,6 +162,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=23)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compile_graphs_h200.json"))
     args = parser.parse_args()
+    ensure_backend()
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if args.part in ("check", "all"):
         result["check"] = check()
