@@ -679,13 +679,16 @@ class Tuning:
     """Launch parameters of the split and merge kernels (values: docs/kernel_notes.md). The defaults
     are what every caller gets; a benchmark passes its own instance (``tuning=``) to sweep them."""
 
-    programs_per_sm: int = 4  # split-K target: enough programs in flight to cover memory latency
+    # split-K target: enough programs in flight to cover memory latency. The H200 sweep
+    # (benchmarks/results/issue5_sweep_h200.json) found the best split counts 8 / 2 / 1 at
+    # 128K x 8 / 32K x 32 / 8K x 64 (4 regions); 15 programs per SM gives exactly those (4 gave 3 / 1 / 1).
+    programs_per_sm: int = 15
     min_rows_per_split: int = 64  # below this a split's fixed cost (q, bases, partial writes) dominates
     max_splits: int = 256
     splits: int | None = None  # a fixed split count (sweeps); None: the policy of `_num_splits`
     num_warps: int = 4
     num_stages: int = 3  # sweep on H200 (docs/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
-    block_n_full: int = 64  # rows per block, full tier and decoded region
+    block_n_full: int = 32  # rows per block, full tier and decoded region (sweep: 32 beat 64 at all 3 shapes)
     block_n_reduced_max: int = 128  # rows per block of a reduced tier (~16 KiB of keys, at most this)
     merge_block_s: int = 16  # splits read at once by the merge
     chunk_block_m: int = 64  # chunked prefill: query rows (G * L) per program; not tuned on a GPU yet
