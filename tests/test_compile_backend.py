@@ -437,6 +437,31 @@ def test_reduce_overhead_static_cache_uses_fixed_region_and_matches_eager() -> N
     assert library.site_generations(decode.rewritten) == (None, None)
 
 
+def test_captured_decode_step_matches_eager_and_poisons_a_wrong_position() -> None:
+    """The device-only step a CUDA graph captures (`_capture_decode_step`, called directly here on
+    CPU) equals the eager op's step over the same fixed region; a step at a position that does not
+    continue the state (a replay cannot raise) gives NaN instead of a silent answer."""
+    torch.manual_seed(0)
+    cfg = mdkv.MixedDimKVConfig(**OPTS)
+    n, s_max = 24, 40
+    q, k, v = torch.randn(1, 4, n, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
+    mask = torch.ones(1, 1, n, s_max, dtype=torch.bool).tril(0)
+    eager, graphed = "test:eager", "test:graphed"
+    for site in (eager, graphed):
+        library.register_site(site, cfg, 0, 1)
+        library.site_attention_buffer(q, k, v, torch.arange(n), mask, None, site, True)
+    assert library.site_layer(graphed).max_new_tokens == s_max - n
+    for pos in (n, n + 1):
+        q1, k1, v1 = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+        step_mask = torch.ones(1, 1, 1, s_max, dtype=torch.bool)
+        want = library.site_attention_buffer(q1, k1, v1, torch.tensor([pos]), step_mask, None, eager, True)
+        got = library._capture_decode_step(q1, k1, v1, torch.tensor([pos]), None, graphed)
+        torch.testing.assert_close(got, want)
+    wrong = library._capture_decode_step(q1, k1, v1, torch.tensor([n + 7]), None, graphed)
+    assert wrong.isnan().all()
+    library.reset_sites()
+
+
 def test_written_inputs_finds_in_place_writes_through_views() -> None:
     """The CUDA-graph wrapper must not copy an input the graph writes (the copy would take the
     write): `written_inputs` finds direct writes, writes through views and any in-place method."""
@@ -455,7 +480,8 @@ def test_written_inputs_finds_in_place_writes_through_views() -> None:
         return gm.forward
 
     torch._dynamo.reset()
-    args = (torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4), torch.zeros(()), torch.randn(1, 2, 1, 4), torch.tensor([3]))
+    buffers = (torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4))
+    args = (*buffers, torch.zeros(()), torch.randn(1, 2, 1, 4), torch.tensor([3]))
     torch.compile(f, backend=keep, fullgraph=True)(*args)
     placeholders = [n.name for n in graphs[0].graph.nodes if n.op == "placeholder"]
     assert sorted(placeholders[i] for i in written_inputs(graphs[0])) == ["l_acc_", "l_k_buf_", "l_v_buf_"]

@@ -376,7 +376,7 @@ def site_attention_buffer(
     a graph is captured the op reads nothing on the host (`_capture_decode_step`)."""
     n_new = key_new.shape[-2]
     if query.is_cuda and torch.cuda.is_current_stream_capturing():  # (a CPU build cannot even ask)
-        return _capture_decode_step(query, key_new, value_new, scale, site)
+        return _capture_decode_step(query, key_new, value_new, positions, scale, site)
     pos = positions.reshape(-1).tolist()
     start = int(pos[0]) if pos else 0
     if pos != list(range(start, start + n_new)):
@@ -404,12 +404,20 @@ def site_attention_buffer(
 
 
 def _capture_decode_step(
-    query: torch.Tensor, key_new: torch.Tensor, value_new: torch.Tensor, scale: float | None, site: str
+    query: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float | None,
+    site: str,
 ) -> torch.Tensor:
     """A buffer site's decode step while a CUDA graph is captured (backends/site_graphs.py): no host
     read. The new token goes to the fixed region at the device count and attends through the
-    decode kernel, which reads that count; a replay repeats exactly this. The positions and mask
-    were checked by the eager warm-up call of the same state (the capturer runs one first)."""
+    decode kernel, which reads that count; a replay repeats exactly this. The mask was checked by
+    the eager warm-up call of the same state (the capturer runs one first). A replay cannot raise,
+    so layer 0's site checks the write position on the device: a step at any other position than
+    the state's next one (a new one-token prompt, a rewound sequence) gives NaN outputs rather than
+    silently continuing the old state."""
     layer = _SITES.get(site)
     if layer is None or getattr(layer, "max_new_tokens", None) is None or layer.store is None:
         raise RuntimeError(
@@ -421,9 +429,14 @@ def _capture_decode_step(
         raise RuntimeError(
             f"mdkv site {site}: only one-token steps through the decode kernel (kernel='auto') can be captured"
         )
+    expected = layer.n_valid + layer.n_prompt  # the position of this step's token, before the write
     layer.update(key_new, value_new)
     with torch.no_grad():
-        return layer.attend(query, None, scale, None).contiguous()
+        out = layer.attend(query, None, scale, None).contiguous()
+        if layer.layer_idx == 0:
+            wrong = positions.reshape(-1)[:1] != expected
+            out = out.masked_fill(wrong, float("nan"))
+        return out
 
 
 @site_attention_buffer.register_fake
