@@ -284,7 +284,7 @@ class MixedDimLayer(CacheLayerMixin):
             layer_idx=self.layer_idx, num_layers=self.num_layers, cfg=self.cfg, dims=self.dims,
             scale=scale, softcap=softcap,
             head_shares=None if self.head_shares is None else self.head_shares.to(key.device),
-            calibrated=self.calibrated, shard=self.shard,
+            calibrated=self.calibrated, shard=self.shard, all_valid=mask is None,
         )
         sel = select(ctx)
         self.store = pack(

@@ -25,10 +25,17 @@ SUBSPACE_ITERS = 4
 SUBSPACE_SHIFT = 1e-2
 
 
-def masked_second_moment(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, N, d]; valid: [B, N] bool. Uncentred second moment of the valid tokens, [B, H, d, d]
-    float32 (float32 accumulation, as `prompt_basis` has always used)."""
-    xf = x.float() * valid[:, None, :, None]
+def masked_float(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, N, d] as float32, zero where valid [B, N] is False. One elementwise pass: the float32
+    mask promotes x, so conversion and masking are one kernel (x * 1.0 and x * 0.0 are exact)."""
+    return torch.mul(x, valid[:, None, :, None].to(torch.float32)).float()
+
+
+def masked_second_moment(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """x: [B, H, N, d]; valid: [B, N] bool, or None when x is already zero at invalid tokens (from
+    `masked_float`). Uncentred second moment of the valid tokens, [B, H, d, d] float32 (float32
+    accumulation, as `prompt_basis` has always used)."""
+    xf = x.float() if valid is None else masked_float(x, valid)
     return xf.transpose(-1, -2) @ xf
 
 
@@ -65,9 +72,10 @@ def subspace_basis(second_moment: torch.Tensor, rank: int, iters: int = SUBSPACE
     return _cholesky_qr(_cholesky_qr(y)).float().contiguous()
 
 
-def prompt_basis(x: torch.Tensor, valid: torch.Tensor, rank: int, solver: str = "eigh") -> torch.Tensor:
-    """x: [B, H, N, d]; valid: [B, N] bool. Returns [B, H, d, rank] float32 with orthonormal columns
-    spanning (nested, largest first) the top principal directions of the valid tokens' second moment.
+def prompt_basis(x: torch.Tensor, valid: torch.Tensor | None, rank: int, solver: str = "eigh") -> torch.Tensor:
+    """x: [B, H, N, d]; valid: [B, N] bool (None: x is already masked, see `masked_second_moment`).
+    Returns [B, H, d, rank] float32 with orthonormal columns spanning (nested, largest first) the top
+    principal directions of the valid tokens' second moment.
 
     solver "eigh": exact eigenvectors (`torch.linalg.eigh`; on CUDA a batched Jacobi solver of many
     small launches that synchronises with the host, most of the compression time). "subspace":
@@ -83,7 +91,7 @@ def prompt_basis(x: torch.Tensor, valid: torch.Tensor, rank: int, solver: str = 
 
 
 def prompt_bases(
-    key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, rank: int, solver: str = "eigh"
+    key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None, rank: int, solver: str = "eigh"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`prompt_basis` of the keys and of the values. The subspace solver runs both as one batch
     (half the launches: its cost on CUDA is the number of small batched factorisations, not their

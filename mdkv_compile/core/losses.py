@@ -27,7 +27,10 @@ def residual_fraction(coef: torch.Tensor, norm2: torch.Tensor, dims: tuple[int, 
     # Energy kept by the first j+1 columns, scanned over a non-innermost axis: CUDA then runs one
     # sequential loop per token (the innermost-axis scan kernel is slow for short rows); on CPU the
     # scan is the same sequential loop either way, so the values are those of a last-axis cumsum.
-    energy = torch.cumsum(coef.float().transpose(-1, -2).square(), dim=-2)  # [..., r_max, N]
+    # The squares are written [..., r_max, N]-contiguous and scanned in place: a CUDA scan first
+    # copies a strided input to a contiguous one, so the transpose is paid once, by the square.
+    coef_t = coef.float().transpose(-1, -2)
+    energy = torch.square(coef_t, out=coef_t.new_empty(coef_t.shape)).cumsum_(dim=-2)  # [..., r_max, N]
     denom = norm2.clamp_min(1e-12)  # shared by the tiers
     out = []
     for r in dims:

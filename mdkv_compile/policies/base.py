@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mdkv_compile.config import MixedDimKVConfig
+from mdkv_compile.core.bases import masked_float
 from mdkv_compile.core.scoring import forced_mask, window_importance
 from mdkv_compile.distributed import HeadShard
 
@@ -41,6 +42,8 @@ class LayerContext:
     calibrated: tuple[torch.Tensor, torch.Tensor] | None = None
     # Tensor parallelism: this rank holds `shard.heads` of the layer's KV heads (None: all of them).
     shard: HeadShard | None = None
+    # Known on the host: every token is valid (no mask), so float32 copies need no masking pass.
+    all_valid: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -66,8 +69,9 @@ class LayerContext:
         return HAS_TRITON
 
     def importance(self, key: torch.Tensor | None = None) -> torch.Tensor:
-        """Window importance [B, H, N]; `key` may be a float32 copy of `self.key` (same values) that
-        the caller already holds, so that no second copy is made (the kernel reads `self.key`)."""
+        """Window importance [B, H, N]; `key` may be a float32 copy of `self.key` (same values at valid
+        tokens; padding keys are masked out of the scores) that the caller already holds, so that no
+        second copy is made (the kernel reads `self.key`)."""
         if self.uses_kernels():
             from mdkv_compile.ops import triton_compress
 
@@ -78,6 +82,12 @@ class LayerContext:
             self.query, self.key if key is None else key, self.valid, self.cfg.window, self.cfg.pool_kernel,
             self.scale, self.softcap,
         )
+
+    def float_copy(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, H, N, d] (the keys or values) as float32, zero at padding (`masked_float`): one pass,
+        and a plain conversion when `all_valid`. Second moments take it as already masked; scores and
+        coordinates only differ at padding, which is masked out of the scores and never stored."""
+        return x.float() if self.all_valid else masked_float(x, self.valid)
 
     def forced(self) -> torch.Tensor:
         """[B, N] tokens always kept at full dimension (window and sinks)."""

@@ -28,17 +28,15 @@ from mdkv_compile.policies.base import (
 
 
 def _bases(
-    ctx: LayerContext, rank: int, key: torch.Tensor | None = None, value: torch.Tensor | None = None
+    ctx: LayerContext, rank: int, key_f: torch.Tensor, value_f: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Key and value bases [B, H, d, rank] (prompt PCA, by `cfg.basis_solver`) or [H, d, rank]
-    (calibrated), and whether they are shared (not stored per prompt). `key` / `value` may be
-    float32 copies of the context's tensors (same values) the caller already holds."""
+    (calibrated), and whether they are shared (not stored per prompt). `key_f` / `value_f`: the
+    context's keys and values from `ctx.float_copy` (already zero at padding, not masked again)."""
     if ctx.calibrated is not None:
         kb, vb = ctx.calibrated
         return kb[:, :, :rank].to(ctx.key.device), vb[:, :, :rank].to(ctx.key.device), True
-    key = ctx.key if key is None else key
-    value = ctx.value if value is None else value
-    kb, vb = prompt_bases(key, value, ctx.valid, rank, ctx.cfg.basis_solver)
+    kb, vb = prompt_bases(key_f, value_f, None, rank, ctx.cfg.basis_solver)
     return kb, vb, False
 
 
@@ -131,7 +129,9 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
     forced_row[-1:].fill_(0.0)
     # Option costs (the dims) on the device, once; (0, d) is a strided view of them.
     costs = _device_ints(dims, ctx.key.device)
-    key_f = ctx.key.float()  # one float32 copy of the keys for importance, basis and coordinates
+    # One float32 copy of the keys for importance, basis and coordinates; the kernels' importance
+    # reads ctx.key, so without reduced tiers they need no copy.
+    key_f = ctx.float_copy(ctx.key) if reduced or not ctx.uses_kernels() else None
     importance = ctx.importance(key_f)
 
     def constrain(losses: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,8 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
         return Selection(chosen_dim=chosen, tier_dims=(d,))
 
     r_max = max(reduced)
-    value_f = ctx.value.float()
+    assert key_f is not None  # made above whenever there are reduced tiers
+    value_f = ctx.float_copy(ctx.value)
     v_norm2 = value_f.square().sum(-1)
     # The attention loss needs every key coordinate (the logit error lives in the tail).
     kb_full, vb, shared = _bases(ctx, d if ctx.cfg.loss == "attention" else r_max, key_f, value_f)
@@ -220,14 +221,15 @@ def lowrank(ctx: LayerContext) -> Selection:
     reduced = sorted({r for r in ranks if 0 < r < d}, reverse=True)
     if not reduced:
         return Selection(chosen_dim=chosen, tier_dims=(d,))
-    kb, vb, shared = _bases(ctx, reduced[0])
+    key_f, value_f = ctx.float_copy(ctx.key), ctx.float_copy(ctx.value)
+    kb, vb, shared = _bases(ctx, reduced[0], key_f, value_f)
     uses = (rank > 0) & (rank < d)
     basis_k, basis_v, index = _basis_storage(ctx, kb, vb, shared, uses, sum(0 < r < d for r in ranks))
     return Selection(
         chosen_dim=chosen,
         tier_dims=(d, *reduced),
-        key_coef=_coefficients(ctx.key, kb),
-        value_coef=_coefficients(ctx.value, vb),
+        key_coef=_coefficients(key_f, kb),
+        value_coef=_coefficients(value_f, vb),
         basis_k=basis_k,
         basis_v=basis_v,
         basis_index=index,
