@@ -5,22 +5,13 @@ softmax attention owner by owner."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from triton_harness import interpreter_guard, kernel_device
 
-# Without a GPU the kernels run in the interpreter, which must be chosen before triton is imported
-# anywhere in this process (conftest does the same). With a GPU they are compiled and run there.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = kernel_device()  # skips the module where the kernels cannot run
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET was set to something else before this module, and no GPU", allow_module_level=True)
-
+from mdkv_compile.ops import triton_attention  # noqa: E402
 from mdkv_compile.ops.triton_attention import (  # noqa: E402
     packed_chunk_attention,
     packed_chunk_attention_triton,
@@ -29,42 +20,14 @@ from mdkv_compile.ops.triton_attention import (  # noqa: E402
     packed_decode_attention_triton,
 )
 
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+def _kernels() -> list:
+    import triton.language as tl  # its standard library is jitted too
+
+    return [tl.standard.max, triton_attention._packed_decode_split]
 
 
-def _interpreted_here() -> bool:
-    """triton.jit reads TRITON_INTERPRET when a function is defined: if triton (its standard library)
-    or the ops module was imported in this process before the variable was set, the kernels cannot
-    run on the CPU here."""
-    import triton.language as tl
-
-    from mdkv_compile.ops import triton_attention as ta
-
-    return all(type(f).__name__ == "InterpretedFunction" for f in (tl.standard.max, ta._packed_decode_split))
-
-
-STALE = DEVICE == "cpu" and not _interpreted_here()
-
-
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request: pytest.FixtureRequest) -> None:
-    if STALE and request.node.name != "test_module_in_fresh_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 in this process: "
-                    "test_module_in_fresh_process runs these tests in a new one")
-
-
-def test_module_in_fresh_process() -> None:
-    """When another test module imported triton first (full-suite runs), run this module in a new
-    process where TRITON_INTERPRET=1 is set before triton loads; otherwise nothing to do."""
-    if not STALE:
-        pytest.skip("this process already runs the kernels in Triton's interpreter")
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+STALE, _needs_interpreter, test_module_in_fresh_process = interpreter_guard(__file__, _kernels)
 
 
 def make_case(

@@ -6,25 +6,18 @@ against the same policy on the references."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 
 import pytest
 import torch
+from triton_harness import interpreter_guard, kernel_device
 
-# The interpreter must be chosen before triton is imported anywhere in this process (conftest does the same).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET was set to something else before this module, and no GPU", allow_module_level=True)
+DEVICE = kernel_device()  # skips the module where the kernels cannot run
 
 from mdkv_compile.config import MixedDimKVConfig  # noqa: E402
 from mdkv_compile.core.losses import logit_errors as logit_errors_torch  # noqa: E402
 from mdkv_compile.core.packing import pack  # noqa: E402
 from mdkv_compile.core.scoring import window_importance as window_importance_torch  # noqa: E402
+from mdkv_compile.ops import triton_compress  # noqa: E402
 from mdkv_compile.ops.triton_compress import (  # noqa: E402
     logit_errors,
     logit_errors_triton,
@@ -33,37 +26,9 @@ from mdkv_compile.ops.triton_compress import (  # noqa: E402
 )
 from mdkv_compile.policies import POLICIES, LayerContext  # noqa: E402
 
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-
-def _interpreted_here() -> bool:
-    """Whether the kernels were defined under the interpreter (triton imported after the variable was set)."""
-    from mdkv_compile.ops import triton_compress as tc
-
-    return type(tc._score_columns).__name__ == "InterpretedFunction"
-
-
-STALE = DEVICE == "cpu" and not _interpreted_here()
-
-
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request: pytest.FixtureRequest) -> None:
-    if STALE and request.node.name != "test_module_in_fresh_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 in this process: "
-                    "test_module_in_fresh_process runs these tests in a new one")
-
-
-def test_module_in_fresh_process() -> None:
-    """In a full-suite run where another module imported triton first, run this module in a new process."""
-    if not STALE:
-        pytest.skip("this process already runs the kernels in Triton's interpreter")
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+STALE, _needs_interpreter, test_module_in_fresh_process = interpreter_guard(
+    __file__, lambda: [triton_compress._score_columns]
+)
 
 
 def scoring_case(seed: int, bsz: int, n_kv: int, group: int, n_tokens: int, d: int, dtype: torch.dtype,
