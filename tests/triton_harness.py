@@ -34,8 +34,16 @@ def kernel_device() -> str:
 
 def interpreter_guard(module_file: str, kernels: Callable[[], list]) -> tuple[bool, Callable, Callable]:
     """(stale, autouse fixture, fresh-process test) for a kernel test module. `kernels()` returns
-    some of the module's `triton.jit` functions; they must be interpreted when the device is the CPU."""
-    stale = kernel_device() == "cpu" and not all(type(f).__name__ == "InterpretedFunction" for f in kernels())
+    some of the module's `triton.jit` functions; they, and triton's own jitted standard library
+    (imported with triton, possibly before the variable was set), must be interpreted when the
+    device is the CPU."""
+
+    def interpreted() -> bool:
+        import triton.language as tl
+
+        return all(type(f).__name__ == "InterpretedFunction" for f in (tl.standard.max, *kernels()))
+
+    stale = kernel_device() == "cpu" and not interpreted()
 
     @pytest.fixture(autouse=True)
     def _needs_interpreter(request: pytest.FixtureRequest) -> None:
