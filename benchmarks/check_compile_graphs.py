@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from check_cuda_graph_decode import model_2layers  # the same small model (this directory is on sys.path)
+from transformers import StaticCache
 
 from mdkv_compile.backends import site_graphs
 from mdkv_compile.bench_e2e import build_model
@@ -43,14 +44,6 @@ def ensure_backend() -> None:
 
     if "mixeddimkv" not in list_backends(exclude_tags=()):
         register_backend(name="mixeddimkv")(mixeddimkv_backend)
-
-
-def small_model() -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
 
 
 def greedy(fn, config, ids: torch.Tensor, steps: int, max_len: int, timed: bool = False):
@@ -94,14 +87,15 @@ def compare(name: str, a: torch.Tensor, b: torch.Tensor, **extra) -> dict:
     return row
 
 
-def check() -> list[dict]:
-    model = small_model()
+def check(quick: bool = False) -> list[dict]:
+    model = model_2layers()
     gen = torch.Generator("cuda").manual_seed(1)
     prompts = [torch.randint(0, 512, (4, 3000), device="cuda", generator=gen) for _ in range(2)]
     max_len = 3000 + CHECK_STEPS + 8
     rows = []
-    for opts in ({"budget": 0.0625, "method": "mixeddimkv"}, {"budget": 0.0625, "method": "snapkv"},
-                 {"budget": 1.0, "method": "mixeddimkv"}):
+    configs = [{"budget": 0.0625, "method": "mixeddimkv"}, {"budget": 0.0625, "method": "snapkv"},
+               {"budget": 1.0, "method": "mixeddimkv"}]
+    for opts in configs[:1] if quick else configs:
         torch._dynamo.reset()
         library.reset_sites()
         graphs = torch.compile(model, backend="mixeddimkv", options={**opts, "mode": "reduce-overhead"})
@@ -169,6 +163,7 @@ def timing(layers: int, batch: int, context: int, steps: int, partial: Path | No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("check", "timing", "all"), default="all")
+    parser.add_argument("--quick-check", action="store_true", help="check mixeddimkv at 0.0625 only")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=32768)
@@ -179,7 +174,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if args.part in ("check", "all"):
-        result["check"] = check()
+        result["check"] = check(args.quick_check)
     if args.part in ("timing", "all"):
         result["timing"] = timing(args.layers, args.batch, args.context, args.steps,
                                   args.out.with_suffix(".partial.json"))
