@@ -321,8 +321,10 @@ def test_tuning_overrides_the_launch_and_keeps_results() -> None:
     # The default policy gives the split counts the H200 sweep found best (8 / 2 / 1 at 128K x 8,
     # 32K x 32, 8K x 64: owners = B x 8 KV heads, 4 regions, rows per owner at budget 0.0625)...
     assert [ta._num_splits(own, 4, rows, 132) for own, rows in ((64, 30_508), (256, 7_660), (512, 1_932))] == [8, 2, 1]
-    # ...and is capped where a split would get fewer than min_rows_per_split rows per region.
-    assert ta._num_splits(8, 5, 10_000, 132) == ta._num_splits(8, 5, 10_000, 132, ta.DEFAULT_TUNING) == 10_000 // 320
+    # ...is capped where a split would get fewer than min_rows_per_split rows per region, and at
+    # max_splits (batch 1: the per-SM target alone would ask for ~60 splits).
+    assert ta._num_splits(8, 5, 2_000, 132) == ta._num_splits(8, 5, 2_000, 132, ta.DEFAULT_TUNING) == 2_000 // 320
+    assert ta._num_splits(8, 4, 30_508, 132) == ta.DEFAULT_TUNING.max_splits == 16
     gen = torch.Generator().manual_seed(19)
     c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 90, 4, 6, torch.float32)
     ref = reference(c)
