@@ -332,7 +332,8 @@ def rewrite_graph(
         report.rewritten.append(key)
         if buffer:
             report.buffers.append(key)
-            if _val(site.q).shape[-2] == 1:  # a plain int: this graph is only ever a one-token step
+            n_queries = _val(site.q).shape[-2]
+            if isinstance(n_queries, int) and n_queries == 1:  # not a SymInt: only ever a one-token step
                 report.one_token.append(key)
             continue
         why = _replace_cache(graph, site, pasts)
