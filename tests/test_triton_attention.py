@@ -206,7 +206,7 @@ def test_matches_core_attend_packed() -> None:
     """Against the core's pure-torch reference on a store built by the core's own pack()."""
     core_attention = pytest.importorskip("mdkv_compile.core.attention")
     core_packing = pytest.importorskip("mdkv_compile.core.packing")
-    from mdkv_compile.ops.triton_attention import packed_decode_store
+    from mdkv_compile.ops.triton_attention import packed_store_attention
 
     gen = torch.Generator().manual_seed(3)
     B, H, G, N, d, tiers = 2, 2, 3, 48, 32, (32, 16, 8)
@@ -223,13 +223,13 @@ def test_matches_core_attend_packed() -> None:
     k_new = torch.randn(B, H, 5, d, generator=gen)
     v_new = torch.randn(B, H, 5, d, generator=gen)
     ref = core_attention.attend_packed(q, store, k_new, v_new, scale=d**-0.5)
-    out = packed_decode_store(q, store, k_new, v_new)
+    out = packed_store_attention(q, store, k_new, v_new)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     # a uniform tier carries no offsets (offsets[t] is None in the core store)
     store_u = core_packing.pack(key, value, torch.full((B, H, N), 16), tiers, kc, vc, bk, bv)
     assert any(o is None for o in store_u.offsets)
     ref_u = core_attention.attend_packed(q, store_u, k_new, v_new, scale=d**-0.5)
-    torch.testing.assert_close(packed_decode_store(q, store_u, k_new, v_new), ref_u, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(packed_store_attention(q, store_u, k_new, v_new), ref_u, rtol=1e-4, atol=1e-5)
 
 
 CHUNK_CASES = [

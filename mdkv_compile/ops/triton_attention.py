@@ -1169,4 +1169,3 @@ def packed_store_attention(
     return packed_decode_attention(q, keys, vals, offs, bk, bv, k_new, v_new, n_new, scale, softcap, n_valid)
 
 
-packed_decode_store = packed_store_attention  # the one-token case, the name the decode tests use
