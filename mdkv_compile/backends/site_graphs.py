@@ -55,6 +55,10 @@ class _Capture:
     static: list[int]  # positions of the static tensors
     outputs: list[Any]
     generations: tuple[int | None, ...]
+    # Per output: a view of a static input (the caller's own tensor, handed out as it is) or graph
+    # memory, which the next replay overwrites (handed out as a copy). Static inputs do not move
+    # while the capture is used, so this is decided once.
+    owned: list[bool]
 
 
 class SiteGraphs:
@@ -110,7 +114,9 @@ class SiteGraphs:
             layer.n_new = n
         STATS["captures"] += 1
         log.info("mixeddimkv: captured a CUDA graph of a decode step over %d sites", len(self.sites))
-        return _Capture(graph, inputs, static, list(outputs), generations)
+        storages = {args[i].untyped_storage().data_ptr() for i in static}
+        owned = [isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in storages for o in outputs]
+        return _Capture(graph, inputs, static, list(outputs), generations, owned)
 
     def _replay(self, capture: _Capture, args: Sequence[Any], copy_inputs: bool = True) -> list[Any]:
         if copy_inputs:
@@ -121,12 +127,9 @@ class SiteGraphs:
         STATS["replays"] += 1
         for layer in _layers(self.sites):
             layer.n_new += 1  # the replay advanced the device count; the host count follows
-        # Outputs live in the graph's memory, which the next replay overwrites: hand out copies,
-        # except views of the caller's own tensors (a written buffer returned by the graph).
-        owned = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
         return [
-            o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in owned else o
-            for o in capture.outputs
+            o.clone() if isinstance(o, torch.Tensor) and not owned else o
+            for o, owned in zip(capture.outputs, capture.owned, strict=True)
         ]
 
 
