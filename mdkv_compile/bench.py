@@ -159,7 +159,7 @@ def correctness(dev: str, gen: torch.Generator, log: list[str]) -> list[dict[str
         ta.packed_decode_attention_triton(q, **p, scale=d**-0.5, softcap=softcap, out=out, poison_workspace=True)
         if out.is_cuda:
             torch.cuda.synchronize()
-        ref = ta.packed_decode_attention_torch(q, **p, scale=d**-0.5, softcap=softcap, compute_dtype=torch.float64)
+        ref = ta.packed_attention_torch(q, **p, scale=d**-0.5, softcap=softcap, compute_dtype=torch.float64)
         ref = ref.double()
         ref64 = _ref_f64(q, p, d**-0.5, softcap)
         err = rel_err(out, ref64)
@@ -175,7 +175,7 @@ def _ref_f64(q: torch.Tensor, p: dict[str, Any], scale: float, softcap: float | 
     """The torch version with every input upcast to float64 first (returns float64)."""
     up = {k: ([x.double() if x.is_floating_point() else x for x in v] if isinstance(v, list) else
               (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)) for k, v in p.items()}
-    return ta.packed_decode_attention_torch(q.double(), **up, scale=scale, softcap=softcap,
+    return ta.packed_attention_torch(q.double(), **up, scale=scale, softcap=softcap,
                                             compute_dtype=torch.float64)
 
 

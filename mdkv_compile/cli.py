@@ -10,7 +10,6 @@ import sys
 # subcommand -> (module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mdkv_compile.demo", "real model, long prompt: full cache vs MixedDimKV (answer, bytes, time)"),
-    "generate": ("mdkv_compile.generate_cli", "generate text with a compressed cache"),
     "eval": ("mdkv_compile.eval.runner", "quality evaluation: methods x budgets x tasks x lengths"),
     "report": ("mdkv_compile.eval.report", "markdown tables and plots from eval results"),
     "profile-heads": ("mdkv_compile.eval.heads", "HeadKV-style retrieval-reasoning head scores to JSON"),

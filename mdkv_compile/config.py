@@ -8,7 +8,7 @@ need the model (does `dims` fit the head dimension?) run in `resolve_dims`, whic
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 METHODS = (
@@ -83,7 +83,6 @@ class MixedDimKVConfig:
     # and logit errors at compression, ops/triton_compress.py), "torch" always uses the PyTorch
     # references (core/attention.py, core/scoring.py, core/losses.py).
     kernel: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         given = [n for n in ("budget", "budget_tokens", "budget_bytes") if getattr(self, n) is not None]

@@ -90,21 +90,12 @@ def _attention_is_causal(model: torch.nn.Module) -> bool:
     return bool(flags) and all(flags)
 
 
-def patch(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None, fallback: str | None = None) -> torch.nn.Module:
+def patch(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -> torch.nn.Module:
     """Make `model.generate()` (and forward calls without a cache) compress the KV cache.
-    Patching again replaces the config. Returns the model. `fallback="compile"`: a model this
-    cannot reach is compiled with the mixeddimkv backend instead of raising NotImplementedError."""
+    Patching again replaces the config. Returns the model. A model this cannot reach raises
+    NotImplementedError; compiling it with the mixeddimkv backend is the caller's choice."""
     cfg = cfg or MixedDimKVConfig()
-    if fallback not in (None, "compile"):
-        raise ValueError(f"patch(fallback={fallback!r}): use None or 'compile'")
-    try:
-        _check_supported(model)
-    except NotImplementedError:
-        if fallback is None:
-            raise
-        from mdkv_compile.backends.compile import compile_model
-
-        return compile_model(model, cfg)
+    _check_supported(model)
     _, _, _, head_dim = model_dims(model.config)
     cfg.resolve_dims(head_dim)  # a dims that does not fit fails here, not mid-generation
     # Fail now on a missing head-score or basis file rather than at the first generate().

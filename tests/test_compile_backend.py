@@ -15,11 +15,8 @@ from transformers import DynamicCache
 import mdkv_compile as mdkv
 from mdkv_compile.backends import compile as backend
 from mdkv_compile.cache import MixedDimCache, MixedDimLayer
-from mdkv_compile.core.attention import attend_packed
-from mdkv_compile.core.packing import pack
 from mdkv_compile.ops import library
 from mdkv_compile.passes.explain import build_tiny_model
-from mdkv_compile.policies import POLICIES, LayerContext
 
 OPTS = {"budget": 0.25, "window": 4}
 IDS = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -41,48 +38,6 @@ def eager_reference(opts: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor,
 def held_bytes(tensors) -> int:
     """Bytes of the storages behind the tensors a model's cache holds."""
     return sum(t.untyped_storage().nbytes() for t in tensors)
-
-
-def test_static_ops_match_packed_reference_and_fakes() -> None:
-    torch.manual_seed(0)
-    q, k, v = torch.randn(1, 4, 24, 16), torch.randn(1, 2, 24, 16), torch.randn(1, 2, 24, 16)
-    valid = torch.ones(1, 24, dtype=torch.bool)
-    cfg = mdkv.MixedDimKVConfig(**OPTS)
-    capacity = library.static_capacity(cfg, 24, 16)
-    assert capacity < 24 * 16
-    args = (q, k, v, valid, library.cfg_to_json(cfg), 0, 2, None, capacity)
-    store = torch.ops.mdkv.compress_static(*args)
-    tiers = library.static_tiers(cfg, 16)
-    assert store[2].shape == (2, len(tiers)) and store[0].shape == (2, capacity)
-
-    # Reference: the same policy packed into the variable-shape store, attended by attend_packed.
-    ctx = LayerContext(query=q, key=k, value=v, valid=valid, layer_idx=0, num_layers=2, cfg=cfg,
-                       dims=cfg.resolve_dims(16))
-    sel = POLICIES[cfg.method](ctx)
-    packed = pack(k, v, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
-                  sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared)
-    k_step, v_step, q_step = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 4, 1, 16)
-    region = torch.zeros(1, 2, 8, 16)
-    n0 = torch.tensor(0)
-    key_new, value_new, n1 = torch.ops.mdkv.append_static(region, region.clone(), n0, k_step, v_step)
-    assert int(n1) == 1
-    out = torch.ops.mdkv.attend_static(q_step, *store, key_new, value_new, n1, list(tiers), None)
-    ref = attend_packed(q_step, packed, k_step, v_step)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-
-    # Fake impls agree with the real ones (shapes, dtypes, strides) and the ops trace in one graph.
-    torch.library.opcheck(torch.ops.mdkv.compress_static.default, args, test_utils=("test_faketensor",))
-    torch.library.opcheck(torch.ops.mdkv.attend_static.default,
-                          (q_step, *store, key_new, value_new, n1, list(tiers), None),
-                          test_utils=("test_faketensor",))
-
-    def step(query, keys, values, counts, bk, bv, kn, vn, n, key, value):
-        kn, vn, n = torch.ops.mdkv.append_static(kn, vn, n, key, value)
-        return torch.ops.mdkv.attend_static(query, keys, values, counts, bk, bv, kn, vn, n, list(tiers), None)
-
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    got = compiled(q_step, *store, region, region.clone(), n0, k_step, v_step)
-    torch.testing.assert_close(got, out)
 
 
 def test_torch_compile_manual_loop_matches_eager_and_budget_one_matches_plain() -> None:
@@ -188,7 +143,7 @@ def test_sites_without_cache_are_left_alone() -> None:
 def test_hand_written_decoder_with_tensor_pasts() -> None:
     """A decoder outside transformers (tuple pasts, torch.cat, MQA, where-mask of rank 2): the
     backend is its only route to MixedDimKV. Budget 1.0 equals the plain model; 0.25 compresses
-    (through `mdkv.patch(..., fallback="compile")`), the returned pasts are placeholders and a
+    (`mdkv.patch` raises; `compile_model` compiles it), the returned pasts are placeholders and a
     past the compiled model did not make raises."""
     from test_find_attention import CatDecoder, _empty_past
 
@@ -216,8 +171,10 @@ def test_hand_written_decoder_with_tensor_pasts() -> None:
     assert report.rewritten == [k for k in report.rewritten if k.endswith(("blocks.0", "blocks.1"))]
     assert len(report.rewritten) == 2 and report.placeholders == report.rewritten
 
-    # mdkv.patch cannot reach this model; with fallback="compile" it compiles it with the backend.
-    assert mdkv.patch(model, mdkv.MixedDimKVConfig(**OPTS), fallback="compile") is model
+    # mdkv.patch cannot reach this model; the caller compiles it with the backend instead.
+    with pytest.raises(NotImplementedError):
+        mdkv.patch(model, mdkv.MixedDimKVConfig(**OPTS))
+    assert backend.compile_model(model, mdkv.MixedDimKVConfig(**OPTS)) is model
     small, past = run(model)
     torch.testing.assert_close(small[0], plain[0], atol=1e-4, rtol=1e-4)  # prefill attention is exact
     assert not torch.allclose(small[-1], plain[-1], atol=1e-3)

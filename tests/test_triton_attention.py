@@ -13,10 +13,10 @@ DEVICE = kernel_device()  # skips the module where the kernels cannot run
 
 from mdkv_compile.ops import triton_attention  # noqa: E402
 from mdkv_compile.ops.triton_attention import (  # noqa: E402
+    packed_attention_torch,
     packed_chunk_attention,
     packed_chunk_attention_triton,
     packed_decode_attention,
-    packed_decode_attention_torch,
     packed_decode_attention_triton,
 )
 
@@ -155,10 +155,10 @@ def test_torch_fallback_matches_float64_reference(case: tuple) -> None:
     gen = torch.Generator().manual_seed(abs(hash(name + "torch")) % 2**31)
     c = make_case(gen, B, Hkv, G, d, tiers, max_count, n_new, n_cap, dtype, empty_owner)
     ref = reference(c, softcap)
-    out64 = packed_decode_attention_torch(**c, softcap=softcap, compute_dtype=torch.float64)
+    out64 = packed_attention_torch(**c, softcap=softcap, compute_dtype=torch.float64)
     # returned in q's dtype: fp32 rounding of the output only
     assert rel_err(out64, ref) < (1e-7 if dtype == torch.float32 else 1e-2)
-    out = packed_decode_attention_torch(**c, softcap=softcap)
+    out = packed_attention_torch(**c, softcap=softcap)
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 

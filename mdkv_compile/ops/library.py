@@ -1,18 +1,5 @@
 """torch.library custom ops (namespace `mdkv`) for compiled graphs.
 
-Functional ops over the fixed-shape store of `core/static.py` (no hidden state; fake impls give
-static shapes, so they trace under Dynamo/AOTAutograd and Inductor calls them as extern kernels):
-
-    mdkv::compress_static(q, k, v, valid, cfg, layer_idx, num_layers, scale, capacity)
-        -> [keys, values, counts, basis_k, basis_v]      prefill: policy + pack + fixed layout
-    mdkv::attend_static(q, keys, values, counts, basis_k, basis_v, key_new, value_new, n_new,
-                        tier_dims, scale) -> out          decode: store + new-token region
-    mdkv::append_static(key_new, value_new, n_new, key, value) -> (key_new, value_new, n_new)
-
-`cfg` is a `MixedDimKVConfig` as JSON (a string is a legal schema argument and hashes into the
-graph). The store always has one tier per nonzero candidate dim (descending), so its shapes are
-known at trace time: a policy that leaves a tier empty just has count 0 there.
-
 Two stateful ops serve the `mixeddimkv` backend (backends/compile.py), one per cache kind:
 
     mdkv::site_attention(q, k_past, v_past, k_new, v_new, mask, scale, site, past_is_placeholder) -> out
@@ -30,160 +17,11 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import threading
 
 import torch
 
 from mdkv_compile.config import MixedDimKVConfig
-from mdkv_compile.core.packing import pack
-from mdkv_compile.core.static import StaticStore, append_static, attend_static, to_static
-
-# --- config <-> string ---------------------------------------------------------------------------
-
-
-def cfg_to_json(cfg: MixedDimKVConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-
-
-def cfg_from_json(text: str) -> MixedDimKVConfig:
-    return MixedDimKVConfig.from_options(json.loads(text))
-
-
-def static_tiers(cfg: MixedDimKVConfig, head_dim: int) -> tuple[int, ...]:
-    """The store's tiers: every nonzero candidate dim, descending (head_dim first)."""
-    return tuple(sorted((r for r in cfg.resolve_dims(head_dim) if r > 0), reverse=True))
-
-
-def static_capacity(cfg: MixedDimKVConfig, n_tokens: int, head_dim: int) -> int:
-    """Units per owner the fixed store reserves for an `n_tokens` prompt: the budget's share when
-    every owner gets the same budget (a fraction of the prompt, per-head pooling), else the full
-    prompt (policies that move budget between heads or layers can give one owner more). The
-    window and sinks stay at full dimension, so they are always reserved."""
-    full = n_tokens * head_dim
-    uniform = cfg.budget is not None and cfg.pool == "head" and cfg.method not in (
-        "pyramidkv", "ada-snapkv", "headkv", "mixeddimkv-h",
-    )
-    if not uniform:
-        return full
-    forced = (cfg.window + cfg.sinks) * head_dim
-    return min(full, max(math.ceil(cfg.budget * n_tokens * head_dim), forced))
-
-
-def _r_max(tiers: tuple[int, ...], head_dim: int) -> int:
-    reduced = [r for r in tiers if r < head_dim]
-    return max(reduced) if reduced else 0
-
-
-# --- functional ops ------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("mdkv::compress_static", mutates_args=())
-def compress_static(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    valid: torch.Tensor,
-    cfg: str,
-    layer_idx: int,
-    num_layers: int,
-    scale: float | None,
-    capacity: int,
-) -> list[torch.Tensor]:
-    """Compress one layer's prompt (query [B, Hq, N, d], key/value [B, H, N, d], valid [B, N])
-    into fixed-shape store tensors: keys, values [B*H, capacity], counts [B*H, T] int32,
-    basis_k, basis_v [B*H, d, r_max] (zeros where unused)."""
-    from mdkv_compile.policies import LayerContext, select
-
-    config = cfg_from_json(cfg)
-    d = key.shape[-1]
-    dims = config.resolve_dims(d)
-    ctx = LayerContext(
-        query=query, key=key, value=value, valid=valid, layer_idx=layer_idx, num_layers=num_layers,
-        cfg=config, dims=dims, scale=scale,
-    )
-    with torch.no_grad():
-        sel = select(ctx)
-        store = pack(
-            key, value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
-            sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared,
-        )
-        st = to_static(store, capacity)
-    tiers = static_tiers(config, d)
-    # The policy's tiers are a descending subsequence of `tiers`: the row layout is the same with
-    # zero counts for the tiers it left out, so only the count columns move.
-    owners = st.counts.shape[0]
-    counts = torch.zeros(owners, len(tiers), dtype=torch.int32, device=key.device)
-    for t, r in enumerate(st.tier_dims):
-        counts[:, tiers.index(r)] = st.counts[:, t]
-    r_max = _r_max(tiers, d)
-    basis = []
-    for b in (st.basis_k, st.basis_v):
-        out = key.new_zeros(owners, d, r_max)
-        if b is not None:
-            out[..., : b.shape[-1]] = b.to(key.dtype)
-        basis.append(out)
-    return [st.keys.contiguous(), st.values.contiguous(), counts, basis[0], basis[1]]
-
-
-@compress_static.register_fake
-def _(query, key, value, valid, cfg, layer_idx, num_layers, scale, capacity):
-    config = cfg_from_json(cfg)
-    bsz, heads, _, d = key.shape
-    tiers = static_tiers(config, d)
-    owners = bsz * heads
-    r_max = _r_max(tiers, d)
-    return [
-        key.new_empty(owners, capacity),
-        key.new_empty(owners, capacity),
-        key.new_empty(owners, len(tiers), dtype=torch.int32),
-        key.new_empty(owners, d, r_max),
-        key.new_empty(owners, d, r_max),
-    ]
-
-
-@torch.library.custom_op("mdkv::attend_static", mutates_args=())
-def attend_static_op(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    counts: torch.Tensor,
-    basis_k: torch.Tensor,
-    basis_v: torch.Tensor,
-    key_new: torch.Tensor,
-    value_new: torch.Tensor,
-    n_new: torch.Tensor,
-    tier_dims: list[int],
-    scale: float | None,
-) -> torch.Tensor:
-    """`core.static.attend_static` on the tensors of `compress_static` -> [B, Hq, L, d]."""
-    bsz, heads, _, d = key_new.shape
-    has_basis = basis_k.shape[-1] > 0
-    store = StaticStore(
-        tuple(tier_dims), keys, values, counts, basis_k if has_basis else None, basis_v if has_basis else None,
-        bsz, heads, d,
-    )
-    return attend_static(query, store, key_new, value_new, n_new, scale).contiguous()
-
-
-@attend_static_op.register_fake
-def _(query, keys, values, counts, basis_k, basis_v, key_new, value_new, n_new, tier_dims, scale):
-    return query.new_empty(query.shape)  # contiguous, as the real op returns
-
-
-@torch.library.custom_op("mdkv::append_static", mutates_args=())
-def append_static_op(
-    key_new: torch.Tensor, value_new: torch.Tensor, n_new: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`core.static.append_static`: write key/value [B, H, L, d] at slot n_new of the region."""
-    k, v, n = append_static(key_new, value_new, n_new, key, value)
-    return k, v, n.clone()
-
-
-@append_static_op.register_fake
-def _(key_new, value_new, n_new, key, value):
-    return torch.empty_like(key_new), torch.empty_like(value_new), torch.empty_like(n_new)
-
 
 # --- the backend's stateful site op --------------------------------------------------------------
 
@@ -211,7 +49,8 @@ def site_generations(sites: list[str]) -> tuple[int | None, ...]:
 
 def site_key_prefix(cfg: MixedDimKVConfig) -> str:
     """The part of every site key that names the config (`sha1(config)[:8] + ":"`)."""
-    return hashlib.sha1(cfg_to_json(cfg).encode()).hexdigest()[:8] + ":"
+    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:8] + ":"
 
 
 def site_layer(site: str):

@@ -23,7 +23,7 @@ input dtype before their products, as in FlashAttention.
 The op ``mdkv::packed_decode_attention`` is a ``torch.library.triton_op`` (Inductor sees both kernels
 through ``wrap_triton``: verified on an H200, docs/kernel_notes.md) taking the tiers as ``Tensor[]``
 lists: the full tier first, then at most ``MAX_REDUCED_TIERS`` reduced ones, largest first. On a CPU
-tensor (and no ``TRITON_INTERPRET=1``) it runs ``packed_decode_attention_torch``, a vectorised
+tensor (and no ``TRITON_INTERPRET=1``) it runs ``packed_attention_torch``, a vectorised
 pure-torch version that is also traceable. Versions and measurements: docs/kernel_notes.md.
 
 Chunked prefill (``mdkv::packed_chunk_attention``, ``packed_chunk_attention``): the same two kernels
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 
 import torch
@@ -135,9 +134,6 @@ def packed_attention_torch(
     num = torch.zeros(n_own, M, d, dtype=cd, device=q.device).index_add(0, seg, p[:, :, None] * v[:, None, :])
     out = torch.where(denom[..., None] > 0, num / denom.clamp_min(1e-300)[..., None], 0.0)
     return out.reshape(B, Hq, L, d).to(q.dtype)
-
-
-packed_decode_attention_torch = packed_attention_torch  # the L = 1 case, the name the decode tests use
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1101,10 +1097,6 @@ def packed_chunk_attention(
     return torch.ops.mdkv.packed_chunk_attention(q, list(tier_keys), list(tier_values), list(tier_offsets),
                                                  basis_k, basis_v, k_new, v_new, int(n_new), float(scale),
                                                  None if softcap is None else float(softcap))
-
-
-def default_scale(d: int) -> float:
-    return 1.0 / math.sqrt(d)
 
 
 def store_arguments(store) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor | None, Tensor | None]:

@@ -283,14 +283,6 @@ def _layer_of(node: Node) -> str:
     return node.name
 
 
-def _attn_class(node: Node) -> type | None:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    cls = list(stack.values())[-1][1]
-    return cls if isinstance(cls, type) else None
-
-
 def _root_class(node: Node) -> type | None:
     stack = node.meta.get("nn_module_stack")
     if not stack:
