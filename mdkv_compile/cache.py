@@ -105,10 +105,10 @@ class MixedDimLayer(CacheLayerMixin):
         self.selection_dims: tuple[int, ...] = ()
         self.selection_counts: torch.Tensor | None = None
         # Decoded tokens: `n_new` of them (host count). With a fixed region (`max_new_tokens`), the
-        # device count `n_valid` ([1] int64) is what kernels read and what in-place writes advance.
+        # device count `n_decoded` ([1] int64) is what kernels read and what in-place writes advance.
         self.max_new_tokens = max_new_tokens
         self.n_new = 0
-        self.n_valid: torch.Tensor | None = None
+        self.n_decoded: torch.Tensor | None = None
         self._kernel_args: tuple | None = None  # the store's kernel arguments, made once
 
     # --- CacheLayerMixin -------------------------------------------------------------------------
@@ -143,11 +143,11 @@ class MixedDimLayer(CacheLayerMixin):
                 )
             # Slots from the device count, advanced in place: no host value enters the step, so a
             # captured graph writes the right slot on every replay.
-            with _writable(self.n_valid):
-                slots = self.n_valid + torch.arange(n_add, device=self.n_valid.device)
+            with _writable(self.n_decoded):
+                slots = self.n_decoded + torch.arange(n_add, device=self.n_decoded.device)
                 self.keys.index_copy_(2, slots, key_states)
                 self.values.index_copy_(2, slots, value_states)
-                self.n_valid.add_(n_add)
+                self.n_decoded.add_(n_add)
         self.n_new += n_add
         return self.keys, self.values
 
@@ -163,8 +163,8 @@ class MixedDimLayer(CacheLayerMixin):
         if not 0 <= n_new <= self.max_new_tokens:
             raise ValueError(f"set_decoded({n_new}): outside 0..max_new_tokens={self.max_new_tokens}")
         self.n_new = n_new
-        with _writable(self.n_valid):
-            self.n_valid.fill_(n_new)
+        with _writable(self.n_decoded):
+            self.n_decoded.fill_(n_new)
 
     def get_seq_length(self) -> int:
         if self.store is None:
@@ -179,7 +179,7 @@ class MixedDimLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.store, self.pending, self.n_prompt, self.n_new = None, None, 0, 0
-        self.n_valid, self._kernel_args = None, None
+        self.n_decoded, self._kernel_args = None, None
         self.is_initialized = False
 
     def _unsupported(self, *args, **kwargs):
@@ -223,10 +223,10 @@ class MixedDimLayer(CacheLayerMixin):
             # never captured into a graph, see _use_kernel) for a growing and a fixed region alike
             return packed_store_attention(query, store, self.keys, self.values, self.n_new, scale, softcap,
                                           arguments=self._kernel_args)
-        # fixed region: the kernel reads the count on the device (n_valid is None otherwise) and
+        # fixed region: the kernel reads the count on the device (n_decoded is None otherwise) and
         # the capacity only sizes its work split; a growing region is all valid
         return packed_store_attention(query, store, self.keys, self.values, self.max_new_tokens, scale, softcap,
-                                      n_valid=self.n_valid, arguments=self._kernel_args)
+                                      n_decoded=self.n_decoded, arguments=self._kernel_args)
 
     def _new_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         """[B, 1|H, L, n_new] bool: which decoded tokens each query sees (None: all, causally)."""
@@ -299,7 +299,7 @@ class MixedDimLayer(CacheLayerMixin):
         if self.max_new_tokens is not None:
             shape = (bsz, n_heads, self.max_new_tokens, key.shape[-1])
             self.keys, self.values = key.new_zeros(shape), value.new_zeros(shape)
-            self.n_valid = torch.zeros(1, dtype=torch.long, device=key.device)
+            self.n_decoded = torch.zeros(1, dtype=torch.long, device=key.device)
 
     def selection_summary(self) -> dict[int, int]:
         """{dim: prompt entries stored at that dim} (0 = dropped); empty before compression. Syncs."""

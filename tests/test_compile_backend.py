@@ -382,7 +382,7 @@ def test_reduce_overhead_static_cache_uses_fixed_region_and_matches_eager() -> N
     for key in decode.rewritten:
         layer = library.site_layer(key)
         assert layer.max_new_tokens == max_len - IDS.shape[1] and layer.n_new == steps
-        assert int(layer.n_valid) == steps  # the device count the captured step would read
+        assert int(layer.n_decoded) == steps  # the device count the captured step would read
     # A second sequence starts a new state (new numbers: a captured graph of the old one is stale).
     before = library.site_generations(decode.rewritten)
     cache = StaticCache(config=model.config, max_cache_len=max_len)

@@ -38,11 +38,11 @@ def test_fixed_region_decodes_like_growing_region(method: str, budget: float) ->
     assert torch.equal(tokens, ref_tokens)
     assert max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits, strict=True)) < 1e-5
     layer = cache.layers[0]
-    assert cache.get_seq_length() == 120 + 12 and int(layer.n_valid) == 12
+    assert cache.get_seq_length() == 120 + 12 and int(layer.n_decoded) == 12
     assert layer.keys.shape[2] == 16  # the region keeps its shape (and address) while decoding
     # rewinding the count makes the next step overwrite the rewound slots (what the graph capture relies on)
     cache.set_decoded(120 + 11)
-    assert cache.get_seq_length() == 131 and int(layer.n_valid) == 11
+    assert cache.get_seq_length() == 131 and int(layer.n_decoded) == 11
 
 
 def test_fixed_region_overflow_and_bad_sizes_raise() -> None:

@@ -288,20 +288,20 @@ def test_chunk_matches_core_attend_packed() -> None:
 
 
 def test_count_read_on_device_matches_host_count() -> None:
-    """n_valid (the decoded-token count on the device, as a CUDA graph replays it) gives the result of
+    """n_decoded (the decoded-token count on the device, as a CUDA graph replays it) gives the result of
     the host count; n_new then only sizes the splits (the region's capacity)."""
     gen = torch.Generator().manual_seed(13)
     c = make_case(gen, 2, 2, 3, 32, (32, 16), 40, 3, 6, torch.float32)
     ref = reference(c)
-    n_valid = torch.tensor([c["n_new"]], dtype=torch.long, device=DEVICE)
+    n_decoded = torch.tensor([c["n_new"]], dtype=torch.long, device=DEVICE)
     args = {**c, "n_new": c["k_new"].shape[2]}
     out = packed_decode_attention_triton(**args, out=torch.full_like(c["q"], float("nan")), poison_workspace=True,
-                                         n_valid=n_valid)
+                                         n_decoded=n_decoded)
     assert rel_err(out, ref) < 1e-5
-    assert rel_err(packed_decode_attention(**args, n_valid=n_valid), ref) < 1e-5  # through the op
+    assert rel_err(packed_decode_attention(**args, n_decoded=n_decoded), ref) < 1e-5  # through the op
     # the count is data: change it in place and the same arguments give the 5-token answer
-    n_valid.fill_(5)
-    assert rel_err(packed_decode_attention_triton(**args, n_valid=n_valid), reference({**c, "n_new": 5})) < 1e-5
+    n_decoded.fill_(5)
+    assert rel_err(packed_decode_attention_triton(**args, n_decoded=n_decoded), reference({**c, "n_new": 5})) < 1e-5
 
 
 def test_argument_on_another_device_is_a_clear_error() -> None:

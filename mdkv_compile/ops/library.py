@@ -268,7 +268,7 @@ def _capture_decode_step(
         raise RuntimeError(
             f"mdkv site {site}: only one-token steps through the decode kernel (kernel='auto') can be captured"
         )
-    expected = layer.n_valid + layer.n_prompt  # the position of this step's token, before the write
+    expected = layer.n_decoded + layer.n_prompt  # the position of this step's token, before the write
     layer.update(key_new, value_new)
     with torch.no_grad():
         out = layer.attend(query, None, scale, None).contiguous()

@@ -855,13 +855,13 @@ def _launch(
     wrap,  # wrap_triton inside the triton_op (Inductor sees the kernels), identity otherwise
     out: Tensor | None = None,
     poison_workspace: bool = False,
-    n_valid: Tensor | None = None,
+    n_decoded: Tensor | None = None,
     tuning: Tuning | None = None,
 ) -> Tensor:
-    """Decode launch. ``n_valid`` (int64 ``[1]`` on the device), when given, is the number of decoded
+    """Decode launch. ``n_decoded`` (int64 ``[1]`` on the device), when given, is the number of decoded
     tokens the kernel reads, and ``n_new`` only sizes the splits (pass the region's capacity)."""
     tuning = tuning or DEFAULT_TUNING
-    p = _prepare(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_valid, out,
+    p = _prepare(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_decoded, out,
                  tuning=tuning)
     B, Hq, Lq, d = q.shape
     assert Lq == 1, "decode kernel: one query token per sequence"
@@ -879,10 +879,10 @@ def _launch(
         q_rot, q_rot.stride(1),
         k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new.stride(0), v_new.stride(1), v_new.stride(2),
-        n_new, p.q if n_valid is None else n_valid, Hkv, G, S,
+        n_new, p.q if n_decoded is None else n_decoded, Hkv, G, S,
         ml, acc, coef,
         scale * 1.4426950408889634, scale, float(softcap) if has_cap else 1.0,
-        N_FROM_PTR=n_valid is not None,
+        N_FROM_PTR=n_decoded is not None,
         NUM_RED=p.n_red, **p.tier_consts,
         R_MAX=p.r_max_p, GP=GP, D=d, BLOCK_D=p.block_d, BLOCK_N=p.block_n,
         HAS_SOFTCAP=has_cap, DOT_PREC=q.dtype == torch.float32, INTERP=os.environ.get("TRITON_INTERPRET") == "1",
@@ -961,14 +961,14 @@ def packed_decode_attention_triton(
     softcap: float | None = None,
     out: Tensor | None = None,
     poison_workspace: bool = False,
-    n_valid: Tensor | None = None,
+    n_decoded: Tensor | None = None,
     tuning: Tuning | None = None,
 ) -> Tensor:
     """The Triton path called directly (no op dispatch). ``out`` and ``poison_workspace`` let tests
     check that every output element is written and no unwritten workspace element is read;
     ``tuning`` replaces the launch parameters (benchmarks; None: ``DEFAULT_TUNING``)."""
     return _launch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new, scale,
-                   softcap, _identity, out=out, poison_workspace=poison_workspace, n_valid=n_valid, tuning=tuning)
+                   softcap, _identity, out=out, poison_workspace=poison_workspace, n_decoded=n_decoded, tuning=tuning)
 
 
 def _op_impl(
@@ -983,15 +983,15 @@ def _op_impl(
     n_new: int,
     scale: float,
     softcap: float | None = None,
-    n_valid: Tensor | None = None,
+    n_decoded: Tensor | None = None,
 ) -> Tensor:
     if _use_triton(q):
         from torch.library import wrap_triton
 
         return _launch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,
-                       scale, softcap, wrap_triton, n_valid=n_valid)
-    if n_valid is not None:  # the reference path needs the count on the host
-        n_new = int(n_valid.reshape(-1)[0])
+                       scale, softcap, wrap_triton, n_decoded=n_decoded)
+    if n_decoded is not None:  # the reference path needs the count on the host
+        n_new = int(n_decoded.reshape(-1)[0])
     return packed_attention_torch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,
                                   scale, softcap)
 
@@ -1013,7 +1013,7 @@ def packed_decode_attention(
     n_new: int,
     scale: float,
     softcap: float | None = None,
-    n_valid: Tensor | None = None,
+    n_decoded: Tensor | None = None,
 ) -> Tensor:
     """Decode attention over a packed store plus the full-dimension decoded region.
 
@@ -1023,12 +1023,12 @@ def packed_decode_attention(
     ``[B * H_kv, d, r_max]`` (``None`` with no reduced tier); ``k_new``/``v_new``:
     ``[B, H_kv, n_cap, d]`` of which the first ``n_new`` positions are attended. Returns
     ``[B, Hq, 1, d]`` in q's dtype. An owner with no token at all gets a zero output.
-    ``n_valid``: int32 ``[1]`` on q's device holding the number of decoded tokens; when given, the
+    ``n_decoded``: int64 ``[1]`` on q's device holding the number of decoded tokens; when given, the
     kernel reads the count there (CUDA-graph replay) and ``n_new`` only sizes the work split.
     """
     return torch.ops.mdkv.packed_decode_attention(q, list(tier_keys), list(tier_values), list(tier_offsets),
                                                   basis_k, basis_v, k_new, v_new, int(n_new), float(scale),
-                                                  None if softcap is None else float(softcap), n_valid)
+                                                  None if softcap is None else float(softcap), n_decoded)
 
 
 def packed_chunk_attention_triton(
@@ -1135,7 +1135,7 @@ def packed_store_attention(
     n_new: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
-    n_valid: Tensor | None = None,
+    n_decoded: Tensor | None = None,
     arguments: tuple | None = None,
 ) -> Tensor:
     """Attention over a core ``PackedStore`` plus new tokens: ``packed_decode_attention`` for one query
@@ -1144,20 +1144,20 @@ def packed_store_attention(
     ``mdkv_compile.core.attention.attend_packed(q, store, k_new[:, :, :n_new], v_new[:, :, :n_new])``
     (every stored token visible, new tokens causally). ``arguments``: the store's ``store_arguments``
     computed once (a caller decoding many steps over one store saves the per-step work);
-    ``n_valid``: the decoded-token count on the device (decode only, see ``packed_decode_attention``)."""
+    ``n_decoded``: the decoded-token count on the device (decode only, see ``packed_decode_attention``)."""
     keys, vals, offs, bk, bv = store_arguments(store) if arguments is None else arguments
     B, _, L, d = q.shape
     scale = d**-0.5 if scale is None else scale
     if L > 1:
-        if k_new is None or v_new is None or n_valid is not None:
+        if k_new is None or v_new is None or n_decoded is not None:
             # the chunk kernel takes the count from the host and its queries are among the new tokens
             raise ValueError("packed_store_attention: a chunk (L > 1) needs its new tokens and a host count n_new")
         n_new = k_new.shape[2] if n_new is None else n_new
         return packed_chunk_attention(q, keys, vals, offs, bk, bv, k_new, v_new, n_new, scale, softcap)
     if k_new is None or v_new is None:
         k_new = v_new = q.new_zeros(B, store.kv_heads, 1, d)
-        n_new, n_valid = 0, None
+        n_new, n_decoded = 0, None
     n_new = k_new.shape[2] if n_new is None else n_new
-    return packed_decode_attention(q, keys, vals, offs, bk, bv, k_new, v_new, n_new, scale, softcap, n_valid)
+    return packed_decode_attention(q, keys, vals, offs, bk, bv, k_new, v_new, n_new, scale, softcap, n_decoded)
 
 
