@@ -27,7 +27,7 @@ import transformers
 import mdkv_compile as mdkv
 from mdkv_compile.cache import MixedDimCache, MixedDimLayer
 from mdkv_compile.config import HEAD_SCORE_METHODS, METHODS
-from mdkv_compile.distributed import GATHER_STATS
+from mdkv_compile.core.sharding import GATHER_STATS
 
 
 def _generate(model, cfg: mdkv.MixedDimKVConfig, ids: torch.Tensor, new_tokens: int, sync: bool) -> dict:

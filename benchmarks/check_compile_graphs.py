@@ -29,8 +29,8 @@ from check_cuda_graph_decode import model_2layers  # the same small model (this 
 from transformers import StaticCache
 
 from mdkv_compile.backends import site_graphs
-from mdkv_compile.bench_e2e import build_model
-from mdkv_compile.ops import library
+from mdkv_compile.bench.e2e import build_model
+from mdkv_compile.passes import sites as library
 
 CHECK_STEPS = 24
 
@@ -40,7 +40,7 @@ def ensure_backend() -> None:
     on the GPU machine)."""
     from torch._dynamo.backends.registry import list_backends, register_backend
 
-    from mdkv_compile.backends.compile import mixeddimkv_backend
+    from mdkv_compile.backends.torch_compile import mixeddimkv_backend
 
     if "mixeddimkv" not in list_backends(exclude_tags=()):
         register_backend(name="mixeddimkv")(mixeddimkv_backend)

@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import mdkv_compile as mdkv
-from mdkv_compile.cuda_graphs import GraphedDecoder
+from mdkv_compile.hf.cuda_graphs import GraphedDecoder
 
 STEPS = 24
 

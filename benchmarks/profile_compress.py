@@ -2,7 +2,7 @@
 heads, head_dim 128, bf16, random inputs), `MixedDimLayer.compress` per method, timed with
 synchronisation; the host synchronisations it makes (torch.cuda sync debug mode, by source
 line) and the top operators of torch.profiler; and the scoring steps alone, the PyTorch reference
-against the fused Triton kernels (ops/triton_compress.py) on the same inputs (`scoring` in the JSON).
+against the fused Triton kernels (kernels/compression.py) on the same inputs (`scoring` in the JSON).
 Writes JSON.
 
     python benchmarks/profile_compress.py --out profile.json [--batch 8 --context 32768]
@@ -66,7 +66,7 @@ def time_scoring(q, k, window: int = 32, pool_kernel: int = 7, dims: tuple[int, 
     queries and float32 key coordinates of the shapes the policy makes), with the max abs difference."""
     from mdkv_compile.core.losses import logit_errors as errors_torch
     from mdkv_compile.core.scoring import window_importance as importance_torch
-    from mdkv_compile.ops.triton_compress import logit_errors_triton, window_importance_triton
+    from mdkv_compile.kernels.compression import logit_errors_triton, window_importance_triton
     from mdkv_compile.policies import _tf32_matmuls
 
     B, Hq, N, d = q.shape

@@ -18,14 +18,14 @@ __version__ = "0.1.0"
 # triton import until needed).
 _LAZY = {
     "MixedDimCache": "mdkv_compile.cache",
-    "GraphedDecoder": "mdkv_compile.cuda_graphs",
-    "patch": "mdkv_compile.hf",
-    "unpatch": "mdkv_compile.hf",
+    "GraphedDecoder": "mdkv_compile.hf.cuda_graphs",
+    "patch": "mdkv_compile.hf.patch",
+    "unpatch": "mdkv_compile.hf.patch",
     "explain": "mdkv_compile.passes.explain",
-    "export_onnx": "mdkv_compile.backends.onnx_export",
-    "OnnxGenerator": "mdkv_compile.backends.onnx_runtime",
-    "compiled_cache_bytes": "mdkv_compile.backends.compile",
-    "reset_sites": "mdkv_compile.backends.compile",
+    "export_onnx": "mdkv_compile.backends.onnx.export",
+    "OnnxGenerator": "mdkv_compile.backends.onnx.runtime",
+    "compiled_cache_bytes": "mdkv_compile.backends.torch_compile",
+    "reset_sites": "mdkv_compile.backends.torch_compile",
 }
 
 __all__ = ["METHODS", "MixedDimKVConfig", "__version__", *_LAZY]

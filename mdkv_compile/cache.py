@@ -14,22 +14,26 @@ attention function of the same layer.
 Decoded tokens go to one of two regions: by default a tensor that grows by concatenation; with
 `MixedDimCache(..., max_new_tokens=n)` a region of fixed capacity written in place, whose count
 lives on the device, so a decode step has static shapes and addresses and can be captured as a
-CUDA graph (`mdkv_compile.cuda_graphs.GraphedDecoder`).
+CUDA graph (`mdkv_compile.hf.cuda_graphs.GraphedDecoder`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from mdkv_compile.config import HEAD_SCORE_METHODS, MixedDimKVConfig
 from mdkv_compile.core.attention import attend_packed, causal_mask, dense_attention
 from mdkv_compile.core.bases import load_calibrated
 from mdkv_compile.core.packing import PackedStore, pack
-from mdkv_compile.distributed import HeadShard, check_local_heads, head_shard
+from mdkv_compile.core.sharding import HeadShard, check_local_heads
+from mdkv_compile.kernels.store_attention import packed_store_attention, store_arguments
 from mdkv_compile.policies import LayerContext, select
 from mdkv_compile.policies.head_scores import load_head_shares
 
@@ -57,6 +61,32 @@ def model_dims(config) -> tuple[int, int, int, int]:
     n_kv = getattr(text, "num_key_value_heads", None) or n_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
     return text.num_hidden_layers, n_heads, n_kv, head_dim
+
+
+def _tp_size(config: Any) -> int:
+    dcfg = getattr(config, "distributed_config", None)
+    if dcfg is None:
+        return 1
+    size = dcfg.get("tp_size") if isinstance(dcfg, dict) else getattr(dcfg, "tp_size", None)
+    return int(size or 1)
+
+
+def head_shard(config: Any, total_heads: int) -> HeadShard | None:
+    """The KV-head slice of this rank when the model is tensor-parallel, else None."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    tp = _tp_size(config)
+    if tp == 1:
+        return None  # data parallel or a replicated model: every rank holds every head
+    world = dist.get_world_size()
+    if tp != world:
+        # TP x FSDP/PP meshes: the TP group is a sub-group the config does not name.
+        raise NotImplementedError(
+            f"MixedDimCache supports tensor parallelism over the whole world only (tp_size={tp}, world size={world})"
+        )
+    if total_heads % tp:
+        raise ValueError(f"{total_heads} KV heads cannot be split over {tp} tensor-parallel ranks")
+    return HeadShard(rank=dist.get_rank(), world=world, total_heads=total_heads)
 
 
 def valid_tokens(mask: torch.Tensor | None, bsz: int, n_tokens: int, device: torch.device) -> torch.Tensor:
@@ -210,8 +240,6 @@ class MixedDimLayer(CacheLayerMixin):
     def _attend_kernel(self, query: torch.Tensor, scale: float | None, softcap: float | None) -> torch.Tensor:
         """The Triton kernels over store + new tokens (what `attend` runs when `_use_kernel` says so):
         the decode kernel for one query token, the chunk kernel for a chunk of L > 1."""
-        from mdkv_compile.ops.triton_attention import packed_store_attention, store_arguments
-
         store = self.store
         if self._kernel_args is None and (store.basis_k is None or store.owner_basis("k") is store.basis_k):
             # Reused every step, when it references the store's own tensors; bases that are
@@ -276,7 +304,7 @@ class MixedDimLayer(CacheLayerMixin):
         bsz, n_heads, n_tokens, _ = key.shape
         if self.shard is not None:
             check_local_heads(self.shard, n_heads, self.layer_idx)
-        for hook in _KV_HOOKS:
+        for hook in KV_HOOKS:
             hook(self.layer_idx, key, value)
         ctx = LayerContext(
             query=query, key=key, value=value,
@@ -321,8 +349,9 @@ class MixedDimLayer(CacheLayerMixin):
         return 2 * bsz * n_kv * self.get_seq_length() * head_dim * self.keys.element_size()
 
 
-# Callbacks (layer_idx, key, value) run on every prompt a MixedDimLayer compresses (calibration).
-_KV_HOOKS: list = []
+# Callbacks (layer_idx, key, value) run on every prompt a MixedDimLayer compresses
+# (`mdkv_compile.hf.calibrate.capture_kv` adds them for calibration).
+KV_HOOKS: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
 
 
 class MixedDimCache(Cache):

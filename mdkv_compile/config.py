@@ -59,7 +59,7 @@ class MixedDimKVConfig:
     # First tokens always kept at full dimension. None: 4 for streamingllm, 0 otherwise.
     sink_tokens: int | None = None
     basis: str = "prompt"
-    basis_path: str | None = None  # safetensors file from `mdkv_compile.core.bases.calibrate`
+    basis_path: str | None = None  # safetensors file from `mdkv_compile.hf.calibrate.calibrate`
     # How a prompt basis is computed: "subspace" (a few sync-free subspace iterations, within ~1-2%
     # of the exact basis' captured energy; core/bases.py) or "eigh" (exact eigenvectors; on CUDA
     # a slow batched Jacobi solver that synchronises). Calibration always uses eigh.
@@ -80,7 +80,7 @@ class MixedDimKVConfig:
     lowrank_dim: int | None = None
     solver: str = "greedy"
     # Triton kernels: "auto" uses them on CUDA (decode attention for one-token steps; window scoring
-    # and logit errors at compression, ops/triton_compress.py), "torch" always uses the PyTorch
+    # and logit errors at compression, kernels/compression.py), "torch" always uses the PyTorch
     # references (core/attention.py, core/scoring.py, core/losses.py).
     kernel: str = "auto"
 

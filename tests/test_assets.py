@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mdkv_compile.eval import assets
+from mdkv_compile import assets
 
 UNREACHABLE = "http://127.0.0.1:9/simple"
 

@@ -13,7 +13,7 @@ from conftest import greedy_decode
 
 import mdkv_compile as mdkv
 from mdkv_compile.cache import MixedDimCache
-from mdkv_compile.ops import library
+from mdkv_compile.passes import sites as library
 from mdkv_compile.passes.explain import build_tiny_model
 
 OPTS = {"budget": 0.25, "window": 4}

@@ -13,9 +13,9 @@ from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
 import mdkv_compile as mdkv
-from mdkv_compile.backends import compile as backend
+from mdkv_compile.backends import torch_compile as backend
 from mdkv_compile.cache import MixedDimCache, MixedDimLayer
-from mdkv_compile.ops import library
+from mdkv_compile.passes import sites as library
 from mdkv_compile.passes.explain import build_tiny_model
 
 OPTS = {"budget": 0.25, "window": 4}

@@ -56,9 +56,9 @@ def test_subspace_basis_captures_eigh_energy_on_smollm2_keys_and_values() -> Non
     """Real post-RoPE keys and values of SmolLM2 (30 layers x 3 KV heads, head_dim 64) on a 2K
     haystack prompt; tiers of the default dims (8, 16, 32)."""
     import mdkv_compile as mdkv
+    from mdkv_compile.assets import haystack_text, load_model
     from mdkv_compile.demo import build_prompt
-    from mdkv_compile.eval.assets import haystack_text, load_model
-    from mdkv_compile.hf import capture_kv
+    from mdkv_compile.hf.calibrate import capture_kv
 
     model, tokenizer = load_model("smollm2")
     ids = build_prompt(tokenizer, haystack_text(), 2000, 0.5, "7341829")

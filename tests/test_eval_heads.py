@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mdkv_compile.eval import assets
+from mdkv_compile import assets
 from mdkv_compile.eval import heads as Hd
 
 

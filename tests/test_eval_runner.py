@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import mdkv_compile as mdkv
-from mdkv_compile.eval import assets
+from mdkv_compile import assets
 from mdkv_compile.eval import runner as R
 from mdkv_compile.eval import tasks as T
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mdkv_compile.eval import assets
+from mdkv_compile import assets
 from mdkv_compile.eval import tasks as T
 
 

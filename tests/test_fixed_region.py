@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 
 import mdkv_compile as mdkv
-from mdkv_compile.cuda_graphs import GraphedDecoder
+from mdkv_compile.hf.cuda_graphs import GraphedDecoder
 
 
 def decode(model, cache, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -75,7 +75,7 @@ def test_graphed_decoder_rejects_caches_it_cannot_replay() -> None:
 
 def test_compiled_regions_decode_like_eager() -> None:
     """compile_regions (Inductor on MLP and RMSNorm modules) keeps the compressed decode's tokens."""
-    from mdkv_compile.cuda_graphs import compile_regions
+    from mdkv_compile.hf.cuda_graphs import compile_regions
 
     model = tiny_model("llama")
     cfg = mdkv.MixedDimKVConfig(budget=0.25, method="mixeddimkv", window=4)

@@ -15,8 +15,8 @@ import torch
 from conftest import tiny_model
 
 import mdkv_compile as mdkv
-from mdkv_compile.backends.onnx_export import DOMAIN, OP_NAME, ExportError, align_store, export_onnx
-from mdkv_compile.backends.onnx_runtime import OnnxGenerator
+from mdkv_compile.backends.onnx.export import DOMAIN, OP_NAME, ExportError, align_store, export_onnx
+from mdkv_compile.backends.onnx.runtime import OnnxGenerator
 from mdkv_compile.cache import MixedDimCache
 
 NEW_TOKENS = 24
@@ -183,7 +183,7 @@ def test_cli_export_trt_without_tensorrt_names_it(tmp_path, capsys) -> None:
 
 @pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT (not installed): builds an engine with the mdkv plugin")
 def test_trt_engine_from_export(exported, tmp_path) -> None:
-    from mdkv_compile.backends.tensorrt_plugin import build_engine
+    from mdkv_compile.backends.tensorrt import build_engine
 
     _, _, _, out = exported
     engine = build_engine(out / "decode.onnx", tmp_path / "decode.engine")
@@ -194,7 +194,7 @@ def test_trt_engine_from_export(exported, tmp_path) -> None:
 def test_smollm2_export_matches_pytorch(tmp_path) -> None:
     import copy
 
-    from mdkv_compile.eval.assets import load_model
+    from mdkv_compile.assets import load_model
 
     model, tok = load_model("smollm2")
     model = copy.deepcopy(model)  # load_model's object is shared: do not leave it patched
@@ -240,7 +240,7 @@ def _to(store, device: str):
 @pytest.mark.parametrize("has_basis", [True, False])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_plugin_kernel_matches_attend_static(has_basis: bool, softcap: float | None) -> None:
-    from mdkv_compile.backends.tensorrt_plugin import static_decode_attention
+    from mdkv_compile.kernels.static_decode import static_decode_attention
     from mdkv_compile.core.static import attend_static
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interpreter (conftest)
@@ -254,7 +254,7 @@ def test_plugin_kernel_matches_attend_static(has_basis: bool, softcap: float | N
 
 def test_plugin_kernel_on_a_prompt_store(exported) -> None:
     """The kernel over a real compressed prompt (mixed tiers, per-owner bases) laid out for the export."""
-    from mdkv_compile.backends.tensorrt_plugin import static_decode_attention
+    from mdkv_compile.kernels.static_decode import static_decode_attention
     from mdkv_compile.core.static import attend_static
 
     _, model, cfg, out = exported
@@ -277,7 +277,7 @@ def test_plugin_kernel_on_a_prompt_store(exported) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 def test_aot_ptx_compiles_without_a_gpu() -> None:
     """What the QDP aot_impl hands TensorRT: PTX of one kernel, no scratch buffers."""
-    from mdkv_compile.backends.tensorrt_plugin import compile_ptx
+    from mdkv_compile.kernels.static_decode import compile_ptx
 
     name, ptx, threads, shared = compile_ptx((16, 8, 4, 2), 2, 0.25, 0.0)
     assert name == "static_decode_kernel" and f".entry {name}(" in ptx and threads == 128
@@ -294,7 +294,7 @@ def test_aot_ptx_launch_matches_attend_static() -> None:
 
     from cuda.bindings import driver as cu
 
-    from mdkv_compile.backends.tensorrt_plugin import compile_ptx
+    from mdkv_compile.kernels.static_decode import compile_ptx
     from mdkv_compile.core.static import attend_static
 
     q, store, (kn, vn) = _random_store(True)

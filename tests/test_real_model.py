@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import mdkv_compile as mdkv
-from mdkv_compile.core.bases import calibrate
+from mdkv_compile.assets import haystack_text, load_model
 from mdkv_compile.demo import build_prompt
-from mdkv_compile.eval.assets import haystack_text, load_model
+from mdkv_compile.hf.calibrate import calibrate
 
 
 def needle_answer(cfg: mdkv.MixedDimKVConfig) -> tuple[str, mdkv.MixedDimCache]:

@@ -26,7 +26,7 @@ import mdkv_compile as mdkv
 from mdkv_compile.cache import MixedDimCache, MixedDimLayer
 from mdkv_compile.config import HEAD_SCORE_METHODS, METHODS
 from mdkv_compile.core.bases import save_calibrated
-from mdkv_compile.distributed import HeadShard, shard_store_bytes
+from mdkv_compile.core.sharding import HeadShard, shard_store_bytes
 
 WORLD = 2
 N_LAYERS, N_HEADS, N_KV, HEAD_DIM = 2, 8, 4, 16

@@ -11,8 +11,8 @@ from triton_harness import interpreter_guard, kernel_device
 
 DEVICE = kernel_device()  # skips the module where the kernels cannot run
 
-from mdkv_compile.ops import triton_attention  # noqa: E402
-from mdkv_compile.ops.triton_attention import (  # noqa: E402
+from mdkv_compile.kernels import store_attention  # noqa: E402
+from mdkv_compile.kernels.store_attention import (  # noqa: E402
     packed_attention_torch,
     packed_chunk_attention,
     packed_chunk_attention_triton,
@@ -21,7 +21,7 @@ from mdkv_compile.ops.triton_attention import (  # noqa: E402
 )
 
 STALE, _needs_interpreter, test_module_in_fresh_process = interpreter_guard(
-    __file__, lambda: [triton_attention._packed_decode_split]
+    __file__, lambda: [store_attention._packed_decode_split]
 )
 
 
@@ -191,7 +191,7 @@ def test_budget_one_equals_full_attention() -> None:
 
 def test_many_splits_and_merge_chunks() -> None:
     """Small splits and a merge that reads 2 splits at a time: the chunked LSE merge and empty slices."""
-    from mdkv_compile.ops import triton_attention as ta
+    from mdkv_compile.kernels import store_attention as ta
 
     tuning = ta.Tuning(min_rows_per_split=4, programs_per_sm=64, merge_block_s=2, block_n_full=16,
                        block_n_reduced_max=64)
@@ -206,7 +206,7 @@ def test_matches_core_attend_packed() -> None:
     """Against the core's pure-torch reference on a store built by the core's own pack()."""
     core_attention = pytest.importorskip("mdkv_compile.core.attention")
     core_packing = pytest.importorskip("mdkv_compile.core.packing")
-    from mdkv_compile.ops.triton_attention import packed_store_attention
+    from mdkv_compile.kernels.store_attention import packed_store_attention
 
     gen = torch.Generator().manual_seed(3)
     B, H, G, N, d, tiers = 2, 2, 3, 48, 32, (32, 16, 8)
@@ -242,7 +242,7 @@ CHUNK_CASES = [
 
 @pytest.mark.parametrize("case", CHUNK_CASES, ids=[c[0] for c in CHUNK_CASES])
 def test_chunk_matches_float64_reference(case: tuple) -> None:
-    from mdkv_compile.ops import triton_attention as ta
+    from mdkv_compile.kernels import store_attention as ta
 
     name, B, Hkv, G, d, tiers, max_count, L, n_new, n_cap, dtype, softcap, block_m = case
     gen = torch.Generator().manual_seed(abs(hash(name)) % 2**31)
@@ -266,7 +266,7 @@ def test_chunk_with_one_token_equals_decode() -> None:
 def test_chunk_matches_core_attend_packed() -> None:
     core_attention = pytest.importorskip("mdkv_compile.core.attention")
     core_packing = pytest.importorskip("mdkv_compile.core.packing")
-    from mdkv_compile.ops.triton_attention import store_arguments
+    from mdkv_compile.kernels.store_attention import store_arguments
 
     gen = torch.Generator().manual_seed(17)
     B, H, G, N, d, tiers, L, S = 1, 2, 2, 40, 32, (32, 16), 4, 6
@@ -315,7 +315,7 @@ def test_argument_on_another_device_is_a_clear_error() -> None:
 def test_tuning_overrides_the_launch_and_keeps_results() -> None:
     """Sweep-style launch parameters (fixed split counts, row blocks, warps, stages) change the launch,
     not the answer; a fixed split count overrides the policy."""
-    from mdkv_compile.ops import triton_attention as ta
+    from mdkv_compile.kernels import store_attention as ta
 
     assert ta._num_splits(8, 5, 10_000, 132, ta.Tuning(splits=7)) == 7
     # The default policy gives the split counts the H200 sweep found best (8 / 2 / 1 at 128K x 8,

@@ -1,4 +1,4 @@
-"""Compression kernels (ops/triton_compress.py) against their PyTorch references: window importance
+"""Compression kernels (kernels/compression.py) against their PyTorch references: window importance
 (core.scoring.window_importance) and the attention loss's logit errors (core.losses.logit_errors),
 run by Triton's CPU interpreter where there is no GPU; and a policy run with the kernels forced on
 against the same policy on the references."""
@@ -17,8 +17,8 @@ from mdkv_compile.config import MixedDimKVConfig  # noqa: E402
 from mdkv_compile.core.losses import logit_errors as logit_errors_torch  # noqa: E402
 from mdkv_compile.core.packing import pack  # noqa: E402
 from mdkv_compile.core.scoring import window_importance as window_importance_torch  # noqa: E402
-from mdkv_compile.ops import triton_compress  # noqa: E402
-from mdkv_compile.ops.triton_compress import (  # noqa: E402
+from mdkv_compile.kernels import compression  # noqa: E402
+from mdkv_compile.kernels.compression import (  # noqa: E402
     logit_errors,
     logit_errors_triton,
     window_importance,
@@ -27,7 +27,7 @@ from mdkv_compile.ops.triton_compress import (  # noqa: E402
 from mdkv_compile.policies import POLICIES, LayerContext  # noqa: E402
 
 STALE, _needs_interpreter, test_module_in_fresh_process = interpreter_guard(
-    __file__, lambda: [triton_compress._score_columns]
+    __file__, lambda: [compression._score_columns]
 )
 
 

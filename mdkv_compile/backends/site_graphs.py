@@ -3,11 +3,11 @@
 Inductor's own CUDA graphs (cudagraph trees) replay a graph without running any Python, so they
 cannot know that a rewritten site's compressed state was replaced by a new prompt: a replay would
 keep reading and writing the old sequence's tensors. This wrapper does the capture itself and
-keys every captured graph on the state numbers of its sites (`library.site_generations`):
+keys every captured graph on the state numbers of its sites (`passes.sites.site_generations`):
 
 * call 1 with a new state (or new shapes): eager, the warm-up (Triton autotuning, lazy inits; the
   site op checks the positions there);
-* call 2: capture (the site op takes its device-only path, `library._capture_decode_step`), then
+* call 2: capture (the site op takes its device-only path, `passes.sites._capture_decode_step`), then
   one replay, which performs this call;
 * later calls: copy the inputs into the captured ones, replay.
 
@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from mdkv_compile.ops import library
+from mdkv_compile.passes.graph_writes import writes_into
+from mdkv_compile.passes.sites import site_generations, site_layer
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _signature(args: Sequence[Any]) -> tuple:
 
 
 def _layers(sites: Sequence[str]) -> list:
-    return [library.site_layer(site) for site in sites]
+    return [site_layer(site) for site in sites]
 
 
 @dataclass
@@ -74,7 +75,7 @@ class SiteGraphs:
         if not tensors or not all(t.is_cuda for t in tensors) or torch.cuda.is_current_stream_capturing():
             return self.compiled(*args)
         signature = _signature(args)
-        generations = library.site_generations(self.sites)
+        generations = site_generations(self.sites)
         capture = self._captures.get(signature)
         if capture is not None and capture.generations == generations and self._same_static(capture, args):
             return self._replay(capture, args)
@@ -84,7 +85,7 @@ class SiteGraphs:
             STATS["warmups"] += 1
             # the state after the call: a one-token prompt makes a new state, whose first decode
             # step must then be a warm-up again
-            self._warm[signature] = library.site_generations(self.sites)
+            self._warm[signature] = site_generations(self.sites)
             return out
         capture = self._capture(args, generations)
         self._captures[signature] = capture
@@ -136,8 +137,6 @@ class SiteGraphs:
 def written_inputs(gm: torch.fx.GraphModule) -> set[int]:
     """Positions (among the graph's inputs) of the inputs the graph writes in place, directly or
     through a view: the model's KV buffers. Their address is part of a capture."""
-    from mdkv_compile.backends.compile import writes_into
-
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return {i for i, node in enumerate(placeholders) if writes_into(node)}
 

@@ -3,14 +3,14 @@
 Two sources:
 * `prompt_basis`: uncentred PCA of this prompt's own keys (or values), per (row, KV head). No
   calibration, but the basis is stored with the prompt and counted in its budget.
-* `calibrate` / `load_calibrated`: one basis per (layer, KV head) computed once from calibration
-  text and saved as safetensors. Shared by every prompt, so it is reported beside the budget
-  (`MixedDimCache.shared_bytes()`), like model weights.
+* `save_calibrated` / `load_calibrated`: one basis per (layer, KV head) computed once from
+  calibration text (`mdkv_compile.hf.calibrate.calibrate`) and saved as safetensors. Shared by
+  every prompt, so it is reported beside the budget (`MixedDimCache.shared_bytes()`), like model
+  weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -126,8 +126,8 @@ def load_calibrated(path: str | Path) -> dict[int, tuple[torch.Tensor, torch.Ten
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"calibrated basis file {path} does not exist; create it with mdkv_compile.core."
-                                "bases.calibrate(model, tokenizer, texts, path)")
+        raise FileNotFoundError(f"calibrated basis file {path} does not exist; create it with mdkv_compile.hf."
+                                "calibrate.calibrate(model, tokenizer, texts, path)")
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -136,40 +136,3 @@ def load_calibrated(path: str | Path) -> dict[int, tuple[torch.Tensor, torch.Ten
         for layer in range(int(meta["layers"])):
             out[layer] = (f.get_tensor(f"layer.{layer}.key"), f.get_tensor(f"layer.{layer}.value"))
     return out
-
-
-@torch.no_grad()
-def calibrate(
-    model: torch.nn.Module, tokenizer, texts: Iterable[str], path: str | Path, max_tokens: int = 2048
-) -> Path:
-    """Accumulate post-RoPE key and value second moments over `texts` and save the bases.
-
-    Uses the patched model with method "full" so the keys seen are exactly those attention sees.
-    """
-    from mdkv_compile.config import MixedDimKVConfig
-    from mdkv_compile.hf import capture_kv, patch, unpatch
-
-    moments: dict[int, list[torch.Tensor]] = {}
-
-    def collect(layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        k, v = key[0].double(), value[0].double()  # [H, N, d]
-        acc = moments.setdefault(layer_idx, [torch.zeros(0), torch.zeros(0)])
-        km, vm = k.transpose(-1, -2) @ k, v.transpose(-1, -2) @ v
-        acc[0] = km if acc[0].numel() == 0 else acc[0] + km
-        acc[1] = vm if acc[1].numel() == 0 else acc[1] + vm
-
-    patch(model, MixedDimKVConfig(budget=1.0, method="full"))
-    try:
-        with capture_kv(collect):
-            for text in texts:
-                ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens].to(model.device)
-                model(ids, use_cache=True)
-    finally:
-        unpatch(model)
-    layers = sorted(moments)
-    save_calibrated(
-        path,
-        [second_moment_basis(moments[layer][0]) for layer in layers],
-        [second_moment_basis(moments[layer][1]) for layer in layers],
-    )
-    return Path(path)

@@ -76,7 +76,7 @@ def logit_errors(
 ) -> torch.Tensor:
     """[B, H, N, len(dims)]: for each r in dims (0 < r < d), the rms over the window queries of the logit
     error of keeping a key's first r coordinates, scale * |q[r:] . k[r:]|. The reference for the fused
-    kernel (ops/triton_compress.py), which never holds the [B, H, W, N] product."""
+    kernel (kernels/compression.py), which never holds the [B, H, W, N] product."""
     out = []
     for r in dims:
         tail = window_queries[..., r:].float() @ key_coef_full[..., r:].float().transpose(-1, -2)  # [B,H,W,N]

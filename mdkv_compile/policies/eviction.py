@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mdkv_compile.distributed import gather_heads, local_heads
+from mdkv_compile.core.sharding import gather_heads, local_heads
 from mdkv_compile.policies.base import (
     LayerContext,
     Selection,

@@ -16,7 +16,8 @@ import torch
 from mdkv_compile.core.allocation import FORCED_LOSS, allocate
 from mdkv_compile.core.bases import prompt_bases
 from mdkv_compile.core.losses import attention_losses, candidate_losses
-from mdkv_compile.distributed import gather_heads, local_heads
+from mdkv_compile.core.sharding import gather_heads, local_heads
+from mdkv_compile.kernels.compression import logit_errors
 from mdkv_compile.policies.base import (
     LayerContext,
     Selection,
@@ -167,8 +168,6 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
         scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d)
         errors = None
         if ctx.uses_kernels():
-            from mdkv_compile.ops.triton_compress import logit_errors
-
             # fp32 products for an fp32 model; TF32 otherwise, as the reference's matmuls under select()
             errors = logit_errors(q_rot, kc_full, reduced, scale, exact=ctx.key.dtype == torch.float32)
         mixed_losses = constrain(attention_losses(importance, q_rot, kc_full, vc, v_norm2, dims, d, scale, errors))

@@ -11,7 +11,7 @@ A row is (batch, context, cache, budget, mode):
   path with nothing compressed: the baseline that isolates what compression buys).
 * mode: "generate" (transformers' `model.generate()`, steps timed by a logits processor), "eager"
   (single-token forward calls), "graph" (the step captured once as a CUDA graph and replayed,
-  `mdkv_compile.cuda_graphs.GraphedDecoder`), "compiled-graph" (the same after
+  `mdkv_compile.hf.cuda_graphs.GraphedDecoder`), "compiled-graph" (the same after
   `compile_regions`: MLP and RMSNorm modules compiled by Inductor; these rows run last).
 
 Per row: prefill once (timed), decode steps (each timed with synchronisation; median), peak
@@ -32,6 +32,11 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from mdkv_compile.cache import MixedDimCache
+from mdkv_compile.config import MixedDimKVConfig
+from mdkv_compile.hf.cuda_graphs import GraphedDecoder, compile_regions
+from mdkv_compile.hf.patch import patch, unpatch
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -104,23 +109,19 @@ def make_cache(model, c: Config, max_new_tokens: int):
     """Patch (or unpatch) the model for `c` and return the cache to prefill into."""
     from transformers import DynamicCache, StaticCache
 
-    import mdkv_compile as mdkv
-
     if c.cache in HF_CACHES:
-        mdkv.unpatch(model)
+        unpatch(model)
         if c.cache == "dynamic":
             return DynamicCache(config=model.config)
         return StaticCache(config=model.config, max_cache_len=c.context + max_new_tokens)
-    cfg = mdkv.MixedDimKVConfig(budget=c.budget, method=c.cache)
-    mdkv.patch(model, cfg)
-    return mdkv.MixedDimCache(model.config, cfg, max_new_tokens=max_new_tokens if c.mode in GRAPH_MODES else None)
+    cfg = MixedDimKVConfig(budget=c.budget, method=c.cache)
+    patch(model, cfg)
+    return MixedDimCache(model.config, cfg, max_new_tokens=max_new_tokens if c.mode in GRAPH_MODES else None)
 
 
 def cache_bytes(cache) -> tuple[int, int]:
     """(bytes the cache holds, bytes a full cache holds for the same tokens), from its tensors."""
-    import mdkv_compile as mdkv
-
-    if isinstance(cache, mdkv.MixedDimCache):
+    if isinstance(cache, MixedDimCache):
         return cache.stored_bytes(), cache.full_bytes()
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return held, held
@@ -174,8 +175,6 @@ def _prefill_static(model, cache, ids: torch.Tensor) -> float:
 
 
 def time_decode(model, cache, ids: torch.Tensor, c: Config, steps: int) -> tuple[float, list[float]]:
-    from mdkv_compile.cuda_graphs import GraphedDecoder
-
     with torch.inference_mode():
         if c.cache == "static":
             prefill_s = _prefill_static(model, cache, ids)
@@ -222,9 +221,7 @@ def run_config(model, c: Config, steps: int) -> dict:
     base = torch.cuda.memory_allocated()
     held = full = None
     if c.mode == "generate":
-        import mdkv_compile as mdkv
-
-        mdkv.unpatch(model)
+        unpatch(model)
         prefill_s, step_s = time_generate(model, ids, steps)
     else:
         cache = make_cache(model, c, steps + 8)
@@ -346,8 +343,6 @@ def run(args: argparse.Namespace) -> int:
     groups = [[c for c in configs if c.mode != "compiled-graph"], [c for c in configs if c.mode == "compiled-graph"]]
     for compiled, group in enumerate(groups):
         if compiled and group:
-            from mdkv_compile.cuda_graphs import compile_regions
-
             result["compiled_regions"] = compile_regions(model)
         run_rows(model, group, args, result)
     if args.part in ("capacity", "all"):

@@ -44,6 +44,7 @@ from mdkv_compile.cache import model_dims
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.packing import PackedStore
 from mdkv_compile.core.static import StaticStore, attend_static, to_static
+from mdkv_compile.hf.patch import check_supported, patched_config
 
 DOMAIN = "mdkv"
 OP_NAME = "MixedDimKVAttention"
@@ -303,10 +304,8 @@ def default_capacity(cfg: MixedDimKVConfig, head_dim: int, max_prompt_tokens: in
 
 
 def _check_exportable(model: torch.nn.Module, cfg: MixedDimKVConfig, out_dir: Path, overwrite: bool) -> None:
-    from mdkv_compile.hf import _check_supported
-
     try:
-        _check_supported(model)
+        check_supported(model)
     except NotImplementedError as e:
         raise ExportError(f"cannot export: {e}") from e
     text = model.config.get_text_config(decoder=True)
@@ -421,11 +420,9 @@ def export_onnx(
     to `out_dir`. `capacity` (units per KV head per row) fixes the store shape; default: twice the
     budget's share of a `max_prompt_tokens` prompt. The new-token region holds `max_new_tokens`.
     `prefill_source`: where `OnnxGenerator` loads the PyTorch prefill model from (a path or an
-    `mdkv_compile.eval.assets` name); None saves the weights into out_dir/prefill_model.
+    `mdkv_compile.assets` name); None saves the weights into out_dir/prefill_model.
     Returns out_dir."""
     import onnx
-
-    from mdkv_compile.hf import patched_config
 
     out_dir = Path(out_dir)
     cfg = cfg or patched_config(model)

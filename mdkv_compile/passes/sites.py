@@ -1,6 +1,6 @@
 """torch.library custom ops (namespace `mdkv`) for compiled graphs.
 
-Two stateful ops serve the `mixeddimkv` backend (backends/compile.py), one per cache kind:
+Two stateful ops serve the `mixeddimkv` backend (backends/torch_compile.py), one per cache kind:
 
     mdkv::site_attention(q, k_past, v_past, k_new, v_new, mask, scale, site, past_is_placeholder) -> out
         concat caches (DynamicCache, tuple pasts): the past length comes from k_past's shape

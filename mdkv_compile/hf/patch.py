@@ -9,16 +9,14 @@ transformers' attention registry raise NotImplementedError naming them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from mdkv_compile.cache import _KV_HOOKS, MixedDimCache, current_layer, model_dims
+from mdkv_compile.cache import MixedDimCache, current_layer, model_dims
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.attention import dense_attention
 
@@ -65,7 +63,7 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
-def _check_supported(model: torch.nn.Module) -> None:
+def check_supported(model: torch.nn.Module) -> None:
     name = type(model).__name__
     can_set = getattr(model, "_can_set_attn_implementation", None)
     if not hasattr(model, "config") or can_set is None:
@@ -95,7 +93,7 @@ def patch(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -> torch.
     Patching again replaces the config. Returns the model. A model this cannot reach raises
     NotImplementedError; compiling it with the mixeddimkv backend is the caller's choice."""
     cfg = cfg or MixedDimKVConfig()
-    _check_supported(model)
+    check_supported(model)
     _, _, _, head_dim = model_dims(model.config)
     cfg.resolve_dims(head_dim)  # a dims that does not fit fails here, not mid-generation
     # Fail now on a missing head-score or basis file rather than at the first generate().
@@ -142,14 +140,3 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
 def patched_config(model: torch.nn.Module) -> MixedDimKVConfig | None:
     state = getattr(model, _STATE_ATTR, None)
     return None if state is None else state["cfg"]
-
-
-@contextlib.contextmanager
-def capture_kv(callback: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
-    """Call `callback(layer_idx, key, value)` with every prompt's keys and values as they are
-    compressed (post-RoPE, as attention sees them)."""
-    _KV_HOOKS.append(callback)
-    try:
-        yield
-    finally:
-        _KV_HOOKS.remove(callback)

@@ -5,9 +5,9 @@ q/k/v projections are column-sharded, so rank r of W sees KV heads [r*H/W, (r+1)
 layer (contiguous: the projection's output rows are split in order). The model config still
 says H. This module holds what the cache and the policies need for that:
 
-- `head_shard(config)`: this rank's slice of the KV heads, or None when not tensor-parallel
-  (torch.distributed not initialised, world size 1, or no TP in the config). Every helper below
-  is only called with a shard, so single-process behaviour is untouched.
+- `HeadShard`: this rank's slice of the KV heads (`mdkv_compile.cache.head_shard(config)` reads it
+  off a model config; None when not tensor-parallel). Every helper below is only called with a
+  shard, so single-process behaviour is untouched.
 - `gather_heads`: all-gather a per-head tensor along the head dimension. Budgets pooled across
   heads (`ada-snapkv`, `pool="layer"`), the lowrank rank (min over heads) and the per-row
   evict-or-mixed decision of `mixeddimkv` are computed on the gathered, model-wide tensors with
@@ -40,32 +40,6 @@ class HeadShard:
     @property
     def heads(self) -> slice:
         return slice(self.rank * self.local_heads, (self.rank + 1) * self.local_heads)
-
-
-def _tp_size(config: Any) -> int:
-    dcfg = getattr(config, "distributed_config", None)
-    if dcfg is None:
-        return 1
-    size = dcfg.get("tp_size") if isinstance(dcfg, dict) else getattr(dcfg, "tp_size", None)
-    return int(size or 1)
-
-
-def head_shard(config: Any, total_heads: int) -> HeadShard | None:
-    """The KV-head slice of this rank when the model is tensor-parallel, else None."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    tp = _tp_size(config)
-    if tp == 1:
-        return None  # data parallel or a replicated model: every rank holds every head
-    world = dist.get_world_size()
-    if tp != world:
-        # TP x FSDP/PP meshes: the TP group is a sub-group the config does not name.
-        raise NotImplementedError(
-            f"MixedDimCache supports tensor parallelism over the whole world only (tp_size={tp}, world size={world})"
-        )
-    if total_heads % tp:
-        raise ValueError(f"{total_heads} KV heads cannot be split over {tp} tensor-parallel ranks")
-    return HeadShard(rank=dist.get_rank(), world=world, total_heads=total_heads)
 
 
 def check_local_heads(shard: HeadShard, local: int, layer_idx: int) -> None:

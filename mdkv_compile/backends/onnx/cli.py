@@ -15,7 +15,13 @@ import copy
 import sys
 from pathlib import Path
 
-from mdkv_compile.config import METHODS
+import torch
+
+from mdkv_compile.assets import load_model
+from mdkv_compile.backends.onnx.export import ExportError, export_onnx
+from mdkv_compile.backends.tensorrt import TensorRTUnavailable, build_engine, require_tensorrt
+from mdkv_compile.config import METHODS, MixedDimKVConfig
+from mdkv_compile.hf.patch import patch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,22 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.target == "trt":
-        from mdkv_compile.backends.tensorrt_plugin import TensorRTUnavailable, require_tensorrt
-
         try:
             require_tensorrt()
         except TensorRTUnavailable as e:
             print(f"mdkv export trt: {e}", file=sys.stderr)
             return 2
-    import torch
-
-    import mdkv_compile as mdkv
-    from mdkv_compile.backends.onnx_export import ExportError, export_onnx
-    from mdkv_compile.eval.assets import load_model
-
     dims = None if args.dims is None else tuple(int(x) for x in args.dims.split(","))
     try:
-        cfg = mdkv.MixedDimKVConfig(budget=args.budget, method=args.method, dims=dims, head_scores=args.head_scores)
+        cfg = MixedDimKVConfig(budget=args.budget, method=args.method, dims=dims, head_scores=args.head_scores)
     except ValueError as e:
         print(f"mdkv export: {e}", file=sys.stderr)
         return 2
@@ -61,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     model = copy.deepcopy(load_model(args.model, dtype=getattr(torch, args.dtype))[0])
     source = str(Path(args.model).resolve()) if is_path else args.model
     try:
-        mdkv.patch(model, cfg)
+        patch(model, cfg)
         out = export_onnx(
             model, cfg, args.out, batch=args.batch, max_prompt_tokens=args.max_prompt_tokens,
             max_new_tokens=args.max_new_tokens, capacity=args.capacity, prefill_source=source,
@@ -72,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {out}/decode.onnx and {out}/manifest.json")
     if args.target == "trt":
-        from mdkv_compile.backends.tensorrt_plugin import build_engine
-
         engine = Path(args.engine) if args.engine else out / "decode.engine"
         build_engine(out / "decode.onnx", engine)
         print(f"wrote {engine}")

