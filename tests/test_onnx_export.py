@@ -240,8 +240,8 @@ def _to(store, device: str):
 @pytest.mark.parametrize("has_basis", [True, False])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_plugin_kernel_matches_attend_static(has_basis: bool, softcap: float | None) -> None:
-    from mdkv_compile.kernels.static_decode import static_decode_attention
     from mdkv_compile.core.static import attend_static
+    from mdkv_compile.kernels.static_decode import static_decode_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interpreter (conftest)
     q, store, (kn, vn) = _random_store(has_basis)
@@ -254,8 +254,8 @@ def test_plugin_kernel_matches_attend_static(has_basis: bool, softcap: float | N
 
 def test_plugin_kernel_on_a_prompt_store(exported) -> None:
     """The kernel over a real compressed prompt (mixed tiers, per-owner bases) laid out for the export."""
-    from mdkv_compile.kernels.static_decode import static_decode_attention
     from mdkv_compile.core.static import attend_static
+    from mdkv_compile.kernels.static_decode import static_decode_attention
 
     _, model, cfg, out = exported
     manifest = json.loads((out / "manifest.json").read_text())
@@ -294,8 +294,8 @@ def test_aot_ptx_launch_matches_attend_static() -> None:
 
     from cuda.bindings import driver as cu
 
-    from mdkv_compile.kernels.static_decode import compile_ptx
     from mdkv_compile.core.static import attend_static
+    from mdkv_compile.kernels.static_decode import compile_ptx
 
     q, store, (kn, vn) = _random_store(True)
     n_new = torch.tensor(3)
