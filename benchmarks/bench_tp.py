@@ -26,8 +26,9 @@ import transformers
 
 import mdkv_compile as mdkv
 from mdkv_compile.cache import MixedDimCache, MixedDimLayer
-from mdkv_compile.config import HEAD_SCORE_METHODS, METHODS
+from mdkv_compile.config import METHODS
 from mdkv_compile.core.sharding import GATHER_STATS
+from mdkv_compile.methods import RECORDS
 
 
 def _generate(model, cfg: mdkv.MixedDimKVConfig, ids: torch.Tensor, new_tokens: int, sync: bool) -> dict:
@@ -101,7 +102,7 @@ def main() -> None:
         method, _, pool = spec.partition(":")
         return mdkv.MixedDimKVConfig(
             method=method, budget=args.budget, window=args.window, pool=pool or "head",
-            head_scores=str(root / "heads.json") if method in HEAD_SCORE_METHODS else None,
+            head_scores=str(root / "heads.json") if RECORDS[method].needs_head_scores else None,
         )
 
     _generate(tp_model, config_for("full"), ids, 2, sync=True)  # warm-up (first-call costs, not measured)

@@ -28,12 +28,13 @@ import torch
 import torch.distributed as dist
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from mdkv_compile.config import HEAD_SCORE_METHODS, MixedDimKVConfig
+from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.attention import attend_packed, causal_mask, dense_attention
 from mdkv_compile.core.bases import load_calibrated
 from mdkv_compile.core.packing import PackedStore, pack
 from mdkv_compile.core.sharding import HeadShard, check_local_heads
 from mdkv_compile.kernels.store_attention import packed_store_attention, store_arguments
+from mdkv_compile.methods import RECORDS
 from mdkv_compile.policies import LayerContext, select
 from mdkv_compile.policies.head_scores import load_head_shares
 
@@ -374,7 +375,7 @@ class MixedDimCache(Cache):
         dims = cfg.resolve_dims(head_dim)
         text = config.get_text_config(decoder=True)
         shares = None
-        if cfg.method in HEAD_SCORE_METHODS:
+        if RECORDS[cfg.method].needs_head_scores:
             shares = load_head_shares(cfg.head_scores, num_layers, n_kv, cfg.head_temp)
         calibrated = load_calibrated(cfg.basis_path) if cfg.basis == "calibrated" else {}
         # Under tensor parallelism each rank keeps its KV heads' slice of the per-head inputs.

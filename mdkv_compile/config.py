@@ -11,19 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = (
-    "full",
-    "streamingllm",
-    "snapkv",
-    "pyramidkv",
-    "ada-snapkv",
-    "headkv",
-    "lowrank",
-    "mixeddimkv",
-    "mixeddimkv-h",
-)
-# Methods that need per-head importance scores from `profile-heads` (a JSON file).
-HEAD_SCORE_METHODS = ("headkv", "mixeddimkv-h")
+from mdkv_compile.methods import METHOD_NAMES, RECORDS
+
+# Method names (public: `mdkv.METHODS`), from the one record per method in methods.py.
+METHODS = METHOD_NAMES
 BASES = ("prompt", "calibrated")
 BASIS_SOLVERS = ("subspace", "eigh")
 POOLS = ("head", "layer")
@@ -56,7 +47,7 @@ class MixedDimKVConfig:
     # The last `window` prompt tokens score the others and are kept at full dimension.
     window: int = 32
     pool_kernel: int = 7
-    # First tokens always kept at full dimension. None: 4 for streamingllm, 0 otherwise.
+    # First tokens always kept at full dimension. None: the method's default (4 for streamingllm, else 0).
     sink_tokens: int | None = None
     basis: str = "prompt"
     basis_path: str | None = None  # safetensors file from `mdkv_compile.hf.calibrate.calibrate`
@@ -150,7 +141,7 @@ class MixedDimKVConfig:
             _fail("head_temp", self.head_temp, "a positive float")
         if self.pyramid_beta <= 0:
             _fail("pyramid_beta", self.pyramid_beta, "a positive float")
-        if self.method in HEAD_SCORE_METHODS and not self.head_scores:
+        if RECORDS[self.method].needs_head_scores and not self.head_scores:
             _fail("head_scores", self.head_scores, f"a JSON file from `mdkv profile-heads` for method={self.method!r}")
         if self.lowrank_dim is not None and (not isinstance(self.lowrank_dim, int) or self.lowrank_dim < 1):
             _fail("lowrank_dim", self.lowrank_dim, "None or a positive int")
@@ -161,7 +152,7 @@ class MixedDimKVConfig:
     def sinks(self) -> int:
         if self.sink_tokens is not None:
             return self.sink_tokens
-        return 4 if self.method == "streamingllm" else 0
+        return RECORDS[self.method].default_sinks
 
     def resolve_dims(self, head_dim: int) -> tuple[int, ...]:
         """Candidate dims for a model with this head dimension (checked against it)."""

@@ -12,6 +12,7 @@ from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.allocation import allocate_exact, allocate_greedy, total_loss
 from mdkv_compile.core.attention import attend_packed, causal_mask
 from mdkv_compile.core.packing import pack, reconstruct
+from mdkv_compile.methods import RECORDS
 from mdkv_compile.policies import POLICIES, LayerContext
 
 
@@ -178,7 +179,8 @@ def test_mixeddimkv_keep_evict_pooled_equals_ada_snapkv(budget: float) -> None:
     assert not bool((counts == counts[0, 0]).all())
 
 
-EVERY_SINGLE_LAYER_METHOD = ["full", "streamingllm", "snapkv", "pyramidkv", "ada-snapkv", "lowrank", "mixeddimkv"]
+# Every method that needs no head-score file (make_ctx gives no head shares), from the registry.
+EVERY_SINGLE_LAYER_METHOD = [name for name, m in RECORDS.items() if not m.needs_head_scores]
 
 
 @pytest.mark.parametrize("method", EVERY_SINGLE_LAYER_METHOD)

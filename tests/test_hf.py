@@ -8,11 +8,17 @@ from conftest import TINY_ARCHS, tiny_model
 
 import mdkv_compile as mdkv
 from mdkv_compile.cache import MixedDimLayer
+from mdkv_compile.methods import RECORDS
+
+# Every method that compresses (all but "full"), and those of them that need no head-score file:
+# from the registry, so a new method is in these tests by itself.
+COMPRESSING = [name for name in RECORDS if name != "full"]
+COMPRESSING_WITHOUT_HEAD_SCORES = [name for name in COMPRESSING if not RECORDS[name].needs_head_scores]
 
 
 def config_for(method: str, budget: float, head_scores, model, **kw) -> mdkv.MixedDimKVConfig:
     extra = {}
-    if method in ("headkv", "mixeddimkv-h"):
+    if RECORDS[method].needs_head_scores:
         n_layers = model.config.num_hidden_layers
         extra["head_scores"] = str(head_scores(n_layers, model.config.num_attention_heads))
     return mdkv.MixedDimKVConfig(budget=budget, method=method, window=4, **extra, **kw)
@@ -42,7 +48,7 @@ def test_budget_one_equals_unpatched_for_every_method(arch: str, head_scores_fil
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-@pytest.mark.parametrize("method", ["snapkv", "ada-snapkv", "mixeddimkv", "mixeddimkv-h", "lowrank"])
+@pytest.mark.parametrize("method", COMPRESSING)
 def test_compressed_generate_runs_and_saves_memory(arch: str, method: str, head_scores_file) -> None:
     model = tiny_model(arch)
     ids = torch.randint(1, 256, (1, 200), generator=torch.Generator().manual_seed(2))
@@ -55,7 +61,7 @@ def test_compressed_generate_runs_and_saves_memory(arch: str, method: str, head_
     assert out.shape == (1, 206)
 
 
-@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "ada-snapkv", "streamingllm", "mixeddimkv", "lowrank"])
+@pytest.mark.parametrize("method", COMPRESSING_WITHOUT_HEAD_SCORES)
 def test_stored_bytes_within_budget_on_4k_prompt(method: str) -> None:
     model = tiny_model("llama")
     ids = torch.randint(1, 256, (1, 4096), generator=torch.Generator().manual_seed(3))
@@ -92,12 +98,12 @@ def test_budget_tokens_and_bytes_match_fraction() -> None:
     assert sizes["fraction"] == sizes["tokens"] == sizes["bytes"]
 
 
-@pytest.mark.parametrize("method", ["snapkv", "mixeddimkv"])
-def test_left_padded_batch_matches_each_row_alone(method: str) -> None:
+@pytest.mark.parametrize("method", COMPRESSING)
+def test_left_padded_batch_matches_each_row_alone(method: str, head_scores_file) -> None:
     model = tiny_model("llama")
     gen = torch.Generator().manual_seed(5)
     rows = [torch.randint(1, 256, (n,), generator=gen) for n in (120, 90)]
-    cfg = mdkv.MixedDimKVConfig(budget=0.3, method=method, window=4)
+    cfg = config_for(method, 0.3, head_scores_file, model)
     mdkv.patch(model, cfg)
     alone = [model.generate(r[None], max_new_tokens=8, do_sample=False, pad_token_id=0)[0, -8:] for r in rows]
     width = max(len(r) for r in rows)

@@ -24,9 +24,10 @@ import transformers
 
 import mdkv_compile as mdkv
 from mdkv_compile.cache import MixedDimCache, MixedDimLayer
-from mdkv_compile.config import HEAD_SCORE_METHODS, METHODS
+from mdkv_compile.config import METHODS
 from mdkv_compile.core.bases import save_calibrated
 from mdkv_compile.core.sharding import HeadShard, shard_store_bytes
+from mdkv_compile.methods import RECORDS
 
 WORLD = 2
 N_LAYERS, N_HEADS, N_KV, HEAD_DIM = 2, 8, 4, 16
@@ -47,7 +48,7 @@ CASES: list[tuple[str, dict, int]] = [(m, {"method": m}, 1) for m in METHODS] + 
 def _config(kwargs: dict, files: dict[str, str]) -> mdkv.MixedDimKVConfig:
     base = {"budget": 0.25, "window": 8}
     base.update(kwargs)
-    if base["method"] in HEAD_SCORE_METHODS:
+    if RECORDS[base["method"]].needs_head_scores:
         base["head_scores"] = files["heads"]
     if base.get("basis") == "calibrated":
         base["basis_path"] = files["basis"]

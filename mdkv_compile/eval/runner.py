@@ -34,9 +34,10 @@ import torch
 
 from mdkv_compile import assets
 from mdkv_compile.cache import MixedDimCache
-from mdkv_compile.config import HEAD_SCORE_METHODS, METHODS, MixedDimKVConfig
+from mdkv_compile.config import METHODS, MixedDimKVConfig
 from mdkv_compile.eval import tasks as T
 from mdkv_compile.hf.patch import patch, unpatch
+from mdkv_compile.methods import RECORDS
 
 SMOKE = {
     "model": "smollm2",
@@ -120,7 +121,7 @@ class EvalSpec:
             raise ValueError(f"budget kind {self.budget_kind!r} is not one of {BUDGET_KINDS}")
         if self.budget_kind == "fraction" and any(not 0 < b <= 1 for b in self.budgets):
             raise ValueError(f"fraction budgets must lie in (0, 1]; got {list(self.budgets)}")
-        needs = [m for m in self.methods if m in HEAD_SCORE_METHODS]
+        needs = [m for m in self.methods if RECORDS[m].needs_head_scores]
         if needs and not self.head_scores:
             raise ValueError(
                 f"method(s) {needs} need head scores: run `mdkv profile-heads --model {self.model_name} "
@@ -140,7 +141,7 @@ class EvalSpec:
             kw["budget_tokens"] = int(budget)
         else:
             kw["budget_bytes"] = int(budget)
-        if method in HEAD_SCORE_METHODS:
+        if RECORDS[method].needs_head_scores:
             kw["head_scores"] = self.head_scores
         return MixedDimKVConfig(**kw)
 

@@ -24,6 +24,7 @@ from mdkv_compile.core.scoring import forced_mask, window_importance
 from mdkv_compile.core.sharding import HeadShard
 from mdkv_compile.kernels import compression
 from mdkv_compile.kernels._triton import HAS_TRITON
+from mdkv_compile.methods import RECORDS
 
 
 @dataclass
@@ -133,7 +134,7 @@ def owner_budget(ctx: LayerContext) -> torch.Tensor:
     cfg = ctx.cfg
     bsz, n_heads = ctx.key.shape[:2]
     units = base_budget(ctx)[:, None].expand(bsz, n_heads)
-    if cfg.method == "pyramidkv":
+    if RECORDS[cfg.method].budget_schedule == "pyramid":
         units = units * pyramid_factor(ctx.layer_idx, ctx.num_layers, cfg.pyramid_beta)
     if ctx.head_shares is not None:
         # HeadKV: a 1 - 1/beta share of each head's budget stays uniform; the rest is pooled over

@@ -45,6 +45,7 @@ from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.packing import PackedStore
 from mdkv_compile.core.static import StaticStore, attend_static, to_static
 from mdkv_compile.hf.patch import check_supported, patched_config
+from mdkv_compile.methods import RECORDS
 
 DOMAIN = "mdkv"
 OP_NAME = "MixedDimKVAttention"
@@ -54,10 +55,6 @@ PLUGIN_VERSION = "1"
 OPSET = 20
 EXPORT_ATTN = "mdkv_export"
 FORMAT_VERSION = 1
-MIXED_DIM_METHODS = ("mixeddimkv", "mixeddimkv-h")  # the policies that store reduced tiers
-# Methods whose stored dims are data-dependent beyond the configured candidate dims (lowrank
-# picks any rank the budget affords), so no fixed tier list covers every prompt.
-UNSUPPORTED_METHODS = {"lowrank": "its rank is chosen per prompt, so the tier list is not fixed at export"}
 
 
 class ExportError(ValueError):
@@ -245,7 +242,7 @@ class DecodeStep(torch.nn.Module):
 def export_tier_dims(cfg: MixedDimKVConfig, head_dim: int) -> tuple[int, ...]:
     """Every tier a prompt's store can have: the full dim, then the reduced candidates descending
     (eviction methods store only the full tier, so their exports carry no basis inputs)."""
-    if cfg.method not in MIXED_DIM_METHODS:
+    if not RECORDS[cfg.method].stores_reduced_tiers:
         return (head_dim,)
     dims = cfg.resolve_dims(head_dim)
     return (head_dim, *sorted((r for r in dims if 0 < r < head_dim), reverse=True))
@@ -315,8 +312,9 @@ def _check_exportable(model: torch.nn.Module, cfg: MixedDimKVConfig, out_dir: Pa
             f"cannot export {model.config.model_type}: layer types {sorted(kinds)}; the ONNX export covers "
             "decoders whose layers are all full attention (sliding-window layers keep a rolling cache it lacks)"
         )
-    if cfg.method in UNSUPPORTED_METHODS:
-        raise ExportError(f"cannot export method {cfg.method!r}: {UNSUPPORTED_METHODS[cfg.method]}")
+    method = RECORDS[cfg.method]
+    if not method.exportable:
+        raise ExportError(f"cannot export method {cfg.method!r}: {method.not_exportable}")
     if cfg.budget is None:
         raise ExportError("cannot export a budget_tokens/budget_bytes config: give budget as a fraction")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
