@@ -29,6 +29,7 @@ from mdkv_compile.cache import MixedDimCache, MixedDimLayer
 from mdkv_compile.config import METHODS
 from mdkv_compile.core.sharding import GATHER_STATS
 from mdkv_compile.methods import RECORDS
+from mdkv_compile.testing import random_llama
 
 
 def _generate(model, cfg: mdkv.MixedDimKVConfig, ids: torch.Tensor, new_tokens: int, sync: bool) -> dict:
@@ -81,13 +82,11 @@ def main() -> None:
     dist.broadcast_object_list(tmp, src=0)  # one directory, rank 0's
     root = Path(tmp[0])
     if rank == 0:
-        config = transformers.LlamaConfig(
+        random_llama(
             vocab_size=1024, hidden_size=args.heads * args.head_dim, intermediate_size=4 * args.heads * args.head_dim,
             num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
             head_dim=args.head_dim, max_position_embeddings=args.prompt_tokens + args.new_tokens + 8,
-        )
-        torch.manual_seed(0)
-        transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
+        ).save_pretrained(root / "model")
         gen = torch.Generator().manual_seed(2)
         scores = torch.rand(args.layers, args.heads, generator=gen).tolist()
         (root / "heads.json").write_text(json.dumps({"scores": scores}))

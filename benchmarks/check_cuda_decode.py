@@ -11,20 +11,16 @@ import argparse
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import mdkv_compile as mdkv
+from mdkv_compile.testing import random_llama
 
-
-def _config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)
+SHAPE = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)
 
 
 def main() -> None:
-    config = _config()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    model = random_llama(**SHAPE).to("cuda", torch.bfloat16)
     ids = torch.randint(0, 1024, (2, 2048), device="cuda")
     for method in ("full", "snapkv", "mixeddimkv", "lowrank"):
         outs = {}
@@ -60,13 +56,11 @@ def _chunk_steps(model, cfg: mdkv.MixedDimKVConfig, max_new_tokens: int | None, 
 
 
 def chunk_check() -> bool:
-    config = _config()
     gen = torch.Generator().manual_seed(1)
     ids = [torch.randint(0, 1024, (2, n), generator=gen).cuda() for n in (2048, 64, 1, 16)]
     ok = True
     for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to("cuda", dtype).eval()
+        model = random_llama(**SHAPE).to("cuda", dtype)
         for method in ("mixeddimkv", "snapkv"):
             for region in (None, 128):
                 runs = {k: _chunk_steps(model, mdkv.MixedDimKVConfig(budget=0.1, method=method, kernel=k), region, ids)

@@ -12,37 +12,33 @@ from __future__ import annotations
 import json
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import LlamaForCausalLM, StaticCache
 
 import mdkv_compile as mdkv
 from mdkv_compile.hf.cuda_graphs import GraphedDecoder
+from mdkv_compile.testing import decode_n_tokens, prefill, random_llama
 
 STEPS = 24
 
 
 def model_2layers() -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    return random_llama(
+        attn_implementation="sdpa", vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+    ).to("cuda", torch.bfloat16)
 
 
 def eager(model, cache, ids):
     with torch.inference_mode():
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token, logits = out.logits[:, -1:].argmax(-1), [out.logits[:, -1].float()]
-        for _ in range(STEPS):
-            out = model(token, past_key_values=cache, use_cache=True)
-            logits.append(out.logits[:, -1].float())
-            token = out.logits[:, -1:].argmax(-1)
-    return torch.stack(logits)
+        first = prefill(model, ids, cache, logits_to_keep=1)
+        _, steps = decode_n_tokens(model, cache, first, STEPS)
+    return torch.stack([first, *steps]).float()
 
 
 def graphed(model, cache, ids):
     with torch.inference_mode():
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    token, logits = out.logits[:, -1:].argmax(-1), [out.logits[:, -1].float()]
+        first = prefill(model, ids, cache, logits_to_keep=1)
+    token, logits = first.argmax(-1, keepdim=True), [first.float()]
     decoder = GraphedDecoder(model, cache)
     for _ in range(STEPS):
         step = decoder.step(token)

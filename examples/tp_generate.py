@@ -19,6 +19,7 @@ import torch.distributed as dist
 import transformers
 
 import mdkv_compile as mdkv
+from mdkv_compile.testing import random_llama
 
 
 def tiny_llama_dir(tmp: str) -> str:
@@ -28,12 +29,10 @@ def tiny_llama_dir(tmp: str) -> str:
     dist.broadcast_object_list(path, src=0)
     path = path[0]
     if dist.get_rank() == 0:
-        config = transformers.LlamaConfig(
+        random_llama(
             vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=2048,
-        )
-        torch.manual_seed(0)
-        transformers.LlamaForCausalLM(config).save_pretrained(path)
+        ).save_pretrained(path)
     dist.barrier()
     return path
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import greedy_decode
 
 import mdkv_compile as mdkv
 from mdkv_compile.cache import MixedDimCache
-from mdkv_compile.passes import sites as library
-from mdkv_compile.passes.explain import build_tiny_model
+from mdkv_compile.passes import sites
+from mdkv_compile.testing import build_tiny_model, greedy_decode
 
 OPTS = {"budget": 0.25, "window": 4}
 NEW_TOKENS = 32
@@ -26,6 +25,7 @@ def greedy(model, cache) -> torch.Tensor:
     return greedy_decode(model, cache, IDS, NEW_TOKENS)[0]
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2", "opt", "gpt_neox"])
 def test_compiled_tokens_and_bytes_equal_eager_reference(arch: str) -> None:
     from transformers import DynamicCache
@@ -38,12 +38,12 @@ def test_compiled_tokens_and_bytes_equal_eager_reference(arch: str) -> None:
     mdkv.unpatch(model)
 
     torch._dynamo.reset()
-    library.reset_sites()
+    sites.reset_sites()
     compiled = torch.compile(model, backend="mixeddimkv", options=OPTS)
     tokens = greedy(compiled, DynamicCache(config=model.config))
     assert torch.equal(tokens, ref_tokens), arch
     n_layers = model.config.num_hidden_layers
-    assert len(library.site_layers(OPTS, model)) == n_layers
+    assert len(sites.site_layers(OPTS, model)) == n_layers
     assert mdkv.compiled_cache_bytes(OPTS, model) == reference.stored_bytes()
     assert reference.stored_bytes() < reference.full_bytes()  # the 32 decoded tokens are kept whole
 
@@ -62,6 +62,7 @@ def test_patch_trusts_causal_attention_over_a_stale_is_decoder_flag() -> None:
         mdkv.patch(bert)
 
 
+@pytest.mark.compile
 def test_inductor_cache_hit_keeps_the_rewrite(tmp_path, monkeypatch) -> None:
     """The rewrite runs on the Dynamo graph before Inductor, so the FX-graph cache keys on the
     rewritten graph: a second compile that hits the cache still compresses (same tokens and bytes
@@ -81,7 +82,7 @@ def test_inductor_cache_hit_keeps_the_rewrite(tmp_path, monkeypatch) -> None:
 
     def compiled_tokens(opts: dict) -> torch.Tensor:
         torch._dynamo.reset()
-        library.reset_sites()
+        sites.reset_sites()
         return greedy(torch.compile(model, backend="mixeddimkv", options=opts), DynamicCache(config=model.config))
 
     with torch._inductor.config.patch(fx_graph_cache=True, fx_graph_remote_cache=False):

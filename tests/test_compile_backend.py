@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import greedy_decode
 from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
 import mdkv_compile as mdkv
 from mdkv_compile.backends import torch_compile as backend
 from mdkv_compile.cache import MixedDimCache, MixedDimLayer
-from mdkv_compile.passes import sites as library
-from mdkv_compile.passes.explain import build_tiny_model
+from mdkv_compile.passes import sites
+from mdkv_compile.testing import CatDecoder, StaticKVDecoder, build_tiny_model, empty_past, greedy_decode
 
 OPTS = {"budget": 0.25, "window": 4}
 IDS = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -40,12 +39,13 @@ def held_bytes(tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
+@pytest.mark.compile
 def test_torch_compile_manual_loop_matches_eager_and_budget_one_matches_plain() -> None:
     """Unpatched tiny Llama with a DynamicCache: tokens equal the eager MixedDimKV reference, the
     DynamicCache holds only shape placeholders while the site state holds exactly the reference
     cache's bytes, misuse raises, and budget 1.0 equals the plain model."""
     torch._dynamo.reset()
-    library.reset_sites()
+    sites.reset_sites()
     steps = 10
     model = build_tiny_model("llama").eval()
     plain_cache = DynamicCache(config=model.config)
@@ -87,7 +87,7 @@ def test_torch_compile_manual_loop_matches_eager_and_budget_one_matches_plain() 
     # A real past of the right length from the uncompiled model: refused, not silently ignored.
     with torch.no_grad(), pytest.raises(RuntimeError, match="hold real data"):
         compiled(input_ids=nxt, past_key_values=plain_cache, use_cache=True)
-    library.reset_sites()
+    sites.reset_sites()
     with torch.no_grad(), pytest.raises(RuntimeError, match="no compressed prompt"):
         compiled(input_ids=nxt, past_key_values=cache, use_cache=True)
 
@@ -97,6 +97,7 @@ def test_torch_compile_manual_loop_matches_eager_and_budget_one_matches_plain() 
     torch.testing.assert_close(logits, plain_logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.compile
 def test_model_compile_generate_matches_eager_reference() -> None:
     torch._dynamo.reset()
     kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
@@ -126,6 +127,7 @@ def test_model_compile_generate_matches_eager_reference() -> None:
     assert torch.equal(model.generate(ids, attention_mask=mask, **kw), ref)
 
 
+@pytest.mark.compile
 def test_sites_without_cache_are_left_alone() -> None:
     torch._dynamo.reset()
     model = build_tiny_model("llama").eval()
@@ -140,15 +142,14 @@ def test_sites_without_cache_are_left_alone() -> None:
     assert len(report.left) == 2 and all(reason for _, reason in report.left)
 
 
+@pytest.mark.compile
 def test_hand_written_decoder_with_tensor_pasts() -> None:
     """A decoder outside transformers (tuple pasts, torch.cat, MQA, where-mask of rank 2): the
     backend is its only route to MixedDimKV. Budget 1.0 equals the plain model; 0.25 compresses
     (`mdkv.patch` raises; `compile_model` compiles it), the returned pasts are placeholders and a
     past the compiled model did not make raises."""
-    from test_find_attention import CatDecoder, _empty_past
-
     torch._dynamo.reset()
-    library.reset_sites()
+    sites.reset_sites()
     torch.manual_seed(0)
     model = CatDecoder().eval()
     prompt = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(3))
@@ -156,7 +157,7 @@ def test_hand_written_decoder_with_tensor_pasts() -> None:
     def run(fn) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
         outs = []
         with torch.no_grad():
-            x, past = fn(prompt, _empty_past())
+            x, past = fn(prompt, empty_past())
             outs.append(x[:, -1])
             for tok in (5, 9, 11):
                 x, past = fn(torch.tensor([[tok]]), past)
@@ -186,7 +187,7 @@ def test_hand_written_decoder_with_tensor_pasts() -> None:
     # The compressed state lives in the site registry.
     assert backend.compiled_full_bytes(OPTS, model) == full_bytes
     assert backend.compiled_cache_bytes(OPTS, model) < 0.5 * full_bytes
-    layer = library.site_layer(backend.LAST_REPORTS[-1].rewritten[0])
+    layer = sites.site_layer(backend.LAST_REPORTS[-1].rewritten[0])
     assert layer.stored_bytes() < 0.5 * layer.full_bytes()
 
     with torch.no_grad():
@@ -215,11 +216,9 @@ def static_greedy(fn, prompt: torch.Tensor, steps: int, start: int = 0) -> tuple
 
 
 def static_lm(max_seq: int = 64):
-    """The gpt-fast style decoder of test_find_attention with an LM head: layer 0 writes its
+    """The gpt-fast style decoder of mdkv_compile.testing with an LM head: layer 0 writes its
     buffers with `index_copy_` and attends with SDPA (bool mask), layer 1 writes with
     `k_cache[:, :, input_pos] = k` and attends with einsum + masked_fill(~mask)."""
-    from test_find_attention import StaticKVDecoder
-
     class StaticLM(StaticKVDecoder):
         def __init__(self) -> None:
             super().__init__(max_seq=max_seq, layer_kw=[{"write": "index_copy", "sdpa": True}, {"write": "setitem"}])
@@ -258,6 +257,7 @@ def mixeddim_reference(model, cfg: mdkv.MixedDimKVConfig):
     return ref, states
 
 
+@pytest.mark.compile
 def test_static_kv_buffer_decoder_matches_eager_reference() -> None:
     """gpt-fast style static KV buffers (written in place at input_pos, mask rows picked by
     input_pos): each layer's site is rewritten to `mdkv::site_attention_buffer`; 32 greedy tokens
@@ -265,7 +265,7 @@ def test_static_kv_buffer_decoder_matches_eager_reference() -> None:
     buffer is still written, budget 1.0 equals the plain model, recompiles are bounded and a
     write at the wrong position raises."""
     torch._dynamo.reset()
-    library.reset_sites()
+    sites.reset_sites()
     steps, n = 32, 24
     model = static_lm()
     prompt = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(3))
@@ -321,7 +321,7 @@ def test_static_kv_buffer_decoder_matches_eager_reference() -> None:
         want = ref_model(nxt, torch.tensor([total]))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] <= 2
-    library.reset_sites()
+    sites.reset_sites()
     with torch.no_grad(), pytest.raises(RuntimeError, match="no compressed prompt"):
         compiled(nxt, torch.tensor([total + 1]))
 
@@ -332,6 +332,7 @@ def test_static_kv_buffer_decoder_matches_eager_reference() -> None:
     assert backend.LAST_REPORTS[-1].buffers == backend.LAST_REPORTS[-1].rewritten != []
 
 
+@pytest.mark.compile
 def test_hf_static_cache_matches_eager_reference() -> None:
     """Unpatched tiny Llama with transformers' StaticCache (buffers allocated in-graph on first use,
     `index_copy_(2, cache_position, k)`, HF's mask over the whole buffer): the sites are rewritten
@@ -340,7 +341,7 @@ def test_hf_static_cache_matches_eager_reference() -> None:
     from transformers import StaticCache
 
     torch._dynamo.reset()
-    library.reset_sites()
+    sites.reset_sites()
     steps = 10
     model = build_tiny_model("llama").eval()
     counters.clear()
@@ -358,6 +359,7 @@ def test_hf_static_cache_matches_eager_reference() -> None:
     assert all(layer.keys.shape[-2] == 64 for layer in cache.layers)
 
 
+@pytest.mark.compile
 def test_reduce_overhead_static_cache_uses_fixed_region_and_matches_eager() -> None:
     """`mode="reduce-overhead"` with transformers' StaticCache: the sites' decoded tokens go to a
     fixed region sized by the buffer (what a CUDA-graph replay needs: backends/site_graphs.py); the
@@ -367,7 +369,7 @@ def test_reduce_overhead_static_cache_uses_fixed_region_and_matches_eager() -> N
     from transformers import StaticCache
 
     torch._dynamo.reset()
-    library.reset_sites()
+    sites.reset_sites()
     steps, max_len = 10, 64
     model = build_tiny_model("llama").eval()
     compiled = torch.compile(model, backend="mixeddimkv", options={**OPTS, "mode": "reduce-overhead"})
@@ -380,20 +382,21 @@ def test_reduce_overhead_static_cache_uses_fixed_region_and_matches_eager() -> N
     assert prefill.buffers == prefill.rewritten and not prefill.one_token
     assert decode.one_token == decode.rewritten == prefill.rewritten and len(decode.rewritten) == 2
     for key in decode.rewritten:
-        layer = library.site_layer(key)
+        layer = sites.site_layer(key)
         assert layer.max_new_tokens == max_len - IDS.shape[1] and layer.n_new == steps
         assert int(layer.n_decoded) == steps  # the device count the captured step would read
     # A second sequence starts a new state (new numbers: a captured graph of the old one is stale).
-    before = library.site_generations(decode.rewritten)
+    before = sites.site_generations(decode.rewritten)
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     tokens2, _ = decode_loop(compiled, cache, steps)
     assert torch.equal(tokens2, ref)
-    after = library.site_generations(decode.rewritten)
+    after = sites.site_generations(decode.rewritten)
     assert None not in after and all(a != b for a, b in zip(after, before, strict=True))
-    library.reset_sites()
-    assert library.site_generations(decode.rewritten) == (None, None)
+    sites.reset_sites()
+    assert sites.site_generations(decode.rewritten) == (None, None)
 
 
+@pytest.mark.compile
 def test_captured_decode_step_matches_eager_and_poisons_a_wrong_position() -> None:
     """The device-only step a CUDA graph captures (`_capture_decode_step`, called directly here on
     CPU) equals the eager op's step over the same fixed region; a step at a position that does not
@@ -405,20 +408,21 @@ def test_captured_decode_step_matches_eager_and_poisons_a_wrong_position() -> No
     mask = torch.ones(1, 1, n, s_max, dtype=torch.bool).tril(0)
     eager, graphed = "test:eager", "test:graphed"
     for site in (eager, graphed):
-        library.register_site(site, cfg, 0, 1)
-        library.site_attention_buffer(q, k, v, torch.arange(n), mask, None, site, True)
-    assert library.site_layer(graphed).max_new_tokens == s_max - n
+        sites.register_site(site, cfg, 0, 1)
+        sites.site_attention_buffer(q, k, v, torch.arange(n), mask, None, site, True)
+    assert sites.site_layer(graphed).max_new_tokens == s_max - n
     for pos in (n, n + 1):
         q1, k1, v1 = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
         step_mask = torch.ones(1, 1, 1, s_max, dtype=torch.bool)
-        want = library.site_attention_buffer(q1, k1, v1, torch.tensor([pos]), step_mask, None, eager, True)
-        got = library._capture_decode_step(q1, k1, v1, torch.tensor([pos]), None, graphed)
+        want = sites.site_attention_buffer(q1, k1, v1, torch.tensor([pos]), step_mask, None, eager, True)
+        got = sites._capture_decode_step(q1, k1, v1, torch.tensor([pos]), None, graphed)
         torch.testing.assert_close(got, want)
-    wrong = library._capture_decode_step(q1, k1, v1, torch.tensor([n + 7]), None, graphed)
+    wrong = sites._capture_decode_step(q1, k1, v1, torch.tensor([n + 7]), None, graphed)
     assert wrong.isnan().all()
-    library.reset_sites()
+    sites.reset_sites()
 
 
+@pytest.mark.compile
 def test_written_inputs_finds_in_place_writes_through_views() -> None:
     """The CUDA-graph wrapper must not copy an input the graph writes (the copy would take the
     write): `written_inputs` finds direct writes, writes through views and any in-place method."""
@@ -444,12 +448,11 @@ def test_written_inputs_finds_in_place_writes_through_views() -> None:
     assert sorted(placeholders[i] for i in written_inputs(graphs[0])) == ["l_acc_", "l_k_buf_", "l_v_buf_"]
 
 
+@pytest.mark.compile
 def test_cache_read_inside_the_graph_keeps_the_concat() -> None:
     """Rewrite only (no Inductor): a site whose concatenated keys are also read inside the graph
     keeps its concat (reason recorded); the other site's concats are erased and the graph
     returns zero-stride placeholders of the concat's shape."""
-    from test_find_attention import CatDecoder, _empty_past
-
     from mdkv_compile.passes.explain import capture_graphs
 
     class KeyReadingDecoder(CatDecoder):
@@ -460,7 +463,7 @@ def test_cache_read_inside_the_graph_keeps_the_concat() -> None:
     torch.manual_seed(0)
     model = KeyReadingDecoder().eval()
     prompt = torch.randint(0, 128, (1, 6))
-    ((gm, example),), _, _ = capture_graphs(model, prompt, _empty_past())
+    ((gm, example),), _, _ = capture_graphs(model, prompt, empty_past())
     report = backend.rewrite_graph(gm, example, mdkv.MixedDimKVConfig(**OPTS))
     assert len(report.rewritten) == 2
     assert [key.split(":")[1] for key in report.placeholders] == ["blocks.1"]
@@ -471,15 +474,16 @@ def test_cache_read_inside_the_graph_keeps_the_concat() -> None:
     ops = [n for n in gm.graph.nodes if n.target is torch.ops.mdkv.site_attention.default]
     assert [(n.args[7].split(":")[1], n.args[8]) for n in ops] == [("blocks.0", False), ("blocks.1", True)]
 
-    library.reset_sites()
+    sites.reset_sites()
     with torch.no_grad():
         x, k0, v0, k1, v1 = gm(*example)  # Dynamo's flat outputs: x, then the past tensors in order
-        want, want_past = model(prompt, _empty_past())
+        want, want_past = model(prompt, empty_past())
     torch.testing.assert_close(x, want, atol=1e-5, rtol=1e-5)  # prompt attention is exact
     torch.testing.assert_close((k0, v0), want_past[0])  # kept: the real keys and values
     assert k1.shape == v1.shape == want_past[1][0].shape and k1.stride(2) == v1.stride(2) == 0
 
 
+@pytest.mark.compile
 def test_patched_model_compiled_keeps_compressed_cache() -> None:
     """mdkv.patch + model.compile(backend="mixeddimkv"): the MixedDimCache carries the state
     (memory saved), compression runs outside the graph (one break per layer), tokens equal eager,

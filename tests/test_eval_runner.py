@@ -8,12 +8,13 @@ import json
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 import mdkv_compile as mdkv
 from mdkv_compile import assets
 from mdkv_compile.eval import runner as R
 from mdkv_compile.eval import tasks as T
+from mdkv_compile.testing import random_llama
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +27,9 @@ def tok():
 @pytest.fixture(scope="module")
 def tiny(tok):
     # random weights, the real tokenizer's vocabulary: fast, and exercises GQA (4 q / 2 kv heads)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      eos_token_id=2, bos_token_id=1)  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return random_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                        eos_token_id=2, bos_token_id=1)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mdkv_compile.passes.explain import build_tiny_model, capture_graphs, explain
+from mdkv_compile.passes.explain import capture_graphs, explain
 from mdkv_compile.passes.find_attention import AttentionSite, find_attention_sites
+from mdkv_compile.testing import (
+    DIM,
+    HEAD_DIM,
+    HEADS,
+    CatDecoder,
+    StaticKVDecoder,
+    build_tiny_model,
+    empty_past,
+)
 
 transformers = pytest.importorskip("transformers")
-
-DIM, HEADS, HEAD_DIM = 64, 4, 16
 
 
 def _sites(fn, *args, dynamic: bool | None = None, **kwargs) -> list[AttentionSite]:
@@ -192,73 +199,6 @@ def test_t5_decoder_self_attention_bias_reason() -> None:
 # buffer indexed by input_pos, fused wqkv, repeat_interleave GQA, einsum + masked_fill + div scale.
 
 
-class StaticKVAttention(nn.Module):
-    """`write`: "setitem" (`k_cache[:, :, input_pos] = k`) or "index_copy" (`index_copy_(2, input_pos, k)`);
-    `sdpa`: F.scaled_dot_product_attention with the bool mask instead of the einsum chain."""
-
-    def __init__(self, n_kv: int = 2, max_seq: int = 16, write: str = "setitem", sdpa: bool = False) -> None:
-        super().__init__()
-        self.n_kv, self.write, self.sdpa = n_kv, write, sdpa
-        self.wqkv = nn.Linear(DIM, (HEADS + 2 * n_kv) * HEAD_DIM, bias=False)
-        self.wo = nn.Linear(DIM, DIM, bias=False)
-        self.register_buffer("k_cache", torch.zeros(1, n_kv, max_seq, HEAD_DIM))
-        self.register_buffer("v_cache", torch.zeros(1, n_kv, max_seq, HEAD_DIM))
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, _ = x.shape
-        kv = self.n_kv * HEAD_DIM
-        q, k, v = self.wqkv(x).split([DIM, kv, kv], dim=-1)
-        q = q.view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, HEAD_DIM).transpose(1, 2)
-        v = v.view(b, t, self.n_kv, HEAD_DIM).transpose(1, 2)
-        return q, k, v
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.project(x)
-        if self.write == "index_copy":
-            self.k_cache.index_copy_(2, input_pos, k)
-            self.v_cache.index_copy_(2, input_pos, v)
-        else:
-            self.k_cache[:, :, input_pos] = k
-            self.v_cache[:, :, input_pos] = v
-        keys = self.k_cache.repeat_interleave(HEADS // self.n_kv, dim=1)
-        values = self.v_cache.repeat_interleave(HEADS // self.n_kv, dim=1)
-        if self.sdpa:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        else:
-            scores = torch.einsum("bhqd,bhkd->bhqk", q, keys) / math.sqrt(HEAD_DIM)
-            scores = scores.masked_fill(~mask, float("-inf"))
-            probs = F.softmax(scores.float(), dim=-1).type_as(q)
-            out = torch.einsum("bhqk,bhkd->bhqd", probs, values)
-        return self.wo(out.transpose(1, 2).reshape(b, t, DIM))
-
-
-class StaticKVDecoder(nn.Module):
-    """`layer_kw`: keyword arguments of each layer's StaticKVAttention (default: two plain layers)."""
-
-    def __init__(
-        self,
-        layers: int = 2,
-        max_seq: int = 16,
-        causal_buffer: torch.Tensor | None = None,
-        layer_kw: list[dict] | None = None,
-    ) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(128, DIM)
-        kws = layer_kw or [{} for _ in range(layers)]
-        self.layers = nn.ModuleList(StaticKVAttention(max_seq=max_seq, **kw) for kw in kws)
-        buf = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool)) if causal_buffer is None else causal_buffer
-        self.register_buffer("causal_mask", buf)
-
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        x = self.emb(idx)
-        mask = self.causal_mask[None, None, input_pos]
-        for layer in self.layers:
-            x = x + layer(x, mask, input_pos)
-        return x
-
-
 def test_static_kv_decoder_prefill_and_decode() -> None:
     torch.manual_seed(0)
     model = StaticKVDecoder().eval()
@@ -291,66 +231,12 @@ def test_static_kv_decoder_rejects_a_non_causal_buffer() -> None:
 # applied with torch.where.
 
 
-class CatAttention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(DIM, DIM)
-        self.k_proj = nn.Linear(DIM, HEAD_DIM)  # one kv head (MQA)
-        self.v_proj = nn.Linear(DIM, HEAD_DIM)
-        self.o_proj = nn.Linear(DIM, DIM)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        past_k: torch.Tensor,
-        past_v: torch.Tensor,
-        flip_mask: bool = False,
-        diagonal: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, HEADS, HEAD_DIM).permute(0, 2, 1, 3) * HEAD_DIM**-0.5
-        k = torch.cat([past_k, self.k_proj(x).view(b, t, 1, HEAD_DIM).transpose(1, 2)], dim=2)
-        v = torch.cat([past_v, self.v_proj(x).view(b, t, 1, HEAD_DIM).transpose(1, 2)], dim=2)
-        s = k.shape[2]
-        allowed = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(
-            diagonal=s - t if diagonal is None else diagonal
-        )
-        if flip_mask:  # a bug we must not accept: masks the past instead of the future
-            allowed = ~allowed
-        scores = q.matmul(k.expand(b, HEADS, s, HEAD_DIM).transpose(-1, -2))
-        scores = torch.where(allowed, scores, torch.finfo(scores.dtype).min)
-        out = scores.softmax(-1) @ v.expand(b, HEADS, s, HEAD_DIM)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, DIM)), k, v
-
-
-class CatDecoder(nn.Module):
-    def __init__(self, flip_mask: bool = False, diagonal: int | None = None) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(128, DIM)
-        self.blocks = nn.ModuleList(CatAttention() for _ in range(2))
-        self.flip_mask = flip_mask
-        self.diagonal = diagonal  # a constant diagonal: right only for one cache length
-
-    def forward(self, idx: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]]):
-        x = self.emb(idx)
-        new_past = []
-        for blk, (pk, pv) in zip(self.blocks, past, strict=True):
-            h, k, v = blk(x, pk, pv, self.flip_mask, self.diagonal)
-            x = x + h
-            new_past.append((k, v))
-        return x, new_past
-
-
-def _empty_past(n: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(torch.randn(1, 1, n, HEAD_DIM), torch.randn(1, 1, n, HEAD_DIM)) for _ in range(2)]
-
-
 def test_cat_decoder_prefill_and_decode() -> None:
     torch.manual_seed(0)
     model = CatDecoder().eval()
     with torch.no_grad():
-        _, past = model(torch.randint(0, 128, (1, 5)), _empty_past())
-    for idx, pst in ((torch.randint(0, 128, (1, 5)), _empty_past()), (torch.tensor([[3]]), past)):
+        _, past = model(torch.randint(0, 128, (1, 5)), empty_past())
+    for idx, pst in ((torch.randint(0, 128, (1, 5)), empty_past()), (torch.tensor([[3]]), past)):
         sites = _sites(model, idx, pst)
         assert [s.layer for s in sites] == ["blocks.0", "blocks.1"]
         for s in sites:
@@ -369,7 +255,7 @@ def test_cat_decoder_prefill_and_decode() -> None:
 def test_cat_decoder_dynamic_shapes_need_a_symbolic_diagonal() -> None:
     """Under dynamic shapes the tril diagonal must equal S - T symbolically, not just for the example."""
     torch.manual_seed(0)
-    past = _empty_past(5)
+    past = empty_past(5)
     for diagonal, ok in ((None, True), (5, False)):  # 5 == S - T for this example only
         model = CatDecoder(diagonal=diagonal).eval()
         static = _sites(model, torch.tensor([[3]]), past)
@@ -384,7 +270,7 @@ def test_cat_decoder_dynamic_shapes_need_a_symbolic_diagonal() -> None:
 
 def test_cat_decoder_flipped_mask_is_not_causal() -> None:
     model = CatDecoder(flip_mask=True).eval()
-    sites = _sites(model, torch.randint(0, 128, (1, 5)), _empty_past())
+    sites = _sites(model, torch.randint(0, 128, (1, 5)), empty_past())
     assert len(sites) == 2
     for s in sites:
         assert not s.is_causal and s.status == "skipped"

@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import mdkv_compile as mdkv
 from mdkv_compile.hf.cuda_graphs import GraphedDecoder
+from mdkv_compile.testing import decode_n_tokens, prefill, tiny_model
 
 
 def decode(model, cache, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Prefill then greedy single-token forward steps; returns the tokens and each step's logits."""
+    """Prefill then greedy single-token forward steps (in inference mode); returns the tokens (the
+    last one picked from the last step's logits) and the logits of the prefill and of each step."""
     with torch.inference_mode():
-        out = model(ids, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        tokens, logits = [token], [out.logits[:, -1]]
-        for _ in range(steps):
-            out = model(token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            tokens.append(token)
-            logits.append(out.logits[:, -1])
-    return torch.cat(tokens, 1), logits
+        first = prefill(model, ids, cache)
+        tokens, steps_logits = decode_n_tokens(model, cache, first, steps)
+    logits = [first, *steps_logits]
+    return torch.cat([*tokens, logits[-1].argmax(-1, keepdim=True)], 1), logits
 
 
 @pytest.mark.parametrize("method,budget", [("mixeddimkv", 0.25), ("snapkv", 0.25), ("full", 1.0)])
@@ -73,6 +69,7 @@ def test_graphed_decoder_rejects_caches_it_cannot_replay() -> None:
         GraphedDecoder(model, mdkv.MixedDimCache(model.config, cfg, max_new_tokens=4))
 
 
+@pytest.mark.compile
 def test_compiled_regions_decode_like_eager() -> None:
     """compile_regions (Inductor on MLP and RMSNorm modules) keeps the compressed decode's tokens."""
     from mdkv_compile.hf.cuda_graphs import compile_regions

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_ARCHS, tiny_model
 
 import mdkv_compile as mdkv
 from mdkv_compile.cache import MixedDimLayer
 from mdkv_compile.methods import RECORDS
+from mdkv_compile.testing import TINY_ARCHS, tiny_model
 
 # Every method that compresses (all but "full"), and those of them that need no head-score file:
 # from the registry, so a new method is in these tests by itself.

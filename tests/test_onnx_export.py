@@ -12,12 +12,12 @@ import onnx.inliner
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import tiny_model
 
 import mdkv_compile as mdkv
 from mdkv_compile.backends.onnx.export import DOMAIN, OP_NAME, ExportError, align_store, export_onnx
 from mdkv_compile.backends.onnx.runtime import OnnxGenerator
 from mdkv_compile.cache import MixedDimCache
+from mdkv_compile.testing import tiny_model
 
 NEW_TOKENS = 24
 PROMPT = 256

@@ -28,6 +28,7 @@ from mdkv_compile.config import METHODS
 from mdkv_compile.core.bases import save_calibrated
 from mdkv_compile.core.sharding import HeadShard, shard_store_bytes
 from mdkv_compile.methods import RECORDS
+from mdkv_compile.testing import random_llama
 
 WORLD = 2
 N_LAYERS, N_HEADS, N_KV, HEAD_DIM = 2, 8, 4, 16
@@ -134,12 +135,10 @@ def _expected_rank_bytes(layers: list[MixedDimLayer], shard: HeadShard) -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[dict, list[dict]]:
     tmp = tmp_path_factory.mktemp("tp")
-    config = transformers.LlamaConfig(
+    model = random_llama(
         vocab_size=256, hidden_size=N_HEADS * HEAD_DIM, intermediate_size=256, num_hidden_layers=N_LAYERS,
         num_attention_heads=N_HEADS, num_key_value_heads=N_KV, head_dim=HEAD_DIM, max_position_embeddings=1024,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp / "model")
     gen = torch.Generator().manual_seed(2)
     heads = tmp / "heads.json"

@@ -37,6 +37,7 @@ from mdkv_compile.cache import MixedDimCache
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.hf.cuda_graphs import GraphedDecoder, compile_regions
 from mdkv_compile.hf.patch import patch, unpatch
+from mdkv_compile.testing import decode_one_token, prefill, random_llama
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -87,22 +88,10 @@ def plan(part: str, quick: bool) -> list[Config]:
 
 
 def build_model(layers: int | None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     kwargs = dict(LLAMA3_8B)
     if layers:
         kwargs["num_hidden_layers"] = layers
-    config = LlamaConfig(**kwargs)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    return model
+    return random_llama(attn_implementation="sdpa", dtype=torch.bfloat16, device="cuda", **kwargs)
 
 
 def make_cache(model, c: Config, max_new_tokens: int):
@@ -180,9 +169,9 @@ def time_decode(model, cache, ids: torch.Tensor, c: Config, steps: int) -> tuple
             prefill_s = _prefill_static(model, cache, ids)
             token = ids[:, -1:]  # any token: only the step time is measured
         else:
-            out, prefill_s = _synced(lambda: model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1))
-            token = out.logits[:, -1:].argmax(-1)
-            del out
+            logits, prefill_s = _synced(lambda: prefill(model, ids, cache, logits_to_keep=1))
+            token = logits.argmax(-1, keepdim=True)
+            del logits
     step_s = []
     if c.mode in GRAPH_MODES:
         decoder = GraphedDecoder(model, cache)
@@ -193,8 +182,8 @@ def time_decode(model, cache, ids: torch.Tensor, c: Config, steps: int) -> tuple
         return prefill_s, step_s[1:]  # the first step includes the capture
     with torch.inference_mode():
         for _ in range(steps):
-            out, t = _synced(lambda tok=token: model(tok, past_key_values=cache, use_cache=True))
-            token = out.logits[:, -1:].argmax(-1)
+            logits, t = _synced(lambda tok=token: decode_one_token(model, tok, cache))
+            token = logits.argmax(-1, keepdim=True)
             step_s.append(t)
     return prefill_s, step_s[2:]
 

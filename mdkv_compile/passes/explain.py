@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from mdkv_compile.passes.find_attention import AttentionSite, find_attention_sites
+from mdkv_compile.testing import EXPLAIN_ARCHS, build_tiny_model
 
-__all__ = ["ExplainReport", "SiteReport", "add_arguments", "build_tiny_model", "explain", "run"]
+__all__ = ["ExplainReport", "SiteReport", "add_arguments", "explain", "run"]
 
 
 @dataclass
@@ -129,93 +130,6 @@ def explain(model: Callable[..., Any], *example_args: Any, **example_kwargs: Any
     return ExplainReport(sites=sites, graph_breaks=n_breaks, graphs=len(graphs), break_reasons=reasons)
 
 
-# ---------------------------------------------------------------------------------------------
-# Tiny random models (offline): used by the CLI and the tests.
-
-TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt2", "opt", "gpt_neox", "bert", "t5", "bart")
-
-
-def build_tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    """A 2-layer, hidden-64 random-weight model from a transformers config (no download)."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=128, max_position_embeddings=64)
-    if arch in ("llama", "qwen2", "mistral"):
-        cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
-        cfg = cls(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-        if arch == "mistral":
-            cfg.sliding_window = None  # full attention, as in Mistral v0.2+ (a window is skipped)
-    elif arch == "gpt2":
-        cfg = tf.GPT2Config(
-            n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
-        )
-    elif arch == "opt":
-        cfg = tf.OPTConfig(
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=64,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=1,
-            **common,
-        )
-    elif arch == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            bos_token_id=0,
-            eos_token_id=0,
-            **common,
-        )
-    elif arch == "bert":
-        cfg = tf.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **common)
-    elif arch == "t5":
-        cfg = tf.T5Config(
-            d_model=64,
-            d_ff=128,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
-            d_kv=16,
-            vocab_size=128,
-            decoder_start_token_id=0,
-        )
-    elif arch == "bart":
-        cfg = tf.BartConfig(
-            d_model=64,
-            encoder_ffn_dim=128,
-            decoder_ffn_dim=128,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            **common,
-        )
-    else:
-        raise ValueError(f"unknown tiny arch {arch!r}; choose from {', '.join(TINY_ARCHS)}")
-    if arch == "bert":
-        model = tf.BertModel._from_config(cfg, attn_implementation=attn_implementation)
-    elif arch == "t5":
-        model = tf.T5ForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
-    elif arch == "bart":
-        model = tf.BartForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
-    else:
-        model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
-    return model.eval()
-
-
 def example_inputs_for(model: torch.nn.Module, seq_len: int = 8) -> dict[str, Any]:
     """Random token ids for an HF model; encoder-decoders also get decoder ids (half as many)."""
     vocab = int(getattr(model.config, "vocab_size", 128))
@@ -233,10 +147,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="local model directory (from_pretrained) or a tiny arch name: " + ", ".join(TINY_ARCHS),
+        help="local model directory (from_pretrained) or a tiny arch name: " + ", ".join(EXPLAIN_ARCHS),
     )
     parser.add_argument(
-        "--arch", choices=TINY_ARCHS, default=None, help="build a tiny random model of this architecture (offline)"
+        "--arch", choices=EXPLAIN_ARCHS, default=None, help="build a tiny random model of this architecture (offline)"
     )
     parser.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager (HF models)")
     parser.add_argument("--seq-len", type=int, default=8)
@@ -247,7 +161,7 @@ def _load(args: argparse.Namespace) -> torch.nn.Module:
     name = args.arch or args.model
     if name is None:
         raise SystemExit("mdkv explain: give --model PATH or --arch NAME")
-    if name in TINY_ARCHS:
+    if name in EXPLAIN_ARCHS:
         return build_tiny_model(name, args.attn_implementation)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from mdkv_compile.passes.graph_writes import node_value as _val
+
 __all__ = ["AttentionSite", "find_attention_sites"]
 
 REWRITABLE = "rewritable"
@@ -146,10 +148,6 @@ def _is(node: Any, fns: Iterable[Callable[..., Any]] = (), methods: Iterable[str
     if node.op == "call_method":
         return node.target in set(methods)
     return False
-
-
-def _val(node: Any) -> Any:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, Node) else None
 
 
 def _hint(d: Any) -> int | None:

@@ -21,11 +21,12 @@ import threading
 
 import torch
 
+from mdkv_compile.cache import MixedDimLayer
 from mdkv_compile.config import MixedDimKVConfig
 
 # --- the backend's stateful site op --------------------------------------------------------------
 
-_SITES: dict[str, object] = {}
+_SITES: dict[str, MixedDimLayer] = {}
 _SITE_CONFIGS: dict[str, tuple[MixedDimKVConfig, int, int]] = {}
 # A number per site state, new at every prompt: a captured decode graph is valid for one state only.
 _GENERATIONS: dict[str, int] = {}
@@ -53,14 +54,14 @@ def site_key_prefix(cfg: MixedDimKVConfig) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8] + ":"
 
 
-def site_layer(site: str):
+def site_layer(site: str) -> MixedDimLayer | None:
     """The `MixedDimLayer` holding a site's current compressed state (None before its prefill)."""
     return _SITES.get(site)
 
 
 def site_layers(
     cfg: MixedDimKVConfig | dict | None = None, model: torch.nn.Module | None = None
-) -> dict[str, object]:
+) -> dict[str, MixedDimLayer]:
     """Every site's `MixedDimLayer` (site key -> layer) that has run a prefill, restricted to the
     sites compiled under `cfg` (a config or the backend's `options` dict) and to the attention
     modules of `model` (matched by module path, e.g. `model.layers.0.self_attn`) when given.
@@ -119,8 +120,6 @@ def _advance_site(
     when given. `start > 0` continues the state, which must cover exactly `start` tokens (else
     RuntimeError: nothing is changed). `where` describes the call for the error messages (e.g.
     "the model's cache holds 45 tokens")."""
-    from mdkv_compile.cache import MixedDimLayer
-
     cfg, layer_idx, num_layers = _SITE_CONFIGS[site]
     if start == 0:
         layer = MixedDimLayer(

@@ -1,0 +1,1 @@
+"""ONNX export of a compressed decode step, its ONNX Runtime generator and the `mdkv export` command."""
