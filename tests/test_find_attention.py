@@ -25,6 +25,9 @@ from mdkv_compile.testing import (
 
 transformers = pytest.importorskip("transformers")
 
+# Every test here traces with torch.compile (Dynamo and a recording backend).
+pytestmark = pytest.mark.compile
+
 
 def _sites(fn, *args, dynamic: bool | None = None, **kwargs) -> list[AttentionSite]:
     graphs, _, _ = capture_graphs(fn, *args, dynamic=dynamic, **kwargs)

@@ -41,6 +41,7 @@ def exported(request, tmp_path_factory) -> tuple[str, torch.nn.Module, mdkv.Mixe
     return arch, model, cfg, out
 
 
+@pytest.mark.compile
 def test_ort_greedy_matches_pytorch(exported) -> None:
     _, model, _, out = exported
     ids = _prompt()
@@ -54,6 +55,7 @@ def test_ort_greedy_matches_pytorch(exported) -> None:
     assert err < 1e-3
 
 
+@pytest.mark.compile
 def test_prompt_store_uses_reduced_tiers(exported) -> None:
     """The export's comparison above is only meaningful if the store really holds reduced tiers."""
     _, model, cfg, _ = exported
@@ -63,6 +65,7 @@ def test_prompt_store_uses_reduced_tiers(exported) -> None:
     assert any(len(layer.store.tier_dims) > 1 for layer in cache.layers)
 
 
+@pytest.mark.compile
 def test_checker_and_mdkv_nodes(exported) -> None:
     _, model, _, out = exported
     path = out / "decode.onnx"
@@ -81,6 +84,7 @@ def test_checker_and_mdkv_nodes(exported) -> None:
     assert manifest["versions"]["onnx"] == onnx.__version__
 
 
+@pytest.mark.compile
 def test_inlined_graph_is_standard_ops_and_runs(exported) -> None:
     _, model, _, out = exported
     inlined = onnx.inliner.inline_local_functions(onnx.load(str(out / "decode.onnx")))
@@ -92,6 +96,7 @@ def test_inlined_graph_is_standard_ops_and_runs(exported) -> None:
     assert torch.equal(a.sequences, b.sequences)
 
 
+@pytest.mark.compile
 def test_cache_inputs_bytes_equal_static_store(exported) -> None:
     _, model, cfg, out = exported
     manifest = json.loads((out / "manifest.json").read_text())
@@ -109,6 +114,7 @@ def test_cache_inputs_bytes_equal_static_store(exported) -> None:
     assert graph_bytes == store_bytes == manifest["store_bytes"]
 
 
+@pytest.mark.compile
 def test_prompt_over_capacity_fails_clearly(exported) -> None:
     _, model, _, out = exported
     gen = OnnxGenerator(out, model=model)
@@ -118,6 +124,7 @@ def test_prompt_over_capacity_fails_clearly(exported) -> None:
         gen.generate(_prompt(), max_new_tokens=NEW_TOKENS + 8)
 
 
+@pytest.mark.compile
 def test_eviction_method_exports_without_basis(tmp_path) -> None:
     model = tiny_model("llama")
     cfg = mdkv.MixedDimKVConfig(budget=0.25, method="snapkv")
@@ -151,6 +158,7 @@ def test_non_empty_out_dir_needs_overwrite(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.compile
 def test_cli_export_onnx_then_generate(tmp_path) -> None:
     from mdkv_compile.cli import main
 
@@ -181,6 +189,7 @@ def test_cli_export_trt_without_tensorrt_names_it(tmp_path, capsys) -> None:
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.compile
 @pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT (not installed): builds an engine with the mdkv plugin")
 def test_trt_engine_from_export(exported, tmp_path) -> None:
     from mdkv_compile.backends.tensorrt import build_engine
@@ -252,6 +261,7 @@ def test_plugin_kernel_matches_attend_static(has_basis: bool, softcap: float | N
     assert (got.cpu() - ref).abs().max() < 1e-5
 
 
+@pytest.mark.compile
 def test_plugin_kernel_on_a_prompt_store(exported) -> None:
     """The kernel over a real compressed prompt (mixed tiers, per-owner bases) laid out for the export."""
     from mdkv_compile.core.static import attend_static
@@ -320,6 +330,7 @@ def test_aot_ptx_launch_matches_attend_static() -> None:
     assert (out.cpu() - ref).abs().max() < 1e-5
 
 
+@pytest.mark.compile
 def test_batch_of_two_matches_pytorch(tmp_path) -> None:
     model = tiny_model("llama")
     cfg = mdkv.MixedDimKVConfig(budget=0.25)
@@ -330,6 +341,7 @@ def test_batch_of_two_matches_pytorch(tmp_path) -> None:
     assert torch.equal(OnnxGenerator(out, model=model).generate(ids, max_new_tokens=8).sequences, ref)
 
 
+@pytest.mark.compile
 def test_file_stands_alone(exported) -> None:
     """The checker passes where no mdkv schema is registered (a deployment process), and the
     local function is what stock ORT runs: without it the node is opaque and ORT refuses it."""
