@@ -95,7 +95,7 @@ def prompt_bases(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`prompt_basis` of the keys and of the values. The subspace solver runs both as one batch
     (half the launches: its cost on CUDA is the number of small batched factorisations, not their
-    size); eigh runs them one after the other, exactly as before."""
+    size); eigh runs them one after the other."""
     if solver != "subspace":
         return prompt_basis(key, valid, rank, solver), prompt_basis(value, valid, rank, solver)
     moments = torch.stack([masked_second_moment(key, valid), masked_second_moment(value, valid)])

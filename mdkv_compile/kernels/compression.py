@@ -1,4 +1,4 @@
-"""Triton kernels for prefill compression (build item 1c): window importance without the fp32
+"""Triton kernels for prefill compression: window importance without the fp32
 ``[B, H, G, W, N]`` logits tensor. Semantics are those of ``core.scoring.window_importance``, the
 reference (and the fallback where Triton cannot run).
 

