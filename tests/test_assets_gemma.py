@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -274,6 +277,57 @@ def test_real_tokenizer_matches_transformers_5_24(gemma_dir: Path) -> None:
     assert ids[0] == tok.bos_token_id == 2
     assert tok.convert_ids_to_tokens(ids[1:]) == ["The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", "."]
     assert tok.decode(ids, skip_special_tokens=True) == "The capital of France is Paris."
+
+
+_REFERENCE_SCRIPT = """
+import json, sys
+from pathlib import Path
+import transformers
+from transformers import AutoTokenizer
+folder, gguf, out, probe, haystack = sys.argv[1:6]
+tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+tok.save_pretrained(out)
+ids = {name: tok(Path(path).read_text(encoding="utf-8"))["input_ids"] for name, path in
+       (("probe", probe), ("haystack", haystack))}
+print(json.dumps({"version": transformers.__version__, "ids": ids}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("MDKV_TOKENIZER_REFERENCE"),
+    reason="opt-in (MDKV_TOKENIZER_REFERENCE=5.24.0): a side venv with that transformers, ~1 min and 1.2 GB",
+)
+def test_tokenizer_equals_the_reference_conversion_in_a_side_venv(gemma_dir: Path, tmp_path: Path) -> None:
+    """Redo the reference: convert the GGUF's tokenizer with another transformers (its own
+    `from_pretrained(gguf_file=...)`, in a throwaway venv) and compare with the built one, file and
+    ids. Reading a GGUF needs torch there; TORCH_REQ as in scripts/setup.sh (the local CPU wheel)."""
+    from transformers import AutoTokenizer
+
+    version = os.environ["MDKV_TOKENIZER_REFERENCE"]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    reqs = [f"transformers=={version}", "gguf==0.19.0", os.environ.get("TORCH_REQ", "torch==2.13.0")]
+    subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", *reqs], check=True)
+    probe, haystack = tmp_path / "probe.txt", tmp_path / "haystack.txt"
+    probe.write_text(assets._TOKENIZER_PROBE, encoding="utf-8")
+    haystack.write_text(assets.haystack_text(), encoding="utf-8")
+    out = tmp_path / "reference"
+    run = subprocess.run(
+        [py, "-c", _REFERENCE_SCRIPT, str(gemma_dir), assets.GEMMA3_GGUF, str(out), str(probe), str(haystack)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    ref = json.loads(run.stdout.strip().splitlines()[-1])
+    assert ref["version"] == version
+    ours = AutoTokenizer.from_pretrained(str(gemma_dir / assets.GEMMA3_TOKENIZER))
+    for name, path in (("probe", probe), ("haystack", haystack)):
+        assert ours(path.read_text(encoding="utf-8"))["input_ids"] == ref["ids"][name], name
+    ours_json = (gemma_dir / assets.GEMMA3_TOKENIZER / "tokenizer.json").read_bytes()
+    assert ours_json == (out / "tokenizer.json").read_bytes()
+    if version == "5.24.0":  # the recorded figures came from this version
+        assert assets.token_ids_sha256(ref["ids"]["probe"]) == assets._TOKENIZER_PROBE_SHA256
+        assert assets.token_ids_sha256(ref["ids"]["haystack"]) == HAYSTACK_IDS_SHA256_524
 
 
 @pytest.fixture(scope="module")
