@@ -154,7 +154,7 @@ class EvalSpec:
                 for point in points:
                     for protocol in self.protocols:
                         # perplexity scores a continuation after the compressed prefix: one protocol
-                        if point[0] == "ppl" and protocol != "query-agnostic":
+                        if point[0] in T.CONTINUATION_TASKS and protocol != "query-agnostic":
                             continue
                         out.append((method, budget, point, protocol))
         return out
@@ -269,11 +269,14 @@ def greedy_generate(
     }
 
 
-def continuation_nll(model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: Sequence[int]) -> dict[str, Any]:
-    """Mean NLL (nats/token) of `cont_ids` given the compressed `ctx_ids`: the context is
-    prefilled (and compressed), then the continuation is fed as one chunk (teacher forcing)."""
+def continuation_logits(
+    model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: Sequence[int]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Logits [T, V] (float32) that predict each of the T `cont_ids` given the compressed
+    `ctx_ids`: the context is prefilled (and compressed), then the continuation is fed as one
+    chunk (teacher forcing). Also returns the cache's bytes and dims after the context, and times."""
     if not cont_ids:
-        raise ValueError("perplexity needs a non-empty continuation")
+        raise ValueError("a continuation task needs a non-empty continuation")
     device = next(model.parameters()).device
     r = _Runner(model, cache, device)
     t0 = time.perf_counter()
@@ -282,18 +285,46 @@ def continuation_nll(model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: S
     dims = dim_fractions(cache)
     t1 = time.perf_counter()
     rest = r.forward(cont_ids[:-1], all_logits=True) if len(cont_ids) > 1 else first[:0]
-    logits = torch.cat([first, rest], dim=0)
-    target = torch.tensor(list(cont_ids), device=logits.device)
-    nll = torch.nn.functional.cross_entropy(logits, target, reduction="mean").item()
-    return {
-        "nll": nll,
-        "ppl": math.exp(nll),
+    info = {
         "stored_bytes": stored,
         "full_bytes": full,
         "dim_fractions": dims,
         "prefill_s": t1 - t0,
         "decode_s": time.perf_counter() - t1,
     }
+    return torch.cat([first, rest], dim=0), info
+
+
+def continuation_nll(model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: Sequence[int]) -> dict[str, Any]:
+    """Mean NLL (nats/token) and perplexity of `cont_ids` given the compressed `ctx_ids`."""
+    logits, info = continuation_logits(model, cache, ctx_ids, cont_ids)
+    target = torch.tensor(list(cont_ids), device=logits.device)
+    nll = torch.nn.functional.cross_entropy(logits, target, reduction="mean").item()
+    return {"nll": nll, "ppl": math.exp(nll), **info}
+
+
+def reference_logprobs(model: Any, ctx_ids: Sequence[int], cont_ids: Sequence[int]) -> torch.Tensor:
+    """Log-probabilities [T, V] of the full cache under the same two forwards as a compressed run
+    (a plain DynamicCache: a patched model attends exactly over it), so a KL against it measures
+    the compression alone."""
+    from transformers import DynamicCache
+
+    logits, _ = continuation_logits(model, DynamicCache(config=model.config), ctx_ids, cont_ids)
+    return logits.log_softmax(-1)
+
+
+def continuation_kl(
+    model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: Sequence[int], reference: torch.Tensor
+) -> dict[str, Any]:
+    """Mean KL(full || compressed) in nats over the continuation's next-token distributions, and
+    the share of positions whose top-1 token agrees with the full cache's. `reference`: the full
+    cache's log-probabilities (`reference_logprobs`)."""
+    logits, info = continuation_logits(model, cache, ctx_ids, cont_ids)
+    logp = logits.log_softmax(-1)
+    ref = reference.to(logp.device)
+    kl = (ref.exp() * (ref - logp)).sum(-1)
+    agree = (ref.argmax(-1) == logp.argmax(-1)).float()
+    return {"kl": kl.mean().item(), "top1_agreement": agree.mean().item(), **info}
 
 
 # --- the grid ------------------------------------------------------------------------------------
@@ -416,6 +447,7 @@ def run_grid(
         return counts
 
     instances: dict[tuple, T.TaskInstance] = {}
+    references: dict[tuple, torch.Tensor] = {}  # kl: the full cache's log-probabilities per point
     patched_with: tuple[str, float] | None = None
     bar = tqdm(todo, desc="mdkv eval", unit="cell", disable=not progress, dynamic_ncols=True)
     try:
@@ -440,6 +472,11 @@ def run_grid(
                     if task == "ppl":
                         res = continuation_nll(model, cache, ctx_ids, q_ids)
                         score, prediction = res["ppl"], ""
+                    elif task == "kl":
+                        if point not in references:
+                            references[point] = reference_logprobs(model, ctx_ids, q_ids)
+                        res = continuation_kl(model, cache, ctx_ids, q_ids, references[point])
+                        score, prediction = res["kl"], ""
                     else:
                         n_new = spec.max_new_tokens or inst.max_new_tokens
                         res = greedy_generate(
@@ -469,10 +506,10 @@ def run_grid(
                     "seed": seed,
                     "protocol": protocol,
                     "prompt_style": spec.prompt_style,
-                    "prompt_tokens": len(ctx_ids) + (0 if task == "ppl" else len(q_ids)),
+                    "prompt_tokens": len(ctx_ids) + (0 if task in T.CONTINUATION_TASKS else len(q_ids)),
                     "context_tokens": len(ctx_ids),
                     "score": score,
-                    "metric": "ppl" if task == "ppl" else "string_match_all",
+                    "metric": task if task in T.CONTINUATION_TASKS else "string_match_all",
                     "answers": list(inst.answers),
                     "prediction": prediction,
                     "seconds": seconds,
@@ -535,7 +572,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_csv(int), default=None, help="instances per non-grid task, by seed")
     p.add_argument("--protocols", type=_csv(str), default=None, help="query-agnostic,query-aware")
     p.add_argument("--prompt-style", choices=T.PROMPT_STYLES, default="continuation")
-    p.add_argument("--ppl-tokens", type=int, default=None, help="continuation tokens scored by ppl")
+    p.add_argument("--ppl-tokens", type=int, default=None, help="continuation tokens scored by ppl and kl")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the per-task decode length")
     p.add_argument("--head-scores", default=None, help="JSON from `mdkv profile-heads` (headkv, mixeddimkv-h)")
     p.add_argument(
