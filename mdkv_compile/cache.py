@@ -31,11 +31,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.attention import attend_packed, causal_mask, dense_attention
 from mdkv_compile.core.bases import load_calibrated
-from mdkv_compile.core.packing import PackedStore, pack
+from mdkv_compile.core.packing import PackedStore
 from mdkv_compile.core.sharding import HeadShard, check_local_heads
 from mdkv_compile.kernels.store_attention import packed_store_attention, store_arguments
 from mdkv_compile.methods import RECORDS
 from mdkv_compile.policies import LayerContext, select
+from mdkv_compile.policies.base import pack_selection
 from mdkv_compile.policies.head_scores import load_head_shares
 
 _STATE = threading.local()
@@ -133,7 +134,7 @@ class MixedDimLayer(CacheLayerMixin):
         # tokens that is 25% of a 0.0625 store), so it is kept only on request.
         self.record_selection = record_selection
         self.last_selection: torch.Tensor | None = None
-        self.selection_dims: tuple[int, ...] = ()
+        self.selection_dims: tuple[int | str, ...] = ()
         self.selection_counts: torch.Tensor | None = None
         # Decoded tokens: `n_new` of them (host count). With a fixed region (`max_new_tokens`), the
         # device count `n_decoded` ([1] int64) is what kernels read and what in-place writes advance.
@@ -316,12 +317,13 @@ class MixedDimLayer(CacheLayerMixin):
             calibrated=self.calibrated, shard=self.shard, all_valid=mask is None,
         )
         sel = select(ctx)
-        self.store = pack(
-            key, value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
-            sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared,
+        self.store = pack_selection(key, value, sel)
+        tiers = ((0, 0), *self.store.tiers)
+        chosen_value = sel.chosen_dim if sel.chosen_value_dim is None else sel.chosen_value_dim
+        self.selection_dims = tuple(r if r == rv else f"{r}/{rv}" for r, rv in tiers)
+        self.selection_counts = torch.stack(
+            [((sel.chosen_dim == r) & (chosen_value == rv)).sum() for r, rv in tiers]
         )
-        self.selection_dims = (0, *sel.tier_dims)
-        self.selection_counts = torch.stack([(sel.chosen_dim == r).sum() for r in self.selection_dims])
         self.last_selection = sel.chosen_dim if self.record_selection else None
         self.n_prompt = n_tokens
         self.pending = None
@@ -330,8 +332,9 @@ class MixedDimLayer(CacheLayerMixin):
             self.keys, self.values = key.new_zeros(shape), value.new_zeros(shape)
             self.n_decoded = torch.zeros(1, dtype=torch.long, device=key.device)
 
-    def selection_summary(self) -> dict[int, int]:
-        """{dim: prompt entries stored at that dim} (0 = dropped); empty before compression. Syncs."""
+    def selection_summary(self) -> dict[int | str, int]:
+        """{tier: prompt entries stored in it} (0 = dropped); a tier is named by its dim when its
+        keys and values keep as many dims, else "key dims/value dims". Empty before compression. Syncs."""
         if self.selection_counts is None:
             return {}
         return dict(zip(self.selection_dims, self.selection_counts.tolist(), strict=True))
