@@ -123,13 +123,13 @@ def _up_scale(node: Node, walk: _Walk) -> Node | None:
     if nxt is node:
         walk.why.append(f"scores multiplied by a tensor ({node.name}), not a scalar")
         return None
-    walk.up.extend(between(nxt, node))
+    walk.up.extend(_between(nxt, node))
     return nxt
 
 
 def _up_mask_add(node: Node, walk: _Walk) -> Node | None:
     a, b = node.args[:2]
-    sa, sb = leads_to_scores(a), leads_to_scores(b)
+    sa, sb = _leads_to_scores(a), _leads_to_scores(b)
     if sa == sb:
         walk.why.append(f"cannot tell scores from mask in {node.name}")
         return None
@@ -150,10 +150,10 @@ def _up_where(node: Node, walk: _Walk) -> Node | None:
         walk.why.append(_unknown_op(node))
         return None
     c, a, b = node.args
-    if leads_to_scores(a) and very_negative(b):
+    if _leads_to_scores(a) and very_negative(b):
         walk.add_term(c, ALLOW)
         return a
-    if leads_to_scores(b) and very_negative(a):
+    if _leads_to_scores(b) and very_negative(a):
         walk.add_term(c, BLOCK)
         return b
     walk.why.append(f"torch.where that is not a mask ({node.name})")
@@ -191,7 +191,7 @@ def _spelled(node: Node) -> str | None:
     return "cast" if is_cast(node) else canon(node)
 
 
-def is_scores_product(n: Any) -> bool:
+def _is_scores_product(n: Any) -> bool:
     return is_op(n, *SCORES)
 
 
@@ -224,7 +224,7 @@ def manual_site(sm: Node, why: list[str]) -> RawSite | None:
     chain = [scores, *reversed(walk.up), *walk.below, pv]
     # the scale / transpose / cast nodes between the scores op and the reported q, k, v
     for top, bottom in ((q_raw, q), (kt, k), (v_rep, v)):
-        chain[:0] = [n for n in chain_between(top, bottom) if n not in chain]
+        chain[:0] = [n for n in _chain_between(top, bottom) if n not in chain]
     return RawSite(
         "manual",
         q,
@@ -250,9 +250,9 @@ def _below_kind(u: Node, cur: Node) -> str | None:
     op = _spelled(u)
     if op in _BELOW:
         return op
-    if op in ("matmul", "bmm") and u.args[0] is cur:
+    if op in PV and (op == "einsum" or u.args[0] is cur):
         return "pv"
-    return "pv" if op == "einsum" else None
+    return None
 
 
 def _walk_down(sm: Node, walk: _Walk) -> tuple[Node, Node] | None:
@@ -284,7 +284,7 @@ def _pv_values(pv: Node, probs: Node) -> Any:
     """The values `pv` multiplies the probabilities with (None: not a product of them)."""
     if not is_op(pv, "einsum"):
         return pv.args[1]
-    eo = einsum_operands(pv)
+    eo = _einsum_operands(pv)
     if eo is None or probs not in eo[1]:
         return None
     return eo[1][1] if eo[1][0] is probs else eo[1][0]
@@ -296,7 +296,7 @@ def _walk_up(sm: Node, walk: _Walk) -> Node | None:
     for _ in range(12):
         if not isinstance(node, Node):
             return None
-        if is_scores_product(node):
+        if _is_scores_product(node):
             return node
         walk.up.append(node)
         read = _ABOVE.get(_spelled(node))  # type: ignore[arg-type]
@@ -322,14 +322,14 @@ def _scores_operands(scores: Node, walk: _Walk) -> tuple[Any, Any, Any, str] | N
             walk.add_term(bias, ADD)  # ALiBi-style bias enters here; the mask analysis flags it
     else:
         q_raw, kt = scores.args[0], scores.args[1]
-    k_raw = k_from_kt(strip_scale(kt, walk.acc))
+    k_raw = _k_from_kt(strip_scale(kt, walk.acc))
     if k_raw is None:
         return q_raw, kt, kt, "keys are not transposed from a [.., S, D] tensor"
     return q_raw, kt, k_raw, ""
 
 
 def _einsum_scores_operands(scores: Node) -> tuple[Any, Any, Any, str] | None:
-    eo = einsum_operands(scores)
+    eo = _einsum_operands(scores)
     if eo is None:
         return None
     eq, (a, b) = eo
@@ -342,7 +342,7 @@ def _einsum_scores_operands(scores: Node) -> tuple[Any, Any, Any, str] | None:
     return a, b, b, "" if sb.endswith(c) else f"einsum '{eq}': keys are not [.., S, D]"
 
 
-def einsum_operands(node: Node) -> tuple[str, list[Node]] | None:
+def _einsum_operands(node: Node) -> tuple[str, list[Node]] | None:
     """(equation without spaces, [a, b]) of a two-operand einsum."""
     eq = node.args[0]
     ops = node.args[1:]
@@ -353,7 +353,7 @@ def einsum_operands(node: Node) -> tuple[str, list[Node]] | None:
     return eq.replace(" ", ""), list(ops)
 
 
-def k_from_kt(kt: Any) -> Node | None:
+def _k_from_kt(kt: Any) -> Node | None:
     """kᵀ -> k when kᵀ is a transpose/permute swapping the last two dims."""
     kt = strip_casts(kt)
     if not isinstance(kt, Node):
@@ -374,11 +374,11 @@ def k_from_kt(kt: Any) -> Node | None:
     return None
 
 
-def leads_to_scores(x: Any, depth: int = 0) -> bool:
+def _leads_to_scores(x: Any, depth: int = 0) -> bool:
     """Does `x` come from the scores product (through scale, masks and casts)?"""
     if not isinstance(x, Node) or depth > 8:
         return False
-    if is_scores_product(x):
+    if _is_scores_product(x):
         return True
     # masked_fill as a method follows its input only; the function spelling, input and mask
     if is_cast(x) or is_op(x, "masked_fill", "masked_fill_", forms=(METHOD,)):
@@ -389,23 +389,23 @@ def leads_to_scores(x: Any, depth: int = 0) -> bool:
         carriers = x.args[1:3]
     else:
         return False
-    return any(leads_to_scores(a, depth + 1) for a in carriers)
+    return any(_leads_to_scores(a, depth + 1) for a in carriers)
 
 
-def chain_between(top: Any, bottom: Any, depth: int = 8) -> list[Node]:
+def _chain_between(top: Any, bottom: Any, depth: int = 8) -> list[Node]:
     """Nodes from `top` down to (excluding) its ancestor `bottom`, following tensor args."""
     if not isinstance(top, Node) or top is bottom or depth == 0:
         return []
     for a in tensor_args(top):
         if a is bottom:
             return [top]
-        rest = chain_between(a, bottom, depth - 1)
+        rest = _chain_between(a, bottom, depth - 1)
         if rest:
             return [top, *rest]
     return []
 
 
-def between(low: Node, high: Node) -> list[Node]:
+def _between(low: Node, high: Node) -> list[Node]:
     """Nodes strictly between `low` and `high` on a single-arg chain (scale ops stripped)."""
     out: list[Node] = []
     n: Any = high
@@ -423,7 +423,7 @@ def softmax_feeds_product(sm: Node) -> Node | None:
         nxt = [u for u in cur.users if is_cast(u) or is_op(u, "dropout", *SCORES)]
         if len(nxt) != 1:
             return None
-        if is_scores_product(nxt[0]):
+        if _is_scores_product(nxt[0]):
             return nxt[0]
         cur = nxt[0]
     return None

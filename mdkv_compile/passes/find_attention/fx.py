@@ -4,8 +4,10 @@ Dynamo graphs keep Python-level targets, so one op arrives in up to three spelli
 (`torch.mul`, `operator.mul`), a Tensor method (`x.mul(y)`) or a dunder method (`x.__mul__(y)`,
 when the source calls it by name). `OPS` lists every spelling once and `canon(node)` names the op,
 so the rest of the finder asks for "mul", never for a spelling (the normalisation Inductor's
-`split_cat.py` applies before matching). All spellings of an op take their tensor first, so
-`node.args` reads the same whatever the spelling. Where the finder reads only some spellings of
+`split_cat.py` applies before matching). The spellings of an op take their tensor first
+(`torch.mul(x, y)`, `x.mul(y)`), so `node.args` reads the same whatever the spelling and `canon`
+returns the name only. One exception: the args of `x.where(cond, y)` are read as torch.where's
+`(cond, x, y)`, so `x` is taken for the condition. Where the finder reads only some spellings of
 an op, the caller says so with `is_op(..., forms=...)`.
 
 The readers never `int()` a SymInt: that would install a guard and specialise the graph being
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -247,6 +249,33 @@ def is_param(node: Any) -> bool:
 def is_buffer(node: Any) -> bool:
     """A lifted (or get_attr) module buffer."""
     return isinstance(node, Node) and ((node.op == "placeholder" and "_buffers_" in node.name) or node.op == "get_attr")
+
+
+class UpstreamWalk:
+    """Depth-first walk from `start` towards the graph inputs, each node once and at most `budget`
+    nodes: iterate it, `push` the nodes to visit next; `cut_short` tells that the budget ran out
+    with nodes left to visit (a proof built from a partial walk could be wrong)."""
+
+    def __init__(self, start: Any, budget: int) -> None:
+        self.stack: list[Node] = [start] if isinstance(start, Node) else []
+        self.seen: set[Node] = set()
+        self.budget = budget
+
+    def __iter__(self) -> Iterator[Node]:
+        while self.stack and self.budget > 0:
+            n = self.stack.pop()
+            if n in self.seen:
+                continue
+            self.seen.add(n)
+            self.budget -= 1
+            yield n
+
+    def push(self, nodes: Iterable[Node]) -> None:
+        self.stack.extend(nodes)
+
+    @property
+    def cut_short(self) -> bool:
+        return bool(self.stack)
 
 
 _ORDER_CACHE: list[tuple[torch.fx.Graph, int, dict[Node, int]]] = []

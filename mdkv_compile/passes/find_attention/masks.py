@@ -28,6 +28,7 @@ from mdkv_compile.passes.find_attention.fx import (
     DUNDER,
     FUNCTION,
     METHOD,
+    UpstreamWalk,
     arg,
     canon,
     dtype,
@@ -47,7 +48,7 @@ ALLOW, BLOCK, ADD, NAMED = "allow", "block", "additive", "named"
 WINDOW, NEUTRAL, PADDING = "window", "neutral", "padding"  # only meaningful inside an intersection
 _FLIP = {ALLOW: BLOCK, BLOCK: ALLOW}
 
-MASK_NAME = re.compile(r"(causal_mask|attention_mask|attn_mask|attn_bias|\bmask)", re.I)
+_MASK_NAME = re.compile(r"(causal_mask|attention_mask|attn_mask|attn_bias|\bmask)", re.I)
 
 
 class MaskCtx:
@@ -100,16 +101,16 @@ def _input_kind(node: Node, ctx: MaskCtx) -> str | None:
     # only module buffers: a plain graph input is per-call data, its example proves nothing
     real = ctx.real_value(node) if is_buffer(node) else None
     if real is not None:
-        kind = tri_value(real)
+        kind = _tri_value(real)
         if kind:
             ctx.proof = ctx.proof or f"lower-triangular buffer {node.name}"
             return kind
-    if node.op == "placeholder" and not is_buffer(node) and MASK_NAME.search(node.name):
+    if node.op == "placeholder" and not is_buffer(node) and _MASK_NAME.search(node.name):
         return NAMED
     return None
 
 
-def tri_value(t: torch.Tensor) -> str | None:
+def _tri_value(t: torch.Tensor) -> str | None:
     """Classify a real buffer's last two dims: lower-triangular ones / strict-upper / additive."""
     if t.dim() < 2 or t.shape[-1] != t.shape[-2] or t.shape[-1] < 2:
         return None
@@ -134,7 +135,7 @@ def tri_value(t: torch.Tensor) -> str | None:
 _UNDECIDED = ("", 0.0)  # an indexing op that names no role: decide by the other readings
 
 
-def index_role(node: Any, depth: int = 0) -> tuple[str, float] | None:
+def _index_role(node: Any, depth: int = 0) -> tuple[str, float] | None:
     """('q', off) for a column of query positions ([..., Lq, 1]) plus a constant offset added *after*
     the column was formed, ('kv', off) for a row of key positions. Offsets added to the arange
     before indexing are part of the absolute positions (cache offset) and count as 0."""
@@ -144,14 +145,14 @@ def index_role(node: Any, depth: int = 0) -> tuple[str, float] | None:
         a, b = node.args[:2]
         sign = -1.0 if canon(node) == "sub" else 1.0
         c = const(b)
-        r = index_role(a, depth + 1) if c is not None and isinstance(a, Node) else None
+        r = _index_role(a, depth + 1) if c is not None and isinstance(a, Node) else None
         return (r[0], r[1] + sign * c) if r and c is not None else None
     role = _indexing_role(node)
     if role is not _UNDECIDED:
         return role
     # Tensor-method spellings only: torch.reshape(x) is read by its shape below
     if is_op(node, *CASTS, "expand", "view", "reshape", forms=(METHOD,)):
-        return index_role(node.args[0], depth + 1)
+        return _index_role(node.args[0], depth + 1)
     shp = shape(node)
     if shp and len(shp) >= 2:
         if shp[-1] == 1 and shp[-2] > 1:
@@ -193,7 +194,7 @@ _CAUSAL_COMPARISONS = {
 def _index_comparison(node: Node, ctx: MaskCtx, depth: int) -> str | None:
     if len(node.args) < 2:
         return None
-    ra, rb = index_role(node.args[0]), index_role(node.args[1])
+    ra, rb = _index_role(node.args[0]), _index_role(node.args[1])
     if not (ra and rb and {ra[0], rb[0]} == {"q", "kv"}):
         return None
     kv, q = (ra, rb) if ra[0] == "kv" else (rb, ra)
@@ -307,13 +308,13 @@ _KEEPS_POLARITY += ("to", "bool", "float", "half", "bfloat16", "type", "type_as"
 
 def _keep(node: Node, ctx: MaskCtx, depth: int) -> str | None:
     k = mask_kind(node.args[0], ctx, depth + 1)
-    if k in (ALLOW, BLOCK, ADD) and is_op(node, "getitem", forms=(FUNCTION,)) and not causal_slice(node):
+    if k in (ALLOW, BLOCK, ADD) and is_op(node, "getitem", forms=(FUNCTION,)) and not _causal_slice(node):
         ctx.note = ctx.note or f"causal mask slice {node.name} is not aligned with the keys"
         return None
     return k
 
 
-def causal_slice(node: Node) -> bool:
+def _causal_slice(node: Node) -> bool:
     """Does `mask[idx]` keep a causal [.., rows=queries, cols=keys] mask aligned?
 
     Keys must start at column 0; sliced query rows must be the last T of the K keys (GPT-2's
@@ -353,7 +354,7 @@ def causal_slice(node: Node) -> bool:
 
 
 def _intersection(node: Node, ctx: MaskCtx, depth: int) -> str | None:
-    kinds = [combine_operand(a, ctx, depth, ALLOW) for a in node.args[:2]]
+    kinds = [_combine_operand(a, ctx, depth, ALLOW) for a in node.args[:2]]
     if None in kinds:
         return None
     if ALLOW in kinds:
@@ -364,7 +365,7 @@ def _intersection(node: Node, ctx: MaskCtx, depth: int) -> str | None:
 
 
 def _union(node: Node, ctx: MaskCtx, depth: int) -> str | None:
-    kinds = [combine_operand(a, ctx, depth, BLOCK) for a in node.args[:2]]
+    kinds = [_combine_operand(a, ctx, depth, BLOCK) for a in node.args[:2]]
     if None in kinds:
         return None
     if BLOCK in kinds:
@@ -372,7 +373,7 @@ def _union(node: Node, ctx: MaskCtx, depth: int) -> str | None:
     return NAMED if NAMED in kinds else None
 
 
-def combine_operand(node: Any, ctx: MaskCtx, depth: int, want: str) -> str | None:
+def _combine_operand(node: Any, ctx: MaskCtx, depth: int, want: str) -> str | None:
     """Classify one operand of a mask intersection (want=ALLOW) or union (want=BLOCK)."""
     if not isinstance(node, Node):
         c = const(node)
@@ -396,26 +397,21 @@ def combine_operand(node: Any, ctx: MaskCtx, depth: int, want: str) -> str | Non
 def padding_kind(node: Node, ctx: MaskCtx, budget: int = 200) -> str | None:
     """A per-key padding term: built from a mask-named graph input (PADDING) or from constant ones
     (NEUTRAL, e.g. OPT's default all-ones mask), indexed by key positions, never by query ones."""
-    stack, seen, named = [node], set(), False
-    while stack and budget > 0:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        budget -= 1
+    walk, named = UpstreamWalk(node, budget), False
+    for n in walk:
         if n.op == "placeholder":
-            if is_param(n) or is_buffer(n) or not MASK_NAME.search(n.name):
+            if is_param(n) or is_buffer(n) or not _MASK_NAME.search(n.name):
                 return None
             named = True
             continue
         if ones_like(n) or is_op(n, "arange"):
             continue
-        r = index_role(n) if is_op(n, "getitem", forms=(FUNCTION,)) else None
+        r = _index_role(n) if is_op(n, "getitem", forms=(FUNCTION,)) else None
         if r and r[0] == "q":
             return None
-        stack.extend(tensor_args(n))
-    if stack:
-        return None  # budget exhausted: not provable
+        walk.push(tensor_args(n))
+    if walk.cut_short:
+        return None  # not provable
     if named:
         ctx.padding = True
         return PADDING
@@ -453,7 +449,7 @@ def _masked_fill(node: Node, ctx: MaskCtx, depth: int) -> str | None:
 def _product(node: Node, ctx: MaskCtx, depth: int) -> str | None:
     a, b = node.args[:2]
     if dtype(node) == torch.bool:  # bool * bool is an intersection
-        kinds = [combine_operand(x, ctx, depth, ALLOW) for x in (a, b)]
+        kinds = [_combine_operand(x, ctx, depth, ALLOW) for x in (a, b)]
         return None if None in kinds else (ALLOW if ALLOW in kinds else None)
     for x, y in ((a, b), (b, a)):
         k = mask_kind(x, ctx, depth + 1) if isinstance(x, Node) else None

@@ -11,11 +11,20 @@ import operator
 import torch
 from torch.fx import Node
 
-from mdkv_compile.passes.find_attention.fx import FUNCTION, arg, graph_order, is_op, is_param, shape, tensor_args
+from mdkv_compile.passes.find_attention.fx import (
+    FUNCTION,
+    UpstreamWalk,
+    arg,
+    graph_order,
+    is_op,
+    is_param,
+    shape,
+    tensor_args,
+)
 from mdkv_compile.passes.graph_writes import node_value
 
 
-def is_linear(node: Node) -> bool:
+def _is_linear(node: Node) -> bool:
     """A projection: F.linear / addmm, or x @ W with a lifted parameter (hand-written projections,
     GPT-2 style Conv1D variants)."""
     if is_op(node, "linear", "addmm"):
@@ -26,8 +35,8 @@ def is_linear(node: Node) -> bool:
     return False
 
 
-def linear_input(node: Node) -> Node | None:
-    """The tensor a projection (`is_linear`) projects."""
+def _linear_input(node: Node) -> Node | None:
+    """The tensor a projection (`_is_linear`) projects."""
     if is_op(node, "addmm"):  # addmm(bias, x, W)
         x = node.args[1]
     elif is_op(node, "linear"):
@@ -101,16 +110,10 @@ def projection_sources(node: Node, site: Node, budget: int = 4000) -> tuple[set[
     sources: set[Node] = set()
     kv_cache = "none"
     new: Node | None = None
-    stack = [node]
-    seen: set[Node] = set()
-    while stack and budget > 0:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        budget -= 1
-        if is_linear(n):
-            src = linear_input(n)
+    walk = UpstreamWalk(node, budget)
+    for n in walk:
+        if _is_linear(n):
+            src = _linear_input(n)
             if src is not None:
                 sources.add(src)
             continue
@@ -122,14 +125,14 @@ def projection_sources(node: Node, site: Node, budget: int = 4000) -> tuple[set[
             if writes:
                 kv_cache = "buffer"
                 new = new or writes[-1]
-                stack.extend(writes)
+                walk.push(writes)
             continue
         if is_op(n, "cat") and kv_cache == "none" and _concat_along_sequence(n):
             kv_cache = "concat"
             new = [p for p in n.args[0] if isinstance(p, Node)][-1]
-        stack.extend(tensor_args(n))
-    if stack:
-        return set(), kv_cache, new  # search cut short: a partial set could fake a match
+        walk.push(tensor_args(n))
+    if walk.cut_short:
+        return set(), kv_cache, new  # a partial set could fake a match
     return sources, kv_cache, new
 
 
@@ -144,15 +147,9 @@ def _concat_along_sequence(cat: Node) -> bool:
 
 def depends_on_param(node: object, budget: int = 300) -> bool:
     """Is a module parameter upstream of `node` (a learned bias, not a mask)?"""
-    stack = [node] if isinstance(node, Node) else []
-    seen: set[Node] = set()
-    while stack and budget > 0:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        budget -= 1
+    walk = UpstreamWalk(node, budget)
+    for n in walk:
         if is_param(n):
             return True
-        stack.extend(tensor_args(n))
+        walk.push(tensor_args(n))
     return False

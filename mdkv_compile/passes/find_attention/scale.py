@@ -56,17 +56,17 @@ def strip_scale(node: Any, acc: ScaleAcc) -> Any:
             node = node.args[0]
         elif is_op(node, "mul") and len(node.args) == 2:
             a, b = node.args
-            if isinstance(a, Node) and not is_scalarish(a) and is_scalarish(b):
+            if isinstance(a, Node) and not _is_scalarish(a) and _is_scalarish(b):
                 acc.mul(b)
                 node = a
-            elif isinstance(b, Node) and not is_scalarish(b) and is_scalarish(a):
+            elif isinstance(b, Node) and not _is_scalarish(b) and _is_scalarish(a):
                 acc.mul(a)
                 node = b
             else:
                 return node
         elif is_op(node, "div") and len(node.args) == 2:
             a, b = node.args
-            if not (isinstance(a, Node) and not is_scalarish(a) and is_scalarish(b)):
+            if not (isinstance(a, Node) and not _is_scalarish(a) and _is_scalarish(b)):
                 return node
             acc.mul(b, inverse=True)
             node = a
@@ -75,7 +75,7 @@ def strip_scale(node: Any, acc: ScaleAcc) -> Any:
     return node
 
 
-def is_scalarish(x: Any) -> bool:
+def _is_scalarish(x: Any) -> bool:
     """A number, or a tensor of one element."""
     if not isinstance(x, Node):
         return True
