@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import sys
 import time
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from mdkv_compile.bench import e2e as bench_e2e
 from mdkv_compile.core.attention import causal_mask
 from mdkv_compile.kernels import store_attention as ta
-from mdkv_compile.kernels._triton import next_pow2, sm_count
+from mdkv_compile.kernels._triton import interpreting, next_pow2, sm_count
 
 L2_BYTES = 60 * 2**20  # H200: 60 MB (KINDS.md reading); used only to flag cache-resident rows
 
@@ -494,7 +493,7 @@ def chunk_rows(args: argparse.Namespace, gen: torch.Generator, dev: str, bw: flo
     rows = []
     for B in [int(x) for x in args.chunk_batches.split(",")]:
         for L in [int(x) for x in args.chunks.split(",")]:
-            # values the launch clamps to the same rows per program (as _launch_chunk does) are timed once
+            # values the launch clamps to the same rows per program (as StorePlan.chunk_split does) are timed once
             block_ms = list(dict.fromkeys(max(16, min(int(x), next_pow2(Hq // Hkv * L)))
                                           for x in args.chunk_block_m.split(",")))
             q = torch.randn(B, Hq, L, d, generator=gen, device=dev, dtype=torch.bfloat16)
@@ -556,7 +555,7 @@ def run(args: argparse.Namespace) -> int:
     if args.suite == "e2e":
         return bench_e2e.run(args)
     if args.dry_run:
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not interpreting():
             print("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1", file=sys.stderr)
             return 2
         _dry_run_args(args)

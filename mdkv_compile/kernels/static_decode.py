@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from mdkv_compile.core.static import StaticStore
-from mdkv_compile.kernels._triton import HAS_TRITON, next_pow2
+from mdkv_compile.kernels._triton import HAS_TRITON, interpreting, next_pow2
 
 if HAS_TRITON:
     import triton
@@ -283,7 +283,7 @@ def compile_ptx(
 ) -> tuple[str, str, int, int]:
     """Compile the kernel for one node to PTX ahead of time: (kernel name, PTX, threads per block,
     shared memory bytes). This is what the QDP `aot_impl` hands to TensorRT."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         # The interpreter replaces @triton.jit functions with ones that cannot be compiled:
         # compile in a child process that has the real ones.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
