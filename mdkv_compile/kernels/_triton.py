@@ -71,10 +71,11 @@ def register_kernel_op(name: str, launch: Callable[..., Tensor]) -> Callable[[Ca
     function is the op's PyTorch fallback. Returns the function that calls the op.
 
     * Schema: the fallback's signature (type hints, names, defaults), so the fallback takes exactly
-      the op's arguments. Compiled graphs and the ONNX exporter name the op by it: keep it stable.
+      the op's arguments. Compiled and exported graphs name the op by it: keep it stable.
     * Implementation (`torch.library.triton_op`): where `use_triton` says the kernels can run (the
       first argument on CUDA, or the interpreter on), `launch(*args, wrap=wrap_triton)`, so Inductor
-      and torch.export see the kernels themselves, not an opaque call; elsewhere the fallback.
+      sees the kernels themselves, not an opaque call (torch.export keeps the op as one node);
+      elsewhere the fallback.
     * Fake / meta: triton_op registers the same implementation as the fake kernel: under
       FakeTensorMode the kernels go through `wrap_triton`, and the fallback traces as long as it has
       no data-dependent Python control flow (the references have none; a host count read from a

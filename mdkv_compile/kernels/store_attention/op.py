@@ -1,8 +1,8 @@
 """The registered torch ops over the packed store, ``mdkv::packed_decode_attention`` and
 ``mdkv::packed_chunk_attention`` (``register_kernel_op``: the kernels of launch.py where they can run,
 the function body, over the reference, elsewhere), and ``packed_store_attention``, attention over a
-core ``PackedStore`` through a ``StorePlan``. Compiled graphs and the ONNX exporter name the ops by
-their schemas, the signatures below: the tiers as ``Tensor[]`` (full tier first, then at most
+core ``PackedStore`` through a ``StorePlan``. Compiled and exported graphs name the ops by their
+schemas, the signatures below: the tiers as ``Tensor[]`` (full tier first, then at most
 ``MAX_REDUCED_TIERS`` reduced ones, largest first), the bases as optional tensors."""
 
 from __future__ import annotations
