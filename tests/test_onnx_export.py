@@ -220,19 +220,30 @@ def test_smollm2_export_matches_pytorch(tmp_path) -> None:
 # --- the TensorRT plugin's kernel (runs without TensorRT: Triton on the GPU or its CPU interpreter)
 
 
-def _random_store(has_basis: bool, seed: int = 0):
+# (key dims, value dims) per tier of the random static stores: coupled; decoupled with a reduced tier
+# keeping every key coordinate, values narrower and wider than their keys, and a coupled one
+STORE_TIERS = {
+    "coupled": ((16, 8, 4, 2), (16, 8, 4, 2)),
+    "decoupled": ((16, 16, 8, 3, 2), (16, 8, 4, 6, 2)),
+    "full": ((16,), (16,)),
+}
+
+
+def _random_store(tiers: str, seed: int = 0):
     from mdkv_compile.core.static import StaticStore
 
     g = torch.Generator().manual_seed(seed)
     bsz, n_kv, d, cap = 2, 2, 16, 200
-    if has_basis:
-        tier_dims = (16, 8, 4, 2)
-        counts = torch.tensor([[3, 5, 2, 1], [0, 7, 0, 4], [4, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.int32)
-        basis = [torch.randn(bsz * n_kv, d, 8, generator=g) for _ in range(2)]
-    else:
-        tier_dims, counts, basis = (16,), torch.tensor([[3], [0], [12], [1]], dtype=torch.int32), [None, None]
+    tier_dims, value_dims = STORE_TIERS[tiers]
+    counts = [[3, 5, 2, 1, 4], [0, 7, 0, 4, 0], [4, 0, 0, 0, 9], [1, 1, 1, 1, 1]]
+    if len(tier_dims) == 1:
+        counts = [[3], [0], [12], [1]]
+    counts = torch.tensor(counts, dtype=torch.int32)[:, : len(tier_dims)]
+    basis = [None, None]
+    if len(tier_dims) > 1:
+        basis = [torch.randn(bsz * n_kv, d, max(dims[1:]), generator=g) for dims in (tier_dims, value_dims)]
     keys, values = (torch.randn(bsz * n_kv, cap, generator=g) for _ in range(2))
-    store = StaticStore(tier_dims, keys, values, counts, basis[0], basis[1], bsz, n_kv, d)
+    store = StaticStore(tier_dims, keys, values, counts, basis[0], basis[1], bsz, n_kv, d, value_dims)
     q = torch.randn(bsz, 2 * n_kv, 1, d, generator=g)
     region = [torch.randn(bsz, n_kv, 8, d, generator=g) for _ in range(2)]
     return q, store, region
@@ -246,14 +257,14 @@ def _to(store, device: str):
     return replace(store, **move)
 
 
-@pytest.mark.parametrize("has_basis", [True, False])
+@pytest.mark.parametrize("tiers", list(STORE_TIERS))
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_plugin_kernel_matches_attend_static(has_basis: bool, softcap: float | None) -> None:
+def test_plugin_kernel_matches_attend_static(tiers: str, softcap: float | None) -> None:
     from mdkv_compile.core.static import attend_static
     from mdkv_compile.kernels.static_decode import static_decode_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interpreter (conftest)
-    q, store, (kn, vn) = _random_store(has_basis)
+    q, store, (kn, vn) = _random_store(tiers)
     n_new = torch.tensor(3)
     ref = attend_static(q, store, kn, vn, n_new, 0.3, softcap)
     got = static_decode_attention(q.to(device), _to(store, device), kn.to(device), vn.to(device), n_new.to(device),
@@ -289,15 +300,17 @@ def test_aot_ptx_compiles_without_a_gpu() -> None:
     """What the QDP aot_impl hands TensorRT: PTX of one kernel, no scratch buffers."""
     from mdkv_compile.kernels.static_decode import compile_ptx
 
-    name, ptx, threads, shared = compile_ptx((16, 8, 4, 2), 2, 0.25, 0.0)
-    assert name == "static_decode_kernel" and f".entry {name}(" in ptx and threads == 128
-    # inputs (9 pointers), CAP/NCAP/HQ (u32), output, then Triton's two scratch pointers
-    entry = ptx[ptx.index(f".entry {name}(") : ptx.index(")", ptx.index(f".entry {name}("))]
-    assert entry.count(".param .u64") == 12 and entry.count(".param .u32") == 3
+    for tier_dims, value_dims in (STORE_TIERS["coupled"], STORE_TIERS["decoupled"]):
+        name, ptx, threads, shared = compile_ptx(tier_dims, 2, 0.25, 0.0, value_dims=value_dims)
+        assert name == "static_decode_kernel" and f".entry {name}(" in ptx and threads == 128
+        # inputs (9 pointers), CAP/NCAP/HQ (u32), output, then Triton's two scratch pointers
+        entry = ptx[ptx.index(f".entry {name}(") : ptx.index(")", ptx.index(f".entry {name}("))]
+        assert entry.count(".param .u64") == 12 and entry.count(".param .u32") == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: launches the AOT PTX as TensorRT would")
-def test_aot_ptx_launch_matches_attend_static() -> None:
+@pytest.mark.parametrize("tiers", ["coupled", "decoupled"])
+def test_aot_ptx_launch_matches_attend_static(tiers: str) -> None:
     """Loads the AOT PTX with the CUDA driver and launches it with QDP's argument order (inputs,
     int32 scalars, output; Triton's scratch pointers null): the ABI TensorRT's AOT path relies on."""
     import ctypes
@@ -307,11 +320,12 @@ def test_aot_ptx_launch_matches_attend_static() -> None:
     from mdkv_compile.core.static import attend_static
     from mdkv_compile.kernels.static_decode import compile_ptx
 
-    q, store, (kn, vn) = _random_store(True)
+    q, store, (kn, vn) = _random_store(tiers)
     n_new = torch.tensor(3)
     ref = attend_static(q, store, kn, vn, n_new, 0.3)
     major, minor = torch.cuda.get_device_capability()
-    name, ptx, threads, shared = compile_ptx(store.tier_dims, store.kv_heads, 0.3, 0.0, "fp32", major * 10 + minor)
+    name, ptx, threads, shared = compile_ptx(store.tier_dims, store.kv_heads, 0.3, 0.0, "fp32", major * 10 + minor,
+                                             store.value_dims)
     torch.cuda.init()
     torch.zeros(1, device="cuda")  # make torch's primary context current
     err, module = cu.cuModuleLoadData(ptx.encode() + b"\0")
