@@ -59,6 +59,8 @@ class OnnxGenerator:
         m = self.manifest
         self.cfg = MixedDimKVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["config"].items()})
         self.tier_dims = tuple(m["tier_dims"])
+        # format 1 exports carry no value dims: their tiers keep values at the key dims
+        self.value_dims = tuple(m.get("value_dims", m["tier_dims"]))
         self.num_layers = m["model"]["num_layers"]
         self.has_basis = len(self.tier_dims) > 1
         self.model = model if model is not None else self._load_prefill_model()
@@ -100,7 +102,7 @@ class OnnxGenerator:
         for layer in cache.layers:
             if not isinstance(layer, MixedDimLayer) or layer.store is None:
                 raise RuntimeError("prefill left a layer uncompressed; the export expects every layer compressed")
-            static = align_store(layer.store, self.tier_dims, m["capacity"])
+            static = align_store(layer.store, self.tier_dims, m["capacity"], self.value_dims)
             stores.append([_np(t) for t in static.tensors()])
         return out.logits[:, -1].float().cpu(), stores
 
