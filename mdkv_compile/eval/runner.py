@@ -36,6 +36,7 @@ from mdkv_compile import assets
 from mdkv_compile.cache import MixedDimCache
 from mdkv_compile.config import METHODS, MixedDimKVConfig
 from mdkv_compile.eval import tasks as T
+from mdkv_compile.hf.calibrate import calibrated_basis_file
 from mdkv_compile.hf.patch import patch, unpatch
 from mdkv_compile.methods import RECORDS
 
@@ -106,6 +107,22 @@ class EvalSpec:
     max_new_tokens: int | None = None  # None: per task (tasks.MAX_NEW_TOKENS)
     head_scores: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # extra MixedDimKVConfig fields
+    # Bases of the methods that store reduced tiers: "prompt" (fitted per prompt, paid from the
+    # budget) or "calibrated" (fitted once on text held out of the haystack and shared;
+    # `calibrated_path`, set by run_grid for a bundled model or given for another one).
+    basis: str = "prompt"
+    calibrated_path: str | None = None
+
+    def method_options(self, method: str) -> dict[str, Any]:
+        """The config options of a method: `options`, plus the calibrated basis where it stores
+        reduced tiers. Its label shows `basis=calibrated`, not the file."""
+        options = dict(self.options)
+        if self.basis == "calibrated" and RECORDS[method].stores_reduced_tiers:
+            options["basis"] = "calibrated"
+        return options
+
+    def label(self, method: str) -> str:
+        return method_label(method, self.method_options(method))
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -129,9 +146,17 @@ class EvalSpec:
             )
         if self.head_scores and not Path(self.head_scores).is_file():
             raise ValueError(f"--head-scores {self.head_scores}: no such file")
+        if self.basis not in ("prompt", "calibrated"):
+            raise ValueError(f"basis {self.basis!r} is not 'prompt' or 'calibrated'")
+        if self.calibrated_path and not Path(self.calibrated_path).is_file():
+            raise ValueError(f"--calibrated-basis {self.calibrated_path}: no such file")
 
     def config(self, method: str, budget: float) -> Any:
-        kw: dict[str, Any] = dict(self.options)
+        kw: dict[str, Any] = self.method_options(method)
+        if kw.get("basis") == "calibrated" and "basis_path" not in kw:
+            if not self.calibrated_path:
+                raise ValueError(f"{method} with calibrated bases needs a calibrated basis file (calibrated_path)")
+            kw["basis_path"] = self.calibrated_path
         kw["method"] = method
         if method == "full":
             kw["budget"] = 1.0
@@ -431,7 +456,7 @@ def run_grid(
         task, length, seed, depth = point
         variant = f"d{depth:.2f}" if depth is not None else f"s{seed}"
         key = cell_key(
-            {"model": spec.model_name, "method": method_label(method, spec.options), "budget": budget,
+            {"model": spec.model_name, "method": spec.label(method), "budget": budget,
              "task": task, "length": length, "variant": variant, "protocol": protocol,
              "prompt_style": spec.prompt_style}
         )  # fmt: skip
@@ -446,6 +471,14 @@ def run_grid(
         write_summary(read_results(results_path), out / "summary.csv")
         return counts
 
+    if (
+        spec.basis == "calibrated" and not spec.calibrated_path
+        and any(RECORDS[m].stores_reduced_tiers for m, *_ in todo)
+    ):
+        start = time.perf_counter()
+        spec.calibrated_path = str(calibrated_basis_file(model, tok, spec.model_name))
+        if progress:
+            print(f"calibrated bases: {spec.calibrated_path} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     instances: dict[tuple, T.TaskInstance] = {}
     references: dict[tuple, torch.Tensor] = {}  # kl: the full cache's log-probabilities per point
     patched_with: tuple[str, float] | None = None
@@ -494,7 +527,7 @@ def run_grid(
                     continue
                 rec = {
                     "model": spec.model_name,
-                    "method": method_label(method, spec.options),
+                    "method": spec.label(method),
                     "base_method": method,
                     "budget": float(budget),
                     "budget_kind": "fraction" if method == "full" else spec.budget_kind,
@@ -514,7 +547,7 @@ def run_grid(
                     "prediction": prediction,
                     "seconds": seconds,
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "options": spec.options,
+                    "options": spec.method_options(method),
                     **res,
                 }
                 sink.write(json.dumps(rec) + "\n")
@@ -576,6 +609,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the per-task decode length")
     p.add_argument("--head-scores", default=None, help="JSON from `mdkv profile-heads` (headkv, mixeddimkv-h)")
     p.add_argument(
+        "--basis", choices=("calibrated", "prompt"), default="calibrated",
+        help="bases of the methods with reduced tiers: calibrated (fitted once on essays held out of the "
+        "haystack, or --calibrated-basis; shared, no budget) or prompt (fitted per prompt, paid from the budget)",
+    )
+    p.add_argument(
+        "--calibrated-basis", default=None, help="a file from `mdkv calibrate` (default: fitted on first use)"
+    )
+    p.add_argument(
         "--option",
         type=_option,
         action="append",
@@ -619,6 +660,8 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         max_new_tokens=args.max_new_tokens,
         head_scores=args.head_scores,
         options=dict(args.option),
+        basis=args.basis,
+        calibrated_path=args.calibrated_basis,
     )
 
 
