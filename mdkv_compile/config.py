@@ -52,6 +52,7 @@ _NUMBERS: dict[str, _Number] = {
     "window": _Number(True, 1, "a positive int"),
     "pool_kernel": _Number(True, 1, "a positive odd int (centred max-pool)"),
     "sink_tokens": _Number(True, 0, "None or a non-negative int", optional=True),
+    "min_compress_tokens": _Number(True, 0, "a non-negative int (0: compress every prompt)"),
     "key_weight": _Number(False, 0.0, "a float in [0, 1]", high=1.0),
     "head_beta": _Number(False, 1.0, "a finite float >= 1 (HeadKV's beta)"),
     "head_temp": _Number(False, 0.0, "a finite positive float", low_open=True),
@@ -101,6 +102,12 @@ class MixedDimKVConfig:
     (bytes per sequence over all layers, bases and bookkeeping included). With none, `budget`
     is 0.0625.
 
+    Short prompts: the budget never takes the last `window` and the first `sink_tokens` valid
+    tokens of a prompt (each (row, KV head) keeps at least what stores them at full dimension, so
+    a layer stores at most max(budget, window + sinks full tokens) per KV head), and a row of at
+    most `min_compress_tokens` valid tokens is stored uncompressed. `lowrank` stores every token
+    at one rank by definition: it gets the same floor of bytes, spent on that rank.
+
     Frozen: change a field with `cfg.replace(...)`, which validates the new values.
     """
 
@@ -116,6 +123,12 @@ class MixedDimKVConfig:
     pool_kernel: int = 7
     # First tokens always kept at full dimension. None: the method's default (4 for streamingllm, else 0).
     sink_tokens: int | None = None
+    # Rows with at most this many valid prompt tokens are stored uncompressed (0: compress every
+    # prompt). 128 = 4 default windows: below it the window, kept whole anyway, is over a quarter of
+    # the prompt, so compressing saves little (a 128-token SmolLM2 cache is 5.6 MiB in fp32) while
+    # every token dropped is a large share of a chat turn (a 42-token question at budget 0.1 lost
+    # its answer).
+    min_compress_tokens: int = 128
     basis: str = "prompt"
     basis_path: str | None = None  # safetensors file from `mdkv_compile.hf.calibrate.calibrate`
     # How a prompt basis is computed: "subspace" (a few sync-free subspace iterations, within ~1-2%

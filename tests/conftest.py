@@ -31,3 +31,22 @@ def head_scores_file(tmp_path: Path):
         return write_head_scores(tmp_path / "heads.json", num_layers, n_heads)
 
     return make
+
+
+@pytest.fixture
+def stored_bytes_bound():
+    """The most a compressed layer may store (MixedDimKVConfig's docstring): per (row, KV head),
+    its budget (PyramidKV's share of the layer included) or, when larger, the forced tokens (the
+    window and the sinks) whole plus one tier's bookkeeping. Bytes of keys and values together."""
+    from mdkv_compile.methods import RECORDS
+    from mdkv_compile.policies.base import bookkeeping_units, pyramid_factor
+
+    def bound(cfg, n_valid: int, head_dim: int, owners: int, itemsize: int, layer_idx: int = 0,
+              num_layers: int = 1) -> float:
+        units = cfg.budget * n_valid * head_dim if cfg.budget is not None else cfg.budget_tokens * head_dim
+        if RECORDS[cfg.method].budget_schedule == "pyramid":
+            units *= pyramid_factor(layer_idx, num_layers, cfg.pyramid_beta)
+        floor = min(n_valid, cfg.window + cfg.sinks) * head_dim + bookkeeping_units(1, itemsize)
+        return owners * max(units, floor) * 2 * itemsize
+
+    return bound

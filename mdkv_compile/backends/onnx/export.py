@@ -289,11 +289,15 @@ def cache_names(num_layers: int, has_basis: bool) -> tuple[list[str], list[str]]
 
 def default_capacity(cfg: MixedDimKVConfig, head_dim: int, max_prompt_tokens: int, slack: float = 2.0) -> int:
     """Units per (row, KV head) owner: `slack` x the budget's average share of a max-length prompt
-    (head-aware methods give some heads more than the average), at most the full prompt."""
+    (head-aware methods give some heads more than the average), and at least what a prompt the
+    config keeps whole needs (the window and sinks, a prompt of `min_compress_tokens`); at most
+    the full prompt."""
     full = max_prompt_tokens * head_dim
     if cfg.budget is None or cfg.method == "full":
         return full
-    return min(full, int(math.ceil(slack * cfg.budget * full / head_dim)) * head_dim)
+    kept_whole = max(cfg.window + cfg.sinks, cfg.min_compress_tokens)
+    tokens = max(int(math.ceil(slack * cfg.budget * full / head_dim)), kept_whole)
+    return min(full, tokens * head_dim)
 
 
 # --------------------------------------------------------------------------------------------
