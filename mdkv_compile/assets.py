@@ -26,7 +26,6 @@ Command line: ``python -m mdkv_compile.assets fetch [--force]|info``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import functools
@@ -43,6 +42,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mdkv_compile.usage import ArgumentParser
 
 CACHE_ENV = "MDKV_CACHE_DIR"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -431,9 +432,8 @@ def _info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mdkv_compile.assets", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m mdkv_compile.assets", description=__doc__.split("\n")[0])
+    # subparsers are made with the parent's class, so their errors are one line too
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="download, verify and unpack the assets (no-op when cached)")
     f.add_argument(

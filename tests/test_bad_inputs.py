@@ -360,3 +360,109 @@ def test_a_cache_unpacked_without_hashes_is_unpacked_again(haystack_cache: Path)
     marker_path.write_text(json.dumps(marker))
     assets.haystack_dir()
     assert json.loads(marker_path.read_text())["files_sha256"].keys() == marker["files"].keys()
+
+
+# --- command lines: one line, exit status 2, and no model loaded first ------------------------------
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that loads a model before it has checked its cheap arguments fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(assets, "_load_model", refuse)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", refuse)
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    from mdkv_compile.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse exits; the commands return
+        raise SystemExit(main(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err and err.strip().count("\n") == 0, err
+    return err
+
+
+def _a_file(tmp_path: Path) -> str:
+    (tmp_path / "a_file").write_text("x")
+    return str(tmp_path / "a_file")
+
+
+CLI_CASES = [
+    # (argv with {file} / {dir} / {missing} placeholders, what the line must name)
+    (["export", "onnx", "--out", "{file}"], "is a file"),
+    (["export", "onnx", "--out", "."], "current folder"),
+    (["export", "onnx", "--out", "{dir}"], "not an mdkv export"),
+    (["export", "onnx", "--out", "{missing}", "--dims", "a,b"], "--dims"),
+    (["export", "onnx", "--out", "{missing}", "--budget", "0"], "--budget"),
+    (["export", "onnx", "--out", "{missing}", "--budget", "nan"], "--budget"),
+    (["export", "onnx", "--out", "{missing}", "--batch", "0"], "--batch"),
+    (["export", "onnx", "--out", "{missing}", "--method", "h2o"], "--method"),
+    (["export", "onnx", "--out", "{missing}", "--method", "headkv"], "head_scores"),
+    (["export", "onnx", "--out", "{missing}", "--head-scores", "{missing}"], "--head-scores"),
+    (["export", "onnx", "--out", "{missing}", "--model", "./no/such/model"], "no such folder"),
+    (["eval", "--depths", "2", "--out", "{missing}"], "--depths"),
+    (["eval", "--lengths", "0", "--out", "{missing}"], "--lengths"),
+    (["eval", "--option", "window=0", "--out", "{missing}"], "window"),
+    (["eval", "--option", "windw=16", "--out", "{missing}"], "windw"),
+    (["eval", "--option", "method=snapkv", "--out", "{missing}"], "method"),
+    (["eval", "--methods", "h2o", "--out", "{missing}"], "h2o"),
+    (["eval", "--budgets", "0", "--out", "{missing}"], "budgets"),
+    (["eval", "--out", "{file}"], "is a file"),
+    (["eval", "--model", "/no/such/model", "--out", "{missing}"], "no such folder"),
+    (["demo", "--budget", "0"], "--budget"),
+    (["demo", "--depth", "2"], "--depth"),
+    (["demo", "--tokens", "0"], "--tokens"),
+    (["demo", "--methods", "h2o"], "h2o"),
+    (["demo", "--methods", "snapkv+svd"], "+calibrated"),
+    (["demo", "--methods", "headkv"], "head scores"),
+    (["demo", "--model", "./no/such/model"], "no such folder"),
+    (["profile-heads", "--out", "x.json", "--lengths", "a"], "--lengths"),
+    (["profile-heads", "--out", "x.json", "--probes", "0"], "--probes"),
+    (["profile-heads", "--out", "{dir}"], "is a folder"),
+    (["explain"], "--model"),
+    (["explain", "--model", "./no/such/model"], "no such folder"),
+    (["explain", "--arch", "llama", "--seq-len", "0"], "--seq-len"),
+    (["bench", "--contexts", "a"], "--contexts"),
+    (["bench", "--q-heads", "6", "--kv-heads", "4"], "--q-heads"),
+    (["report", "{missing}"], "no results"),
+    (["generate"], "--prompt"),
+    (["generate", "--prompt", "hi", "--prompt-file", "{file}"], "--prompt-file"),
+    (["generate", "--prompt-file", "{missing}"], "--prompt-file"),
+    (["generate", "--prompt", "  "], "empty"),
+    (["generate", "--prompt", "hi", "--budget", "0"], "--budget"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "--prompt", "hi", "--onnx", "{dir}"], "manifest.json"),
+    (["generate", "--prompt", "hi", "--onnx", "{dir}", "--method", "snapkv"], "--method"),
+    (["generate", "--prompt", "hi", "--model", "./no/such/model"], "no such folder"),
+    (["nosuchcommand"], "unknown command"),
+]
+
+
+@pytest.mark.parametrize(("argv", "named"), CLI_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_cli_user_error_is_one_line_and_status_2_before_loading(argv, named, tmp_path, capsys, monkeypatch,
+                                                                no_model_loads) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "results.jsonl").write_text("")
+    values = {"{file}": _a_file(tmp_path), "{dir}": str(tmp_path / "dir"), "{missing}": str(tmp_path / "missing")}
+    monkeypatch.chdir(tmp_path)
+    err = _usage_error([values.get(a, a) for a in argv], capsys)
+    assert named in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "dir"]  # nothing written
+
+
+def test_demo_on_a_machine_without_cuda_refuses_device_cuda(capsys, no_model_loads) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert "--device" in _usage_error(["demo", "--device", "cuda"], capsys)
+
+
+def test_assets_command_errors_are_one_line(capsys) -> None:
+    assert assets.main(["fetch", "nosuchasset"]) == 2
+    err = capsys.readouterr().err
+    assert "nosuchasset" in err and err.strip().count("\n") == 0
