@@ -368,9 +368,13 @@ class MixedDimCache(Cache):
         """`max_new_tokens`: give the decoded tokens a fixed region of that many slots per layer,
         written in place (static shapes: CUDA graphs); None grows it by concatenation.
         `record_selection`: keep every prompt entry's chosen dim (`MixedDimLayer.last_selection`)."""
-        cfg = cfg or MixedDimKVConfig()
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: must be a positive number of slots or None")
+        cfg = MixedDimKVConfig() if cfg is None else cfg
+        if not isinstance(cfg, MixedDimKVConfig):
+            raise TypeError(f"MixedDimCache(config, cfg): cfg must be a MixedDimKVConfig, not {type(cfg).__name__}")
+        if max_new_tokens is not None and (
+            isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive int (slots) or None")
         num_layers, _, n_kv, head_dim = model_dims(config)
         dims = cfg.resolve_dims(head_dim)
         text = config.get_text_config(decoder=True)

@@ -466,3 +466,60 @@ def test_assets_command_errors_are_one_line(capsys) -> None:
     assert assets.main(["fetch", "nosuchasset"]) == 2
     err = capsys.readouterr().err
     assert "nosuchasset" in err and err.strip().count("\n") == 0
+
+
+# --- smaller cases ---------------------------------------------------------------------------------
+
+
+def test_graphed_decoder_on_cpu_says_it_needs_cuda() -> None:
+    from mdkv_compile.hf.cuda_graphs import GraphedDecoder
+
+    model = tiny_model("llama")
+    cfg = MixedDimKVConfig(budget=0.5, method="snapkv", window=4, min_compress_tokens=0)
+    mdkv.patch(model, cfg)
+    cache = mdkv.MixedDimCache(model.config, cfg, max_new_tokens=4)
+    ids = _ids(30)
+    with torch.inference_mode():
+        model(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        GraphedDecoder(model, cache).step(ids[:, -1:])
+
+
+def test_patched_generate_names_a_cache_implementation_argument() -> None:
+    model = mdkv.patch(tiny_model("llama"), MixedDimKVConfig(budget=0.5))
+    with pytest.raises(ValueError, match=r"cache_implementation='static'.*mdkv\.patch"):
+        model.generate(_ids(40), max_new_tokens=2, cache_implementation="static")
+
+
+def test_patched_generate_overrides_the_checkpoints_default_cache() -> None:
+    model = tiny_model("llama")
+    model.generation_config.cache_implementation = "static"  # as some checkpoints ship it
+    mdkv.patch(model, MixedDimKVConfig(budget=0.5, min_compress_tokens=0))
+    out = model.generate(_ids(200), max_new_tokens=2, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    assert isinstance(out.past_key_values, mdkv.MixedDimCache)
+
+
+@pytest.mark.parametrize("bad", [2.5, 0, -1, True, "8"])
+def test_cache_refuses_a_bad_max_new_tokens(bad) -> None:
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        mdkv.MixedDimCache(tiny_model("llama").config, MixedDimKVConfig(), max_new_tokens=bad)
+
+
+@pytest.mark.compile
+def test_explain_smollm2_uses_the_bundled_asset_not_the_hub(monkeypatch, capsys) -> None:
+    from mdkv_compile.cli import main
+    from mdkv_compile.passes import explain
+
+    calls = []
+
+    def fake_load_model(name, *args, **kwargs):
+        calls.append(name)
+        return tiny_model("llama"), None
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(explain, "load_model", fake_load_model)
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", refuse)
+    assert main(["explain", "--model", "smollm2", "--seq-len", "4"]) == 0
+    assert calls == ["smollm2"] and "attention sites rewritten" in capsys.readouterr().out

@@ -136,6 +136,17 @@ class _PatchedGenerate:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model = self.model
         if kwargs.get("past_key_values") is None:
+            asked = kwargs.get("cache_implementation") or getattr(kwargs.get("generation_config"),
+                                                                  "cache_implementation", None)
+            if asked is not None:
+                raise ValueError(
+                    f"generate(cache_implementation={asked!r}) asks for another cache, but this model is patched "
+                    "by mdkv.patch, whose generate() uses a MixedDimCache; drop the argument, or mdkv.unpatch the "
+                    "model to use transformers' caches"
+                )
+            if getattr(model.generation_config, "cache_implementation", None) is not None:
+                # the checkpoint's default cache gives way to the compressed one the patch is for
+                kwargs["cache_implementation"] = None
             kwargs["past_key_values"] = MixedDimCache(model.config, getattr(model, _STATE_ATTR)["cfg"])
         return type(model).generate(model, *args, **kwargs)
 
