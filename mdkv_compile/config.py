@@ -105,8 +105,9 @@ class MixedDimKVConfig:
     Short prompts: the budget never takes the last `window` and the first `sink_tokens` valid
     tokens of a prompt (each (row, KV head) keeps at least what stores them at full dimension, so
     a layer stores at most max(budget, window + sinks full tokens) per KV head), and a row of at
-    most `min_compress_tokens` valid tokens is stored uncompressed. `lowrank` stores every token
-    at one rank by definition: it gets the same floor of bytes, spent on that rank.
+    most `min_compress_tokens` valid tokens (or only of window and sinks) is stored uncompressed.
+    `lowrank` stores every token at one rank by definition: it gets the same floor of bytes, spent
+    on that rank.
 
     Frozen: change a field with `cfg.replace(...)`, which validates the new values.
     """

@@ -16,6 +16,16 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests (test_properties*.py): CI draws the same examples every run (derandomized), with
+# no per-example deadline (the first call of a shape pays for its kernels); each test sets its
+# number of examples. HYPOTHESIS_PROFILE=mdkv-explore searches longer, at random.
+settings.register_profile("mdkv-ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("mdkv-explore", deadline=None, max_examples=500,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "mdkv-ci"))
 
 
 def write_head_scores(path: Path, num_layers: int, n_heads: int, seed: int = 0) -> Path:

@@ -140,3 +140,14 @@ def test_smollm2_answers_a_chat_question_under_patch_at_budget_0_1() -> None:
             out = model.generate(ids, max_new_tokens=12, do_sample=False)
         answers[name] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert all("Paris" in a for a in answers.values()), answers
+
+
+@pytest.mark.parametrize("method", COMPRESSING)
+def test_a_prompt_of_forced_tokens_only_is_stored_whole_by_every_method(method: str, head_scores_file) -> None:
+    """Every token is in the window or the sinks: none may be compressed, lowrank's included."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(5))
+    cfg = config_for(method, head_scores_file, budget=0.1, window=8, sink_tokens=2, min_compress_tokens=0)
+    cache = prefill(model, cfg, ids)
+    for layer in cache.layers:
+        assert bool((layer.last_selection == 16).all()), (method, layer.selection_summary())

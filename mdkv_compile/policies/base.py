@@ -163,10 +163,12 @@ def pyramid_factor(layer_idx: int, num_layers: int, beta: float) -> float:
 
 def keeps_everything(ctx: LayerContext) -> torch.Tensor:
     """[B] rows stored uncompressed: those whose budget covers every valid token at full dimension
-    (budget 1.0 means no compression for every method, whatever it would redistribute) and those
-    of at most `cfg.min_compress_tokens` valid tokens."""
+    (budget 1.0 means no compression for every method, whatever it would redistribute), those of
+    at most `cfg.min_compress_tokens` valid tokens, and those whose every token is forced (the
+    window and the sinks are never compressed, by any method)."""
     covered = base_budget(ctx) >= (ctx.n_valid * ctx.head_dim).double()
-    return covered | (ctx.n_valid <= ctx.cfg.min_compress_tokens)
+    short = ctx.n_valid <= max(ctx.cfg.min_compress_tokens, ctx.cfg.window + ctx.cfg.sinks)
+    return covered | short
 
 
 def keep_top(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
