@@ -349,6 +349,16 @@ class MixedDimLayer(CacheLayerMixin):
         bsz, n_kv, _, head_dim = self.keys.shape
         return 2 * bsz * n_kv * self.get_seq_length() * head_dim * self.keys.element_size()
 
+    def prompt_stored_bytes(self) -> int:
+        """The compressed prompt alone (store, bases, bookkeeping): what the budget bounds."""
+        return 0 if self.store is None else self.store.stored_bytes()
+
+    def prompt_full_bytes(self) -> int:
+        """A plain cache of the prompt alone (padding included, as in `full_bytes`)."""
+        if self.store is None:
+            return 0
+        return 2 * self.store.owners * self.n_prompt * self.store.head_dim * self.keys.element_size()
+
 
 # Callbacks (layer_idx, key, value) run on every prompt a MixedDimLayer compresses
 # (`mdkv_compile.hf.calibrate.capture_kv` adds them for calibration).
@@ -426,6 +436,17 @@ class MixedDimCache(Cache):
     def full_bytes(self) -> int:
         """Bytes a plain cache would hold for the same tokens."""
         return sum(_layer_bytes(layer, stored=False) for layer in self.layers)
+
+    # The budget is a share of the prompt's cache; tokens decoded after compression are stored whole
+    # on top of it by every method, and `stored_bytes` / `full_bytes` count them. These two compare
+    # like with like: the compressed layers' prompt stores against a plain cache of their prompt.
+    def prompt_stored_bytes(self) -> int:
+        """Bytes of the compressed prompt stores (bases and bookkeeping included), without decoded tokens."""
+        return sum(layer.prompt_stored_bytes() for layer in self.layers if isinstance(layer, MixedDimLayer))
+
+    def prompt_full_bytes(self) -> int:
+        """Bytes a plain cache would hold for the prompt in the compressed layers."""
+        return sum(layer.prompt_full_bytes() for layer in self.layers if isinstance(layer, MixedDimLayer))
 
     def shared_bytes(self) -> int:
         """Calibrated bases: stored once per model, not per prompt (like weights)."""

@@ -100,7 +100,8 @@ class MixedDimKVConfig:
     Give exactly one budget: `budget` (fraction of the full cache of the prompt, in (0, 1]),
     `budget_tokens` (full-dimension token equivalents per KV head and layer) or `budget_bytes`
     (bytes per sequence over all layers, bases and bookkeeping included). With none, `budget`
-    is 0.0625.
+    is 0.0625. The budget bounds the prompt's cache; tokens generated after it are stored whole on
+    top, by every method (`MixedDimCache.prompt_stored_bytes` leaves them out).
 
     Short prompts: the budget never takes the last `window` and the first `sink_tokens` valid
     tokens of a prompt (each (row, KV head) keeps at least what stores them at full dimension, so

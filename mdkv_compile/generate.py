@@ -6,7 +6,8 @@
 
 Prints the generated text, then the KV bytes the cache holds (measured from its tensors: the
 compressed prompt, bookkeeping and the generated tokens) against a full cache of the same tokens,
-and the wall time of prefill + decode. The prompt goes through the tokenizer's chat template when
+the same for the prompt alone (what the budget bounds: generated tokens are stored whole), and
+the wall time of prefill + decode. The prompt goes through the tokenizer's chat template when
 it has one (`--no-chat-template`: as it is). With `--onnx` the export fixes the model, method and
 budget; decoding runs `--max-new-tokens` steps (no stop at end of turn, like the export's runner)
 and the text is cut at the first end-of-turn token.
@@ -114,6 +115,8 @@ class Generated:
     seconds: float  # prefill + decode
     tokenizer: Any
     what: str  # model, method, budget
+    # the compressed prompt alone and a plain cache of it: what the budget bounds (PyTorch runs)
+    prompt_bytes: tuple[int, int] | None = None
 
 
 def generate_torch(args: argparse.Namespace, cfg: MixedDimKVConfig, text: str) -> Generated:
@@ -133,7 +136,8 @@ def generate_torch(args: argparse.Namespace, cfg: MixedDimKVConfig, text: str) -
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
     return Generated(out[0, ids.shape[1] :], cache.stored_bytes(), cache.full_bytes(), seconds, tokenizer,
-                     f"{name}: {cfg.method} at budget {cfg.budget}")
+                     f"{name}: {cfg.method} at budget {cfg.budget}",
+                     (cache.prompt_stored_bytes(), cache.prompt_full_bytes()))
 
 
 def _export_tokenizer(folder: str, manifest: dict[str, Any]) -> Any:
@@ -183,4 +187,8 @@ def run(args: argparse.Namespace) -> int:
     print(result.tokenizer.decode(result.new_tokens, skip_special_tokens=True).strip())
     print(f"--- {result.what}; {len(result.new_tokens)} new tokens in {result.seconds:.2f} s (prefill + decode)")
     print(f"--- KV cache: {stored / 2**20:.3f} MiB stored, {full / 2**20:.3f} MiB full (ratio {stored / full:.4f})")
+    if result.prompt_bytes is not None:  # the budget bounds the prompt; generated tokens are stored whole
+        p_stored, p_full = result.prompt_bytes
+        print(f"--- prompt alone: {p_stored / 2**20:.3f} MiB stored, {p_full / 2**20:.3f} MiB full "
+              f"(ratio {p_stored / max(p_full, 1):.4f})")
     return 0

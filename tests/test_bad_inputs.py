@@ -21,6 +21,7 @@ from mdkv_compile import assets
 from mdkv_compile.backends.onnx.export import ExportError, export_onnx, is_export
 from mdkv_compile.backends.onnx.runtime import OnnxGenerator
 from mdkv_compile.config import MixedDimKVConfig
+from mdkv_compile.methods import RECORDS
 from mdkv_compile.testing import tiny_model
 
 # --- config -------------------------------------------------------------------------------------
@@ -466,6 +467,32 @@ def test_assets_command_errors_are_one_line(capsys) -> None:
     assert assets.main(["fetch", "nosuchasset"]) == 2
     err = capsys.readouterr().err
     assert "nosuchasset" in err and err.strip().count("\n") == 0
+
+
+# --- budgets: like with like ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [m for m in mdkv.METHODS if m != "full" and not RECORDS[m].needs_head_scores])
+def test_prompt_store_within_budget_and_decoded_tokens_on_top(method: str, stored_bytes_bound) -> None:
+    """streamingllm at 0.1 on 700 tokens + 3 decoded measured 0.1024 of the full cache: (69 + 3) /
+    (700 + 3) tokens, the prompt's 69 (its budget less one unit of bookkeeping) and the decoded
+    tokens, stored whole after compression by every method. Like with like: the prompt store is
+    within its budget for every method, and the decoded tokens cost every method the same."""
+    model = tiny_model("llama")
+    ids = _ids(700)
+    cfg = MixedDimKVConfig(budget=0.1, method=method)
+    mdkv.patch(model, cfg)
+    cache = mdkv.MixedDimCache(model.config, cfg)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, past_key_values=cache, pad_token_id=0)
+    prompt_stored, prompt_full = cache.prompt_stored_bytes(), cache.prompt_full_bytes()
+    assert prompt_full == 2 * 2 * 2 * 700 * 16 * 4  # layers, k/v, KV heads, tokens, head dim, fp32
+    for i, layer in enumerate(cache.layers):
+        assert layer.store.stored_bytes() <= stored_bytes_bound(cfg, 700, 16, 2, 4, i, len(cache.layers))
+    decoded = 2 * 2 * 2 * 3 * 16 * 4  # 3 tokens decoded into the cache (the 4th is only returned)
+    assert cache.stored_bytes() == prompt_stored + decoded
+    assert cache.full_bytes() == prompt_full + decoded
+    if RECORDS[method].budget_schedule == "uniform":
+        assert prompt_stored <= 0.1 * prompt_full
 
 
 # --- smaller cases ---------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ def test_generate_prints_text_bytes_and_time(tiny_model_dir: Path, tmp_path: Pat
     assert "snapkv at budget 0.1" in out and re.search(r"\d+ new tokens in [\d.]+ s", out)
     stored, full, ratio = _stats(out)
     assert 0 < stored < 0.2 * full and ratio < 0.2
+    prompt_ratio = float(re.search(r"prompt alone: .* \(ratio ([\d.]+)\)", out).group(1))
+    assert prompt_ratio <= 0.1  # the budget bounds the prompt; the 5 generated tokens come on top
     # The bytes printed are the cache's own: the same run through the library gives them.
     model = tiny_model("llama")
     cfg = mdkv.MixedDimKVConfig(budget=0.1, method="snapkv")
