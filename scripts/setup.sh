@@ -4,7 +4,9 @@
 # Re-running is cheap: installs are skipped while pyproject.toml and this script are unchanged.
 #
 # Environment: PYTHON (default python3.11), TORCH_REQ (default torch==2.13.0; the CPU wheel lies in
-# this machine's pip find-links), MDKV_CACHE_DIR (asset cache, default ~/.cache/mdkv-compile).
+# this machine's pip find-links), MDKV_CACHE_DIR (asset cache, default ~/.cache/mdkv-compile),
+# MDKV_EXTRA_ASSETS (more assets to fetch, space-separated, default none; e.g. "gemma3-270m":
+# Gemma 3 270M, about 500 MB in the cache and 20 s here; its slow tests fetch it themselves).
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -55,7 +57,12 @@ else
     echo "$want" >"$STAMP"
 fi
 
-# 3. assets: cheap no-op when cached.
+# 3. assets: cheap no-op when cached. The default set (SmolLM2 + essays), then any asked for.
 step "assets (real model + haystack)"
 "$VPY" -m mdkv_compile.assets fetch
+if [ -n "${MDKV_EXTRA_ASSETS:-}" ]; then
+    step "assets: $MDKV_EXTRA_ASSETS"
+    # shellcheck disable=SC2086  # a space-separated list of names, split on purpose
+    "$VPY" -m mdkv_compile.assets fetch $MDKV_EXTRA_ASSETS
+fi
 step "done"

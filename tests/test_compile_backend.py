@@ -366,7 +366,7 @@ def test_reduce_overhead_static_cache_uses_fixed_region_and_matches_eager() -> N
     fixed region sized by the buffer (what a CUDA-graph replay needs: backends/site_graphs.py); the
     decode graph, and only it, is marked capturable; tokens equal the eager reference. On CPU no
     graph is captured (the wrapper calls Inductor's code directly); the capture itself runs only
-    on CUDA (benchmarks/check_compile_graphs.py, docs/gpu_notes.md)."""
+    on CUDA (benchmarks/check_compile_graphs.py, docs/notes/gpu_notes.md)."""
     from transformers import StaticCache
 
     torch._dynamo.reset()

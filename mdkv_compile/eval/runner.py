@@ -553,7 +553,12 @@ def _option(s: str) -> tuple[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="'smollm2' (offline GGUF) or a Hugging Face path (default smollm2)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="'smollm2' or 'gemma3-270m' (offline GGUFs, see mdkv_compile/assets.py) or a Hugging Face path "
+        "(default smollm2)",
+    )
     p.add_argument("--methods", type=csv_list(str), default=None, help="comma list (default: all but head-score ones)")
     p.add_argument("--budgets", type=csv_list(float), default=None, help="comma list, e.g. 0.02,0.05,0.1")
     p.add_argument(

@@ -1,7 +1,7 @@
 """Decode steps of a transformers causal LM replayed as one CUDA graph.
 
 An eager decode step of a 32-layer model is hundreds of kernel launches and Python calls; at
-batch 8 that costs more than reading a compressed cache (docs/gpu_notes.md). `GraphedDecoder`
+batch 8 that costs more than reading a compressed cache (docs/notes/gpu_notes.md). `GraphedDecoder`
 captures the step once and replays it, so a step costs what its kernels cost:
 
     cache = mdkv.MixedDimCache(model.config, cfg, max_new_tokens=256)   # fixed decode region

@@ -18,7 +18,7 @@ Three launches, no host synchronisation (every size comes from shapes):
 Masking is the reference's: key ``n`` is visible to a row at position ``p`` iff ``n <= p`` and
 ``valid[b, n]``; a row that sees no key contributes 0 (the reference's ``nan_to_num``) and still
 counts in the mean. Logits in log2 units (``exp2``), fp32 accumulation, bf16 / fp16 operands on the
-tensor cores; fp32 operands use exact ("ieee") products. Design and floors: docs/kernel_notes.md.
+tensor cores; fp32 operands use exact ("ieee") products. Design and floors: docs/notes/kernel_notes.md.
 """
 
 from __future__ import annotations

@@ -21,16 +21,16 @@ so fp32 results match a float64 reference to ~1e-6); probabilities and ``q_rot``
 input dtype before their products, as in FlashAttention.
 
 The op ``mdkv::packed_decode_attention`` is a ``torch.library.triton_op`` (Inductor sees both kernels
-through ``wrap_triton``: verified on an H200, docs/kernel_notes.md) taking the tiers as ``Tensor[]``
+through ``wrap_triton``: verified on an H200, docs/notes/kernel_notes.md) taking the tiers as ``Tensor[]``
 lists: the full tier first, then at most ``MAX_REDUCED_TIERS`` reduced ones, largest first. On a CPU
 tensor (and no ``TRITON_INTERPRET=1``) it runs ``packed_attention_torch``, a vectorised
-pure-torch version that is also traceable. Versions and measurements: docs/kernel_notes.md.
+pure-torch version that is also traceable. Versions and measurements: docs/notes/kernel_notes.md.
 
 Chunked prefill (``mdkv::packed_chunk_attention``, ``packed_chunk_attention``): the same two kernels
 generalised to ``L`` query tokens per sequence (the last ``L`` of the new tokens, causal among them),
 the ``G * L`` query rows of an owner cut into blocks of ``BLOCK_M`` rows on grid axis 2. Checked
 against float64 references under Triton's interpreter and compiled on an H200 (tests pass there); timing:
-``mdkv bench --chunks`` (docs/kernel_notes.md). ``MixedDimLayer.attend`` runs it for chunks on CUDA.
+``mdkv bench --chunks`` (docs/notes/kernel_notes.md). ``MixedDimLayer.attend`` runs it for chunks on CUDA.
 
 Launch parameters (split count policy, rows per block, warps, stages): ``Tuning``; every caller gets
 ``DEFAULT_TUNING``, the ``*_triton`` entry points take ``tuning=`` so ``mdkv bench --sweep`` can vary them.
@@ -653,7 +653,7 @@ if HAS_TRITON:
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Launch parameters of the split and merge kernels (values: docs/kernel_notes.md). The defaults
+    """Launch parameters of the split and merge kernels (values: docs/notes/kernel_notes.md). The defaults
     are what every caller gets; a benchmark passes its own instance (``tuning=``) to sweep them."""
 
     # split-K target: enough programs in flight to cover memory latency. The H200 sweep
@@ -662,11 +662,11 @@ class Tuning:
     programs_per_sm: int = 15
     min_rows_per_split: int = 64  # below this a split's fixed cost (q, bases, partial writes) dominates
     # At batch 1 the per-SM target asks for ~60 splits of 128K, measured slower there than ~17
-    # (41.8 vs 30.1 us at 128K x 1 on the H200, docs/kernel_notes.md): at most 16.
+    # (41.8 vs 30.1 us at 128K x 1 on the H200, docs/notes/kernel_notes.md): at most 16.
     max_splits: int = 16
     splits: int | None = None  # a fixed split count (sweeps); None: the policy of `_num_splits`
     num_warps: int = 4
-    num_stages: int = 3  # sweep on H200 (docs/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
+    num_stages: int = 3  # sweep on H200 (docs/notes/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
     block_n_full: int = 32  # rows per block, full tier and decoded region (sweep: 32 beat 64 at all 3 shapes)
     block_n_reduced_max: int = 128  # rows per block of a reduced tier (~16 KiB of keys, at most this)
     merge_block_s: int = 16  # splits read at once by the merge
@@ -1054,7 +1054,7 @@ def packed_chunk_attention(
     """Chunked prefill over a packed store: ``q`` ``[B, Hq, L, d]`` are the last ``L`` of the ``n_new``
     tokens in ``k_new``/``v_new`` (already written there), causal among the new tokens; every stored
     token is visible. Other arguments as ``packed_decode_attention``; returns ``[B, Hq, L, d]``.
-    Checked against float64 under the interpreter and on an H200; not timed (docs/kernel_notes.md)."""
+    Checked against float64 under the interpreter and on an H200; not timed (docs/notes/kernel_notes.md)."""
     return torch.ops.mdkv.packed_chunk_attention(q, list(tier_keys), list(tier_values), list(tier_offsets),
                                                  basis_k, basis_v, k_new, v_new, int(n_new), float(scale),
                                                  None if softcap is None else float(softcap))

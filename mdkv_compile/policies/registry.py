@@ -33,7 +33,7 @@ POLICIES: dict[str, Policy] = {name: _resolve(record.select) for name, record in
 def _tf32_matmuls(x: torch.Tensor) -> Iterator[None]:
     """On CUDA with a bf16/fp16 model, run the policy's float32 matmuls (second moments, basis
     projections, logit errors) on TF32 tensor cores: plain fp32 uses FFMA kernels, the largest
-    cost of compression on an H200 (docs/gpu_notes.md), and TF32's 10-bit mantissa is finer than
+    cost of compression on an H200 (docs/notes/gpu_notes.md), and TF32's 10-bit mantissa is finer than
     the 7/10 bits the cache is stored with. The flag is process-wide, so it is restored at once."""
     if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
         yield
