@@ -33,7 +33,7 @@ from mdkv_compile.core.attention import attend_packed, causal_mask, dense_attent
 from mdkv_compile.core.bases import load_calibrated
 from mdkv_compile.core.packing import PackedStore, pack
 from mdkv_compile.core.sharding import HeadShard, check_local_heads
-from mdkv_compile.kernels.store_attention import packed_store_attention, store_arguments
+from mdkv_compile.kernels.store_attention import StorePlan, packed_store_attention
 from mdkv_compile.methods import RECORDS
 from mdkv_compile.policies import LayerContext, select
 from mdkv_compile.policies.head_scores import load_head_shares
@@ -140,7 +140,7 @@ class MixedDimLayer(CacheLayerMixin):
         self.max_new_tokens = max_new_tokens
         self.n_new = 0
         self.n_decoded: torch.Tensor | None = None
-        self._kernel_args: tuple | None = None  # the store's kernel arguments, made once
+        self._kernel_plan: StorePlan | None = None  # the store's kernel plan, made once
 
     # --- CacheLayerMixin -------------------------------------------------------------------------
 
@@ -210,7 +210,7 @@ class MixedDimLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.store, self.pending, self.n_prompt, self.n_new = None, None, 0, 0
-        self.n_decoded, self._kernel_args = None, None
+        self.n_decoded, self._kernel_plan = None, None
         self.is_initialized = False
 
     def _unsupported(self, *args, **kwargs):
@@ -242,20 +242,20 @@ class MixedDimLayer(CacheLayerMixin):
         """The Triton kernels over store + new tokens (what `attend` runs when `_use_kernel` says so):
         the decode kernel for one query token, the chunk kernel for a chunk of L > 1."""
         store = self.store
-        if self._kernel_args is None and (store.basis_k is None or store.owner_basis("k") is store.basis_k):
+        if self._kernel_plan is None and (store.basis_k is None or store.owner_basis("k") is store.basis_k):
             # Reused every step, when it references the store's own tensors; bases that are
             # gathered per owner (shared rows) are gathered per call instead, since a kept copy
             # would hold memory that stored_bytes does not count.
-            self._kernel_args = store_arguments(store)
+            self._kernel_plan = StorePlan.for_store(store)
         if query.shape[2] > 1:
             # a chunk: the kernel takes the host count, exact here (update() advanced it; chunks are
             # never captured into a graph, see _use_kernel) for a growing and a fixed region alike
             return packed_store_attention(query, store, self.keys, self.values, self.n_new, scale, softcap,
-                                          arguments=self._kernel_args)
+                                          plan=self._kernel_plan)
         # fixed region: the kernel reads the count on the device (n_decoded is None otherwise) and
         # the capacity only sizes its work split; a growing region is all valid
         return packed_store_attention(query, store, self.keys, self.values, self.max_new_tokens, scale, softcap,
-                                      n_decoded=self.n_decoded, arguments=self._kernel_args)
+                                      n_decoded=self.n_decoded, plan=self._kernel_plan)
 
     def _new_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         """[B, 1|H, L, n_new] bool: which decoded tokens each query sees (None: all, causally)."""

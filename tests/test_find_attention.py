@@ -21,6 +21,7 @@ from mdkv_compile.testing import (
     StaticKVDecoder,
     build_tiny_model,
     empty_past,
+    tiny_model,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -496,3 +497,123 @@ def test_finder_does_not_touch_the_graph_or_specialise_shapes() -> None:
     assert str(gm.graph) == before_graph
     assert len(shape_env.guards) == before_guards
     assert not str(seq.node.expr).isdigit()  # still symbolic
+
+
+# ---------------------------------------------------------------------------------------------
+# Every model of mdkv_compile.testing, prefill and (decoders) one decode step over the filled
+# cache: the exact status and causal proof or skip reason of every site, in graph order. Reasons
+# that name graph nodes use Dynamo's node names for the pinned torch version.
+
+_ALL_CAUSAL = "rewritable: mask: kv_idx <= q_idx"
+_FULL_ATTENTION = "skipped: bidirectional: no causal pattern in the mask (padding / full attention)"
+_BIAS = "skipped: additive attention bias (ALiBi / relative position) in the mask: not supported"
+_T5_CROSS = "skipped: cross-attention: k/v come from hidden_states_17, not the query's input normed_hidden_states_{}"
+_BART_CROSS = "skipped: cross-attention: k/v come from hidden_states_20, not the query's input hidden_states_{}"
+_SOFTCAP = "skipped: unrecognised attention pattern: cannot tell scores from mask in attn_weights_{}"
+_WINDOW = "skipped: sliding-window mask (window=16): the rewrite computes full causal attention"
+
+_HF_LAYERS = {
+    "llama": "model.layers.{}.self_attn",
+    "qwen2": "model.layers.{}.self_attn",
+    "mistral": "model.layers.{}.self_attn",
+    "gpt2": "transformer.h.{}.attn",
+    "opt": "model.decoder.layers.{}.self_attn",
+    "gpt_neox": "gpt_neox.layers.{}.attention",
+}
+# case -> [(layer, "status: proof or reason")]; kind is "sdpa" for the sdpa cases, else "manual"
+PINNED: dict[str, list[tuple[str, str]]] = {
+    **{
+        f"{arch}-{impl}{step}": [(fmt.format(i), _ALL_CAUSAL) for i in range(2)]
+        for arch, fmt in _HF_LAYERS.items()
+        for impl in ("sdpa", "eager")
+        for step in ("", "-decode")
+    },
+    **{
+        f"tiny-{arch}{step}": [(f"model.layers.{i}.self_attn", _ALL_CAUSAL) for i in range(2)]
+        for arch in ("llama", "mistral", "qwen2", "qwen3", "phi3")
+        for step in ("", "-decode")
+    },
+    **{
+        f"bert-{impl}": [(f"encoder.layer.{i}.attention.self", _FULL_ATTENTION) for i in range(2)]
+        for impl in ("sdpa", "eager")
+    },
+    **{
+        f"t5-{impl}": [
+            ("encoder.block.0.layer.0.SelfAttention", _FULL_ATTENTION),
+            ("encoder.block.1.layer.0.SelfAttention", _FULL_ATTENTION),
+            ("decoder.block.0.layer.0.SelfAttention", _BIAS),
+            ("decoder.block.0.layer.1.EncDecAttention", _T5_CROSS.format(3)),
+            ("decoder.block.1.layer.0.SelfAttention", _BIAS),
+            ("decoder.block.1.layer.1.EncDecAttention", _T5_CROSS.format(5)),
+        ]
+        for impl in ("sdpa", "eager")
+    },
+    **{
+        f"bart-{impl}": [
+            ("model.encoder.layers.0.self_attn", _FULL_ATTENTION),
+            ("model.encoder.layers.1.self_attn", _FULL_ATTENTION),
+            ("model.decoder.layers.0.self_attn", _ALL_CAUSAL),
+            ("model.decoder.layers.0.encoder_attn", _BART_CROSS.format(26)),
+            ("model.decoder.layers.1.self_attn", _ALL_CAUSAL),
+            ("model.decoder.layers.1.encoder_attn", _BART_CROSS.format(38)),
+        ]
+        for impl in ("sdpa", "eager")
+    },
+    **{
+        f"tiny-gemma2{step}": [(f"model.layers.{i}.self_attn", _SOFTCAP.format(4 + 7 * i)) for i in range(3)]
+        for step in ("", "-decode")
+    },
+    **{
+        f"tiny-gemma3{step}": [
+            ("model.layers.0.self_attn", _WINDOW),
+            ("model.layers.1.self_attn", _ALL_CAUSAL),
+            ("model.layers.2.self_attn", _ALL_CAUSAL),
+        ]
+        for step in ("", "-decode")
+    },
+    **{
+        f"static_kv{step}": [
+            (f"layers.{i}", "rewritable: lower-triangular buffer l_self_buffers_causal_mask_") for i in range(2)
+        ]
+        for step in ("", "-decode")
+    },
+    "cat": [(f"blocks.{i}", "rewritable: mask: tril(ones)") for i in range(2)],
+    "cat-decode": [(f"blocks.{i}", "rewritable: mask: tril(ones, 5)") for i in range(2)],
+}
+
+
+def _pinned_case_sites(case: str) -> tuple[list[AttentionSite], str]:
+    """The sites of one PINNED case and the kind every site of it has."""
+    name, decode = case.removesuffix("-decode"), case.endswith("-decode")
+    if name == "static_kv":
+        torch.manual_seed(0)
+        pos = torch.tensor([6]) if decode else torch.arange(6)
+        idx = torch.tensor([[7]]) if decode else torch.randint(0, 128, (1, 6))
+        return _sites(StaticKVDecoder().eval(), idx, pos), "manual"
+    if name == "cat":
+        torch.manual_seed(0)
+        idx, past = (torch.tensor([[3]]), empty_past(5)) if decode else (torch.randint(0, 128, (1, 5)), empty_past())
+        return _sites(CatDecoder().eval(), idx, past), "manual"
+    if name.startswith("tiny-"):
+        arch = name.removeprefix("tiny-")
+        model, vocab, kind = tiny_model(arch), 256, "manual" if arch == "gemma2" else "sdpa"
+    else:
+        arch, impl = name.rsplit("-", 1)
+        model, vocab, kind = build_tiny_model(arch, impl), 128, "sdpa" if impl == "sdpa" else "manual"
+    torch.manual_seed(0)
+    ids = torch.randint(3, vocab, (1, 8))
+    if arch in ("t5", "bart"):
+        return _sites(model, input_ids=ids, decoder_input_ids=ids[:, :4], use_cache=False), kind
+    if not decode:
+        return _sites(model, input_ids=ids), kind
+    with torch.no_grad():
+        past = model(input_ids=ids, use_cache=True).past_key_values
+    return _sites(model, input_ids=ids[:, -1:], past_key_values=past, use_cache=True), kind
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_every_testing_model_has_its_pinned_sites_and_reasons(case: str) -> None:
+    sites, kind = _pinned_case_sites(case)
+    found = [(s.layer, f"{s.status}: {s.causal_proof if s.rewritable else s.reason}") for s in sites]
+    assert found == PINNED[case]
+    assert {s.kind for s in sites} == {kind}

@@ -21,7 +21,7 @@ from mdkv_compile.kernels.store_attention import (  # noqa: E402
 )
 
 STALE, _needs_interpreter, test_module_in_fresh_process = interpreter_guard(
-    __file__, lambda: [store_attention._packed_decode_split]
+    __file__, lambda: [store_attention.jit._packed_decode_split]
 )
 
 
@@ -266,7 +266,7 @@ def test_chunk_with_one_token_equals_decode() -> None:
 def test_chunk_matches_core_attend_packed() -> None:
     core_attention = pytest.importorskip("mdkv_compile.core.attention")
     core_packing = pytest.importorskip("mdkv_compile.core.packing")
-    from mdkv_compile.kernels.store_attention import store_arguments
+    from mdkv_compile.kernels.store_attention import StorePlan
 
     gen = torch.Generator().manual_seed(17)
     B, H, G, N, d, tiers, L, S = 1, 2, 2, 40, 32, (32, 16), 4, 6
@@ -282,7 +282,7 @@ def test_chunk_matches_core_attend_packed() -> None:
     k_new = torch.randn(B, H, S, d, generator=gen)
     v_new = torch.randn(B, H, S, d, generator=gen)
     ref = core_attention.attend_packed(q, store, k_new, v_new, scale=d**-0.5)  # causal, queries = last L
-    keys, vals, offs, obk, obv = store_arguments(store)
+    keys, vals, offs, obk, obv = StorePlan.for_store(store).tiers
     out = packed_chunk_attention(q, keys, vals, offs, obk, obv, k_new, v_new, S, d**-0.5)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
@@ -317,14 +317,14 @@ def test_tuning_overrides_the_launch_and_keeps_results() -> None:
     not the answer; a fixed split count overrides the policy."""
     from mdkv_compile.kernels import store_attention as ta
 
-    assert ta._num_splits(8, 5, 10_000, 132, ta.Tuning(splits=7)) == 7
+    assert ta.num_splits(8, 5, 10_000, 132, ta.Tuning(splits=7)) == 7
     # The default policy gives the split counts the H200 sweep found best (8 / 2 / 1 at 128K x 8,
     # 32K x 32, 8K x 64: owners = B x 8 KV heads, 4 regions, rows per owner at budget 0.0625)...
-    assert [ta._num_splits(own, 4, rows, 132) for own, rows in ((64, 30_508), (256, 7_660), (512, 1_932))] == [8, 2, 1]
+    assert [ta.num_splits(own, 4, rows, 132) for own, rows in ((64, 30_508), (256, 7_660), (512, 1_932))] == [8, 2, 1]
     # ...is capped where a split would get fewer than min_rows_per_split rows per region, and at
     # max_splits (batch 1: the per-SM target alone would ask for ~60 splits).
-    assert ta._num_splits(8, 5, 2_000, 132) == ta._num_splits(8, 5, 2_000, 132, ta.DEFAULT_TUNING) == 2_000 // 320
-    assert ta._num_splits(8, 4, 30_508, 132) == ta.DEFAULT_TUNING.max_splits == 16
+    assert ta.num_splits(8, 5, 2_000, 132) == ta.num_splits(8, 5, 2_000, 132, ta.DEFAULT_TUNING) == 2_000 // 320
+    assert ta.num_splits(8, 4, 30_508, 132) == ta.DEFAULT_TUNING.max_splits == 16
     gen = torch.Generator().manual_seed(19)
     c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 90, 4, 6, torch.float32)
     ref = reference(c)

@@ -6,7 +6,7 @@
 `torch_dynamo_backends` entry point in pyproject.toml; it is not registered again here, since a
 second registration under the same name trips Dynamo's duplicate-name assert.
 
-Per Dynamo graph: find attention sites (passes/find_attention.py), replace every rewritable
+Per Dynamo graph: find attention sites (passes/find_attention/), replace every rewritable
 site whose keys come through a concat cache (HF DynamicCache, tuple pasts, hand-written
 `torch.cat` caches) by `mdkv::site_attention`, give the model's own cache zero-stride shape
 placeholders instead of the concatenated keys/values (the concats are erased); replace every

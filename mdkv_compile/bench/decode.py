@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import sys
 import time
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from mdkv_compile.bench import e2e as bench_e2e
 from mdkv_compile.core.attention import causal_mask
 from mdkv_compile.kernels import store_attention as ta
+from mdkv_compile.kernels._triton import interpreting, next_pow2, sm_count
 from mdkv_compile.usage import check, command, csv, fraction, non_negative_int, positive_int, writable_file
 
 L2_BYTES = 60 * 2**20  # H200: 60 MB (KINDS.md reading); used only to flag cache-resident rows
@@ -251,7 +251,7 @@ def kernel_resources() -> list[dict[str, Any]]:
     """Registers / spills / shared memory of every compiled variant (best effort: Triton internals)."""
     rows: list[dict[str, Any]] = []
     try:
-        for fn in (ta._packed_decode_split, ta._packed_decode_merge):
+        for fn in (ta.jit._packed_decode_split, ta.jit._packed_decode_merge):
             for caches in fn.device_caches.values():
                 for k in caches[0].values():
                     rows.append(dict(kernel=fn.__name__, n_regs=getattr(k, "n_regs", None),
@@ -451,7 +451,7 @@ def _sweep_shape(n_ctx: int, B: int, args: argparse.Namespace, gen: torch.Genera
     best configuration, and SDPA over an evicted cache of equal bytes."""
     Hq, Hkv, d, nn = args.q_heads, args.kv_heads, args.head_dim, args.n_new
     tiers = [int(x) for x in args.tiers.split(",")]
-    n_sm = ta.sm_count(torch.device(dev))
+    n_sm = sm_count(torch.device(dev))
     t_shape = time.time()
     counts, _ = tier_counts(n_ctx, args.budget, tiers, d, 2)
     p = make_packed(B, Hkv, d, tiers, counts, nn, torch.bfloat16, gen, dev)
@@ -474,7 +474,7 @@ def _sweep_shape(n_ctx: int, B: int, args: argparse.Namespace, gen: torch.Genera
         err = rel_err(fn(), ref)
         t = _time(fn, args.sweep_rep_ms, args.dry_run, eager=False)
         ms = t["ms"] if args.dry_run else t["ms_graph"]
-        r = dict(tuning=dataclasses.asdict(tuning), splits=ta._num_splits(n_own, nreg, avg_rows, n_sm, tuning),
+        r = dict(tuning=dataclasses.asdict(tuning), splits=ta.num_splits(n_own, nreg, avg_rows, n_sm, tuning),
                  rel_err_vs_default=err, ok=err < 1e-2, ms_graph=ms, tb_s_graph=nbytes / ms / 1e9 if ms else None)
         timed[tuning] = r
         log.append(f"sweep N={n_ctx} B={B} S={r['splits']:3d} warps={tuning.num_warps} "
@@ -492,7 +492,7 @@ def _sweep_shape(n_ctx: int, B: int, args: argparse.Namespace, gen: torch.Genera
     by_s: dict[int, ta.Tuning] = {}
     for s_ in SWEEP_SPLITS:
         t = dataclasses.replace(default, splits=s_)
-        by_s.setdefault(ta._num_splits(n_own, nreg, avg_rows, n_sm, t), t)
+        by_s.setdefault(ta.num_splits(n_own, nreg, avg_rows, n_sm, t), t)
     best = best_of(list(by_s.values()))
     best = best_of([dataclasses.replace(best, num_warps=w, num_stages=st) for w, st in SWEEP_WARPS_STAGES])
     best = best_of([dataclasses.replace(best, block_n_full=bf, block_n_reduced_max=br) for bf, br in SWEEP_BLOCKS])
@@ -530,8 +530,8 @@ def chunk_rows(args: argparse.Namespace, gen: torch.Generator, dev: str, bw: flo
     rows = []
     for B in [int(x) for x in args.chunk_batches.split(",")]:
         for L in [int(x) for x in args.chunks.split(",")]:
-            # values the launch clamps to the same rows per program (as _launch_chunk does) are timed once
-            block_ms = list(dict.fromkeys(max(16, min(int(x), ta.next_pow2(Hq // Hkv * L)))
+            # values the launch clamps to the same rows per program (as StorePlan.chunk_split does) are timed once
+            block_ms = list(dict.fromkeys(max(16, min(int(x), next_pow2(Hq // Hkv * L)))
                                           for x in args.chunk_block_m.split(",")))
             q = torch.randn(B, Hq, L, d, generator=gen, device=dev, dtype=torch.bfloat16)
             qo_bytes = 2 * q.numel() * 2
@@ -595,7 +595,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:  # a dry run replaces the shapes
         _check_args(args)
     if args.dry_run:
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not interpreting():
             print("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1", file=sys.stderr)
             return 2
         _dry_run_args(args)
@@ -610,7 +610,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = dict(
         gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu (dry run)", torch=torch.__version__,
         triton=triton.__version__, python=platform.python_version(),
-        sms=ta.sm_count(torch.device(dev)), args=vars(args), tuning=dataclasses.asdict(ta.DEFAULT_TUNING),
+        sms=sm_count(torch.device(dev)), args=vars(args), tuning=dataclasses.asdict(ta.DEFAULT_TUNING),
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     result["correctness"] = correctness(dev, gen, log)

@@ -19,19 +19,34 @@ Masking is the reference's: key ``n`` is visible to a row at position ``p`` iff 
 ``valid[b, n]``; a row that sees no key contributes 0 (the reference's ``nan_to_num``) and still
 counts in the mean. Logits in log2 units (``exp2``), fp32 accumulation, bf16 / fp16 operands on the
 tensor cores; fp32 operands use exact ("ieee") products. Design and floors: docs/notes/kernel_notes.md.
+
+``_logit_errors`` (one launch): the attention loss's per-tier logit errors (``core.losses.logit_errors``)
+without the ``[..., W, N]`` fp32 product per tier. The ops ``mdkv::window_importance`` and
+``mdkv::logit_errors`` run the kernels where ``use_triton`` says they can, the references elsewhere;
+launch parameters: ``CompressTuning``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from mdkv_compile.core.losses import logit_errors as logit_errors_torch
 from mdkv_compile.core.scoring import window_importance as window_importance_torch
-from mdkv_compile.kernels._triton import HAS_TRITON, identity, next_pow2, sm_count, use_triton
+from mdkv_compile.kernels._triton import (
+    HAS_TRITON,
+    LOG2E,
+    identity,
+    interpreting,
+    next_pow2,
+    register_kernel_op,
+    sm_count,
+    split_count,
+)
 
 if HAS_TRITON:
     import triton
@@ -39,18 +54,23 @@ if HAS_TRITON:
 
     from mdkv_compile.kernels._triton import dot
 
-TUNING = {
-    "block_m": 64,  # window rows per tile (G * W = 128 at Llama-3-8B shapes: two tiles)
-    "block_n": 64,  # keys per tile
-    "pool_block": 1024,  # positions per max-pool program
-    "programs_per_sm": 4,  # pass 1 splits the keys until about this many programs per SM
-    "min_keys_per_split": 512,
-    "max_splits": 32,
-    "num_warps": 4,
-    "num_stages": 2,
-}
 
-_LOG2E = 1.4426950408889634
+@dataclasses.dataclass(frozen=True)
+class CompressTuning:
+    """Launch parameters of the compression kernels (values: docs/notes/kernel_notes.md). The defaults are
+    what every caller gets; the ``*_triton`` entry points take ``tuning=`` to vary them."""
+
+    block_m: int = 64  # window rows per tile (G * W = 128 at Llama-3-8B shapes: two tiles)
+    block_n: int = 64  # keys per tile
+    pool_block: int = 1024  # positions per max-pool program
+    programs_per_sm: int = 4  # pass 1 splits the keys until about this many programs per SM
+    min_keys_per_split: int = 512
+    max_splits: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+DEFAULT_COMPRESS_TUNING = CompressTuning()
 
 
 if HAS_TRITON:
@@ -132,7 +152,7 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         if INTERP:
             # Triton 3.6's interpreter cannot run range() over a runtime bound under numpy >= 2.4
-            # (see store_attention._region); a while loop is the same arithmetic
+            # (see store_attention.jit._region); a while loop is the same arithmetic
             start = lo
             while start < hi:
                 m_i, l_i = _stats_step(q, k_ptr, vld_ptr, b, h, start, hi, pos, rmask, m_i, l_i, N, skb, skh, skn,
@@ -228,15 +248,24 @@ if HAS_TRITON:
             tl.store(out_ptr + (o.to(tl.int64) * N + cols) * T + t, scale * tl.sqrt(acc * inv_rows), mask=cmask)
 
 
-def _num_splits(programs: int, n_keys: int, device: torch.device) -> int:
-    """Key slices per row block in pass 1, from shapes only (no sync, no recompile: S is a runtime argument)."""
-    want = -(-TUNING["programs_per_sm"] * sm_count(device) // max(programs, 1))
-    cap = max(1, n_keys // TUNING["min_keys_per_split"])
-    return int(max(1, min(want, cap, TUNING["max_splits"])))
-
-
-def _launch(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel: int, scale: float,
-            softcap: float | None, wrap, out: Tensor | None = None) -> Tensor:
+def window_importance_triton(
+    query: Tensor,
+    key: Tensor,
+    valid: Tensor,
+    window: int,
+    pool_kernel: int,
+    scale: float | None = None,
+    softcap: float | None = None,
+    *,
+    out: Tensor | None = None,
+    tuning: CompressTuning | None = None,
+    wrap: Callable = identity,
+) -> Tensor:
+    """The window-importance kernels called directly (no op dispatch), and by the op with
+    ``wrap=wrap_triton``. ``out`` lets tests check every element is written; ``tuning`` replaces the
+    launch parameters (None: ``DEFAULT_COMPRESS_TUNING``)."""
+    tuning = tuning or DEFAULT_COMPRESS_TUNING
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     bsz, n_q_heads, n_tokens, d = query.shape
     n_heads = key.shape[1]
     if key.shape != (bsz, n_heads, n_tokens, d) or n_q_heads % n_heads or valid.shape != (bsz, n_tokens):
@@ -253,12 +282,14 @@ def _launch(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel:
     q = query if query.stride(-1) == 1 else query.contiguous()
     k = key if key.stride(-1) == 1 else key.contiguous()
     vld = valid.to(torch.int8).contiguous()
-    block_m = max(16, min(TUNING["block_m"], next_pow2(n_rows)))
-    block_n = TUNING["block_n"]
+    block_m = max(16, min(tuning.block_m, next_pow2(n_rows)))
+    block_n = tuning.block_n
     block_d = max(16, next_pow2(d))
     nmb = -(-n_rows // block_m)
     m_p = nmb * block_m
-    splits = _num_splits(n_own * nmb, n_tokens, query.device)
+    # key slices per row block in pass 1
+    splits = split_count(n_own * nmb, n_tokens, tuning.min_keys_per_split, tuning.programs_per_sm, tuning.max_splits,
+                         sm_count(query.device))
     if out is None:
         out = torch.empty(bsz, n_heads, n_tokens, device=query.device, dtype=torch.float32)
     elif out.shape != (bsz, n_heads, n_tokens) or out.dtype != torch.float32 or not out.is_contiguous():
@@ -267,11 +298,11 @@ def _launch(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel:
     has_cap = softcap is not None
     common = dict(
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_SOFTCAP=has_cap,
-        DOT_PREC=query.dtype == torch.float32, INTERP=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+        DOT_PREC=query.dtype == torch.float32, INTERP=interpreting(),
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    scalars = (scale * _LOG2E, scale, float(softcap) if has_cap else 1.0)
+    scalars = (scale * LOG2E, scale, float(softcap) if has_cap else 1.0)
     wrap(_score_stats)[(n_own * nmb, splits)](
         q, k, vld, ws, n_heads, group, w, n_tokens, splits, nmb, m_p, *strides, *scalars, **common,
     )
@@ -282,30 +313,17 @@ def _launch(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel:
         NMB=nmb, S_P=max(2, next_pow2(splits)), **common,
     )
     if pool_kernel > 1:
-        block = min(TUNING["pool_block"], max(16, next_pow2(n_tokens)))
+        block = min(tuning.pool_block, max(16, next_pow2(n_tokens)))
         wrap(_max_pool)[(n_own, triton.cdiv(n_tokens, block))](raw, vld, out, n_heads, n_tokens, K=pool_kernel,
                                                                 BLOCK=block)
     return out
 
 
-def window_importance_triton(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel: int,
-                             scale: float | None = None, softcap: float | None = None,
-                             out: Tensor | None = None) -> Tensor:
-    """The Triton path called directly (no op dispatch); ``out`` lets tests check every element is written."""
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    return _launch(query, key, valid, window, pool_kernel, scale, softcap, identity, out=out)
-
-
-def _op_impl(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel: int, scale: float,
-             softcap: float | None = None) -> Tensor:
-    if use_triton(query):
-        from torch.library import wrap_triton
-
-        return _launch(query, key, valid, window, pool_kernel, scale, softcap, wrap_triton)
+@register_kernel_op("mdkv::window_importance", window_importance_triton)
+def _window_importance_op(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel: int, scale: float,
+                          softcap: float | None = None) -> Tensor:
+    """The op (its schema: this signature) and its fallback, the reference."""
     return window_importance_torch(query, key, valid, window, pool_kernel, scale, softcap)
-
-
-_window_importance_op = torch.library.triton_op("mdkv::window_importance", _op_impl, mutates_args=())
 
 
 def window_importance(query: Tensor, key: Tensor, valid: Tensor, window: int, pool_kernel: int,
@@ -313,12 +331,24 @@ def window_importance(query: Tensor, key: Tensor, valid: Tensor, window: int, po
     """``core.scoring.window_importance`` as the op ``mdkv::window_importance``: the fused kernels on CUDA
     (or under ``TRITON_INTERPRET=1``), the reference elsewhere. Same arguments and result ([B, H, N] fp32)."""
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    return torch.ops.mdkv.window_importance(query, key, valid, int(window), int(pool_kernel), scale,
-                                            None if softcap is None else float(softcap))
+    return _window_importance_op(query, key, valid, window, pool_kernel, scale, softcap)
 
 
-def _launch_errors(window_queries: Tensor, key_coef_full: Tensor, dims: list[int], scale: float, exact: bool,
-                   wrap, out: Tensor | None = None) -> Tensor:
+def logit_errors_triton(
+    window_queries: Tensor,
+    key_coef_full: Tensor,
+    dims: tuple[int, ...] | list[int],
+    scale: float,
+    exact: bool = True,
+    *,
+    out: Tensor | None = None,
+    tuning: CompressTuning | None = None,
+    wrap: Callable = identity,
+) -> Tensor:
+    """The logit-error kernel called directly (no op dispatch), and by the op with ``wrap=wrap_triton``
+    (``out``: tests check every element is written; ``tuning`` as ``window_importance_triton``)."""
+    tuning = tuning or DEFAULT_COMPRESS_TUNING
+    dims, scale = list(dims), float(scale)
     *lead, n_rows, d = window_queries.shape
     n_tokens = key_coef_full.shape[-2]
     if tuple(key_coef_full.shape) != (*lead, n_tokens, d) or not all(0 < r < d for r in dims):
@@ -335,34 +365,24 @@ def _launch_errors(window_queries: Tensor, key_coef_full: Tensor, dims: list[int
     tiers = torch.empty(len(dims), device=q.device, dtype=torch.int32)
     for i, r in enumerate(dims):
         tiers[i : i + 1].fill_(r)
-    block_m = max(16, min(TUNING["block_m"], next_pow2(n_rows)))
-    block_n = TUNING["block_n"]
+    block_m = max(16, min(tuning.block_m, next_pow2(n_rows)))
+    block_n = tuning.block_n
     wrap(_logit_errors)[(n_own, triton.cdiv(n_tokens, block_n))](
         q, kc, tiers, out, n_rows, n_tokens, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
         scale, 1.0 / n_rows,
         T=len(dims), NMB=-(-n_rows // block_m), D=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m,
-        BLOCK_N=block_n, DOT_PREC=exact, INTERP=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+        BLOCK_N=block_n, DOT_PREC=exact, INTERP=interpreting(),
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     return out
 
 
-def logit_errors_triton(window_queries: Tensor, key_coef_full: Tensor, dims: tuple[int, ...], scale: float,
-                        exact: bool = True, out: Tensor | None = None) -> Tensor:
-    """The Triton path of ``logit_errors`` called directly (``out``: tests check every element is written)."""
-    return _launch_errors(window_queries, key_coef_full, list(dims), float(scale), exact, identity, out=out)
-
-
-def _errors_op_impl(window_queries: Tensor, key_coef_full: Tensor, dims: list[int], scale: float,
-                    exact: bool) -> Tensor:
-    if use_triton(window_queries):
-        from torch.library import wrap_triton
-
-        return _launch_errors(window_queries, key_coef_full, dims, scale, exact, wrap_triton)
+@register_kernel_op("mdkv::logit_errors", logit_errors_triton)
+def _logit_errors_op(window_queries: Tensor, key_coef_full: Tensor, dims: list[int], scale: float,
+                     exact: bool) -> Tensor:
+    """The op (its schema: this signature) and its fallback, the reference; ``exact`` concerns the
+    kernels only (the reference follows PyTorch's matmul precision)."""
     return logit_errors_torch(window_queries, key_coef_full, tuple(dims), scale)
-
-
-_logit_errors_op = torch.library.triton_op("mdkv::logit_errors", _errors_op_impl, mutates_args=())
 
 
 def logit_errors(window_queries: Tensor, key_coef_full: Tensor, dims: tuple[int, ...], scale: float,
@@ -370,6 +390,4 @@ def logit_errors(window_queries: Tensor, key_coef_full: Tensor, dims: tuple[int,
     """``core.losses.logit_errors`` as the op ``mdkv::logit_errors``: [..., N, len(dims)] fp32 without the
     [..., W, N] fp32 product per tier. ``exact``: fp32 products ("ieee"); False lets the GPU use TF32
     (what the reference gets under ``policies._tf32_matmuls`` for a bf16 / fp16 model)."""
-    return torch.ops.mdkv.logit_errors(window_queries, key_coef_full, [int(r) for r in dims], float(scale),
-                                       bool(exact))
-
+    return _logit_errors_op(window_queries, key_coef_full, dims, scale, exact)

@@ -19,6 +19,7 @@ available.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,14 +30,23 @@ from typing import Any
 import torch
 
 from mdkv_compile.core.static import StaticStore
-from mdkv_compile.kernels._triton import HAS_TRITON, next_pow2
+from mdkv_compile.kernels._triton import HAS_TRITON, interpreting, next_pow2
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-BLOCK_N = 32
-NUM_WARPS = 4
+
+@dataclasses.dataclass(frozen=True)
+class StaticDecodeTuning:
+    """Launch parameters of the plugin kernel: plain defaults, not tuned on a GPU (one program per
+    query head; TensorRT launches what `compile_ptx` built with them)."""
+
+    block_n: int = 32  # slots per block of every tier and of the new-token region
+    num_warps: int = 4
+
+
+DEFAULT_STATIC_DECODE_TUNING = StaticDecodeTuning()
 
 
 if HAS_TRITON:
@@ -212,7 +222,8 @@ def kernel_constexprs(
     if len(red) > 4:
         raise ValueError(f"the kernel takes at most 4 reduced tiers, got {len(red)} ({tier_dims})")
     out: dict[str, Any] = {
-        "KV_HEADS": kv_heads, "D": d, "BLOCK_D": next_pow2(d), "T": len(tier_dims), "BLOCK_N": BLOCK_N,
+        "KV_HEADS": kv_heads, "D": d, "BLOCK_D": next_pow2(d), "T": len(tier_dims),
+        "BLOCK_N": DEFAULT_STATIC_DECODE_TUNING.block_n,
         "SCALE": float(scale), "SOFTCAP": float(softcap or 1.0), "HAS_SOFTCAP": bool(softcap),
     }
     if has_basis:
@@ -251,7 +262,7 @@ def static_decode_attention(
         args += [store.basis_k.contiguous(), store.basis_v.contiguous()]
     args += [store.capacity, key_new.shape[2], q.shape[1], out]
     kernel = static_decode_kernel if has_basis else static_decode_kernel_nobasis
-    kernel[(rows,)](*args, **cx, num_warps=NUM_WARPS)
+    kernel[(rows,)](*args, **cx, num_warps=DEFAULT_STATIC_DECODE_TUNING.num_warps)
     return out
 
 
@@ -272,7 +283,7 @@ def compile_ptx(
 ) -> tuple[str, str, int, int]:
     """Compile the kernel for one node to PTX ahead of time: (kernel name, PTX, threads per block,
     shared memory bytes). This is what the QDP `aot_impl` hands to TensorRT."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         # The interpreter replaces @triton.jit functions with ones that cannot be compiled:
         # compile in a child process that has the real ones.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -292,7 +303,8 @@ def compile_ptx(
     cx = kernel_constexprs(tier_dims, kv_heads, scale, softcap, has_basis)
     kernel = static_decode_kernel if has_basis else static_decode_kernel_nobasis
     src = triton.compiler.ASTSource(fn=kernel, signature=_signature(dtype, has_basis, cx), constexprs=cx)
-    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": NUM_WARPS})
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": DEFAULT_STATIC_DECODE_TUNING.num_warps})
     md = compiled.metadata
     # Triton >= 3.3 appends two pointer parameters (global and profile scratch) to every kernel;
     # a QDP launch passes only inputs, scalars and outputs, so the kernel must not need them.

@@ -1,0 +1,203 @@
+"""Host-side planning of the store-attention kernels, apart from running them (FlashInfer's plan/run
+split). `StorePlan` holds what the kernels need from one packed store, worked out once: the op's tier
+arguments (contiguous, int32 offsets, per-owner bases), their checks, the reduced-tier slots and their
+constexprs, block sizes. For each launch it cuts the work into row blocks and splits (`WorkSplit`) and
+sizes the workspace, from shapes only: no device sync, and no kernel launch here (launch.py).
+
+`Tuning` holds the launch parameters; `num_splits` is the split-count policy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from mdkv_compile.core.packing import PackedStore
+from mdkv_compile.kernels._triton import next_pow2, sm_count, split_count
+from mdkv_compile.kernels.store_attention.jit import MAX_REDUCED_TIERS
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Launch parameters of the split and merge kernels (values: docs/notes/kernel_notes.md). The defaults
+    are what every caller gets; a benchmark passes its own instance (``tuning=``) to sweep them."""
+
+    # split-K target: enough programs in flight to cover memory latency. The H200 sweep
+    # (benchmarks/results/issue5_sweep_h200.json) found the best split counts 8 / 2 / 1 at
+    # 128K x 8 / 32K x 32 / 8K x 64 (4 regions); 15 programs per SM gives exactly those (4 gave 3 / 1 / 1).
+    programs_per_sm: int = 15
+    min_rows_per_split: int = 64  # below this a split's fixed cost (q, bases, partial writes) dominates
+    # At batch 1 the per-SM target asks for ~60 splits of 128K, measured slower there than ~17
+    # (41.8 vs 30.1 us at 128K x 1 on the H200, docs/notes/kernel_notes.md): at most 16.
+    max_splits: int = 16
+    splits: int | None = None  # a fixed split count (sweeps); None: the policy of `num_splits`
+    num_warps: int = 4
+    num_stages: int = 3  # sweep on H200 (docs/notes/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
+    block_n_full: int = 32  # rows per block, full tier and decoded region (sweep: 32 beat 64 at all 3 shapes)
+    block_n_reduced_max: int = 128  # rows per block of a reduced tier (~16 KiB of keys, at most this)
+    merge_block_s: int = 16  # splits read at once by the merge
+    chunk_block_m: int = 64  # chunked prefill: query rows (G * L) per program; not tuned on a GPU yet
+
+
+DEFAULT_TUNING = Tuning()
+
+
+def num_splits(n_owners: int, n_regions: int, avg_rows: int, n_sm: int, tuning: Tuning = DEFAULT_TUNING) -> int:
+    """Splits per (owner, region) from shapes only (no device sync, no recompiles: S is a runtime
+    argument). avg_rows: rows per owner over all regions."""
+    if tuning.splits is not None:
+        return max(1, int(tuning.splits))
+    return split_count(n_owners * n_regions, avg_rows // n_regions, tuning.min_rows_per_split,
+                       tuning.programs_per_sm, tuning.max_splits, n_sm)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkSplit:
+    """One launch's cut of the work: every owner's query rows in `row_blocks` blocks of `block_rows`
+    (grid axis 2, with the regions) and every region in `splits` slices (grid axis 1)."""
+
+    owners: int  # B * H_kv
+    rows: int  # query rows per owner: G for decode, G * L for a chunk (row r = g * L + l)
+    block_rows: int  # rows per program: decode GP (the group padded to 16 for tl.dot), chunk BLOCK_M
+    row_blocks: int  # 1 for decode, NMB for a chunk
+    splits: int  # S
+
+    @property
+    def rows_padded(self) -> int:
+        """Row stride of the (m, l) partials: GP for decode, M_P = NMB * BLOCK_M for a chunk."""
+        return self.row_blocks * self.block_rows
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StorePlan:
+    """What the kernels need from one packed store. Made once per store with `for_store` (the cache
+    keeps it for every step over the store), or with `from_tiers` from the op's tier arguments: the
+    op's schema takes tensors, so inside the op the plan is worked out again from their shapes (host
+    arithmetic only; tensors that a plan already prepared are not copied again)."""
+
+    # the op's store arguments (`tiers`): the full tier first (r_0 = d), then the reduced tiers, largest first
+    tier_keys: list[Tensor]  # [M_t, r_t] contiguous
+    tier_values: list[Tensor]
+    tier_offsets: list[Tensor]  # [owners + 1] int32 CSR offsets by owner o = b * H_kv + h
+    basis_k: Tensor | None  # [owners, d, r_max], contiguous with a reduced tier; unused without one
+    basis_v: Tensor | None
+    tuning: Tuning
+    head_dim: int
+    n_reduced: int
+    stored_rows: int  # rows over every tier and owner: sizes the splits
+    r_max_padded: int  # the merge's coefficient vector: the widest reduced tier, a power of 2 >= 16
+    block_d: int
+    block_n: int  # rows per block, full tier and decoded region
+    # the split kernels' tier slots: keys, values, offsets of the full tier, then of MAX_REDUCED_TIERS
+    # reduced slots (unused slots repeat the full tier and are not compiled: NUM_RED is a constexpr)
+    tier_pointers: tuple[Tensor, ...]
+    tier_constexprs: dict[str, int]  # R1..R4 (dims), BR1..BR4 (padded to powers of 2), BN1..BN4 (rows per block)
+
+    @classmethod
+    def from_tiers(
+        cls,
+        tier_keys: list[Tensor],
+        tier_values: list[Tensor],
+        tier_offsets: list[Tensor],
+        basis_k: Tensor | None,
+        basis_v: Tensor | None,
+        tuning: Tuning | None = None,
+    ) -> StorePlan:
+        tuning = tuning or DEFAULT_TUNING
+        n_red = len(tier_keys) - 1
+        if not 0 <= n_red <= MAX_REDUCED_TIERS:
+            raise ValueError(f"{n_red} reduced tiers; the kernel takes at most {MAX_REDUCED_TIERS}")
+        d = int(tier_keys[0].shape[-1])
+        dims = [int(k.shape[1]) for k in tier_keys[1:]]
+        assert all(0 < r <= d for r in dims)
+        keys = [k.contiguous() for k in tier_keys]
+        vals = [v.contiguous() for v in tier_values]
+        offs = [o.to(torch.int32).contiguous() for o in tier_offsets]
+        if n_red:
+            assert basis_k is not None and basis_v is not None
+            basis_k, basis_v = basis_k.contiguous(), basis_v.contiguous()  # one stride pair serves both
+        block_d = max(16, next_pow2(d))
+        pad = MAX_REDUCED_TIERS - n_red
+        slot_dims = dims + [16] * pad
+        slot_blocks = [max(16, next_pow2(r)) for r in slot_dims]
+        # larger row blocks for narrow tiers: ~16 KiB of keys per block
+        slot_rows = [int(min(tuning.block_n_reduced_max, max(64, 8192 // br))) for br in slot_blocks]
+        pointers = [keys[0], vals[0], offs[0]]
+        for k, v, o in zip(keys[1:] + [keys[0]] * pad, vals[1:] + [vals[0]] * pad, offs[1:] + [offs[0]] * pad,
+                           strict=True):
+            pointers += [k, v, o]
+        constexprs = {}
+        for t in range(MAX_REDUCED_TIERS):
+            constexprs.update({f"R{t + 1}": slot_dims[t], f"BR{t + 1}": slot_blocks[t], f"BN{t + 1}": slot_rows[t]})
+        return cls(
+            tier_keys=keys, tier_values=vals, tier_offsets=offs, basis_k=basis_k, basis_v=basis_v, tuning=tuning,
+            head_dim=d, n_reduced=n_red, stored_rows=sum(int(k.shape[0]) for k in keys),
+            r_max_padded=next_pow2(max(max(dims) if n_red else 16, 16)), block_d=block_d,
+            block_n=tuning.block_n_full if block_d <= 128 else min(tuning.block_n_full, 32),
+            tier_pointers=tuple(pointers), tier_constexprs=constexprs,
+        )
+
+    @classmethod
+    def for_store(cls, store: PackedStore, tuning: Tuning | None = None) -> StorePlan:
+        """The plan of a core ``PackedStore``.
+
+        Bridges the two places where the core store is more general than docs/packed_store.md: a tier
+        with a uniform count per owner may carry ``offsets[t] = None`` (materialised here as
+        ``arange * n``), and bases may be shared rows selected by ``basis_index`` (gathered per owner
+        here: a copy of ``owners * d * r_max`` values; a kernel that indexes basis rows directly would
+        avoid it). A store without a full tier gets an empty one.
+        """
+        owners = store.owners
+        d = store.head_dim
+        keys, vals, offs = list(store.keys), list(store.values), []
+        for t in range(len(keys)):
+            off = store.offsets[t]
+            if off is None:
+                n = keys[t].shape[0] // max(owners, 1)
+                off = torch.arange(owners + 1, device=keys[t].device, dtype=torch.int32) * n
+            offs.append(off.to(torch.int32))
+        if store.tier_dims[0] != d:
+            ref = keys[0]
+            keys.insert(0, ref.new_empty(0, d))
+            vals.insert(0, ref.new_empty(0, d))
+            offs.insert(0, torch.zeros(owners + 1, dtype=torch.int32, device=ref.device))
+        return cls.from_tiers(keys, vals, offs, store.owner_basis("k"), store.owner_basis("v"), tuning)
+
+    @property
+    def tiers(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
+        """The op's store arguments, in the schema's order."""
+        return self.tier_keys, self.tier_values, self.tier_offsets, self.basis_k, self.basis_v
+
+    @property
+    def merge_basis(self) -> tuple[Tensor, int, int]:
+        """basis_v and its owner and row strides, for the merge's rotation back (any tensor and zero
+        strides without a reduced tier: the merge then never reads it)."""
+        if not self.n_reduced:
+            return self.tier_keys[0], 0, 0
+        assert self.basis_k is not None and self.basis_v is not None
+        return self.basis_v, self.basis_k.stride(0), self.basis_k.stride(1)
+
+    def decode_split(self, owners: int, group: int, n_new: int, device: torch.device) -> WorkSplit:
+        """One query token: an owner's G query heads are one row block of GP rows."""
+        return WorkSplit(owners, group, max(16, next_pow2(group)), 1, self._splits(owners, 1, n_new, device))
+
+    def chunk_split(self, owners: int, rows: int, n_new: int, device: torch.device) -> WorkSplit:
+        """L query tokens: an owner's G * L query rows in blocks of BLOCK_M (``tuning.chunk_block_m``)."""
+        block_m = max(16, min(self.tuning.chunk_block_m, next_pow2(rows)))
+        row_blocks = -(-rows // block_m)
+        return WorkSplit(owners, rows, block_m, row_blocks, self._splits(owners, row_blocks, n_new, device))
+
+    def _splits(self, owners: int, row_blocks: int, n_new: int, device: torch.device) -> int:
+        avg_rows = self.stored_rows // max(owners, 1) + n_new
+        return num_splits(owners * row_blocks, self.n_reduced + 1, avg_rows, sm_count(device), self.tuning)
+
+    def workspace_sizes(self, split: WorkSplit) -> tuple[int, int, int]:
+        """fp32 elements of the split partials: (m, l) per padded row and region, the full region's
+        acc per row, the reduced tiers' value coefficients per row (at least 1 element each)."""
+        per_split = split.owners * split.splits
+        return (
+            per_split * (self.n_reduced + 1) * 2 * split.rows_padded,
+            per_split * split.rows * self.head_dim,
+            max(1, per_split * self.n_reduced * split.rows * self.r_max_padded),
+        )
