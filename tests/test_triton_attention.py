@@ -352,7 +352,7 @@ def test_cache_chunk_kernel_path_matches_attend_packed(max_new_tokens: int | Non
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(DEVICE)
 
-    cfg = MixedDimKVConfig(budget=0.25, method="mixeddimkv", window=8)
+    cfg = MixedDimKVConfig(budget=0.25, method="mixeddimkv", window=8, min_compress_tokens=0)
     layer = MixedDimLayer(cfg, 0, 1, cfg.resolve_dims(d), max_new_tokens=max_new_tokens)
 
     def near_rank3() -> torch.Tensor:  # so the policy stores tokens at reduced dimensions

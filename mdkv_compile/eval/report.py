@@ -25,6 +25,7 @@ from typing import Any
 from mdkv_compile.config import METHODS
 from mdkv_compile.eval.runner import read_results
 from mdkv_compile.eval.tasks import TASKS
+from mdkv_compile.usage import as_usage_error, command, output_folder
 
 FAMILY_ORDER = ("niah", "ruler", "ppl", "kl")
 # How a task's score reads: "ppl" and "kl" as they are (lower is better), string match in %.
@@ -293,11 +294,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="markdown only")
 
 
+@command("mdkv report")
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        output_folder(args.out, "--out")
     try:
         md = make_report(args.results, args.out, plots=not args.no_plots)
     except ValueError as e:
-        print(f"mdkv report: error: {e}", file=sys.stderr)
-        return 2
+        raise as_usage_error(e) from None
     print(f"mdkv report: wrote {md} (and plots beside it)", file=sys.stderr)
     return 0
