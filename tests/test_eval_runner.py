@@ -155,7 +155,16 @@ def test_cli_arguments_and_errors(tmp_path) -> None:
     assert spec.methods == ["full", "snapkv"] and spec.lengths == [1024]
     spec = R.spec_from_args(p.parse_args(["--smoke", "--methods", "full,mixeddimkv", "--option", "window=16"]))
     assert spec.methods == ["full", "mixeddimkv"] and spec.options == {"window": 16}
-    assert spec.config("mixeddimkv", 0.1).window == 16
+    # calibrated bases by default for the methods with reduced tiers, once a file is known
+    with pytest.raises(ValueError, match="calibrated basis file"):
+        spec.config("mixeddimkv", 0.1)
+    spec.calibrated_path = "bases.safetensors"
+    cfg = spec.config("mixeddimkv", 0.1)
+    assert cfg.window == 16 and cfg.basis == "calibrated" and cfg.basis_path == "bases.safetensors"
+    assert spec.label("mixeddimkv") == "mixeddimkv[basis=\"calibrated\",window=16]"
+    assert spec.config("snapkv", 0.1).basis == "prompt" and spec.label("snapkv") == "snapkv[window=16]"
+    prompt = R.spec_from_args(p.parse_args(["--smoke", "--methods", "mixeddimkv", "--basis", "prompt"]))
+    assert prompt.config("mixeddimkv", 0.1).basis == "prompt" and prompt.label("mixeddimkv") == "mixeddimkv"
     bad = R.spec_from_args(p.parse_args(["--methods", "headkv"]))
     with pytest.raises(ValueError, match="profile-heads"):
         bad.validate()

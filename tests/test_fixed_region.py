@@ -25,7 +25,7 @@ def decode(model, cache, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, l
 @pytest.mark.parametrize("method,budget", [("mixeddimkv", 0.25), ("snapkv", 0.25), ("full", 1.0)])
 def test_fixed_region_decodes_like_growing_region(method: str, budget: float) -> None:
     model = tiny_model("llama")
-    cfg = mdkv.MixedDimKVConfig(budget=budget, method=method, window=4)
+    cfg = mdkv.MixedDimKVConfig(budget=budget, method=method, window=4, min_compress_tokens=0)
     mdkv.patch(model, cfg)
     ids = torch.randint(1, 256, (2, 120), generator=torch.Generator().manual_seed(3))
     ref_tokens, ref_logits = decode(model, mdkv.MixedDimCache(model.config, cfg), ids, 12)
@@ -43,7 +43,7 @@ def test_fixed_region_decodes_like_growing_region(method: str, budget: float) ->
 
 def test_fixed_region_overflow_and_bad_sizes_raise() -> None:
     model = tiny_model("llama")
-    cfg = mdkv.MixedDimKVConfig(budget=0.5, method="snapkv", window=4)
+    cfg = mdkv.MixedDimKVConfig(budget=0.5, method="snapkv", window=4, min_compress_tokens=0)
     mdkv.patch(model, cfg)
     with pytest.raises(ValueError, match="max_new_tokens"):
         mdkv.MixedDimCache(model.config, cfg, max_new_tokens=0)
@@ -57,7 +57,7 @@ def test_fixed_region_overflow_and_bad_sizes_raise() -> None:
 
 def test_graphed_decoder_rejects_caches_it_cannot_replay() -> None:
     model = tiny_model("llama")
-    cfg = mdkv.MixedDimKVConfig(budget=0.5, method="snapkv", window=4)
+    cfg = mdkv.MixedDimKVConfig(budget=0.5, method="snapkv", window=4, min_compress_tokens=0)
     mdkv.patch(model, cfg)
     from transformers import DynamicCache
 
@@ -75,7 +75,7 @@ def test_compiled_regions_decode_like_eager() -> None:
     from mdkv_compile.hf.cuda_graphs import compile_regions
 
     model = tiny_model("llama")
-    cfg = mdkv.MixedDimKVConfig(budget=0.25, method="mixeddimkv", window=4)
+    cfg = mdkv.MixedDimKVConfig(budget=0.25, method="mixeddimkv", window=4, min_compress_tokens=0)
     mdkv.patch(model, cfg)
     ids = torch.randint(1, 256, (1, 80), generator=torch.Generator().manual_seed(5))
     ref_tokens, ref_logits = decode(model, mdkv.MixedDimCache(model.config, cfg, max_new_tokens=8), ids, 6)
@@ -89,7 +89,7 @@ def test_graphed_decoder_refuses_a_cache_advanced_elsewhere() -> None:
     """The decoder counts positions on the host; a step run outside it is caught before any replay
     (checked before capture, so it runs without a GPU)."""
     model = tiny_model("llama")
-    cfg = mdkv.MixedDimKVConfig(budget=0.5, method="snapkv", window=4)
+    cfg = mdkv.MixedDimKVConfig(budget=0.5, method="snapkv", window=4, min_compress_tokens=0)
     mdkv.patch(model, cfg)
     cache = mdkv.MixedDimCache(model.config, cfg, max_new_tokens=4)
     ids = torch.randint(1, 256, (1, 30), generator=torch.Generator().manual_seed(6))

@@ -51,7 +51,8 @@ def test_ort_greedy_matches_pytorch(exported) -> None:
         ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
         output_logits=True, return_dict_in_generate=True,
     )
-    got = OnnxGenerator(out).generate(ids, max_new_tokens=NEW_TOKENS)  # prefill model loaded from disk
+    # prefill model loaded from disk; the details (logits, bytes) on request, as generate() has them
+    got = OnnxGenerator(out).generate(ids, max_new_tokens=NEW_TOKENS, return_dict_in_generate=True)
     assert torch.equal(got.sequences, ref.sequences)
     err = max(float((a.float() - b).abs().max()) for a, b in zip(ref.logits, got.logits, strict=True))
     assert err < 1e-3
@@ -93,7 +94,7 @@ def test_checker_and_mdkv_nodes(exported) -> None:
     # the default tiers for head dim 16: (16, 8), (8, 4), (4, 2), (2, 2) after the full tier
     assert manifest["tier_dims"] == attrs["tier_dims"] == [16, 16, 8, 4, 2]
     assert manifest["value_dims"] == attrs["value_dims"] == [16, 8, 4, 2, 2]
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert manifest["versions"]["onnx"] == onnx.__version__
 
 
@@ -106,7 +107,7 @@ def test_inlined_graph_is_standard_ops_and_runs(exported) -> None:
     ids = _prompt(seed=2)
     a = OnnxGenerator(out, model=model, inline=True).generate(ids, max_new_tokens=12)
     b = OnnxGenerator(out, model=model).generate(ids, max_new_tokens=12)
-    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(a, b)
 
 
 @pytest.mark.compile
@@ -147,7 +148,7 @@ def test_eviction_method_exports_without_basis(tmp_path) -> None:
     assert not any("basis" in n for n in names)
     ids = _prompt()
     ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    assert torch.equal(OnnxGenerator(out, model=model).generate(ids, max_new_tokens=8).sequences, ref)
+    assert torch.equal(OnnxGenerator(out, model=model).generate(ids, max_new_tokens=8), ref)
 
 
 @pytest.mark.parametrize(
@@ -163,11 +164,12 @@ def test_unexportable_fails_before_writing(tmp_path, arch: str, method: str, mat
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_non_empty_out_dir_needs_overwrite(tmp_path) -> None:
+def test_non_empty_out_dir_that_is_not_an_export_is_refused(tmp_path) -> None:
     model = tiny_model("llama")
     (tmp_path / "keep.txt").write_text("x")
-    with pytest.raises(ExportError, match="overwrite"):
-        export_onnx(model, mdkv.MixedDimKVConfig(budget=0.25), tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match="not an mdkv export"):
+            export_onnx(model, mdkv.MixedDimKVConfig(budget=0.25), tmp_path, overwrite=overwrite)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
@@ -189,7 +191,7 @@ def test_cli_export_onnx_then_generate(tmp_path) -> None:
     got = OnnxGenerator(out).generate(ids, max_new_tokens=8)
     mdkv.patch(model, mdkv.MixedDimKVConfig(budget=0.25))
     ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    assert torch.equal(got.sequences, ref)
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed: the no-TensorRT error path does not apply")
@@ -227,7 +229,7 @@ def test_smollm2_export_matches_pytorch(tmp_path) -> None:
     ids = tok(text, return_tensors="pt").input_ids[:, :256]
     ref = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     got = OnnxGenerator(out, model=model).generate(ids, max_new_tokens=16)
-    assert torch.equal(got.sequences, ref)
+    assert torch.equal(got, ref)
 
 
 # --- the TensorRT plugin's kernel (runs without TensorRT: Triton on the GPU or its CPU interpreter)
@@ -425,7 +427,7 @@ def test_batch_of_two_matches_pytorch(tmp_path) -> None:
     out = export_onnx(model, cfg, tmp_path / "b2", batch=2, max_prompt_tokens=PROMPT, max_new_tokens=8)
     ids = torch.cat([_prompt(seed=3), _prompt(seed=4)])
     ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    assert torch.equal(OnnxGenerator(out, model=model).generate(ids, max_new_tokens=8).sequences, ref)
+    assert torch.equal(OnnxGenerator(out, model=model).generate(ids, max_new_tokens=8), ref)
 
 
 @pytest.mark.compile

@@ -355,7 +355,7 @@ def test_cache_chunk_kernel_path_matches_attend_packed(max_new_tokens: int | Non
 
     # the default tiers are decoupled ((d, d/2) keeps every key coordinate); at this prompt length the
     # prompt bases cost most of a 0.25 budget, so 0.5
-    cfg = MixedDimKVConfig(budget=0.5, method="mixeddimkv", window=8)
+    cfg = MixedDimKVConfig(budget=0.5, method="mixeddimkv", window=8, min_compress_tokens=0)
     layer = MixedDimLayer(cfg, 0, 1, cfg.resolve_dims(d), max_new_tokens=max_new_tokens)
 
     def near_rank3() -> torch.Tensor:  # so the policy stores tokens at reduced dimensions

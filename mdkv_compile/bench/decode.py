@@ -42,8 +42,39 @@ from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.attention import causal_mask
 from mdkv_compile.kernels import store_attention as ta
 from mdkv_compile.kernels._triton import interpreting, next_pow2, sm_count
+from mdkv_compile.usage import check, command, csv, fraction, non_negative_int, positive_int, writable_file
 
 L2_BYTES = 60 * 2**20  # H200: 60 MB (KINDS.md reading); used only to flag cache-resident rows
+
+
+def _ints_text(text: str) -> str:
+    """A comma list of positive ints, checked and kept as text (each suite splits it where it uses it)."""
+    csv(positive_int)(text)
+    return text
+
+
+def _ints_or_empty_text(text: str) -> str:
+    return _ints_text(text) if text.strip() else text
+
+
+def _tiers_text(text: str) -> str:
+    """--tiers checked (see `parse_tiers`) and kept as text: it resolves against --head-dim later."""
+    if text != "mixeddimkv":
+        for item in csv(str)(text):
+            for part in item.split("/", 1):
+                positive_int(part)
+    return text
+
+
+def _shapes_text(text: str) -> str:
+    """CONTEXTxBATCH,... checked (positive ints each side) and kept as text."""
+    for item in csv(str)(text):
+        parts = item.lower().split("x")
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"{item!r} is not CONTEXTxBATCH (e.g. 32768x8)")
+        for part in parts:
+            positive_int(part)
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,32 +85,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default="bench_decode_attention.json", help="JSON results file")
     bench_e2e.add_e2e_options(parser)
-    parser.add_argument("--contexts", default="8192,32768,131072", help="comma-separated prompt lengths")
-    parser.add_argument("--batches", default="1,4,16,32,64", help="comma-separated batch sizes")
-    parser.add_argument("--budget", type=float, default=0.0625, help="stored bytes / full-cache bytes")
+    parser.add_argument("--contexts", type=_ints_text, default="8192,32768,131072",
+                        help="comma-separated prompt lengths")
+    parser.add_argument("--batches", type=_ints_text, default="1,4,16,32,64", help="comma-separated batch sizes")
+    parser.add_argument("--budget", type=fraction, default=0.0625, help="stored bytes / full-cache bytes")
     parser.add_argument(
-        "--tiers", default="128,64,32,16",
+        "--tiers", type=_tiers_text, default="128,64,32,16",
         help="tiers, full first, equal bytes each: a dim (keys and values) or KEY/VALUE dims, e.g. "
         "128,128/64,64/32,32/16,16/16; 'mixeddimkv': the full tier and the policy's default tiers at --head-dim",
     )
-    parser.add_argument("--q-heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--n-new", type=int, default=32, help="decoded tokens already appended")
-    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time")
+    parser.add_argument("--q-heads", type=positive_int, default=32)
+    parser.add_argument("--kv-heads", type=positive_int, default=8)
+    parser.add_argument("--head-dim", type=positive_int, default=128)
+    parser.add_argument("--n-new", type=non_negative_int, default=32, help="decoded tokens already appended")
+    parser.add_argument("--rep-ms", type=positive_int, default=100, help="do_bench repetition time")
     parser.add_argument("--max-gib", type=float, default=80.0, help="skip shapes whose tensors exceed this")
     parser.add_argument("--sweep", action="store_true", help="also sweep the decode kernel's launch parameters")
-    parser.add_argument("--sweep-shapes", default="131072x8,32768x32,8192x64",
+    parser.add_argument("--sweep-shapes", type=_shapes_text, default="131072x8,32768x32,8192x64",
                         help="CONTEXTxBATCH list for --sweep")
-    parser.add_argument("--sweep-rep-ms", type=int, default=40, help="do_bench_cudagraph repetition time (sweep)")
-    parser.add_argument("--chunks", default="", help="chunk lengths L to time (chunked prefill), e.g. 16,64,256")
-    parser.add_argument("--chunk-batches", default="1,8", help="batch sizes of the chunk rows")
-    parser.add_argument("--chunk-context", type=int, default=32768, help="compressed prompt length of the chunk rows")
-    parser.add_argument("--chunk-block-m", default="64",
+    parser.add_argument("--sweep-rep-ms", type=positive_int, default=40,
+                        help="do_bench_cudagraph repetition time (sweep)")
+    parser.add_argument("--chunks", type=_ints_or_empty_text, default="",
+                        help="chunk lengths L to time (chunked prefill), e.g. 16,64,256")
+    parser.add_argument("--chunk-batches", type=_ints_text, default="1,8", help="batch sizes of the chunk rows")
+    parser.add_argument("--chunk-context", type=positive_int, default=32768,
+                        help="compressed prompt length of the chunk rows")
+    parser.add_argument("--chunk-block-m", type=_ints_text, default="64",
                         help="Tuning.chunk_block_m values to time for the packed chunk (first = reported)")
     parser.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile check")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, TRITON_INTERPRET=1, tiny shapes, one untimed call per method: checks the code paths")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """What argparse types cannot see alone: the shapes must fit together."""
+    writable_file(args.out, "--out")
+    check(args.q_heads % args.kv_heads == 0,
+          f"--q-heads {args.q_heads} is not a multiple of --kv-heads {args.kv_heads} (GQA groups)")
+    d = args.head_dim
+    tiers = parse_tiers(args.tiers, d)
+    check(tiers[0] == (d, d) and all(max(t) <= d for t in tiers),
+          f"--tiers {args.tiers}: the first tier is the full --head-dim {d} (keys and values), the others no wider")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -602,9 +648,12 @@ def _dry_run_args(args: argparse.Namespace) -> None:
     args.no_compile_check = True
 
 
+@command("mdkv bench")
 def run(args: argparse.Namespace) -> int:
     if args.suite == "e2e":
         return bench_e2e.run(args)
+    if not args.dry_run:  # a dry run replaces the shapes
+        _check_args(args)
     if args.dry_run:
         if not interpreting():
             print("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1", file=sys.stderr)

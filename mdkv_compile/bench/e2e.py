@@ -38,6 +38,7 @@ from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.hf.cuda_graphs import GraphedDecoder, compile_regions
 from mdkv_compile.hf.patch import patch, unpatch
 from mdkv_compile.testing import decode_one_token, prefill, random_llama
+from mdkv_compile.usage import positive_int
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -272,8 +273,8 @@ def sequences_that_fit(model, context: int, cache_kind: str, budget: float, limi
 
 def add_e2e_options(parser: argparse.ArgumentParser) -> None:
     """Options of the end-to-end suite (shared with `mdkv bench`)."""
-    parser.add_argument("--steps", type=int, default=12, help="e2e: decode steps timed per configuration")
-    parser.add_argument("--layers", type=int, default=None, help="e2e: fewer layers for a quick run")
+    parser.add_argument("--steps", type=positive_int, default=12, help="e2e: decode steps timed per configuration")
+    parser.add_argument("--layers", type=positive_int, default=None, help="e2e: fewer layers for a quick run")
     parser.add_argument("--quick", action="store_true", help="e2e: small shapes (checks the script)")
     parser.add_argument("--part", choices=("decode", "prefill", "capacity", "all"), default="all",
                         help="e2e: which rows (capacity: 128K sequences that fit, full vs compressed)")

@@ -52,12 +52,21 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mdkv_compile import assets
+from mdkv_compile.usage import (
+    as_usage_error,
+    command,
+    csv,
+    device,
+    non_negative_int,
+    positive_int,
+    unit_interval,
+    writable_file,
+)
 
 SCORING = ("retrieval_reasoning", "retrieval")
 QUESTION_TEMPLATE = "\n\nBased on the content of the book, Question: {q}\nAnswer: {prefix}"
@@ -335,34 +344,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (offline GGUF) or a Hugging Face path")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--scoring", choices=SCORING, default="retrieval_reasoning")
-    p.add_argument("--probes", type=int, default=24, help="number of needle probes")
-    p.add_argument("--lengths", default="1024,2048", help="probe prompt lengths in tokens (comma list)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-f1", type=float, default=0.5, help="a probe counts when its answer F1 exceeds this")
-    p.add_argument("--min-probes", type=int, default=1, help="below this many answered probes, use all probes")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--probes", type=positive_int, default=24, help="number of needle probes")
+    p.add_argument("--lengths", type=csv(positive_int), default="1024,2048",
+                   help="probe prompt lengths in tokens (comma list)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--min-f1", type=unit_interval, default=0.5, help="a probe counts when its answer F1 exceeds this")
+    p.add_argument("--min-probes", type=positive_int, default=1, help="below this many answered probes, use all probes")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--quiet", action="store_true")
 
 
+@command("mdkv profile-heads")
 def run(args: argparse.Namespace) -> int:
+    out = writable_file(args.out, "--out")
     try:
-        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    except ValueError:
-        print(f"mdkv profile-heads: error: --lengths {args.lengths!r} is not a comma list of ints", file=sys.stderr)
-        return 2
+        assets.check_model_source(args.model)
+    except FileNotFoundError as e:
+        raise as_usage_error(e) from None
     dtype = getattr(torch, args.dtype)
     model, tok = assets.load_model(args.model, dtype=dtype, device=args.device)
     try:
         doc = profile_heads(
-            model, tok, assets.haystack_text(), n_probes=args.probes, lengths=lengths, scoring=args.scoring,
+            model, tok, assets.haystack_text(), n_probes=args.probes, lengths=args.lengths, scoring=args.scoring,
             seed=args.seed, min_f1=args.min_f1, min_probes=args.min_probes, model_name=args.model,
             progress=not args.quiet,
         )  # fmt: skip
     except (ValueError, RuntimeError) as e:
-        print(f"mdkv profile-heads: error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+        raise as_usage_error(e) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     flat = sorted(((v, li, h) for li, row in enumerate(doc["scores"]) for h, v in enumerate(row)), reverse=True)

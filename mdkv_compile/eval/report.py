@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from mdkv_compile.config import METHODS
-from mdkv_compile.eval.runner import read_results
+from mdkv_compile.eval.runner import read_results, tier_order
 from mdkv_compile.eval.tasks import TASKS
+from mdkv_compile.usage import as_usage_error, command, output_folder
 
 FAMILY_ORDER = ("niah", "ruler", "ppl", "kl")
 # How a task's score reads: "ppl" and "kl" as they are (lower is better), string match in %.
@@ -155,12 +156,12 @@ class Table:
 
 
 def _dims_text(rs: list[dict[str, Any]]) -> str:
-    """Mean share of prompt entries per stored dimension, e.g. `0: 75%, 16: 10%, 64: 15%`."""
+    """Mean share of prompt entries per stored tier, e.g. `0: 75%, 16/8: 10%, 64: 15%`."""
     fr = [r["dim_fractions"] for r in rs if r.get("dim_fractions")]
     if not fr:
         return "-"
-    dims = sorted({int(d) for f in fr for d in f})
-    return ", ".join(f"{d}: {100 * sum(f.get(str(d), 0.0) for f in fr) / len(fr):.0f}%" for d in dims)
+    tiers = sorted({t for f in fr for t in f}, key=tier_order)
+    return ", ".join(f"{t}: {100 * sum(f.get(t, 0.0) for f in fr) / len(fr):.0f}%" for t in tiers)
 
 
 def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
@@ -293,11 +294,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="markdown only")
 
 
+@command("mdkv report")
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        output_folder(args.out, "--out")
     try:
         md = make_report(args.results, args.out, plots=not args.no_plots)
     except ValueError as e:
-        print(f"mdkv report: error: {e}", file=sys.stderr)
-        return 2
+        raise as_usage_error(e) from None
     print(f"mdkv report: wrote {md} (and plots beside it)", file=sys.stderr)
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -36,8 +37,19 @@ from mdkv_compile import assets
 from mdkv_compile.cache import MixedDimCache
 from mdkv_compile.config import METHODS, MixedDimKVConfig
 from mdkv_compile.eval import tasks as T
+from mdkv_compile.hf.calibrate import calibrated_basis_file
 from mdkv_compile.hf.patch import patch, unpatch
 from mdkv_compile.methods import RECORDS
+from mdkv_compile.usage import (
+    as_usage_error,
+    command,
+    device,
+    non_negative_int,
+    output_folder,
+    positive_int,
+    unit_interval,
+)
+from mdkv_compile.usage import csv as csv_list
 
 SMOKE = {
     "model": "smollm2",
@@ -106,6 +118,22 @@ class EvalSpec:
     max_new_tokens: int | None = None  # None: per task (tasks.MAX_NEW_TOKENS)
     head_scores: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # extra MixedDimKVConfig fields
+    # Bases of the methods that store reduced tiers: "prompt" (fitted per prompt, paid from the
+    # budget) or "calibrated" (fitted once on text held out of the haystack and shared;
+    # `calibrated_path`, set by run_grid for a bundled model or given for another one).
+    basis: str = "prompt"
+    calibrated_path: str | None = None
+
+    def method_options(self, method: str) -> dict[str, Any]:
+        """The config options of a method: `options`, plus the calibrated basis where it stores
+        reduced tiers. Its label shows `basis=calibrated`, not the file."""
+        options = dict(self.options)
+        if self.basis == "calibrated" and RECORDS[method].stores_reduced_tiers:
+            options["basis"] = "calibrated"
+        return options
+
+    def label(self, method: str) -> str:
+        return method_label(method, self.method_options(method))
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -129,9 +157,57 @@ class EvalSpec:
             )
         if self.head_scores and not Path(self.head_scores).is_file():
             raise ValueError(f"--head-scores {self.head_scores}: no such file")
+        self._validate_grid()
+        if self.basis not in ("prompt", "calibrated"):
+            raise ValueError(f"basis {self.basis!r} is not 'prompt' or 'calibrated'")
+        if self.calibrated_path and not Path(self.calibrated_path).is_file():
+            raise ValueError(f"--calibrated-basis {self.calibrated_path}: no such file")
+        self._validate_options()
 
-    def config(self, method: str, budget: float) -> Any:
-        kw: dict[str, Any] = dict(self.options)
+    def _validate_grid(self) -> None:
+        """Lengths, depths, seeds and token counts, before any model is loaded."""
+        for name, values in (("lengths", self.lengths), ("seeds", self.seeds), ("depths", self.depths),
+                             ("budgets", self.budgets)):
+            if not values:
+                raise ValueError(f"{name}: an empty list")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.lengths):
+            raise ValueError(f"lengths must be positive ints (tokens); got {list(self.lengths)}")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must lie in [0, 1] (needle position in the haystack); got {list(self.depths)}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in self.seeds):
+            raise ValueError(f"seeds must be non-negative ints; got {list(self.seeds)}")
+        if self.budget_kind != "fraction" and any(b < 1 or b != int(b) for b in self.budgets):
+            raise ValueError(f"{self.budget_kind} budgets must be positive whole numbers; got {list(self.budgets)}")
+        for name in ("ppl_tokens", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+
+    def _validate_options(self) -> None:
+        """Every --option is a config field this spec does not set itself, and every config of the
+        grid is valid (a bad value fails here, not after the model has loaded)."""
+        fields = {f.name for f in dataclasses.fields(MixedDimKVConfig)}
+        owned = {"method", "budget", "budget_tokens", "budget_bytes", "head_scores"}
+        unknown = sorted(set(self.options) - fields)
+        if unknown:
+            known = ", ".join(sorted(fields - owned))
+            raise ValueError(f"unknown option(s) {unknown}; MixedDimKVConfig fields: {known}")
+        clash = sorted(set(self.options) & owned)
+        if clash:
+            raise ValueError(f"option(s) {clash} are set by --methods, --budgets, --budget-kind, --head-scores")
+        for method in self.methods:
+            for budget in [1.0] if method == "full" else self.budgets:
+                # the calibrated file is fitted after the model loads: check the rest with a stand-in
+                self.config(method, budget, basis_path=self.calibrated_path or "calibrated.safetensors")
+
+    def config(self, method: str, budget: float, basis_path: str | None = None) -> Any:
+        """The config of one cell; `basis_path` stands in for `calibrated_path` (validation)."""
+        kw: dict[str, Any] = self.method_options(method)
+        if kw.get("basis") == "calibrated" and "basis_path" not in kw:
+            path = basis_path or self.calibrated_path
+            if not path:
+                raise ValueError(f"{method} with calibrated bases needs a calibrated basis file (calibrated_path)")
+            kw["basis_path"] = path
         kw["method"] = method
         if method == "full":
             kw["budget"] = 1.0
@@ -179,18 +255,24 @@ def stop_token_ids(model: Any, tok: Any) -> set[int]:
     return ids
 
 
+def tier_order(label: str) -> tuple[int, int]:
+    """Sort key of a tier label ("0", "64", or "key dims/value dims" such as "64/32")."""
+    key, _, value = label.partition("/")
+    return int(key), int(value or key)
+
+
 def dim_fractions(cache: Any) -> dict[str, float] | None:
-    """Share of prompt (token, KV head) entries stored at each dimension, over all layers, from
-    the layers' `selection_counts` (None for caches without them). Shows whether a method really
-    mixed dimensions or fell back to eviction ({0, d} only)."""
-    totals: dict[int, int] = {}
+    """Share of prompt (token, KV head) entries stored in each tier ("0" dropped, "r" both at r dims,
+    "rk/rv"), over all layers, from the layers' `selection_counts` (None for caches without them).
+    Shows whether a method really mixed dimensions or fell back to eviction ({0, d} only)."""
+    totals: dict[str, int] = {}
     for layer in getattr(cache, "layers", []):
-        for dim, n in (layer.selection_summary() if hasattr(layer, "selection_summary") else {}).items():
-            totals[dim] = totals.get(dim, 0) + n
+        for tier, n in (layer.selection_summary() if hasattr(layer, "selection_summary") else {}).items():
+            totals[str(tier)] = totals.get(str(tier), 0) + n
     total = sum(totals.values())
     if not total:
         return None
-    return {str(dim): round(n / total, 5) for dim, n in sorted(totals.items()) if n}
+    return {tier: round(totals[tier] / total, 5) for tier in sorted(totals, key=tier_order) if totals[tier]}
 
 
 def cache_bytes(cache: Any) -> tuple[int | None, int | None]:
@@ -431,7 +513,7 @@ def run_grid(
         task, length, seed, depth = point
         variant = f"d{depth:.2f}" if depth is not None else f"s{seed}"
         key = cell_key(
-            {"model": spec.model_name, "method": method_label(method, spec.options), "budget": budget,
+            {"model": spec.model_name, "method": spec.label(method), "budget": budget,
              "task": task, "length": length, "variant": variant, "protocol": protocol,
              "prompt_style": spec.prompt_style}
         )  # fmt: skip
@@ -446,6 +528,14 @@ def run_grid(
         write_summary(read_results(results_path), out / "summary.csv")
         return counts
 
+    if (
+        spec.basis == "calibrated" and not spec.calibrated_path
+        and any(RECORDS[m].stores_reduced_tiers for m, *_ in todo)
+    ):
+        start = time.perf_counter()
+        spec.calibrated_path = str(calibrated_basis_file(model, tok, spec.model_name))
+        if progress:
+            print(f"calibrated bases: {spec.calibrated_path} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     instances: dict[tuple, T.TaskInstance] = {}
     references: dict[tuple, torch.Tensor] = {}  # kl: the full cache's log-probabilities per point
     patched_with: tuple[str, float] | None = None
@@ -494,7 +584,7 @@ def run_grid(
                     continue
                 rec = {
                     "model": spec.model_name,
-                    "method": method_label(method, spec.options),
+                    "method": spec.label(method),
                     "base_method": method,
                     "budget": float(budget),
                     "budget_kind": "fraction" if method == "full" else spec.budget_kind,
@@ -514,7 +604,7 @@ def run_grid(
                     "prediction": prediction,
                     "seconds": seconds,
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "options": spec.options,
+                    "options": spec.method_options(method),
                     **res,
                 }
                 sink.write(json.dumps(rec) + "\n")
@@ -529,16 +619,6 @@ def run_grid(
 
 
 # --- command line --------------------------------------------------------------------------------
-
-
-def _csv(kind: type) -> Any:
-    def parse(s: str) -> list[Any]:
-        try:
-            return [kind(x) for x in s.split(",") if x.strip()]
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{s!r}: {e}") from e
-
-    return parse
 
 
 def _option(s: str) -> tuple[str, Any]:
@@ -558,23 +638,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="'smollm2' or 'gemma3-270m' (offline GGUFs, see mdkv_compile/assets.py) or a Hugging Face path "
         "(default smollm2)",
     )
-    p.add_argument("--methods", type=_csv(str), default=None, help="comma list (default: all but head-score ones)")
-    p.add_argument("--budgets", type=_csv(float), default=None, help="comma list, e.g. 0.02,0.05,0.1")
+    p.add_argument("--methods", type=csv_list(str), default=None, help="comma list (default: all but head-score ones)")
+    p.add_argument("--budgets", type=csv_list(float), default=None, help="comma list, e.g. 0.02,0.05,0.1")
     p.add_argument(
         "--budget-kind",
         choices=BUDGET_KINDS,
         default="fraction",
         help="budgets are fractions of the prompt's full cache, token equivalents per KV head, or bytes",
     )
-    p.add_argument("--tasks", type=_csv(str), default=None, help=f"comma list of {','.join(T.TASKS)}")
-    p.add_argument("--lengths", type=_csv(int), default=None, help="prompt lengths in tokens, e.g. 1024,4096")
-    p.add_argument("--depths", type=_csv(float), default=None, help="NIAH needle depths in [0,1]")
-    p.add_argument("--seeds", type=_csv(int), default=None, help="instances per non-grid task, by seed")
-    p.add_argument("--protocols", type=_csv(str), default=None, help="query-agnostic,query-aware")
+    p.add_argument("--tasks", type=csv_list(str), default=None, help=f"comma list of {','.join(T.TASKS)}")
+    p.add_argument("--lengths", type=csv_list(positive_int), default=None,
+                   help="prompt lengths in tokens, e.g. 1024,4096")
+    p.add_argument("--depths", type=csv_list(unit_interval), default=None, help="NIAH needle depths in [0,1]")
+    p.add_argument("--seeds", type=csv_list(non_negative_int), default=None,
+                   help="instances per non-grid task, by seed")
+    p.add_argument("--protocols", type=csv_list(str), default=None, help="query-agnostic,query-aware")
     p.add_argument("--prompt-style", choices=T.PROMPT_STYLES, default="continuation")
-    p.add_argument("--ppl-tokens", type=int, default=None, help="continuation tokens scored by ppl and kl")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="override the per-task decode length")
+    p.add_argument("--ppl-tokens", type=positive_int, default=None, help="continuation tokens scored by ppl and kl")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="override the per-task decode length")
     p.add_argument("--head-scores", default=None, help="JSON from `mdkv profile-heads` (headkv, mixeddimkv-h)")
+    p.add_argument(
+        "--basis", choices=("calibrated", "prompt"), default="calibrated",
+        help="bases of the methods with reduced tiers: calibrated (fitted once on essays held out of the "
+        "haystack, or --calibrated-basis; shared, no budget) or prompt (fitted per prompt, paid from the budget)",
+    )
+    p.add_argument(
+        "--calibrated-basis", default=None, help="a file from `mdkv calibrate` (default: fitted on first use)"
+    )
     p.add_argument(
         "--option",
         type=_option,
@@ -584,9 +674,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="extra MixedDimKVConfig field (JSON value), repeatable, e.g. --option window=16",
     )
     p.add_argument("--out", default="results/eval", help="output folder (results.jsonl, summary.csv)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -619,19 +709,22 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         max_new_tokens=args.max_new_tokens,
         head_scores=args.head_scores,
         options=dict(args.option),
+        basis=args.basis,
+        calibrated_path=args.calibrated_basis,
     )
 
 
+@command("mdkv eval")
 def run(args: argparse.Namespace) -> int:
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    output_folder(args.out, "--out")
     try:
         spec = spec_from_args(args)
         spec.validate()
-    except ValueError as e:
-        print(f"mdkv eval: error: {e}", file=sys.stderr)
-        return 2
+        assets.check_model_source(spec.model_name)
+    except (ValueError, FileNotFoundError) as e:
+        raise as_usage_error(e) from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tok = assets.load_model(spec.model_name, dtype=DTYPES[args.dtype], device=args.device)
     counts = run_grid(model, tok, spec, args.out, progress=not args.quiet, fail_fast=args.fail_fast)

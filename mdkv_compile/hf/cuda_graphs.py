@@ -112,6 +112,11 @@ class GraphedDecoder:
         return self.logits
 
     def _capture(self, tokens: torch.Tensor, length: int) -> None:
+        if tokens.device.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError(
+                f"GraphedDecoder needs CUDA (it captures the step as a CUDA graph); the tokens are on "
+                f"{tokens.device}. On a CPU decode with plain forward calls (mdkv_compile.testing.decode_n_tokens)"
+            )
         self._ids = tokens.clone()
         self._positions = torch.full((tokens.shape[0], 1), length, dtype=torch.long, device=tokens.device)
         stream = _warmup_stream(tokens.device)

@@ -91,8 +91,16 @@ def _attention_is_causal(model: torch.nn.Module) -> bool:
 def patch(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -> torch.nn.Module:
     """Make `model.generate()` (and forward calls without a cache) compress the KV cache.
     Patching again replaces the config. Returns the model. A model this cannot reach raises
-    NotImplementedError; compiling it with the mixeddimkv backend is the caller's choice."""
-    cfg = cfg or MixedDimKVConfig()
+    NotImplementedError; compiling it with the mixeddimkv backend is the caller's choice.
+
+    Everything is checked before the model is touched, and a failure while patching undoes what
+    was done, so a failed patch leaves the model as it was."""
+    cfg = MixedDimKVConfig() if cfg is None else cfg
+    if not isinstance(cfg, MixedDimKVConfig):
+        raise TypeError(
+            f"mdkv.patch(model, cfg): cfg must be a MixedDimKVConfig, not {type(cfg).__name__} "
+            f"({cfg!r}); build one with MixedDimKVConfig(...) or MixedDimKVConfig.from_options(dict)"
+        )
     check_supported(model)
     _, _, _, head_dim = model_dims(model.config)
     cfg.resolve_dims(head_dim)  # a dims that does not fit fails here, not mid-generation
@@ -102,20 +110,45 @@ def patch(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -> torch.
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         state = {"orig_impl": model.config._attn_implementation}
-        model.set_attn_implementation(ATTN_NAME)
-        state["hook"] = model.register_forward_pre_hook(_inject_cache, with_kwargs=True)
-        original_generate = model.generate
-
-        @functools.wraps(original_generate)
-        def generate(*args: Any, **kwargs: Any):
-            if kwargs.get("past_key_values") is None:
-                kwargs["past_key_values"] = MixedDimCache(model.config, getattr(model, _STATE_ATTR)["cfg"])
-            return original_generate(*args, **kwargs)
-
-        model.generate = generate
-        setattr(model, _STATE_ATTR, state)
+        try:
+            model.set_attn_implementation(ATTN_NAME)
+            state["hook"] = model.register_forward_pre_hook(_inject_cache, with_kwargs=True)
+            if callable(getattr(type(model), "generate", None)):  # a base model (no LM head) has none
+                model.generate = _PatchedGenerate(model)
+            setattr(model, _STATE_ATTR, state)
+        except BaseException:
+            _restore(model, state)
+            raise
     state["cfg"] = cfg
     return model
+
+
+class _PatchedGenerate:
+    """The `generate` of a patched model: the class's own `generate`, given a MixedDimCache when the
+    caller passes no cache. An object holding the model rather than a closure, so that
+    `copy.deepcopy(model)` (which copies this instance attribute with the model) gives a copy whose
+    `generate` runs the copy, and `unpatch` of one leaves the other patched."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.__doc__ = type(model).generate.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        if kwargs.get("past_key_values") is None:
+            asked = kwargs.get("cache_implementation") or getattr(kwargs.get("generation_config"),
+                                                                  "cache_implementation", None)
+            if asked is not None:
+                raise ValueError(
+                    f"generate(cache_implementation={asked!r}) asks for another cache, but this model is patched "
+                    "by mdkv.patch, whose generate() uses a MixedDimCache; drop the argument, or mdkv.unpatch the "
+                    "model to use transformers' caches"
+                )
+            if getattr(model.generation_config, "cache_implementation", None) is not None:
+                # the checkpoint's default cache gives way to the compressed one the patch is for
+                kwargs["cache_implementation"] = None
+            kwargs["past_key_values"] = MixedDimCache(model.config, getattr(model, _STATE_ATTR)["cfg"])
+        return type(model).generate(model, *args, **kwargs)
 
 
 def _inject_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -125,15 +158,22 @@ def _inject_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[t
     return None
 
 
+def _restore(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Undo what `patch` did (as far as it got): the hook, `generate`, the attention implementation."""
+    if "hook" in state:
+        state["hook"].remove()
+    if isinstance(vars(model).get("generate"), _PatchedGenerate):
+        del model.generate  # the instance attribute; the class method shows through again
+    if model.config._attn_implementation != state["orig_impl"]:
+        model.set_attn_implementation(state["orig_impl"])
+    vars(model).pop(_STATE_ATTR, None)
+
+
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Restore the model as it was before `patch`."""
     state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        return model
-    state["hook"].remove()
-    del model.generate  # the instance attribute; the class method shows through again
-    model.set_attn_implementation(state["orig_impl"])
-    delattr(model, _STATE_ATTR)
+    if state is not None:
+        _restore(model, state)
     return model
 
 

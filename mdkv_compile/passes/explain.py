@@ -7,6 +7,7 @@ finder on every graph. Also the `mdkv explain` subcommand.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,8 +15,10 @@ from typing import Any
 
 import torch
 
+from mdkv_compile.assets import check_model_source, load_model
 from mdkv_compile.passes.find_attention import AttentionSite, find_attention_sites
 from mdkv_compile.testing import EXPLAIN_ARCHS, build_tiny_model
+from mdkv_compile.usage import UsageError, as_usage_error, command, positive_int
 
 __all__ = ["ExplainReport", "SiteReport", "add_arguments", "explain", "run"]
 
@@ -147,22 +150,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="local model directory (from_pretrained) or a tiny arch name: " + ", ".join(EXPLAIN_ARCHS),
+        help="'smollm2' (the bundled GGUF), a local model directory (from_pretrained) or a tiny arch name: "
+        + ", ".join(EXPLAIN_ARCHS),
     )
     parser.add_argument(
         "--arch", choices=EXPLAIN_ARCHS, default=None, help="build a tiny random model of this architecture (offline)"
     )
-    parser.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager (HF models)")
-    parser.add_argument("--seq-len", type=int, default=8)
+    parser.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa", help="HF models")
+    parser.add_argument("--seq-len", type=positive_int, default=8)
     parser.add_argument("--decode", action="store_true", help="also explain one decode step with a filled DynamicCache")
 
 
 def _load(args: argparse.Namespace) -> torch.nn.Module:
     name = args.arch or args.model
     if name is None:
-        raise SystemExit("mdkv explain: give --model PATH or --arch NAME")
+        raise UsageError("give --model PATH|smollm2 or --arch NAME")
     if name in EXPLAIN_ARCHS:
         return build_tiny_model(name, args.attn_implementation)
+    try:
+        check_model_source(name)
+    except FileNotFoundError as e:
+        raise as_usage_error(e) from None
+    if name.lower() == "smollm2":
+        # load_model's object is shared by the process: trace a copy with the asked attention
+        model = copy.deepcopy(load_model("smollm2")[0])
+        model.set_attn_implementation(args.attn_implementation)
+        return model
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     cfg = AutoConfig.from_pretrained(name)
@@ -173,6 +186,7 @@ def _load(args: argparse.Namespace) -> torch.nn.Module:
         return AutoModel.from_pretrained(name, attn_implementation=args.attn_implementation).eval()
 
 
+@command("mdkv explain")
 def run(args: argparse.Namespace) -> int:
     model = _load(args)
     inputs = example_inputs_for(model, args.seq_len)

@@ -145,8 +145,16 @@ def base_budget(ctx: LayerContext) -> torch.Tensor:
     return torch.full((bsz,), per_owner, dtype=torch.double, device=ctx.key.device)
 
 
+def forced_floor(ctx: LayerContext) -> torch.Tensor:
+    """[B] units per owner below which no budget goes: the forced tokens (the window and the
+    sinks, `ctx.forced()`) at full dimension plus one tier's bookkeeping, so the budget of a short
+    prompt (or of a layer or head that a schedule starves) never takes them."""
+    n_forced = ctx.n_valid.clamp(max=ctx.cfg.window + ctx.cfg.sinks)
+    return n_forced.double() * ctx.head_dim + bookkeeping_units(1, ctx.key.element_size())
+
+
 def owner_budget(ctx: LayerContext) -> torch.Tensor:
-    """Budget units per owner, [B, H] float, before bookkeeping and bases."""
+    """Budget units per owner, [B, H] float, before bookkeeping and bases; at least `forced_floor`."""
     cfg = ctx.cfg
     bsz, n_heads = ctx.key.shape[:2]
     units = base_budget(ctx)[:, None].expand(bsz, n_heads)
@@ -157,7 +165,7 @@ def owner_budget(ctx: LayerContext) -> torch.Tensor:
         # every head of the model and handed out by head importance.
         pooled = units / cfg.head_beta * ctx.num_layers * ctx.total_heads
         units = units * (1 - 1 / cfg.head_beta) + ctx.head_shares[None, :].double() * pooled
-    return units
+    return torch.maximum(units, forced_floor(ctx)[:, None])
 
 
 def pyramid_factor(layer_idx: int, num_layers: int, beta: float) -> float:
@@ -170,9 +178,13 @@ def pyramid_factor(layer_idx: int, num_layers: int, beta: float) -> float:
 
 
 def keeps_everything(ctx: LayerContext) -> torch.Tensor:
-    """[B] rows whose budget covers every valid token at full dimension (budget 1.0 means no
-    compression for every method, whatever it would redistribute)."""
-    return base_budget(ctx) >= (ctx.n_valid * ctx.head_dim).double()
+    """[B] rows stored uncompressed: those whose budget covers every valid token at full dimension
+    (budget 1.0 means no compression for every method, whatever it would redistribute), those of
+    at most `cfg.min_compress_tokens` valid tokens, and those whose every token is forced (the
+    window and the sinks are never compressed, by any method)."""
+    covered = base_budget(ctx) >= (ctx.n_valid * ctx.head_dim).double()
+    short = ctx.n_valid <= max(ctx.cfg.min_compress_tokens, ctx.cfg.window + ctx.cfg.sinks)
+    return covered | short
 
 
 def keep_top(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

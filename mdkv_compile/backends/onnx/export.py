@@ -22,25 +22,33 @@ OpSchema is registered so the exporter keeps it) with attributes `plugin_namespa
 local FunctionProto of the same (domain, name) computing `attend_static` in standard ops, so stock
 ONNX Runtime runs the file as it is (it inlines the function).
 
-Files written to `out_dir` (through a temp dir renamed at the end, so a half-written export never
-looks complete): decode.onnx, manifest.json, prefill_model/ (HF weights for the PyTorch prefill,
-unless `prefill_source` names where to load them from).
+Files written to `out_dir`: decode.onnx, prefill_model/ (HF weights for the PyTorch prefill,
+unless `prefill_source` names where to load them from) and, last, manifest.json, which records the
+sha256 of every other file and of its own content (the runtime checks both) and marks the folder
+as an export. They are written into a new sibling folder and renamed into place, so a
+half-written export never looks complete. An export only ever replaces an earlier export (a
+folder whose manifest lists everything in it), never the current folder or one above it, and
+removes only the files the earlier export's manifest lists.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import math
 import shutil
+import sys
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mdkv_compile.assets import sha256_file
 from mdkv_compile.cache import model_dims
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.packing import PackedStore
@@ -55,9 +63,12 @@ PLUGIN_NAMESPACE = "mdkv"
 PLUGIN_VERSION = "1"
 OPSET = 20
 EXPORT_ATTN = "mdkv_export"
-# 2: the node and the manifest carry value_dims beside tier_dims (version 1 exports have none: their
-# tiers keep keys and values at the same dims)
-FORMAT_VERSION = 2
+FORMAT = "mdkv-onnx-decode"
+# 2: the manifest holds the sha256 of every file and of itself, and the config's min_compress_tokens.
+# 3: the node and the manifest carry value_dims beside tier_dims (a tier's keys and values may keep
+# different dims).
+FORMAT_VERSION = 3
+MANIFEST = "manifest.json"
 
 
 class ExportError(ValueError):
@@ -329,14 +340,17 @@ def cache_names(num_layers: int, has_basis: bool) -> tuple[list[str], list[str]]
 def default_capacity(cfg: MixedDimKVConfig, head_dim: int, max_prompt_tokens: int, slack: float = 2.0) -> int:
     """Elements per (row, KV head) owner in each of the key and the value buffer: `slack` x the
     budget's average share of a max-length prompt (head-aware methods give some heads more than the
-    average), at most the full prompt. A buffer's share is its side of the widest-sided tier (half
-    the budget when every tier keeps keys and values at the same dims; 2/3 of it with a (d, d/2) tier,
-    all of whose tokens may be chosen)."""
+    average), and at least what a prompt the config keeps whole needs (the window and sinks, a prompt
+    of `min_compress_tokens`); at most the full prompt. A buffer's share of the budget is its side of
+    the widest-sided tier (half when every tier keeps keys and values at the same dims; 2/3 with a
+    (d, d/2) tier, all of whose tokens may be chosen)."""
     full = max_prompt_tokens * head_dim
     if cfg.budget is None or cfg.method == "full":
         return full
     share = max(max(rk, rv) / (rk + rv) for rk, rv in export_tiers(cfg, head_dim))
-    return min(full, int(math.ceil(slack * 2 * share * cfg.budget * full / head_dim)) * head_dim)
+    kept_whole = max(cfg.window + cfg.sinks, cfg.min_compress_tokens)
+    tokens = max(int(math.ceil(slack * 2 * share * cfg.budget * full / head_dim)), kept_whole)
+    return min(full, tokens * head_dim)
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,8 +374,141 @@ def _check_exportable(model: torch.nn.Module, cfg: MixedDimKVConfig, out_dir: Pa
         raise ExportError(f"cannot export method {cfg.method!r}: {method.not_exportable}")
     if cfg.budget is None:
         raise ExportError("cannot export a budget_tokens/budget_bytes config: give budget as a fraction")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
+    check_out_dir(out_dir, overwrite)
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """The export folder as an absolute path, or ExportError when an export may not be written
+    there: the current folder or one above it, a file, a folder below a file, a non-empty folder
+    that is not an earlier export, an earlier export without `overwrite`, or one holding files
+    it did not write. Nothing is changed."""
+    out = Path(out_dir).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise ExportError(f"{out_dir} is the current folder or one above it: an export needs a folder of its own "
+                          f"(e.g. {Path(out_dir) / 'export'}); nothing was written")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ExportError(f"{out_dir}: {existing} is a file; give a folder path")
+    if existing != out or not any(out.iterdir()):
+        return out
+    manifest = _earlier_export(out)
+    if manifest is None:
+        raise ExportError(f"{out_dir} is not empty and is not an mdkv export: an export only replaces an earlier "
+                          "export; choose a new or empty folder")
+    if not overwrite:
+        raise ExportError(f"{out_dir} holds an mdkv export (pass overwrite=True / --overwrite to replace it)")
+    written = _written_by(out, manifest)
+    foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p not in written)
+    if foreign:
+        raise ExportError(f"{out_dir} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which the "
+                          "export did not write: move them out or choose another folder")
+    return out
+
+
+def is_export(folder: str | Path) -> bool:
+    """Whether `folder` holds an mdkv ONNX export (its manifest parses; this checks no hash)."""
+    return _earlier_export(Path(folder)) is not None
+
+
+def _earlier_export(folder: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def _written_by(folder: Path, manifest: dict[str, Any]) -> set[Path]:
+    """The files an export wrote into `folder`, by its manifest (format 1 listed no hashes: its
+    decode files and saved prefill model)."""
+    names = set(manifest.get("sha256", {}))
+    if manifest.get("format_version") == 1:
+        names |= {*manifest.get("files", {}).values(), "decode.onnx.data"}
+        if manifest.get("prefill", {}).get("model") == "prefill_model":
+            names |= {str(p.relative_to(folder)) for p in (folder / "prefill_model").rglob("*")}
+    return {folder / name for name in names} | {folder / MANIFEST}
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished export `tmp` to `out` (new, empty, or an earlier export that
+    `check_out_dir` allowed), then remove the earlier export's files, and only those."""
+    if not (out.is_dir() and any(out.iterdir())):
+        tmp.replace(out)  # rename(2) replaces an empty folder in one step
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:12]}")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)  # the earlier export stays where it was
+        raise
+    manifest = _earlier_export(old) or {}
+    for path in sorted(_written_by(old, manifest), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file():
+            path.unlink()
+    for folder in sorted((p for p in old.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if any(old.iterdir()):
+        print(f"mdkv export: {old} kept: it holds files the earlier export did not write", file=sys.stderr)
+    else:
+        old.rmdir()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's content (canonical JSON) without its own digest."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Record the sha256 of every file in `folder` and of the manifest's own content, then write
+    the manifest (last: its presence marks a complete export)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest["sha256"] = {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def read_manifest(folder: str | Path, check_files: bool = True) -> dict[str, Any]:
+    """An export's manifest, checked: it parses, is of this format version, its content matches
+    its sha256 (an edited budget or capacity would not match decode.onnx) and, with
+    `check_files`, so does every file it lists. ExportError (FileNotFoundError for a missing file)
+    naming the file otherwise."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {folder} is not a complete mdkv ONNX export")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"{path} is damaged (not valid JSON: {e}); export again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{path} is damaged or not an mdkv export manifest (no format {FORMAT!r}); export again")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path}: export format version {manifest.get('format_version')!r}; this mdkv-compile reads "
+                          f"version {FORMAT_VERSION}: export again")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise ExportError(f"{path} was edited or damaged: its content does not match its sha256 (the budget, "
+                          "capacity and shapes must stay those of decode.onnx); export again")
+    if check_files:
+        for name, digest in manifest["sha256"].items():
+            file = folder / name
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} is missing from the export; export again")
+            if sha256_file(file) != digest:
+                raise ExportError(f"{file} is damaged: its sha256 does not match the manifest's; export again")
+    return manifest
+
+
+def add_to_export(folder: str | Path, key: str, path: str | Path) -> None:
+    """Record a file written into an export afterwards (the TensorRT engine) as `files[key]` in its
+    manifest, hashed like the others, so that a later export may replace it."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, check_files=False)
+    manifest["files"][key] = Path(path).resolve().relative_to(folder.resolve()).as_posix()
+    write_manifest(folder, manifest)
 
 
 def _versions() -> dict[str, str]:
@@ -472,11 +619,11 @@ def export_onnx(
     Returns out_dir."""
     import onnx
 
-    out_dir = Path(out_dir)
     cfg = cfg or patched_config(model)
     if cfg is None:
         raise ExportError("no MixedDimKVConfig: pass cfg or call mdkv.patch(model, cfg) first")
     _check_exportable(model, cfg, out_dir, overwrite)
+    out_dir = Path(out_dir).expanduser().resolve()
     n_layers, n_heads, n_kv, d = model_dims(model.config)
     tiers = export_tiers(cfg, d)
     tier_dims, value_dims = _split(tiers)
@@ -509,7 +656,10 @@ def export_onnx(
     step = DecodeStep(model, tiers).eval()
     orig_impl = model.config._attn_implementation
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # A sibling of the export's own (absolute) path, made with the user's umask (mkdtemp's 0700
+    # would end up as the export's mode).
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
     try:
         model.set_attn_implementation(EXPORT_ATTN)
         try:
@@ -551,7 +701,7 @@ def export_onnx(
             prefill = prefill_source
         cache_bytes = sum(s.stored_bytes() for s in stores)
         manifest = {
-            "format": "mdkv-onnx-decode",
+            "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "files": {"decode": "decode.onnx"},
             "prefill": {"runtime": "pytorch", "model": prefill, "model_type": model.config.model_type},
@@ -576,12 +726,10 @@ def export_onnx(
             "opset": OPSET,
             "versions": _versions(),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        write_manifest(tmp, manifest)
+        _install(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the new folder: everything in it was written here
         raise
     return out_dir
 

@@ -5,12 +5,14 @@ model (loaded from the manifest's `prefill.model`, or passed in) compresses the 
 layer's packed store is laid out in the export's fixed shapes (`align_store`), and from then on
 every token is one run of decode.onnx on ONNX Runtime, the new-token region fed back each step.
 The first new token comes from the prefill logits, as in `model.generate`.
+
+The export is checked when it is opened (`read_manifest`: the manifest's and every file's
+sha256), so a damaged or edited export fails there, naming the file, not inside ONNX Runtime.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mdkv_compile.assets import load_model
-from mdkv_compile.backends.onnx.export import align_store, cache_names
+from mdkv_compile.assets import check_model_source, load_model
+from mdkv_compile.backends.onnx.export import ExportError, align_store, cache_names, read_manifest
 from mdkv_compile.cache import MixedDimCache, MixedDimLayer
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.hf.patch import patch
@@ -27,8 +29,12 @@ from mdkv_compile.hf.patch import patch
 
 @dataclass
 class GenerateOutput:
+    """What `OnnxGenerator.generate(..., return_dict_in_generate=True)` returns."""
+
     sequences: torch.Tensor  # [B, N + new] prompt followed by the generated tokens
     logits: list[torch.Tensor]  # per new token [B, V] float32 (the scores it was picked from)
+    stored_bytes: int  # the cache tensors the decode graph holds: the prompt store and the new-token region
+    full_bytes: int  # a plain cache of every token (prompt and generated)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -52,15 +58,15 @@ class OnnxGenerator:
         import onnxruntime as ort
 
         self.dir = Path(out_dir)
-        manifest_path = self.dir / "manifest.json"
-        if not manifest_path.exists():
-            raise FileNotFoundError(f"{manifest_path} not found: not a complete mdkv ONNX export")
-        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        self.manifest: dict[str, Any] = read_manifest(self.dir)
         m = self.manifest
-        self.cfg = MixedDimKVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["config"].items()})
+        try:
+            self.cfg = MixedDimKVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["config"].items()})
+        except (TypeError, ValueError) as e:
+            raise ExportError(f"{self.dir / 'manifest.json'}: its config is not one this mdkv-compile reads ({e}); "
+                              "export again") from None
         self.tier_dims = tuple(m["tier_dims"])
-        # format 1 exports carry no value dims: their tiers keep values at the key dims
-        self.value_dims = tuple(m.get("value_dims", m["tier_dims"]))
+        self.value_dims = tuple(m["value_dims"])
         self.num_layers = m["model"]["num_layers"]
         self.has_basis = len(self.tier_dims) > 1
         self.model = model if model is not None else self._load_prefill_model()
@@ -78,15 +84,20 @@ class OnnxGenerator:
             self.session = ort.InferenceSession(str(decode), opts, providers=providers or ["CPUExecutionProvider"])
 
     def _load_prefill_model(self) -> torch.nn.Module:
+        """The manifest's prefill model: the folder the export saved (it must be there: a missing
+        one is never looked up on the Hub), a local path, "smollm2", or a Hugging Face name."""
         source = self.manifest["prefill"]["model"]
-        path = self.dir / source
-        if path.is_dir():
+        dtype = getattr(torch, self.manifest["dtype"])
+        saved = self.dir / source
+        if saved.is_dir():
             from transformers import AutoModelForCausalLM
 
-            return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.manifest["dtype"])).eval()
-
+            return AutoModelForCausalLM.from_pretrained(saved, dtype=dtype).eval()
+        if any(name.startswith(f"{source}/") for name in self.manifest["sha256"]):
+            raise FileNotFoundError(f"{saved}: the export's prefill model folder is missing; export again")
+        check_model_source(source)  # a local path that is gone: say so, not a minute of Hub retries
         # load_model shares one cached object per process; patching it must not leak out.
-        return copy.deepcopy(load_model(source, dtype=getattr(torch, self.manifest["dtype"]))[0])
+        return copy.deepcopy(load_model(source, dtype=dtype)[0])
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[np.ndarray]]:
@@ -106,10 +117,16 @@ class OnnxGenerator:
             stores.append([_np(t) for t in static.tensors()])
         return out.logits[:, -1].float().cpu(), stores
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32) -> GenerateOutput:
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int = 32, return_dict_in_generate: bool = False
+    ) -> torch.Tensor | GenerateOutput:
         """Greedy decoding of `max_new_tokens` tokens (no EOS stop, like generate with
-        min_new_tokens=max_new_tokens)."""
+        min_new_tokens=max_new_tokens). Returns the token ids [B, N + max_new_tokens] (LongTensor,
+        the prompt first), as transformers' generate() does; with `return_dict_in_generate`, a
+        `GenerateOutput` with them, the logits of every step and the cache's bytes."""
         m = self.manifest
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive int")
         if max_new_tokens - 1 > m["new_capacity"]:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens} needs {max_new_tokens - 1} new-token slots; "
@@ -132,6 +149,7 @@ class OnnxGenerator:
                 feeds[name] = arr
             feeds[f"new.{i}.keys"] = np.zeros((bsz, n_kv, cap, d), dtype=dtype)
             feeds[f"new.{i}.values"] = np.zeros((bsz, n_kv, cap, d), dtype=dtype)
+        stored_bytes = sum(feeds[name].nbytes for name in in_names)
         n_new = np.array(0, dtype=np.int64)
         out_names = [o.name for o in self.session.get_outputs()]
         for _ in range(max_new_tokens - 1):
@@ -147,4 +165,9 @@ class OnnxGenerator:
             steps.append(logits)
             token = logits.argmax(-1)
             generated.append(token)
-        return GenerateOutput(torch.cat([input_ids.cpu(), torch.stack(generated, 1)], 1), steps)
+        sequences = torch.cat([input_ids.cpu(), torch.stack(generated, 1)], 1)
+        if not return_dict_in_generate:
+            return sequences
+        # the last token is generated, never written to the cache
+        full_bytes = 2 * self.num_layers * bsz * n_kv * (sequences.shape[1] - 1) * d * dtype.itemsize
+        return GenerateOutput(sequences, steps, stored_bytes, full_bytes)
