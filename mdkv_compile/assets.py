@@ -218,14 +218,28 @@ def haystack_dir() -> Path:
     return _fetched_and_verified(ASSETS["haystack"]) / "PaulGrahamEssays"
 
 
+# Essays held out of the haystack: calibrated bases are fitted on them (`calibration_text`), so no
+# evaluation prompt contains text its bases were fitted on. "worked.txt" is the longest essay
+# (about 17K SmolLM2 tokens).
+CALIBRATION_ESSAYS = ("worked.txt",)
+
+
 def haystack_text() -> str:
-    """All essays, sorted by file name, joined by blank lines. Deterministic across machines."""
-    return _haystack_text(str(haystack_dir()))
+    """The essays except `CALIBRATION_ESSAYS`, sorted by file name, joined by blank lines.
+    Deterministic across machines."""
+    return _essays_text(str(haystack_dir()), calibration=False)
 
 
-@functools.lru_cache(maxsize=2)
-def _haystack_text(folder: str) -> str:
+def calibration_text() -> str:
+    """The held-out essays (`CALIBRATION_ESSAYS`): text in the haystack's style that no haystack
+    prompt contains, for fitting calibrated bases."""
+    return _essays_text(str(haystack_dir()), calibration=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _essays_text(folder: str, calibration: bool) -> str:
     files = sorted(Path(folder).glob("*.txt"), key=lambda p: p.name)
+    files = [p for p in files if (p.name in CALIBRATION_ESSAYS) == calibration]
     return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in files)
 
 

@@ -31,11 +31,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.attention import attend_packed, causal_mask, dense_attention
 from mdkv_compile.core.bases import load_calibrated
-from mdkv_compile.core.packing import PackedStore, pack
+from mdkv_compile.core.packing import PackedStore
 from mdkv_compile.core.sharding import HeadShard, check_local_heads
 from mdkv_compile.kernels.store_attention import StorePlan, packed_store_attention
 from mdkv_compile.methods import RECORDS
 from mdkv_compile.policies import LayerContext, select
+from mdkv_compile.policies.base import pack_selection
 from mdkv_compile.policies.head_scores import load_head_shares
 
 _STATE = threading.local()
@@ -127,13 +128,15 @@ class MixedDimLayer(CacheLayerMixin):
         self.store: PackedStore | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n_prompt = 0  # prompt positions (padding included) covered by the store
-        # What the policy chose: entries per dim (`selection_dims`, 0 = dropped) in `selection_counts`
-        # ([len(dims)] int64, on the device: no sync); with `record_selection`, also the dim of every
-        # prompt entry, `last_selection` [B, H, N] int64: 8 bytes per entry beside the store (at 128K
-        # tokens that is 25% of a 0.0625 store), so it is kept only on request.
+        # What the policy chose: entries per tier (`selection_dims`, 0 = dropped) in `selection_counts`
+        # ([tiers + 1] int64, on the device: no sync); with `record_selection`, also the key and the
+        # value dims of every prompt entry, `last_selection` and `last_value_selection` [B, H, N] int64:
+        # 16 bytes per entry beside the store (at 128K tokens that is half a 0.0625 store), so they are
+        # kept only on request.
         self.record_selection = record_selection
         self.last_selection: torch.Tensor | None = None
-        self.selection_dims: tuple[int, ...] = ()
+        self.last_value_selection: torch.Tensor | None = None
+        self.selection_dims: tuple[int | str, ...] = ()
         self.selection_counts: torch.Tensor | None = None
         # Decoded tokens: `n_new` of them (host count). With a fixed region (`max_new_tokens`), the
         # device count `n_decoded` ([1] int64) is what kernels read and what in-place writes advance.
@@ -316,13 +319,15 @@ class MixedDimLayer(CacheLayerMixin):
             calibrated=self.calibrated, shard=self.shard, all_valid=mask is None,
         )
         sel = select(ctx)
-        self.store = pack(
-            key, value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
-            sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared,
+        self.store = pack_selection(key, value, sel)
+        tiers = ((0, 0), *self.store.tiers)
+        chosen_value = sel.chosen_dim if sel.chosen_value_dim is None else sel.chosen_value_dim
+        self.selection_dims = tuple(r if r == rv else f"{r}/{rv}" for r, rv in tiers)
+        self.selection_counts = torch.stack(
+            [((sel.chosen_dim == r) & (chosen_value == rv)).sum() for r, rv in tiers]
         )
-        self.selection_dims = (0, *sel.tier_dims)
-        self.selection_counts = torch.stack([(sel.chosen_dim == r).sum() for r in self.selection_dims])
         self.last_selection = sel.chosen_dim if self.record_selection else None
+        self.last_value_selection = chosen_value if self.record_selection else None
         self.n_prompt = n_tokens
         self.pending = None
         if self.max_new_tokens is not None:
@@ -330,8 +335,9 @@ class MixedDimLayer(CacheLayerMixin):
             self.keys, self.values = key.new_zeros(shape), value.new_zeros(shape)
             self.n_decoded = torch.zeros(1, dtype=torch.long, device=key.device)
 
-    def selection_summary(self) -> dict[int, int]:
-        """{dim: prompt entries stored at that dim} (0 = dropped); empty before compression. Syncs."""
+    def selection_summary(self) -> dict[int | str, int]:
+        """{tier: prompt entries stored in it} (0 = dropped); a tier is named by its dim when its
+        keys and values keep as many dims, else "key dims/value dims". Empty before compression. Syncs."""
         if self.selection_counts is None:
             return {}
         return dict(zip(self.selection_dims, self.selection_counts.tolist(), strict=True))
@@ -377,7 +383,8 @@ class MixedDimCache(Cache):
     ) -> None:
         """`max_new_tokens`: give the decoded tokens a fixed region of that many slots per layer,
         written in place (static shapes: CUDA graphs); None grows it by concatenation.
-        `record_selection`: keep every prompt entry's chosen dim (`MixedDimLayer.last_selection`)."""
+        `record_selection`: keep every prompt entry's chosen key and value dims
+        (`MixedDimLayer.last_selection`, `last_value_selection`)."""
         cfg = MixedDimKVConfig() if cfg is None else cfg
         if not isinstance(cfg, MixedDimKVConfig):
             raise TypeError(f"MixedDimCache(config, cfg): cfg must be a MixedDimKVConfig, not {type(cfg).__name__}")

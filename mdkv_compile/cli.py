@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("mdkv_compile.eval.runner", "quality evaluation: methods x budgets x tasks x lengths"),
     "report": ("mdkv_compile.eval.report", "markdown tables and plots from eval results"),
     "profile-heads": ("mdkv_compile.eval.heads", "HeadKV-style retrieval-reasoning head scores to JSON"),
+    "calibrate": ("mdkv_compile.hf.calibrate", "fit calibrated key/value bases on text (basis='calibrated')"),
     "bench": ("mdkv_compile.bench.decode", "speed and memory benchmarks (JSON out)"),
     "explain": ("mdkv_compile.passes.explain", "list the attention sites the compile pass finds"),
     "export": ("mdkv_compile.backends.onnx.cli", "export to ONNX / TensorRT"),

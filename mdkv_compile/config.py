@@ -25,6 +25,7 @@ SOLVERS = ("greedy", "exact")
 LOSSES = ("attention", "energy")
 KERNELS = ("auto", "torch")
 DEFAULT_BUDGET = 0.0625
+MAX_TIERS = 4  # reduced tiers a store may hold (the kernels' tier slots)
 
 
 def _fail(name: str, value: Any, allowed: str) -> NoReturn:
@@ -58,12 +59,30 @@ _NUMBERS: dict[str, _Number] = {
     "head_temp": _Number(False, 0.0, "a finite positive float", low_open=True),
     "pyramid_beta": _Number(False, 0.0, "a finite positive float", low_open=True),
     "lowrank_dim": _Number(True, 1, "None or a positive int", optional=True),
+    "value_weight": _Number(False, 0.0, "a finite float >= 0"),
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "basis": BASES, "basis_solver": BASIS_SOLVERS, "pool": POOLS, "solver": SOLVERS,
     "kernel": KERNELS, "loss": LOSSES,
 }
+
+
+def _checked_tiers(tiers: Any, dims: Any) -> tuple[tuple[int, int], ...]:
+    """`tiers` as distinct (key dims, value dims) pairs, descending, or ValueError naming the field."""
+    ok = isinstance(tiers, list | tuple) and 0 < len(tiers) <= MAX_TIERS and all(
+        isinstance(t, list | tuple) and len(t) == 2
+        and all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and r > 0 for r in t)
+        for t in tiers
+    )
+    if not ok:
+        _fail("tiers", tiers, f"1 to {MAX_TIERS} (key dims, value dims) pairs of positive ints")
+    pairs = tuple(sorted({(int(a), int(b)) for a, b in tiers}, reverse=True))
+    if len(pairs) != len(tiers):
+        _fail("tiers", tiers, "distinct pairs")
+    if dims is not None:
+        _fail("tiers", tiers, "give tiers or dims, not both")
+    return pairs
 
 
 def _checked_number(name: str, value: Any, rule: _Number) -> int | float | None:
@@ -117,9 +136,15 @@ class MixedDimKVConfig:
     budget_tokens: int | None = None
     budget_bytes: int | None = None
     method: str = "mixeddimkv"
-    # Candidate stored dimensions per token; must contain 0 and the head dimension.
-    # None: (0, d/8, d/4, d/2, d) for the model's head dimension d.
+    # Candidate stored dimensions per token, keys and values alike; must contain 0 and the head
+    # dimension. None: (0, d/8, d/4, d/2, d) for the model's head dimension d (lowrank's ranks;
+    # mixeddimkv's tiers when `tiers` is None and `dims` is given).
     dims: tuple[int, ...] | None = None
+    # mixeddimkv's reduced tiers as (key dims, value dims) pairs: a token is evicted, kept whole or
+    # stored at one of these. None with dims None: (d/8, d/8), (d/4, d/8), (d/2, d/4), (d, d/2):
+    # keys keep twice the dims of values (logit errors cost more than value errors, measured in
+    # docs/notes/quality_notes.md); at most 4 pairs (the kernels' tier slots).
+    tiers: tuple[tuple[int, int], ...] | None = None
     # The last `window` prompt tokens score the others and are kept at full dimension.
     window: int = 32
     pool_kernel: int = 7
@@ -142,6 +167,8 @@ class MixedDimKVConfig:
     # from the window queries' logit error and the value error) or "energy" (importance-weighted
     # residual energy of key and value, mixed by key_weight).
     loss: str = "attention"
+    # The attention loss's weight of a value's relative error against a key's mass bias.
+    value_weight: float = 0.3
     key_weight: float = 0.5
     head_scores: str | None = None  # JSON from `mdkv profile-heads` (headkv, mixeddimkv-h)
     # HeadKV: each head keeps 1 - 1/beta of its uniform budget; the rest is pooled over the model
@@ -184,6 +211,8 @@ class MixedDimKVConfig:
             _fail("basis_path", self.basis_path, "a safetensors file from calibrate() when basis='calibrated'")
         if RECORDS[self.method].needs_head_scores and not self.head_scores:
             _fail("head_scores", self.head_scores, f"a JSON file from `mdkv profile-heads` for method={self.method!r}")
+        if self.tiers is not None:
+            object.__setattr__(self, "tiers", _checked_tiers(self.tiers, self.dims))
 
     # --- derived values -------------------------------------------------------------------------
 
@@ -204,6 +233,23 @@ class MixedDimKVConfig:
             )
         return self.dims
 
+    def resolve_tiers(self, head_dim: int) -> tuple[tuple[int, int], ...]:
+        """mixeddimkv's reduced tiers (key dims, value dims) for a model with this head dimension,
+        descending (checked against it): every pair with both dims in 1..d except (d, d)."""
+        d = head_dim
+        if self.tiers is not None:
+            bad = [t for t in self.tiers if max(t) > d or t == (d, d)]
+            if bad:
+                raise ValueError(
+                    f"MixedDimKVConfig.tiers={self.tiers!r} does not fit this model: its head dimension is {d}, "
+                    f"so each pair needs dims in 1..{d} and ({d}, {d}) is the whole token, not a tier"
+                )
+            return self.tiers
+        if self.dims is not None:
+            return tuple((r, r) for r in sorted(self.resolve_dims(d), reverse=True) if 0 < r < d)
+        pairs = {(d // 8, d // 8), (d // 4, d // 8), (d // 2, d // 4), (d, d // 2)}
+        return tuple(sorted((p for p in pairs if min(p) > 0), reverse=True))
+
     def replace(self, **changes: Any) -> MixedDimKVConfig:
         return dataclasses.replace(self, **changes)
 
@@ -217,4 +263,6 @@ class MixedDimKVConfig:
             raise ValueError(f"unknown MixedDimKVConfig option(s) {unknown}; known: {sorted(known)}")
         if isinstance(options.get("dims"), list):
             options["dims"] = tuple(options["dims"])
+        if isinstance(options.get("tiers"), list):
+            options["tiers"] = tuple(tuple(t) for t in options["tiers"])
         return cls(**options)

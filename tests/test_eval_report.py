@@ -32,6 +32,8 @@ def results(tmp_path):
         recs.append(_rec("snapkv", 0.1, "vt", L, "s0", 0.4))
         recs.append(_rec("full", 1.0, "ppl", L, "s0", 20.0))
         recs.append(_rec("snapkv", 0.1, "ppl", L, "s0", 30.0))
+        recs.append(_rec("full", 1.0, "kl", L, "s0", 0.0))
+        recs.append(_rec("snapkv", 0.1, "kl", L, "s0", 0.125 if L == 512 else 0.25))
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return tmp_path
@@ -47,6 +49,8 @@ def test_tables_and_gaps(results) -> None:
     assert "| snapkv | 40.0 (-40.0) | - |" in text
     # ppl: ratio to full
     assert "| snapkv | 30.00 (x1.50) | - |" in text
+    # kl: its own family, four decimals, no gap (full is 0 by definition)
+    assert "### kl (kl)" in text and "| snapkv | 0.1875 | - |" in text
     assert "### Measured cache size" in text and "| snapkv | 0.1 | 0.1100 |" in text
     assert "| 0: 75%, 8: 25% |" in text  # mixeddimkv's dims shares (records below)
 
@@ -57,7 +61,7 @@ def test_plots_and_cli(results, tmp_path) -> None:
     out = tmp_path / "rep"
     assert Rep.run(p.parse_args([str(results / "results.jsonl"), "--out", str(out)])) == 0
     names = {f.name for f in out.iterdir()}
-    assert {"report.md", "score_vs_budget_niah.png", "score_vs_budget_ppl.png"} <= names
+    assert {"report.md", "score_vs_budget_niah.png", "score_vs_budget_ppl.png", "score_vs_budget_kl.png"} <= names
     assert {"niah_heatmap_snapkv_0.1.png", "niah_heatmap_mixeddimkv_0.1.png", "niah_heatmap_full_1.png"} <= names
     assert all((out / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
     assert "![niah_heatmap_snapkv_0.1](niah_heatmap_snapkv_0.1.png)" in (out / "report.md").read_text()

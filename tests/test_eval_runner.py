@@ -91,33 +91,58 @@ def test_continuation_nll_matches_one_forward(tiny, tok, hay) -> None:
     assert res["nll"] == pytest.approx(ref, rel=1e-4)
 
 
+def test_kl_is_zero_for_the_full_cache_and_positive_under_compression(tiny, tok, hay) -> None:
+    inst = T.make_instance("kl", tok, 300, haystack=hay, ppl_tokens=24)
+    ctx, cont = T.encode(tok, inst)
+    ref = R.reference_logprobs(tiny, ctx, cont)
+    # the reference is the model's own next-token distribution after ctx + cont in one forward
+    with torch.no_grad():
+        one = tiny(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1].float().log_softmax(-1)
+    torch.testing.assert_close(ref, one, atol=1e-4, rtol=1e-4)
+    results = {}
+    for method, budget in (("full", 1.0), ("snapkv", 0.1)):
+        cfg = mdkv.MixedDimKVConfig(method=method, budget=budget)
+        mdkv.patch(tiny, cfg)
+        try:
+            results[method] = R.continuation_kl(tiny, mdkv.MixedDimCache(tiny.config, cfg), ctx, cont, ref)
+        finally:
+            mdkv.unpatch(tiny)
+    assert results["full"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert results["full"]["top1_agreement"] == 1.0
+    assert results["snapkv"]["kl"] > 1e-4
+    assert results["snapkv"]["stored_bytes"] < 0.5 * results["snapkv"]["full_bytes"]
+
+
 def test_grid_resumes_and_writes_summary(tiny, tok, hay, tmp_path) -> None:
     spec = R.EvalSpec(model_name="tiny", methods=["full", "snapkv"], budgets=[0.5],
-                      tasks=["niah", "niah_single", "ppl"], lengths=[256], depths=[0.25, 0.75], seeds=[0],
+                      tasks=["niah", "niah_single", "ppl", "kl"], lengths=[256], depths=[0.25, 0.75], seeds=[0],
                       protocols=list(T.PROTOCOLS), ppl_tokens=16, max_new_tokens=3)  # fmt: skip
     first = R.run_grid(tiny, tok, spec, tmp_path, haystack=hay, progress=False, fail_fast=True)
-    # 2 methods x (2 niah depths + 1 niah_single) x 2 protocols + 2 methods x ppl (one protocol)
-    assert first == {"done": 14, "skipped": 0, "failed": 0}
+    # 2 methods x (2 niah depths + 1 niah_single) x 2 protocols + 2 methods x (ppl, kl) (one protocol)
+    assert first == {"done": 16, "skipped": 0, "failed": 0}
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 14
+    assert len(lines) == 16
     again = R.run_grid(tiny, tok, spec, tmp_path, haystack=hay, progress=False, fail_fast=True)
-    assert again == {"done": 0, "skipped": 14, "failed": 0}
+    assert again == {"done": 0, "skipped": 16, "failed": 0}
     assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
     recs = [json.loads(x) for x in lines]
     assert {r["method"] for r in recs} == {"full", "snapkv"}
     assert all(r["stored_bytes"] and r["full_bytes"] and r["seconds"] > 0 for r in recs)
     assert all(r["budget"] == 1.0 for r in recs if r["method"] == "full")
-    assert len({R.cell_key(r) for r in recs}) == 14
+    assert len({R.cell_key(r) for r in recs}) == 16
+    kl = {r["method"]: r for r in recs if r["task"] == "kl"}
+    assert kl["full"]["score"] == pytest.approx(0.0, abs=1e-6) and kl["full"]["metric"] == "kl"
+    assert kl["snapkv"]["score"] > 0 and 0 <= kl["snapkv"]["top1_agreement"] <= 1
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
-    assert {r["task"] for r in rows} == {"niah", "niah_single", "ppl"}
+    assert {r["task"] for r in rows} == {"niah", "niah_single", "ppl", "kl"}
     # a grown grid only runs the new cells
     spec.budgets = [0.5, 0.25]
     more = R.run_grid(tiny, tok, spec, tmp_path, haystack=hay, progress=False, fail_fast=True)
-    assert more == {"done": 7, "skipped": 14, "failed": 0}
+    assert more == {"done": 8, "skipped": 16, "failed": 0}
     # config options make a new variant of the method; full (the reference) is not rerun
     spec.budgets, spec.options = [0.5], {"window": 4}
     variant = R.run_grid(tiny, tok, spec, tmp_path, haystack=hay, progress=False, fail_fast=True)
-    assert variant == {"done": 7, "skipped": 7, "failed": 0}
+    assert variant == {"done": 8, "skipped": 8, "failed": 0}
     labels = {r["method"] for r in R.read_results(tmp_path / "results.jsonl")}
     assert labels == {"full", "snapkv", "snapkv[window=4]"}
     assert not hasattr(tiny, "_mdkv_patch")  # the shared model is left unpatched
@@ -130,7 +155,16 @@ def test_cli_arguments_and_errors(tmp_path) -> None:
     assert spec.methods == ["full", "snapkv"] and spec.lengths == [1024]
     spec = R.spec_from_args(p.parse_args(["--smoke", "--methods", "full,mixeddimkv", "--option", "window=16"]))
     assert spec.methods == ["full", "mixeddimkv"] and spec.options == {"window": 16}
-    assert spec.config("mixeddimkv", 0.1).window == 16
+    # calibrated bases by default for the methods with reduced tiers, once a file is known
+    with pytest.raises(ValueError, match="calibrated basis file"):
+        spec.config("mixeddimkv", 0.1)
+    spec.calibrated_path = "bases.safetensors"
+    cfg = spec.config("mixeddimkv", 0.1)
+    assert cfg.window == 16 and cfg.basis == "calibrated" and cfg.basis_path == "bases.safetensors"
+    assert spec.label("mixeddimkv") == "mixeddimkv[basis=\"calibrated\",window=16]"
+    assert spec.config("snapkv", 0.1).basis == "prompt" and spec.label("snapkv") == "snapkv[window=16]"
+    prompt = R.spec_from_args(p.parse_args(["--smoke", "--methods", "mixeddimkv", "--basis", "prompt"]))
+    assert prompt.config("mixeddimkv", 0.1).basis == "prompt" and prompt.label("mixeddimkv") == "mixeddimkv"
     bad = R.spec_from_args(p.parse_args(["--methods", "headkv"]))
     with pytest.raises(ValueError, match="profile-heads"):
         bad.validate()

@@ -22,7 +22,7 @@ def hay() -> str:
 
 def _n_tokens(tok, inst: T.TaskInstance, style: str) -> int:
     ctx, second = T.encode(tok, inst, style)
-    return len(ctx) + (0 if inst.task == "ppl" else len(second))
+    return len(ctx) + (0 if inst.task in T.CONTINUATION_TASKS else len(second))
 
 
 @pytest.mark.parametrize("style", T.PROMPT_STYLES)
@@ -32,7 +32,7 @@ def test_lengths_within_tolerance(tok, hay, task: str, length: int, style: str) 
     inst = T.make_instance(task, tok, length, seed=1, depth=0.4 if task == "niah" else None, haystack=hay,
                            prompt_style=style)  # fmt: skip
     n = _n_tokens(tok, inst, style)
-    if task == "ppl":  # the prefix is an exact token slice; decode/encode may merge one seam
+    if task in T.CONTINUATION_TASKS:  # the prefix is an exact token slice; decode/encode may merge one seam
         assert abs(n - length) <= 2
         assert abs(len(T.encode(tok, inst, style)[1]) - 256) <= 2
     else:
@@ -49,7 +49,7 @@ def test_deterministic_and_seeded(tok, hay, task: str) -> None:
     assert (c.context, c.answers) != (a.context, a.answers)
 
 
-@pytest.mark.parametrize("task", [t for t in T.TASKS if t != "ppl"])
+@pytest.mark.parametrize("task", [t for t in T.TASKS if t not in T.CONTINUATION_TASKS])
 def test_answers_are_in_the_context(tok, hay, task: str) -> None:
     inst = T.make_instance(task, tok, 1024, seed=0, depth=0.3 if task == "niah" else None, haystack=hay)
     assert inst.answers and inst.max_new_tokens > 0

@@ -15,7 +15,6 @@ DEVICE = kernel_device()  # skips the module where the kernels cannot run
 
 from mdkv_compile.config import MixedDimKVConfig  # noqa: E402
 from mdkv_compile.core.losses import logit_errors as logit_errors_torch  # noqa: E402
-from mdkv_compile.core.packing import pack  # noqa: E402
 from mdkv_compile.core.scoring import window_importance as window_importance_torch  # noqa: E402
 from mdkv_compile.kernels import compression  # noqa: E402
 from mdkv_compile.kernels.compression import (  # noqa: E402
@@ -25,6 +24,7 @@ from mdkv_compile.kernels.compression import (  # noqa: E402
     window_importance_triton,
 )
 from mdkv_compile.policies import POLICIES, LayerContext  # noqa: E402
+from mdkv_compile.policies.base import pack_selection  # noqa: E402
 
 STALE, _needs_interpreter, test_module_in_fresh_process = interpreter_guard(
     __file__, lambda: [compression._score_columns]
@@ -152,8 +152,7 @@ def test_policy_with_kernels_selects_and_stores_as_reference(method: str, dtype:
     assert ker.tier_dims == ref.tier_dims
     if method == "mixeddimkv":
         assert len(ref.tier_dims) > 1  # reduced tiers used: the logit-error kernel mattered
-    stores = [pack(ctx.key, ctx.value, s.chosen_dim, s.tier_dims, s.key_coef, s.value_coef, s.basis_k, s.basis_v,
-                   s.basis_index, s.basis_shared) for ctx, s in ((ref_ctx, ref), (ker_ctx, ker))]
+    stores = [pack_selection(ctx.key, ctx.value, s) for ctx, s in ((ref_ctx, ref), (ker_ctx, ker))]
     assert stores[0].stored_bytes() == stores[1].stored_bytes()
     for a, b in zip(stores[0].keys + stores[0].values, stores[1].keys + stores[1].values, strict=True):
         assert torch.equal(a, b)

@@ -73,20 +73,20 @@ def attend_packed(
     q = query.float().reshape(owners, group, n_queries, head_dim)
 
     logit_parts: list[torch.Tensor] = []  # each [owners, G, L, n_part]
-    value_parts: list[tuple[torch.Tensor, int]] = []  # ([owners, n_part, r], r)
+    value_parts: list[tuple[torch.Tensor, int | None]] = []  # ([owners, n_part, r], r; None: full)
     q_rot = None
     if store is not None:
         bk = store.owner_basis("k")
         if bk is not None:
             q_rot = q @ bk.float()[:, None]  # [owners, G, L, r_max]
-        for t, r in enumerate(store.tier_dims):
+        for t, (r, rv) in enumerate(store.tiers):
             k_pad, v_pad, valid = padded_tier(store, t)
             if k_pad.shape[1] == 0:
                 continue
-            q_t = q if r == head_dim else q_rot[..., :r]
+            q_t = q if t == 0 else q_rot[..., :r]
             logits = softcap_logits((q_t @ k_pad.float().transpose(-1, -2)[:, None]) * scale, softcap)
             logit_parts.append(logits.masked_fill(~valid[:, None, None, :], float("-inf")))
-            value_parts.append((v_pad.float(), r))
+            value_parts.append((v_pad.float(), None if t == 0 else rv))
     if key_new is not None and key_new.shape[2] > 0:
         k_n = key_new.float().reshape(owners, -1, head_dim)
         logits = softcap_logits((q @ k_n.transpose(-1, -2)[:, None]) * scale, softcap)
@@ -96,7 +96,7 @@ def attend_packed(
             allowed = new_mask.bool().expand(bsz, 1, n_queries, k_n.shape[1])
             allowed = allowed.repeat_interleave(n_kv, dim=0)  # [owners, 1, L, S]
         logit_parts.append(logits.masked_fill(~allowed, float("-inf")))
-        value_parts.append((value_new.float().reshape(owners, -1, head_dim), head_dim))
+        value_parts.append((value_new.float().reshape(owners, -1, head_dim), None))
     if not logit_parts:
         raise ValueError("attention over an empty cache: nothing stored and no new tokens")
 
@@ -107,13 +107,14 @@ def attend_packed(
 
 def softmax_over_parts(
     logit_parts: list[torch.Tensor],
-    value_parts: list[tuple[torch.Tensor, int]],
+    value_parts: list[tuple[torch.Tensor, int | None]],
     value_basis: torch.Tensor | None,
     head_dim: int,
 ) -> torch.Tensor:
     """One softmax over every part's logits ([owners, G, L, n_part] each), then the weighted sum
-    of each part's values ([owners, n_part, r]): full-dimension parts directly, reduced ones in
-    coefficient space, rotated back once with value_basis [owners, d, r_max].
+    of each part's values ([owners, n_part, r]): full-dimension parts (r None) directly, reduced ones
+    (their first r coordinates) in coefficient space, rotated back once with value_basis
+    [owners, d, rv_max].
     Returns [owners, G, L, d] float32."""
     probs = torch.softmax(torch.cat(logit_parts, dim=-1), dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
     owners, group, n_queries, _ = probs.shape
@@ -123,7 +124,7 @@ def softmax_over_parts(
     for (v, r), part in zip(value_parts, logit_parts, strict=True):
         contrib = probs[..., start : start + part.shape[-1]] @ v[:, None]  # [owners, G, L, r]
         start += part.shape[-1]
-        if r == head_dim:
+        if r is None:
             out = out + contrib
         else:
             if reduced is None:

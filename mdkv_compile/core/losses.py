@@ -1,9 +1,25 @@
-"""Stage 1 of MixedDimKV: the loss of storing each token at each candidate dimension.
+"""Stage 1 of MixedDimKV: the loss of storing each token at each candidate option.
 
-    L_i(r) = importance_i * ( a * |k_i - P_r P_r^T k_i|^2 / |k_i|^2 + (1 - a) * (same for v_i) )
+An option is a pair (r_k, r_v): the token's key keeps its first r_k basis coordinates and its value
+its first r_v. (0, 0) is eviction, (d, d) keeps the token as it is. Losses are relative to
+eviction, L_i(0, 0) = importance_i, and L_i(d, d) = 0, so with no reduced option the objective is
+exactly eviction by importance (SnapKV).
 
-with P_r the first r basis columns. L_i(0) = importance_i (eviction, as SnapKV scores it) and
-L_i(d) = 0 (kept as is), so with dims (0, d) the objective is exactly eviction by importance.
+Two models of what a reduction costs (`cfg.loss`):
+
+* "attention" (default): the error the reduction puts into the attention output, relative to
+  eviction's. A key kept at r_k dims moves the token's logit by delta (RMS sigma over the window
+  queries), which scales its attention weight by e^delta. Over the many tokens of a reduced tier
+  the noise averages out and what remains is the bias of the tier's attention mass,
+  E[e^delta] - 1 = expm1(sigma^2 / 2) for Gaussian delta; eviction's error is the whole weight,
+  and it is coherent too (every evicted token's weight goes to the others). A value kept at r_v
+  dims adds its relative error |v - v_hat| / |v|, which is mostly incoherent across tokens and
+  weighs `value_weight`:
+
+      L_i(r_k, r_v) = importance_i * min(1, expm1(sigma_i(r_k)^2 / 2) + value_weight * rel_i(r_v))
+
+  The model and its weight were chosen by measurement: docs/notes/quality_notes.md.
+* "energy": importance-weighted residual energy of key and value, mixed by `key_weight`.
 """
 
 from __future__ import annotations
@@ -44,31 +60,70 @@ def residual_fraction(coef: torch.Tensor, norm2: torch.Tensor, dims: tuple[int, 
     return torch.stack(out, dim=-1)
 
 
-def candidate_losses(
+Option = tuple[int, int]  # (key dim, value dim)
+
+
+def eviction_losses(importance: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, 2]: the losses of options (0, 0) and (d, d): importance and 0."""
+    importance = importance.float()
+    return torch.stack([importance, torch.zeros_like(importance)], dim=-1)
+
+
+def combine_losses(
     importance: torch.Tensor,
-    key_coef: torch.Tensor | None,
-    value_coef: torch.Tensor | None,
-    key_norm2: torch.Tensor | None,
-    value_norm2: torch.Tensor | None,
-    dims: tuple[int, ...],
-    head_dim: int,
+    key_term: dict[int, torch.Tensor],
+    value_term: dict[int, torch.Tensor],
+    options: tuple[Option, ...],
+) -> torch.Tensor:
+    """importance [B, H, N]; key_term / value_term: {dim: [B, H, N]} the relative error of keeping
+    a key / value at that many dims (dims below d; the full dimension costs nothing); options in
+    ascending cost, (0, 0) first. Returns [B, H, N, len(options)] float32:
+    importance * min(1, key_term[r_k] + value_term[r_v]), 1 for (0, 0), non-increasing along the
+    options (a dearer option never looks worse than a cheaper one: the solver needs monotone losses;
+    a dominated option then ties and is never bought)."""
+    zero = torch.zeros_like(importance, dtype=torch.float32)
+    cols = []
+    for r_k, r_v in options:
+        if r_k == 0:
+            cols.append(torch.ones_like(zero))
+            continue
+        rel = key_term.get(r_k, zero) + value_term.get(r_v, zero)
+        cols.append(rel.clamp(max=1.0))
+    return importance.float()[..., None] * running_min(cols)
+
+
+def attention_losses(
+    importance: torch.Tensor,
+    logit_rms: torch.Tensor,
+    key_dims: tuple[int, ...],
+    value_frac: torch.Tensor,
+    value_dims: tuple[int, ...],
+    options: tuple[Option, ...],
+    value_weight: float,
+) -> torch.Tensor:
+    """The "attention" loss (module docstring). logit_rms [B, H, N, len(key_dims)]: RMS logit error
+    over the window queries of a key kept at each of `key_dims` (`logit_errors`); value_frac
+    [B, H, N, len(value_dims)]: residual energy fraction of the value at each of `value_dims`
+    (`residual_fraction`). Both cover the reduced dims (below d) the options use."""
+    key_term = {r: torch.expm1(logit_rms[..., j].square() * 0.5) for j, r in enumerate(key_dims)}
+    value_term = {r: value_weight * value_frac[..., j].sqrt() for j, r in enumerate(value_dims)}
+    return combine_losses(importance, key_term, value_term, options)
+
+
+def energy_losses(
+    importance: torch.Tensor,
+    key_frac: torch.Tensor,
+    key_dims: tuple[int, ...],
+    value_frac: torch.Tensor,
+    value_dims: tuple[int, ...],
+    options: tuple[Option, ...],
     key_weight: float,
 ) -> torch.Tensor:
-    """importance [B, H, N] (non-negative, finite); coefficients [B, H, N, r_max] and squared norms
-    [B, H, N] (None when dims has no reduced tier). Returns [B, H, N, len(dims)] float32, non-increasing along the last
-    axis."""
-    if key_coef is None or value_coef is None or key_norm2 is None or value_norm2 is None:
-        # Fraction 1 at dim 0, else 0: the losses are importance and 0 (importance * 1.0 and
-        # importance * 0.0 for the non-negative, finite importance of `window_importance`).
-        importance = importance.float()
-        zero = torch.zeros_like(importance)
-        return torch.stack([importance if r == 0 else zero for r in dims], dim=-1)
-    frac = key_weight * residual_fraction(key_coef, key_norm2, dims, head_dim) + (
-        1.0 - key_weight
-    ) * residual_fraction(value_coef, value_norm2, dims, head_dim)
-    # Rounding can make a longer prefix look worse by 1e-8; the solver needs monotone losses.
-    frac = running_min(list(frac.unbind(-1)))
-    return importance.float()[..., None] * frac
+    """The "energy" loss: importance * (key_weight * key residual fraction + (1 - key_weight) *
+    value residual fraction), fractions from `residual_fraction` at `key_dims` / `value_dims`."""
+    key_term = {r: key_weight * key_frac[..., j] for j, r in enumerate(key_dims)}
+    value_term = {r: (1.0 - key_weight) * value_frac[..., j] for j, r in enumerate(value_dims)}
+    return combine_losses(importance, key_term, value_term, options)
 
 
 def logit_errors(
@@ -82,48 +137,3 @@ def logit_errors(
         tail = window_queries[..., r:].float() @ key_coef_full[..., r:].float().transpose(-1, -2)  # [B,H,W,N]
         out.append(scale * tail.square_().mean(dim=-2).sqrt())
     return torch.stack(out, dim=-1)
-
-
-def attention_losses(
-    importance: torch.Tensor,
-    window_queries: torch.Tensor,
-    key_coef_full: torch.Tensor,
-    value_coef: torch.Tensor,
-    value_norm2: torch.Tensor,
-    dims: tuple[int, ...],
-    head_dim: int,
-    scale: float,
-    errors: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Loss as the error a token's reduction puts into the attention output (default).
-
-    Evicting token i changes the output by about a_i * (v_i - o); keeping it at dimension r
-    changes it by a_i * dv_i + a_i * delta_i * (v_i - o), where delta_i is the error of its logit.
-    Relative to eviction that is |dv_i| / |v_i| + rms over the window queries of |delta_i(r)|,
-    capped at 1 (never worse than eviction):
-
-        L_i(r) = a_i * min(1, |v_i - v_hat_i| / |v_i| + rms_q |scale * q . (k_i - k_hat_i)|)
-
-    window_queries [B, H, W, d] are the window queries of the KV head's group, rotated into the
-    key basis; key_coef_full [B, H, N, d] are the keys in the full key basis (all d columns), so the
-    logit error of keeping the first r coordinates is the dot product over the remaining ones.
-    Logit errors weigh like this because attention is exponential in them: a retrieval token whose
-    key loses a little energy in a direction the queries use loses most of its weight.
-    `errors`: `logit_errors` of the reduced dims (0 < r < d, in order) when the caller computed them
-    (the fused kernel); None computes them here.
-    """
-    # residual_fraction is already in [0, 1] (+0, never -0: a clamp, or exact 1 / 0).
-    value_frac = residual_fraction(value_coef, value_norm2, dims, head_dim).sqrt()
-    reduced = tuple(r for r in dims if 0 < r < head_dim)
-    if errors is None and reduced:
-        errors = logit_errors(window_queries, key_coef_full, reduced, scale)
-    out = []
-    for j, r in enumerate(dims):
-        if r == 0:
-            out.append(torch.ones_like(importance))
-        elif r >= head_dim:
-            out.append(torch.zeros_like(importance))
-        else:
-            out.append((value_frac[..., j] + errors[..., reduced.index(r)]).clamp(max=1.0))
-    frac = running_min(out)
-    return importance.float()[..., None] * frac

@@ -1,8 +1,10 @@
 """The packed per-layer store (layout: docs/packed_store.md).
 
-Tokens are grouped by tier (stored dimension), flat over all (row, KV head) owners, with CSR
-offsets per tier; a tier whose owners all hold the same number of tokens needs no offsets. The
-full tier holds keys and values as they are; reduced tiers hold coordinates in a per-owner basis.
+Tokens are grouped by tier, flat over all (row, KV head) owners, with CSR offsets per tier; a
+tier whose owners all hold the same number of tokens needs no offsets. Tier t keeps keys at
+`tier_dims[t]` and values at `value_dims[t]` dims. Tier 0, the full tier, holds keys and values as
+they are; every later tier holds coordinates in a per-owner basis (its key dim may be the head
+dim: every coordinate of the key, beside a reduced value).
 """
 
 from __future__ import annotations
@@ -14,17 +16,29 @@ import torch
 
 @dataclass
 class PackedStore:
-    tier_dims: tuple[int, ...]  # nonzero dims, descending; tier_dims[0] == head_dim
-    keys: list[torch.Tensor]  # per tier [M_t, r_t]
-    values: list[torch.Tensor]
+    tier_dims: tuple[int, ...]  # key dims per tier; tier_dims[0] == head_dim (the full tier)
+    keys: list[torch.Tensor]  # per tier [M_t, tier_dims[t]]
+    values: list[torch.Tensor]  # per tier [M_t, value_dims[t]]
     offsets: list[torch.Tensor | None]  # per tier [B*H + 1] int32; None: uniform count per owner
-    basis_k: torch.Tensor | None  # [n_basis, d, r_max]
-    basis_v: torch.Tensor | None
+    basis_k: torch.Tensor | None  # [n_basis, d, rk_max]
+    basis_v: torch.Tensor | None  # [n_basis, d, rv_max]
     basis_index: torch.Tensor | None  # [B*H] int32 owner -> basis row (-1: none); None: owner % n_basis
     basis_shared: bool  # calibrated bases belong to the model, not to this prompt
     batch: int
     kv_heads: int
     head_dim: int
+    value_dims: tuple[int, ...] = ()  # value dims per tier; () means the same as tier_dims
+
+    def __post_init__(self) -> None:
+        if not self.value_dims:
+            self.value_dims = tuple(self.tier_dims)
+        if len(self.value_dims) != len(self.tier_dims):
+            raise ValueError(f"value_dims {self.value_dims} and tier_dims {self.tier_dims} differ in length")
+
+    @property
+    def tiers(self) -> tuple[tuple[int, int], ...]:
+        """(key dims, value dims) per tier."""
+        return tuple(zip(self.tier_dims, self.value_dims, strict=True))
 
     @property
     def owners(self) -> int:
@@ -76,14 +90,22 @@ def pack(
     basis_v: torch.Tensor | None = None,
     basis_index: torch.Tensor | None = None,
     basis_shared: bool = False,
+    value_dims: tuple[int, ...] | None = None,
+    chosen_value_dim: torch.Tensor | None = None,
 ) -> PackedStore:
-    """key, value: [B, H, N, d]; chosen_dim: [B, H, N] (0 = dropped, else one of tier_dims);
-    key_coef / value_coef: [B, H, N, r_max] coordinates in the owner's basis (needed when a
-    reduced tier is used)."""
+    """key, value: [B, H, N, d]; chosen_dim: [B, H, N] key dims (0 = dropped); tier t holds the
+    tokens with (chosen_dim, chosen_value_dim) == (tier_dims[t], value_dims[t]) (value dims None:
+    the same as the key dims); tier 0 is the full tier (d, d). key_coef / value_coef: [B, H, N,
+    rk_max / rv_max] coordinates in the owner's bases (needed when a reduced tier is used)."""
     bsz, n_heads, n_tokens, head_dim = key.shape
     owners = bsz * n_heads
+    value_dims = tuple(tier_dims) if value_dims is None else tuple(value_dims)
     flat_dim = chosen_dim.reshape(owners * n_tokens)
-    masks = torch.stack([flat_dim == r for r in tier_dims]) if tier_dims else None  # [tiers, B*H*N]
+    flat_vdim = flat_dim if chosen_value_dim is None else chosen_value_dim.reshape(owners * n_tokens)
+    masks = (
+        torch.stack([(flat_dim == r) & (flat_vdim == rv) for r, rv in zip(tier_dims, value_dims, strict=True)])
+        if tier_dims else None
+    )  # [tiers, B*H*N]
     # Tokens per (tier, owner), copied to the host: one synchronisation for every shape the store
     # needs (each tier's size, and whether it is uniform over owners); then nonzero_static, which
     # does not sync. The copy is tiers x owners integers.
@@ -100,17 +122,19 @@ def pack(
         # Views when the coefficients allow it; rows are gathered before the tier's columns are cut.
         key_flat = key_coef.reshape(owners * n_tokens, key_coef.shape[-1])
         value_flat = value_coef.reshape(owners * n_tokens, value_coef.shape[-1])
-    for t, r in enumerate(tier_dims):
+    for t, (r, rv) in enumerate(zip(tier_dims, value_dims, strict=True)):
         # Indices of an owner-major flat mask list tokens by owner, then position.
         idx = torch.nonzero_static(masks[t], size=sizes[t]).squeeze(-1)
-        if r == head_dim:
+        if t == 0:
+            if (r, rv) != (head_dim, head_dim):
+                raise ValueError(f"tier 0 must be the full tier ({head_dim}, {head_dim}), got ({r}, {rv})")
             k_t = key.reshape(-1, head_dim).index_select(0, idx)
             v_t = value.reshape(-1, head_dim).index_select(0, idx)
         else:
             if key_flat is None or value_flat is None:
-                raise ValueError(f"tier {r} is used but no basis coordinates were given")
+                raise ValueError(f"tier ({r}, {rv}) is used but no basis coordinates were given")
             k_t = key_flat.index_select(0, idx)[:, :r].to(key.dtype)
-            v_t = value_flat.index_select(0, idx)[:, :r].to(value.dtype)
+            v_t = value_flat.index_select(0, idx)[:, :rv].to(value.dtype)
         if uniform[t]:
             off = None
         else:
@@ -131,24 +155,26 @@ def pack(
         batch=bsz,
         kv_heads=n_heads,
         head_dim=head_dim,
+        value_dims=value_dims,
     )
 
 
 def padded_tier(store: PackedStore, tier: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A tier as [B*H, n_max, r] keys and values plus a [B*H, n_max] validity mask (transient)."""
+    """A tier as [B*H, n_max, r_k] keys and [B*H, n_max, r_v] values plus a [B*H, n_max] validity
+    mask (transient)."""
     k_t, v_t = store.keys[tier], store.values[tier]
-    r = store.tier_dims[tier]
+    r, rv = store.tier_dims[tier], store.value_dims[tier]
     owners = store.owners
     if store.offsets[tier] is None:
         n = k_t.shape[0] // max(owners, 1)
         mask = torch.ones(owners, n, dtype=torch.bool, device=k_t.device)
-        return k_t.view(owners, n, r), v_t.view(owners, n, r), mask
+        return k_t.view(owners, n, r), v_t.view(owners, n, rv), mask
     counts = store.counts(tier)
     n_max = int(counts.max()) if counts.numel() else 0
     owner = torch.repeat_interleave(torch.arange(owners, device=k_t.device), counts)
     slot = torch.arange(k_t.shape[0], device=k_t.device) - store.offsets[tier].long()[owner]
     k_pad = k_t.new_zeros(owners, n_max, r)
-    v_pad = v_t.new_zeros(owners, n_max, r)
+    v_pad = v_t.new_zeros(owners, n_max, rv)
     mask = torch.zeros(owners, n_max, dtype=torch.bool, device=k_t.device)
     k_pad[owner, slot] = k_t
     v_pad[owner, slot] = v_t
@@ -161,11 +187,11 @@ def reconstruct(store: PackedStore) -> tuple[torch.Tensor, torch.Tensor, torch.T
     For tests and debugging: the attention path never does this."""
     parts_k, parts_v, parts_m = [], [], []
     bk, bv = store.owner_basis("k"), store.owner_basis("v")
-    for t, r in enumerate(store.tier_dims):
+    for t, (r, rv) in enumerate(store.tiers):
         k_pad, v_pad, mask = padded_tier(store, t)
-        if r != store.head_dim:
+        if t > 0:
             k_pad = k_pad.float() @ bk[:, :, :r].float().transpose(-1, -2)
-            v_pad = v_pad.float() @ bv[:, :, :r].float().transpose(-1, -2)
+            v_pad = v_pad.float() @ bv[:, :, :rv].float().transpose(-1, -2)
         parts_k.append(k_pad.float())
         parts_v.append(v_pad.float())
         parts_m.append(mask)

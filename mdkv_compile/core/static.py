@@ -1,15 +1,17 @@
 """Fixed-shape form of the packed store, for compiled graphs (no recompiles, CUDA graphs) and for
 exported models (the cache as explicit inputs and outputs).
 
-Per layer, each owner o = b * H + h gets one row of `capacity` units in a key buffer and a value
-buffer: its tokens tier after tier (tier order = `tier_dims`, full tier first), each token
-`r_t` consecutive values. `counts[o, t]` says how many tokens of tier t the row holds, so where
-a tier starts in the row is the running sum of counts x dims: data, not shape. Bases are
-per owner (zeros where unused). New tokens go to a full-dimension region of fixed capacity.
+Per layer, each owner o = b * H + h gets one row of `capacity` elements in a key buffer and one in
+a value buffer: its tokens tier after tier (tier order = `tier_dims`, full tier first), each token
+`tier_dims[t]` consecutive key values and `value_dims[t]` value values. `counts[o, t]` says how many
+tokens of tier t the row holds, so where a tier starts in a row is the running sum of counts x
+dims: data, not shape. Bases are per owner (zeros where unused). New tokens go to a
+full-dimension region of fixed capacity.
 
     keys, values   [B*H, capacity]        the stored coefficients (model dtype)
     counts         [B*H, T]       int32   tokens per tier
-    basis_k/_v     [B*H, d, r_max]        (absent when no reduced tier)
+    basis_k        [B*H, d, rk_max]       (absent when no reduced tier)
+    basis_v        [B*H, d, rv_max]
 
 Attention gathers each tier as [B*H, capacity // r_t, r_t] with static shapes and masks the slots
 past the count: it reads every tier's window of the row, so it costs T x capacity per owner in
@@ -39,6 +41,11 @@ class StaticStore:
     batch: int
     kv_heads: int
     head_dim: int
+    value_dims: tuple[int, ...] = ()  # value dims per tier; () means the same as tier_dims
+
+    def __post_init__(self) -> None:
+        if not self.value_dims:
+            self.value_dims = tuple(self.tier_dims)
 
     @property
     def capacity(self) -> int:
@@ -53,37 +60,40 @@ class StaticStore:
 
     @classmethod
     def from_tensors(
-        cls, tensors: list[torch.Tensor], tier_dims: tuple[int, ...], batch: int, kv_heads: int, head_dim: int
+        cls, tensors: list[torch.Tensor], tier_dims: tuple[int, ...], batch: int, kv_heads: int, head_dim: int,
+        value_dims: tuple[int, ...] = (),
     ) -> StaticStore:
         basis_k, basis_v = (tensors[3], tensors[4]) if len(tensors) == 5 else (None, None)
-        return cls(tier_dims, tensors[0], tensors[1], tensors[2], basis_k, basis_v, batch, kv_heads, head_dim)
+        return cls(tier_dims, tensors[0], tensors[1], tensors[2], basis_k, basis_v, batch, kv_heads, head_dim,
+                   tuple(value_dims))
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def to_static(store: PackedStore, capacity: int | None = None) -> StaticStore:
-    """Lay a PackedStore out in fixed-shape rows. `capacity` (units per owner) defaults to the
-    fullest owner's need; give the budget's units to get one shape for every prompt."""
+    """Lay a PackedStore out in fixed-shape rows. `capacity` (elements per owner and buffer) defaults
+    to the fullest owner's need; give the budget's units to get one shape for every prompt."""
     owners, d = store.owners, store.head_dim
     counts = torch.stack([store.counts(t) for t in range(len(store.tier_dims))], dim=1)  # [O, T]
-    dims = torch.tensor(store.tier_dims, device=counts.device)
-    need = int((counts * dims).sum(1).max()) if owners else 0
+    key_dims = torch.tensor(store.tier_dims, device=counts.device)
+    value_dims = torch.tensor(store.value_dims, device=counts.device)
+    need = int(torch.maximum((counts * key_dims).sum(1), (counts * value_dims).sum(1)).max()) if owners else 0
     capacity = need if capacity is None else capacity
     if need > capacity:
-        raise ValueError(f"store needs {need} units per owner, more than the capacity {capacity}")
+        raise ValueError(f"store needs {need} elements per owner, more than the capacity {capacity}")
     dtype, device = store.keys[0].dtype, store.keys[0].device
     keys = torch.zeros(owners, capacity, dtype=dtype, device=device)
     values = torch.zeros(owners, capacity, dtype=dtype, device=device)
-    start = torch.zeros(owners, dtype=torch.long, device=device)
-    for t, r in enumerate(store.tier_dims):
-        n = counts[:, t]
-        owner = torch.repeat_interleave(torch.arange(owners, device=device), n)
-        slot = torch.arange(int(n.sum()), device=device) - (torch.cumsum(n, 0) - n)[owner]
-        col = start[owner, None] + slot[:, None] * r + torch.arange(r, device=device)[None, :]
-        keys[owner[:, None], col] = store.keys[t]
-        values[owner[:, None], col] = store.values[t]
-        start = start + n * r
+    for buffer, stored, dims in ((keys, store.keys, store.tier_dims), (values, store.values, store.value_dims)):
+        start = torch.zeros(owners, dtype=torch.long, device=device)
+        for t, r in enumerate(dims):
+            n = counts[:, t]
+            owner = torch.repeat_interleave(torch.arange(owners, device=device), n)
+            slot = torch.arange(int(n.sum()), device=device) - (torch.cumsum(n, 0) - n)[owner]
+            col = start[owner, None] + slot[:, None] * r + torch.arange(r, device=device)[None, :]
+            buffer[owner[:, None], col] = stored[t]
+            start = start + n * r
     basis_k, basis_v = store.owner_basis("k"), store.owner_basis("v")
     if basis_k is not None and store.basis_index is not None:
         unused = (store.basis_index < 0)[:, None, None]
@@ -92,25 +102,31 @@ def to_static(store: PackedStore, capacity: int | None = None) -> StaticStore:
         tier_dims=store.tier_dims, keys=keys, values=values, counts=counts.to(torch.int32),
         basis_k=None if basis_k is None else basis_k.contiguous(),
         basis_v=None if basis_v is None else basis_v.contiguous(),
-        batch=store.batch, kv_heads=store.kv_heads, head_dim=d,
+        batch=store.batch, kv_heads=store.kv_heads, head_dim=d, value_dims=store.value_dims,
     )
 
 
-def gather_tier(store: StaticStore, tier: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tier `tier` as [B*H, capacity // r, r] keys and values plus a [B*H, capacity // r] mask,
-    with static shapes (slots past the owner's count are masked)."""
-    r = store.tier_dims[tier]
-    dims = torch.tensor(store.tier_dims, device=store.counts.device)
-    counts = store.counts.long()
-    start = (counts[:, :tier] * dims[:tier]).sum(1)  # [O]
-    slots = store.capacity // r
+def _gather_rows(buffer: torch.Tensor, counts: torch.Tensor, dims: tuple[int, ...], tier: int) -> torch.Tensor:
+    """Tier `tier` of one buffer as [B*H, capacity // r, r] with static shapes (r = dims[tier])."""
+    r = dims[tier]
+    dims_t = torch.tensor(dims, device=counts.device)
+    start = (counts[:, :tier] * dims_t[:tier]).sum(1)  # [O]
+    capacity = buffer.shape[1]
+    slots = capacity // r
     col = start[:, None, None] + torch.arange(slots, device=start.device)[None, :, None] * r
-    col = (col + torch.arange(r, device=start.device)[None, None, :]).clamp(max=max(store.capacity - 1, 0))
-    flat = col.reshape(col.shape[0], -1)
-    k = store.keys.gather(1, flat).view(-1, slots, r)
-    v = store.values.gather(1, flat).view(-1, slots, r)
-    mask = torch.arange(slots, device=start.device)[None, :] < counts[:, tier, None]
-    return k, v, mask
+    col = (col + torch.arange(r, device=start.device)[None, None, :]).clamp(max=max(capacity - 1, 0))
+    return buffer.gather(1, col.reshape(col.shape[0], -1)).view(-1, slots, r)
+
+
+def gather_tier(store: StaticStore, tier: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tier `tier` as [B*H, S, r_k] keys and [B*H, S, r_v] values plus a [B*H, S] mask, with static
+    shapes (S = capacity // max(r_k, r_v) slots; slots past the owner's count are masked)."""
+    counts = store.counts.long()
+    k = _gather_rows(store.keys, counts, store.tier_dims, tier)
+    v = _gather_rows(store.values, counts, store.value_dims, tier)
+    slots = min(k.shape[1], v.shape[1])  # the tier's count fits both buffers' windows
+    mask = torch.arange(slots, device=counts.device)[None, :] < counts[:, tier, None]
+    return k[:, :slots], v[:, :slots], mask
 
 
 def attend_static(
@@ -133,12 +149,12 @@ def attend_static(
     q = query.float().reshape(owners, group, n_queries, d)
     q_rot = None if store.basis_k is None else q @ store.basis_k.float()[:, None]
     logit_parts, value_parts = [], []
-    for t, r in enumerate(store.tier_dims):
+    for t, (r, rv) in enumerate(zip(store.tier_dims, store.value_dims, strict=True)):
         k, v, mask = gather_tier(store, t)
-        q_t = q if r == d else q_rot[..., :r]
+        q_t = q if t == 0 else q_rot[..., :r]
         logits = softcap_logits((q_t @ k.float().transpose(-1, -2)[:, None]) * scale, softcap)
         logit_parts.append(logits.masked_fill(~mask[:, None, None, :], float("-inf")))
-        value_parts.append((v.float(), r))
+        value_parts.append((v.float(), None if t == 0 else rv))
     cap = key_new.shape[2]
     k_n = key_new.float().reshape(owners, cap, d)
     logits = softcap_logits((q @ k_n.transpose(-1, -2)[:, None]) * scale, softcap)
@@ -146,7 +162,7 @@ def attend_static(
     q_pos = n_new - n_queries + torch.arange(n_queries, device=query.device)
     allowed = torch.arange(cap, device=query.device)[None, :] <= q_pos[:, None]
     logit_parts.append(logits.masked_fill(~allowed[None, None], float("-inf")))
-    value_parts.append((value_new.float().reshape(owners, cap, d), d))
+    value_parts.append((value_new.float().reshape(owners, cap, d), None))
 
     out = softmax_over_parts(logit_parts, value_parts, store.basis_v, d)
     return out.view(bsz, n_q_heads, n_queries, d).to(query.dtype)

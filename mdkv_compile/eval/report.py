@@ -9,7 +9,8 @@ Reads `results.jsonl` (a file, or the folder holding it) and writes into `--out`
 - `niah_heatmap_<method>_<budget>.png`: NIAH grid, context length x needle depth.
 
 Scores are RULER string match in [0, 1] (higher is better) except `ppl` (perplexity of the true
-continuation, lower is better; its "gap" is the ratio to full).
+continuation, lower is better; its "gap" is the ratio to full) and `kl` (mean KL(full || method)
+of the continuation's next-token distributions in nats, lower is better; full is 0, so no gap).
 """
 
 from __future__ import annotations
@@ -22,11 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from mdkv_compile.config import METHODS
-from mdkv_compile.eval.runner import read_results
+from mdkv_compile.eval.runner import read_results, tier_order
 from mdkv_compile.eval.tasks import TASKS
 from mdkv_compile.usage import as_usage_error, command, output_folder
 
-FAMILY_ORDER = ("niah", "ruler", "ppl")
+FAMILY_ORDER = ("niah", "ruler", "ppl", "kl")
+# How a task's score reads: "ppl" and "kl" as they are (lower is better), string match in %.
+UNSCALED = ("ppl", "kl")
+
+
+def _metric(tasks: Iterable[str]) -> str:
+    """"ppl" or "kl" when every task in `tasks` is that one, else "match" (string match)."""
+    kinds = set(tasks)
+    return kinds.pop() if len(kinds) == 1 and next(iter(kinds)) in UNSCALED else "match"
 
 
 def _mean(xs: Iterable[float | None]) -> float | None:
@@ -46,16 +55,20 @@ def _method_order(methods: Iterable[str]) -> list[str]:
     return sorted(set(methods), key=rank)
 
 
-def _fmt(v: float | None, ppl: bool = False) -> str:
+def _fmt(v: float | None, metric: str = "match") -> str:
     if v is None:
         return "-"
-    return f"{v:.2f}" if ppl else f"{100 * v:.1f}"
+    return {"ppl": f"{v:.2f}", "kl": f"{v:.4f}"}.get(metric, f"{100 * v:.1f}")
 
 
-def _fmt_gap(g: float | None, ppl: bool) -> str:
+def _fmt_gap(g: float | None, metric: str) -> str:
     if g is None:
         return ""
-    return f" (x{g:.2f})" if ppl else f" ({100 * g:+.1f})"
+    return f" (x{g:.2f})" if metric == "ppl" else f" ({100 * g:+.1f})"
+
+
+def _plotted(v: float, metric: str) -> float:
+    return v if metric in UNSCALED else 100 * v
 
 
 class Table:
@@ -74,19 +87,19 @@ class Table:
             if r["method"] == method and r["task"] in tasks and (budget is None or float(r["budget"]) == budget)
         ]  # fmt: skip
         score = _mean(r["score"] for r in rs)
-        if method == "full" or not rs:
+        metric = _metric(tasks)
+        if method == "full" or not rs or metric == "kl":
             return score, None
-        ppl = tasks == {"ppl"}
         pairs = [(r["score"], self.full.get(_pair_key(r))) for r in rs]
         pairs = [(s, f) for s, f in pairs if f is not None]
         if not pairs:
             return score, None
-        if ppl:
+        if metric == "ppl":
             return score, _mean(s / f for s, f in pairs if f)
         return score, _mean(s - f for s, f in pairs)
 
     def family_table(self, tasks: set[str]) -> list[str]:
-        ppl = tasks == {"ppl"}
+        metric = _metric(tasks)
         head = "| method | " + " | ".join(f"{b:g}" for b in self.budgets) + " |"
         lines = [head, "|" + "---|" * (len(self.budgets) + 1)]
         for m in self.methods:
@@ -94,12 +107,12 @@ class Table:
                 s, _ = self.cell(m, None, tasks)
                 if s is None:
                     continue
-                lines.append("| full (budget 1) | " + " | ".join(_fmt(s, ppl) for _ in self.budgets) + " |")
+                lines.append("| full (budget 1) | " + " | ".join(_fmt(s, metric) for _ in self.budgets) + " |")
                 continue
             cells = []
             for b in self.budgets:
                 s, g = self.cell(m, b, tasks)
-                cells.append(_fmt(s, ppl) + _fmt_gap(g, ppl))
+                cells.append(_fmt(s, metric) + _fmt_gap(g, metric))
             if any(c != "-" for c in cells):
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
         return lines
@@ -114,7 +127,7 @@ class Table:
                 continue
             lines.append(
                 f"| {m} | {'1' if b is None else f'{b:g}'} | "
-                + " | ".join(_fmt(v, t == "ppl") for v, t in zip(vals, tasks, strict=True))
+                + " | ".join(_fmt(v, _metric([t])) for v, t in zip(vals, tasks, strict=True))
                 + " |"
             )
         return lines
@@ -143,12 +156,12 @@ class Table:
 
 
 def _dims_text(rs: list[dict[str, Any]]) -> str:
-    """Mean share of prompt entries per stored dimension, e.g. `0: 75%, 16: 10%, 64: 15%`."""
+    """Mean share of prompt entries per stored tier, e.g. `0: 75%, 16/8: 10%, 64: 15%`."""
     fr = [r["dim_fractions"] for r in rs if r.get("dim_fractions")]
     if not fr:
         return "-"
-    dims = sorted({int(d) for f in fr for d in f})
-    return ", ".join(f"{d}: {100 * sum(f.get(str(d), 0.0) for f in fr) / len(fr):.0f}%" for d in dims)
+    tiers = sorted({t for f in fr for t in f}, key=tier_order)
+    return ", ".join(f"{t}: {100 * sum(f.get(t, 0.0) for f in fr) / len(fr):.0f}%" for t in tiers)
 
 
 def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
@@ -164,7 +177,8 @@ def write_markdown(records: list[dict[str, Any]], path: Path, plots: list[Path])
         "Scores: RULER string match in % (fraction of expected strings in the output, higher is better), "
         "mean over tasks, lengths and depths/seeds; in parentheses the paired gap to `full` in points. "
         "`ppl`: perplexity of the true continuation after the compressed prefix (lower is better); "
-        "in parentheses the ratio to `full`. Budgets are as given to `mdkv eval` "
+        "in parentheses the ratio to `full`. `kl`: mean KL(full || method) in nats of the continuation's "
+        "next-token distributions (lower is better). Budgets are as given to `mdkv eval` "
         f"(kind: {', '.join(sorted({str(r.get('budget_kind', 'fraction')) for r in records}))}); "
         "the stored-fraction table shows the bytes each method actually kept."
     )
@@ -201,25 +215,27 @@ def write_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
         for task in [k for k in TASKS if any(r["task"] == k for r in rs)]:
             if not t.budgets:
                 break
+            metric = _metric([task])
             fig, ax = plt.subplots(figsize=(5.5, 3.8))
             for m in t.methods:
                 if m == "full":
                     s, _ = t.cell(m, None, {task})
                     if s is not None:
-                        ax.axhline(s if task == "ppl" else 100 * s, color="k", ls="--", lw=1, label="full")
+                        ax.axhline(_plotted(s, metric), color="k", ls="--", lw=1, label="full")
                     continue
                 xs, ys = [], []
                 for b in t.budgets:
                     s, _ = t.cell(m, b, {task})
                     if s is not None:
                         xs.append(b)
-                        ys.append(s if task == "ppl" else 100 * s)
+                        ys.append(_plotted(s, metric))
                 if xs:
                     ax.plot(xs, ys, marker="o", label=m)
             if len(t.budgets) > 1 and min(t.budgets) > 0:
                 ax.set_xscale("log")
             ax.set_xlabel("budget")
-            ax.set_ylabel("perplexity (lower is better)" if task == "ppl" else "score (%)")
+            ax.set_ylabel({"ppl": "perplexity (lower is better)", "kl": "KL to full, nats (lower is better)"}
+                          .get(metric, "score (%)"))
             ax.set_title(f"{task}: {model}, {protocol}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)

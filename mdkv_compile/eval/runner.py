@@ -37,6 +37,7 @@ from mdkv_compile import assets
 from mdkv_compile.cache import MixedDimCache
 from mdkv_compile.config import METHODS, MixedDimKVConfig
 from mdkv_compile.eval import tasks as T
+from mdkv_compile.hf.calibrate import calibrated_basis_file
 from mdkv_compile.hf.patch import patch, unpatch
 from mdkv_compile.methods import RECORDS
 from mdkv_compile.usage import (
@@ -117,6 +118,22 @@ class EvalSpec:
     max_new_tokens: int | None = None  # None: per task (tasks.MAX_NEW_TOKENS)
     head_scores: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # extra MixedDimKVConfig fields
+    # Bases of the methods that store reduced tiers: "prompt" (fitted per prompt, paid from the
+    # budget) or "calibrated" (fitted once on text held out of the haystack and shared;
+    # `calibrated_path`, set by run_grid for a bundled model or given for another one).
+    basis: str = "prompt"
+    calibrated_path: str | None = None
+
+    def method_options(self, method: str) -> dict[str, Any]:
+        """The config options of a method: `options`, plus the calibrated basis where it stores
+        reduced tiers. Its label shows `basis=calibrated`, not the file."""
+        options = dict(self.options)
+        if self.basis == "calibrated" and RECORDS[method].stores_reduced_tiers:
+            options["basis"] = "calibrated"
+        return options
+
+    def label(self, method: str) -> str:
+        return method_label(method, self.method_options(method))
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -141,6 +158,10 @@ class EvalSpec:
         if self.head_scores and not Path(self.head_scores).is_file():
             raise ValueError(f"--head-scores {self.head_scores}: no such file")
         self._validate_grid()
+        if self.basis not in ("prompt", "calibrated"):
+            raise ValueError(f"basis {self.basis!r} is not 'prompt' or 'calibrated'")
+        if self.calibrated_path and not Path(self.calibrated_path).is_file():
+            raise ValueError(f"--calibrated-basis {self.calibrated_path}: no such file")
         self._validate_options()
 
     def _validate_grid(self) -> None:
@@ -176,10 +197,17 @@ class EvalSpec:
             raise ValueError(f"option(s) {clash} are set by --methods, --budgets, --budget-kind, --head-scores")
         for method in self.methods:
             for budget in [1.0] if method == "full" else self.budgets:
-                self.config(method, budget)
+                # the calibrated file is fitted after the model loads: check the rest with a stand-in
+                self.config(method, budget, basis_path=self.calibrated_path or "calibrated.safetensors")
 
-    def config(self, method: str, budget: float) -> Any:
-        kw: dict[str, Any] = dict(self.options)
+    def config(self, method: str, budget: float, basis_path: str | None = None) -> Any:
+        """The config of one cell; `basis_path` stands in for `calibrated_path` (validation)."""
+        kw: dict[str, Any] = self.method_options(method)
+        if kw.get("basis") == "calibrated" and "basis_path" not in kw:
+            path = basis_path or self.calibrated_path
+            if not path:
+                raise ValueError(f"{method} with calibrated bases needs a calibrated basis file (calibrated_path)")
+            kw["basis_path"] = path
         kw["method"] = method
         if method == "full":
             kw["budget"] = 1.0
@@ -202,7 +230,7 @@ class EvalSpec:
                 for point in points:
                     for protocol in self.protocols:
                         # perplexity scores a continuation after the compressed prefix: one protocol
-                        if point[0] == "ppl" and protocol != "query-agnostic":
+                        if point[0] in T.CONTINUATION_TASKS and protocol != "query-agnostic":
                             continue
                         out.append((method, budget, point, protocol))
         return out
@@ -227,18 +255,24 @@ def stop_token_ids(model: Any, tok: Any) -> set[int]:
     return ids
 
 
+def tier_order(label: str) -> tuple[int, int]:
+    """Sort key of a tier label ("0", "64", or "key dims/value dims" such as "64/32")."""
+    key, _, value = label.partition("/")
+    return int(key), int(value or key)
+
+
 def dim_fractions(cache: Any) -> dict[str, float] | None:
-    """Share of prompt (token, KV head) entries stored at each dimension, over all layers, from
-    the layers' `selection_counts` (None for caches without them). Shows whether a method really
-    mixed dimensions or fell back to eviction ({0, d} only)."""
-    totals: dict[int, int] = {}
+    """Share of prompt (token, KV head) entries stored in each tier ("0" dropped, "r" both at r dims,
+    "rk/rv"), over all layers, from the layers' `selection_counts` (None for caches without them).
+    Shows whether a method really mixed dimensions or fell back to eviction ({0, d} only)."""
+    totals: dict[str, int] = {}
     for layer in getattr(cache, "layers", []):
-        for dim, n in (layer.selection_summary() if hasattr(layer, "selection_summary") else {}).items():
-            totals[dim] = totals.get(dim, 0) + n
+        for tier, n in (layer.selection_summary() if hasattr(layer, "selection_summary") else {}).items():
+            totals[str(tier)] = totals.get(str(tier), 0) + n
     total = sum(totals.values())
     if not total:
         return None
-    return {str(dim): round(n / total, 5) for dim, n in sorted(totals.items()) if n}
+    return {tier: round(totals[tier] / total, 5) for tier in sorted(totals, key=tier_order) if totals[tier]}
 
 
 def cache_bytes(cache: Any) -> tuple[int | None, int | None]:
@@ -317,11 +351,14 @@ def greedy_generate(
     }
 
 
-def continuation_nll(model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: Sequence[int]) -> dict[str, Any]:
-    """Mean NLL (nats/token) of `cont_ids` given the compressed `ctx_ids`: the context is
-    prefilled (and compressed), then the continuation is fed as one chunk (teacher forcing)."""
+def continuation_logits(
+    model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: Sequence[int]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Logits [T, V] (float32) that predict each of the T `cont_ids` given the compressed
+    `ctx_ids`: the context is prefilled (and compressed), then the continuation is fed as one
+    chunk (teacher forcing). Also returns the cache's bytes and dims after the context, and times."""
     if not cont_ids:
-        raise ValueError("perplexity needs a non-empty continuation")
+        raise ValueError("a continuation task needs a non-empty continuation")
     device = next(model.parameters()).device
     r = _Runner(model, cache, device)
     t0 = time.perf_counter()
@@ -330,18 +367,46 @@ def continuation_nll(model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: S
     dims = dim_fractions(cache)
     t1 = time.perf_counter()
     rest = r.forward(cont_ids[:-1], all_logits=True) if len(cont_ids) > 1 else first[:0]
-    logits = torch.cat([first, rest], dim=0)
-    target = torch.tensor(list(cont_ids), device=logits.device)
-    nll = torch.nn.functional.cross_entropy(logits, target, reduction="mean").item()
-    return {
-        "nll": nll,
-        "ppl": math.exp(nll),
+    info = {
         "stored_bytes": stored,
         "full_bytes": full,
         "dim_fractions": dims,
         "prefill_s": t1 - t0,
         "decode_s": time.perf_counter() - t1,
     }
+    return torch.cat([first, rest], dim=0), info
+
+
+def continuation_nll(model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: Sequence[int]) -> dict[str, Any]:
+    """Mean NLL (nats/token) and perplexity of `cont_ids` given the compressed `ctx_ids`."""
+    logits, info = continuation_logits(model, cache, ctx_ids, cont_ids)
+    target = torch.tensor(list(cont_ids), device=logits.device)
+    nll = torch.nn.functional.cross_entropy(logits, target, reduction="mean").item()
+    return {"nll": nll, "ppl": math.exp(nll), **info}
+
+
+def reference_logprobs(model: Any, ctx_ids: Sequence[int], cont_ids: Sequence[int]) -> torch.Tensor:
+    """Log-probabilities [T, V] of the full cache under the same two forwards as a compressed run
+    (a plain DynamicCache: a patched model attends exactly over it), so a KL against it measures
+    the compression alone."""
+    from transformers import DynamicCache
+
+    logits, _ = continuation_logits(model, DynamicCache(config=model.config), ctx_ids, cont_ids)
+    return logits.log_softmax(-1)
+
+
+def continuation_kl(
+    model: Any, cache: Any, ctx_ids: Sequence[int], cont_ids: Sequence[int], reference: torch.Tensor
+) -> dict[str, Any]:
+    """Mean KL(full || compressed) in nats over the continuation's next-token distributions, and
+    the share of positions whose top-1 token agrees with the full cache's. `reference`: the full
+    cache's log-probabilities (`reference_logprobs`)."""
+    logits, info = continuation_logits(model, cache, ctx_ids, cont_ids)
+    logp = logits.log_softmax(-1)
+    ref = reference.to(logp.device)
+    kl = (ref.exp() * (ref - logp)).sum(-1)
+    agree = (ref.argmax(-1) == logp.argmax(-1)).float()
+    return {"kl": kl.mean().item(), "top1_agreement": agree.mean().item(), **info}
 
 
 # --- the grid ------------------------------------------------------------------------------------
@@ -448,7 +513,7 @@ def run_grid(
         task, length, seed, depth = point
         variant = f"d{depth:.2f}" if depth is not None else f"s{seed}"
         key = cell_key(
-            {"model": spec.model_name, "method": method_label(method, spec.options), "budget": budget,
+            {"model": spec.model_name, "method": spec.label(method), "budget": budget,
              "task": task, "length": length, "variant": variant, "protocol": protocol,
              "prompt_style": spec.prompt_style}
         )  # fmt: skip
@@ -463,7 +528,16 @@ def run_grid(
         write_summary(read_results(results_path), out / "summary.csv")
         return counts
 
+    if (
+        spec.basis == "calibrated" and not spec.calibrated_path
+        and any(RECORDS[m].stores_reduced_tiers for m, *_ in todo)
+    ):
+        start = time.perf_counter()
+        spec.calibrated_path = str(calibrated_basis_file(model, tok, spec.model_name))
+        if progress:
+            print(f"calibrated bases: {spec.calibrated_path} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     instances: dict[tuple, T.TaskInstance] = {}
+    references: dict[tuple, torch.Tensor] = {}  # kl: the full cache's log-probabilities per point
     patched_with: tuple[str, float] | None = None
     bar = tqdm(todo, desc="mdkv eval", unit="cell", disable=not progress, dynamic_ncols=True)
     try:
@@ -488,6 +562,11 @@ def run_grid(
                     if task == "ppl":
                         res = continuation_nll(model, cache, ctx_ids, q_ids)
                         score, prediction = res["ppl"], ""
+                    elif task == "kl":
+                        if point not in references:
+                            references[point] = reference_logprobs(model, ctx_ids, q_ids)
+                        res = continuation_kl(model, cache, ctx_ids, q_ids, references[point])
+                        score, prediction = res["kl"], ""
                     else:
                         n_new = spec.max_new_tokens or inst.max_new_tokens
                         res = greedy_generate(
@@ -505,7 +584,7 @@ def run_grid(
                     continue
                 rec = {
                     "model": spec.model_name,
-                    "method": method_label(method, spec.options),
+                    "method": spec.label(method),
                     "base_method": method,
                     "budget": float(budget),
                     "budget_kind": "fraction" if method == "full" else spec.budget_kind,
@@ -517,15 +596,15 @@ def run_grid(
                     "seed": seed,
                     "protocol": protocol,
                     "prompt_style": spec.prompt_style,
-                    "prompt_tokens": len(ctx_ids) + (0 if task == "ppl" else len(q_ids)),
+                    "prompt_tokens": len(ctx_ids) + (0 if task in T.CONTINUATION_TASKS else len(q_ids)),
                     "context_tokens": len(ctx_ids),
                     "score": score,
-                    "metric": "ppl" if task == "ppl" else "string_match_all",
+                    "metric": task if task in T.CONTINUATION_TASKS else "string_match_all",
                     "answers": list(inst.answers),
                     "prediction": prediction,
                     "seconds": seconds,
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "options": spec.options,
+                    "options": spec.method_options(method),
                     **res,
                 }
                 sink.write(json.dumps(rec) + "\n")
@@ -575,9 +654,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="instances per non-grid task, by seed")
     p.add_argument("--protocols", type=csv_list(str), default=None, help="query-agnostic,query-aware")
     p.add_argument("--prompt-style", choices=T.PROMPT_STYLES, default="continuation")
-    p.add_argument("--ppl-tokens", type=positive_int, default=None, help="continuation tokens scored by ppl")
+    p.add_argument("--ppl-tokens", type=positive_int, default=None, help="continuation tokens scored by ppl and kl")
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="override the per-task decode length")
     p.add_argument("--head-scores", default=None, help="JSON from `mdkv profile-heads` (headkv, mixeddimkv-h)")
+    p.add_argument(
+        "--basis", choices=("calibrated", "prompt"), default="calibrated",
+        help="bases of the methods with reduced tiers: calibrated (fitted once on essays held out of the "
+        "haystack, or --calibrated-basis; shared, no budget) or prompt (fitted per prompt, paid from the budget)",
+    )
+    p.add_argument(
+        "--calibrated-basis", default=None, help="a file from `mdkv calibrate` (default: fitted on first use)"
+    )
     p.add_argument(
         "--option",
         type=_option,
@@ -622,6 +709,8 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         max_new_tokens=args.max_new_tokens,
         head_scores=args.head_scores,
         options=dict(args.option),
+        basis=args.basis,
+        calibrated_path=args.calibrated_basis,
     )
 
 

@@ -44,8 +44,11 @@ TASKS: dict[str, str] = {
     "cwe": "ruler",  # common-words extraction
     "fwe": "ruler",  # frequent-words extraction
     "ppl": "ppl",  # compressed-context perplexity (lower is better)
+    "kl": "kl",  # KL(full || compressed) of the next-token distributions of a continuation (lower is better)
 }
 RULER_TASKS = tuple(t for t, f in TASKS.items() if f == "ruler")
+# Tasks that teacher-force a true continuation after the compressed context instead of generating.
+CONTINUATION_TASKS = ("ppl", "kl")
 PROMPT_STYLES = ("continuation", "chat")
 PROTOCOLS = ("query-agnostic", "query-aware")
 
@@ -61,6 +64,7 @@ MAX_NEW_TOKENS: dict[str, int] = {
     "cwe": 96,
     "fwe": 32,
     "ppl": 0,
+    "kl": 0,
 }
 
 VT_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
@@ -74,7 +78,7 @@ def length_tolerance(length: int) -> int:
 @dataclass(frozen=True)
 class TaskInstance:
     task: str
-    length: int  # target prompt length in tokens (context + question; ppl: context only)
+    length: int  # target prompt length in tokens (context + question; ppl, kl: context only)
     seed: int
     depth: float | None  # needle depth in [0, 1] for the NIAH grid, else None
     context: str
@@ -82,7 +86,7 @@ class TaskInstance:
     answers: tuple[str, ...]
     max_new_tokens: int
     stop_at_newline: bool = False  # single-line answers: stop decoding at the first newline
-    continuation: str = ""  # ppl: the true continuation whose NLL is scored
+    continuation: str = ""  # ppl, kl: the true continuation that is teacher-forced and scored
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -411,17 +415,20 @@ def _fwe(tok: Any, length: int, seed: int, prompt: _Prompt, rng: random.Random) 
     )
 
 
-def _ppl(tok: Any, length: int, seed: int, haystack: str, rng: random.Random, ppl_tokens: int) -> TaskInstance:
+def _continuation(
+    task: str, tok: Any, length: int, seed: int, haystack: str, rng: random.Random, ppl_tokens: int
+) -> TaskInstance:
+    """`length` haystack tokens as the context and the next `ppl_tokens` as the continuation."""
     hay = _hay_ids(tok, haystack)
     need = length + ppl_tokens
     if need > len(hay):
-        raise ValueError(f"ppl needs {need} haystack tokens, the haystack has {len(hay)}")
+        raise ValueError(f"{task} needs {need} haystack tokens, the haystack has {len(hay)}")
     off = _hay_offset(rng, seed, len(hay), need)
     # the continuation is kept as the exact token slice (decode -> encode round trip checked below)
     ctx = tok.decode(hay[off : off + length])
     cont = tok.decode(hay[off + length : off + need])
     return TaskInstance(
-        "ppl",
+        task,
         length,
         seed,
         None,
@@ -463,14 +470,14 @@ def make_instance(
         return _cwe(tok, length, seed, haystack, prompt, rng)
     if task == "fwe":
         return _fwe(tok, length, seed, prompt, rng)
-    return _ppl(tok, length, seed, haystack, rng, ppl_tokens)
+    return _continuation(task, tok, length, seed, haystack, rng, ppl_tokens)
 
 
 def encode(tok: Any, inst: TaskInstance, prompt_style: str = "continuation") -> tuple[list[int], list[int]]:
-    """Token ids of the context and of the question (or, for ppl, of the continuation)."""
+    """Token ids of the context and of the question (or, for ppl and kl, of the continuation)."""
     special = prompt_style != "chat"
     ctx = tok(inst.context, add_special_tokens=special)["input_ids"]
-    second = inst.continuation if inst.task == "ppl" else inst.question
+    second = inst.continuation if inst.task in CONTINUATION_TASKS else inst.question
     return list(ctx), list(tok(second, add_special_tokens=False)["input_ids"])
 
 

@@ -20,6 +20,7 @@ import torch
 
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.bases import masked_float
+from mdkv_compile.core.packing import PackedStore, pack
 from mdkv_compile.core.scoring import forced_mask, window_importance
 from mdkv_compile.core.sharding import HeadShard
 from mdkv_compile.kernels import compression
@@ -95,14 +96,29 @@ class LayerContext:
 
 @dataclass
 class Selection:
-    chosen_dim: torch.Tensor  # [B, H, N] long: 0 dropped, else one of tier_dims
-    tier_dims: tuple[int, ...]  # nonzero dims stored, descending, head_dim first
-    key_coef: torch.Tensor | None = None  # [B, H, N, r_max]
-    value_coef: torch.Tensor | None = None
-    basis_k: torch.Tensor | None = None  # [n_basis, d, r_max]
-    basis_v: torch.Tensor | None = None
+    """What a policy keeps. Tier t stores keys at tier_dims[t] and values at value_dims[t] dims; tier 0
+    is (d, d), the tokens as they are; every later tier holds basis coordinates (its key dim may be d:
+    all coordinates of the key, a reduced value). A token's tier is its (chosen_dim, chosen_value_dim)."""
+
+    chosen_dim: torch.Tensor  # [B, H, N] long: the key dim kept, 0 dropped
+    tier_dims: tuple[int, ...]  # key dims per stored tier, head_dim first
+    key_coef: torch.Tensor | None = None  # [B, H, N, rk_max]
+    value_coef: torch.Tensor | None = None  # [B, H, N, rv_max]
+    basis_k: torch.Tensor | None = None  # [n_basis, d, rk_max]
+    basis_v: torch.Tensor | None = None  # [n_basis, d, rv_max]
     basis_index: torch.Tensor | None = None  # [B*H] int32 or None
     basis_shared: bool = False
+    # Value dims per stored tier and per token; None: the same as the key dims (coupled tiers).
+    value_dims: tuple[int, ...] | None = None
+    chosen_value_dim: torch.Tensor | None = None
+
+
+def pack_selection(key: torch.Tensor, value: torch.Tensor, sel: Selection) -> PackedStore:
+    """The packed store of a policy's selection over key, value [B, H, N, d]."""
+    return pack(
+        key, value, sel.chosen_dim, sel.tier_dims, sel.key_coef, sel.value_coef, sel.basis_k, sel.basis_v,
+        sel.basis_index, sel.basis_shared, sel.value_dims, sel.chosen_value_dim,
+    )
 
 
 def full_selection(ctx: LayerContext) -> Selection:
