@@ -188,14 +188,35 @@ def _site_key(cfg: MixedDimKVConfig, site: AttentionSite, index: int) -> str:
     return f"{site_key_prefix(cfg)}{site.layer or index}"
 
 
+def traced_module() -> torch.nn.Module | None:
+    """The module whose code Dynamo is compiling right now (the `self` of the traced frame: the
+    model for `model.compile()` and `torch.compile(model)`), or None outside a Dynamo compile.
+    A backend only gets the graph; the module tells the finder which attention modules declare
+    themselves causal, which it needs to trust a mask that is a graph input (transformers builds
+    the decode step's mask outside the model for a static cache in `generate()`)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError):  # Dynamo internals moved: fall back to the graph alone
+        return None
+    root = getattr(tx, "f_locals", {}).get("self") if tx is not None else None
+    return root if isinstance(root, torch.nn.Module) else None
+
+
 def rewrite_graph(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: MixedDimKVConfig, fixed_region: bool = False
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    cfg: MixedDimKVConfig,
+    fixed_region: bool = False,
+    root: torch.nn.Module | None = None,
 ) -> RewriteReport:
     """Replace the rewritable sites of `gm` in place by `mdkv::site_attention` (concat caches) or
     `mdkv::site_attention_buffer` (static KV buffers; with `fixed_region`, decoded tokens go to a
-    fixed region written at a device count, which CUDA graphs need: see backends/site_graphs.py)."""
+    fixed region written at a device count, which CUDA graphs need: see backends/site_graphs.py).
+    `root`: the compiled module (`traced_module()`), for the finder's causality proofs."""
     report = RewriteReport()
-    sites = find_attention_sites(gm, example_inputs)
+    sites = find_attention_sites(gm, example_inputs, root)
     todo: list[AttentionSite] = []
     for i, site in enumerate(sites):
         reason = site.reason if not site.rewritable else _why_not(site)
@@ -281,17 +302,24 @@ def mixeddimkv_backend(
         mode = options.pop("mode")
     cfg = MixedDimKVConfig.from_options(options)
     graphs = mode == "reduce-overhead"
-    report = rewrite_graph(gm, example_inputs, cfg, fixed_region=graphs)
-    if graphs and report.rewritten:
-        # Inductor's CUDA graphs would replay the site ops' Python state away: decode steps over
-        # static KV buffers get this package's capture instead, the other graphs none.
-        if report.one_token == report.rewritten and cfg.kernel == "auto":
+    report = rewrite_graph(gm, example_inputs, cfg, fixed_region=graphs, root=traced_module())
+    if graphs:
+        # Inductor's own CUDA graphs are never turned on: a replay would skip the site ops' Python
+        # state (stale state on the next prompt), and on graphs that write a cache the graphs
+        # allocated they crash (segfault after "skipping cudagraphs due to mutated inputs":
+        # pytorch/pytorch#192748). Decode steps over static KV buffers get this package's capture.
+        if report.rewritten and report.one_token == report.rewritten and cfg.kernel == "auto":
             written = written_inputs(gm)  # before Inductor, which may change the graph
             return SiteGraphs(compile_fx(gm, list(example_inputs)), report.rewritten, written)
+        if not report.rewritten:
+            why = "no rewritten attention site"
+        elif report.buffers == report.rewritten:
+            why = "a prompt step"
+        else:
+            why = "concat-cache attention sites"
         log.warning(
-            "mixeddimkv: a graph with %s runs without CUDA graphs (mode='reduce-overhead' captures only "
-            "one-token decode steps over static KV buffers, with kernel='auto')",
-            "a prompt step" if report.buffers == report.rewritten else "concat-cache attention sites",
+            "mixeddimkv: a graph runs without CUDA graphs (%s; mode='reduce-overhead' captures only "
+            "one-token decode steps over static KV buffers, with kernel='auto')", why,
         )
         return compile_fx(gm, list(example_inputs))
     if mode is not None:
