@@ -52,13 +52,15 @@ class RewriteReport:
 
     rewritten: list[str] = field(default_factory=list)  # site keys
     left: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
-    # Rewritten sites whose cache concats were erased: the graph returns shape placeholders
-    # (zero-stride zeros of the concat's shape) to the model's own cache instead.
+    # Rewritten sites whose cache concats were erased, or whose static buffers the cache allocates
+    # in the graph (transformers' StaticCache): the graph returns shape placeholders (zero-stride
+    # zeros of the concat's or buffer's shape) to the model's own cache instead.
     placeholders: list[str] = field(default_factory=list)  # site keys
-    # Rewritten sites whose concats stay (the model's cache keeps full keys/values), and why.
+    # Rewritten sites whose concats or own buffers stay (the model's cache keeps full keys/values), and why.
     kept_cache: list[tuple[str, str]] = field(default_factory=list)  # (site key, reason)
-    # Rewritten sites whose cache is a static KV buffer written in place: the write stays (the buffer
-    # is the model's and stays truthful), the site op only gets the written values and positions.
+    # Rewritten sites whose cache is a static KV buffer written in place; the site op only gets the
+    # written values and positions. A buffer that is the caller's memory (a module buffer, a cache
+    # allocated before compiling) keeps its write and stays truthful.
     buffers: list[str] = field(default_factory=list)  # site keys
     # Buffer sites whose query length is 1 in this graph (a decode step): CUDA-graph capturable.
     one_token: list[str] = field(default_factory=list)  # site keys
@@ -155,6 +157,47 @@ def _replace_cache(
     return None
 
 
+# In-graph allocations a static KV buffer can come from (transformers' StaticLayer allocates its
+# buffers with torch.zeros inside the first compiled call).
+_ALLOCATIONS = {torch.zeros, torch.empty, torch.full}
+_ALLOCATION_METHODS = {"new_zeros", "new_empty", "new_full"}
+
+
+def _own_buffer(buf: torch.fx.Node) -> bool:
+    """Whether a static KV buffer is the backend's to shrink: allocated in this graph (transformers'
+    StaticCache allocates its buffers inside the first compiled call), or the zero-stride
+    placeholder an earlier graph returned in place of such a buffer. Any other buffer is the
+    caller's memory (a module buffer, a cache allocated before compiling): it keeps its writes and
+    stays truthful."""
+    if buf.op == "call_function" and buf.target in _ALLOCATIONS:
+        return True
+    if buf.op == "call_method" and buf.target in _ALLOCATION_METHODS:
+        return True
+    value = node_value(buf)
+    return buf.op == "placeholder" and value.stride(2) == 0 and value.shape[2] > 1
+
+
+def _drop_buffer(graph: torch.fx.Graph, buf: torch.fx.Node, write: torch.fx.Node) -> str | None:
+    """After a buffer site is rewritten (the op reads the written values, never the buffer), for a
+    buffer of `_own_buffer`: erase the site's write into it and, if it is allocated here, have the
+    graph return a zero-stride placeholder of its shape (one position of storage) instead, so the
+    cache holds no full-size KV; the next graphs get the placeholder as their input and their
+    writes into it are erased the same way. Returns why not (None: done); nothing is changed when
+    something else in the graph reads the buffer."""
+    others = [u for u in buf.users if u is not write and u.op != "output" and not _shape_only(u)]
+    if others:
+        return f"the KV buffer {buf.name} is also read by {others[0].name} ({others[0].target})"
+    write.replace_all_uses_with(buf)  # an in-place write returns its buffer
+    graph.erase_node(write)
+    if buf.op != "placeholder":
+        with graph.inserting_before(buf.next):  # in order, right after the allocation
+            one = graph.call_method("narrow", (buf, 2, 0, 1))
+            base = graph.call_function(torch.zeros_like, (one,), {"memory_format": torch.contiguous_format})
+            placeholder = graph.call_method("expand", (base, -1, -1, graph.call_method("size", (buf, 2)), -1))
+        buf.replace_all_uses_with(placeholder, delete_user_cb=lambda user: user.op == "output")
+    return None
+
+
 def _why_not(site: AttentionSite) -> str | None:
     """Why a finder-rewritable site is still left alone by this backend (None: rewrite it)."""
     if site.kv_cache == "none":
@@ -173,7 +216,7 @@ def _why_not(site: AttentionSite) -> str | None:
         for w in writes:
             if isinstance(w, str):
                 return w
-        if writes[0][0] is not writes[1][0]:
+        if writes[0][1] is not writes[1][1]:
             return "keys and values are written into their buffers at different position tensors"
     elif _concat_past(site.k, site.k_new) is None or _concat_past(site.v, site.v_new) is None:
         return "keys/values are not directly torch.cat([past, new], dim=-2) of rank 4"
@@ -229,7 +272,9 @@ def rewrite_graph(
         key = _site_key(cfg, site, layer_idx)
         buffer = site.kv_cache == "buffer"
         if buffer:
-            (positions, k_new), (_, v_new) = buffer_write(site.k, site.output), buffer_write(site.v, site.output)
+            (k_write, positions, k_new), (v_write, _, v_new) = (
+                buffer_write(site.k, site.output), buffer_write(site.v, site.output)
+            )
         else:
             pasts = (_concat_past(site.k, site.k_new), _concat_past(site.v, site.v_new))
         register_site(key, cfg, layer_idx, len(todo))
@@ -266,6 +311,12 @@ def rewrite_graph(
             n_queries = node_value(site.q).shape[-2]
             if isinstance(n_queries, int) and n_queries == 1:  # not a SymInt: only ever a one-token step
                 report.one_token.append(key)
+            owned = [(buf, w) for buf, w in ((site.k, k_write), (site.v, v_write)) if _own_buffer(buf)]
+            why = next((r for r in (_drop_buffer(graph, buf, w) for buf, w in owned) if r), None)
+            if why is not None:
+                report.kept_cache.append((key, why))
+            elif owned:
+                report.placeholders.append(key)
             continue
         why = _replace_cache(graph, site, pasts)
         if why is None:
