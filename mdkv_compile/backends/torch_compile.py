@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import types
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -381,6 +383,60 @@ def mixeddimkv_backend(
     return compile_fx(gm, list(example_inputs))
 
 
+
+
+def _is_mixeddimkv(wrapper: torch.nn.Module) -> bool:
+    """Whether an OptimizedModule (what `torch.compile(module, ...)` returns) compiles with this backend."""
+    from torch._dynamo.eval_frame import innermost_backend
+
+    ctx = getattr(wrapper, "dynamo_ctx", None)
+    backend = innermost_backend(ctx.callback) if ctx is not None and hasattr(ctx, "callback") else None
+    return getattr(backend, "compiler_fn", backend) is mixeddimkv_backend
+
+
+def _generate_compiled(wrapper: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """`generate` of what `torch.compile(model, backend="mixeddimkv", ...)` returns.
+
+    The wrapper (torch's OptimizedModule) hands every attribute it lacks to the model, so its
+    `generate` would be the model's own, whose forward calls never go through the wrapper: the
+    plain model would run, compressing nothing. Here the model's calls go through the wrapper's
+    compilation for the length of the call, exactly as after `model.compile(backend=..., options=...)`
+    (`nn.Module.compile` sets `_compiled_call_impl` the same way); a model compiled in place already
+    keeps its own."""
+    model = wrapper._orig_mod
+    if not _is_mixeddimkv(wrapper) or model._compiled_call_impl is not None:
+        return model.generate(*args, **kwargs)
+    call = _COMPILED_CALLS.get(wrapper)
+    if call is None:  # one compiled callable per wrapper: Dynamo's cache entries stay valid across calls
+        call = _COMPILED_CALLS[wrapper] = wrapper.dynamo_ctx(model._call_impl)
+    model._compiled_call_impl = call
+    try:
+        return model.generate(*args, **kwargs)
+    finally:
+        model._compiled_call_impl = None
+
+
+_COMPILED_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _give_wrappers_generate(module: torch.nn.Module, name: str, submodule: Any) -> None:
+    """Module-registration hook (all modules): an OptimizedModule being made around a model with a
+    `generate` gets its own `generate` (`_generate_compiled`). It is installed on every such wrapper
+    (the backend is not known yet when torch builds it: `dynamo_ctx` is set after the model is
+    registered) and defers to the model's own for other backends. Pickling and deep copies rebuild
+    the wrapper through its constructor, which runs this hook again."""
+    if name != "_orig_mod" or not callable(getattr(type(submodule), "generate", None)):
+        return
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(module, OptimizedModule):
+        # the instance dict: OptimizedModule.__setattr__ would set it on the model
+        module.__dict__["generate"] = types.MethodType(_generate_compiled, module)
+
+
+# Installed when this module is imported: `torch.compile(..., backend="mixeddimkv")` imports it
+# (the entry point) before it builds the wrapper.
+torch.nn.modules.module.register_module_module_registration_hook(_give_wrappers_generate)
 
 
 def compile_model(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -> torch.nn.Module:
