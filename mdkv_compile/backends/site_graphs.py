@@ -81,7 +81,8 @@ class SiteGraphs:
         if capture is not None and capture.generations == generations and self._same_static(capture, args):
             return self._replay(capture, args)
         if self._warm.get(signature) != generations or None in generations:
-            self._captures.pop(signature, None)  # a stale capture holds the old state's memory
+            # captures of older states (any shape) are stale: drop them and the memory they hold
+            self._captures = {sig: c for sig, c in self._captures.items() if c.generations == generations}
             out = self.compiled(*args)
             STATS["warmups"] += 1
             # the state after the call: a one-token prompt makes a new state, whose first decode
