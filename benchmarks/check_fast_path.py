@@ -239,8 +239,10 @@ def _gib(n: int | None) -> float | None:
 
 def worker(args: argparse.Namespace) -> None:
     """Run one path and write its row (JSON) to args.row_out."""
+    from mdkv_compile.backends.torch_compile import ensure_registered
     from mdkv_compile.testing import random_llama
 
+    ensure_registered()  # also installs the hook that gives torch.compile's wrapper its generate()
     shape = shapes(args)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

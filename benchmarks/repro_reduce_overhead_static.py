@@ -117,8 +117,10 @@ def case(name: str, quick: bool) -> dict:
         model.compile(backend="mixeddimkv_old", options=options)
         return dict(finished=True, tokens=_generate(model, quick, cache_implementation="static"))
     from mdkv_compile.backends import site_graphs
+    from mdkv_compile.backends.torch_compile import ensure_registered
     from mdkv_compile.passes.sites import reset_sites
 
+    ensure_registered()
     model.compile(backend="mixeddimkv", options=options)
     graphed = _generate(model, quick, cache_implementation="static")
     stats = dict(site_graphs.STATS)

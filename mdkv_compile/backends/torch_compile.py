@@ -439,6 +439,15 @@ def _give_wrappers_generate(module: torch.nn.Module, name: str, submodule: Any) 
 torch.nn.modules.module.register_module_module_registration_hook(_give_wrappers_generate)
 
 
+def ensure_registered() -> None:
+    """Register the backend under its name where no `torch_dynamo_backends` entry point provides it:
+    the package run from a source tree that was not pip-installed (as on a lent GPU machine)."""
+    from torch._dynamo.backends.registry import list_backends, register_backend
+
+    if "mixeddimkv" not in list_backends(exclude_tags=()):
+        register_backend(name="mixeddimkv")(mixeddimkv_backend)
+
+
 def compile_model(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -> torch.nn.Module:
     """Compile `model` in place with the mixeddimkv backend under `cfg` (for models that
     `mdkv.patch` cannot reach: hand-written decoders, attention outside transformers' registry).
@@ -454,6 +463,7 @@ __all__ = [
     "compile_model",
     "compiled_cache_bytes",
     "compiled_full_bytes",
+    "ensure_registered",
     "mixeddimkv_backend",
     "reset_sites",
     "rewrite_graph",
