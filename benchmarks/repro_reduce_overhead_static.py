@@ -63,18 +63,22 @@ def _generate(model, quick: bool, **kwargs) -> list[list[int]]:
 
 def _old_backend(gm, example_inputs, *, mode=None, options=None):
     """The routing before the fix: the finder without the module (a mask input stays unproven, so
-    the decode step has no rewritten site) and Inductor's own reduce-overhead for site-free graphs."""
+    the decode step has no rewritten site), the StaticCache's buffers kept and written, and
+    Inductor's own reduce-overhead for site-free graphs."""
+    from unittest import mock
+
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
+    from mdkv_compile.backends import torch_compile
     from mdkv_compile.backends.site_graphs import SiteGraphs, written_inputs
-    from mdkv_compile.backends.torch_compile import rewrite_graph
     from mdkv_compile.config import MixedDimKVConfig
 
     options = dict(options or {})
     mode = options.pop("mode", mode)
     cfg = MixedDimKVConfig.from_options(options)
-    report = rewrite_graph(gm, example_inputs, cfg, fixed_region=mode == "reduce-overhead", root=None)
+    with mock.patch.object(torch_compile, "_own_buffer", lambda buf: False):
+        report = torch_compile.rewrite_graph(gm, example_inputs, cfg, fixed_region=mode == "reduce-overhead")
     if report.rewritten:
         if report.one_token == report.rewritten and cfg.kernel == "auto":
             return SiteGraphs(compile_fx(gm, list(example_inputs)), report.rewritten, written_inputs(gm))
