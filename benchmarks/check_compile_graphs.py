@@ -29,21 +29,11 @@ from check_cuda_graph_decode import model_2layers  # the same small model (this 
 from transformers import StaticCache
 
 from mdkv_compile.backends import site_graphs
+from mdkv_compile.backends.torch_compile import ensure_registered
 from mdkv_compile.bench.e2e import build_model
 from mdkv_compile.passes import sites as library
 
 CHECK_STEPS = 24
-
-
-def ensure_backend() -> None:
-    """Register the backend when the package runs from a source tree (no installed entry point, as
-    on the GPU machine)."""
-    from torch._dynamo.backends.registry import list_backends, register_backend
-
-    from mdkv_compile.backends.torch_compile import mixeddimkv_backend
-
-    if "mixeddimkv" not in list_backends(exclude_tags=()):
-        register_backend(name="mixeddimkv")(mixeddimkv_backend)
 
 
 def greedy(fn, config, ids: torch.Tensor, steps: int, max_len: int, timed: bool = False):
@@ -170,7 +160,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=23)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compile_graphs_h200.json"))
     args = parser.parse_args()
-    ensure_backend()
+    ensure_registered()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if args.part in ("check", "all"):

@@ -141,6 +141,10 @@ class MixedDimLayer(CacheLayerMixin):
         # Decoded tokens: `n_new` of them (host count). With a fixed region (`max_new_tokens`), the
         # device count `n_decoded` ([1] int64) is what kernels read and what in-place writes advance.
         self.max_new_tokens = max_new_tokens
+        # With a fixed region a decode step has static shapes and addresses: transformers may then
+        # compile it (`generate(..., compile_config=...)`, and on its own on CUDA); the bookkeeping
+        # runs outside the graph (`MixedDimCache.update`).
+        self.is_compileable = max_new_tokens is not None
         self.n_new = 0
         self.n_decoded: torch.Tensor | None = None
         self._kernel_plan: StorePlan | None = None  # the store's kernel plan, made once
@@ -421,6 +425,10 @@ class MixedDimCache(Cache):
         super().__init__(layers=layers)
         self.cfg, self.shard = cfg, shard
 
+    # Host counts, the pending prompt and the layer handed to the attention function are Python
+    # state a compiled graph must neither freeze into guards nor replay without: under Dynamo the
+    # update runs outside the graph, as the patched attention does (hf/patch.py).
+    @torch.compiler.disable
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]

@@ -15,8 +15,9 @@ Only graphs whose every rewritten site is a static-KV-buffer decode step (one qu
 wrapped: their step writes the new token at a device count and the decode kernel reads that
 count, so a replay is the same step. Prompt graphs and concat-cache graphs run without CUDA graphs
 (their site op keeps host state). Static inputs (parameters, module buffers, tensors marked with
-`torch._dynamo.mark_static_address` such as transformers' StaticCache, and any input the graph
-writes in place) are read where they are: if one moves, the graph is captured again.
+`torch._dynamo.mark_static_address`, any input the graph writes in place, and zero-stride inputs
+such as the placeholders the backend leaves in transformers' StaticCache) are read where they are:
+if one moves, the graph is captured again.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class SiteGraphs:
         if capture is not None and capture.generations == generations and self._same_static(capture, args):
             return self._replay(capture, args)
         if self._warm.get(signature) != generations or None in generations:
-            self._captures.pop(signature, None)  # a stale capture holds the old state's memory
+            # captures of older states (any shape) are stale: drop them and the memory they hold
+            self._captures = {sig: c for sig, c in self._captures.items() if c.generations == generations}
             out = self.compiled(*args)
             STATS["warmups"] += 1
             # the state after the call: a one-token prompt makes a new state, whose first decode
@@ -92,7 +94,10 @@ class SiteGraphs:
         return self._replay(capture, args, copy_inputs=False)
 
     def _is_static(self, index: int, arg: Any) -> bool:
-        return index in self.written or isinstance(arg, torch.nn.Parameter) or (
+        # A zero-stride input (the backend's cache placeholders: one position of storage expanded to
+        # the cache's shape) is read where it is: a copy would be dense, the whole cache's size.
+        overlapping = any(stride == 0 and size > 1 for size, stride in zip(arg.shape, arg.stride(), strict=True))
+        return index in self.written or overlapping or isinstance(arg, torch.nn.Parameter) or (
             getattr(arg, "_dynamo_static_input_type", None) is not None
         )
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import types
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,13 +54,15 @@ class RewriteReport:
 
     rewritten: list[str] = field(default_factory=list)  # site keys
     left: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
-    # Rewritten sites whose cache concats were erased: the graph returns shape placeholders
-    # (zero-stride zeros of the concat's shape) to the model's own cache instead.
+    # Rewritten sites whose cache concats were erased, or whose static buffers the cache allocates
+    # in the graph (transformers' StaticCache): the graph returns shape placeholders (zero-stride
+    # zeros of the concat's or buffer's shape) to the model's own cache instead.
     placeholders: list[str] = field(default_factory=list)  # site keys
-    # Rewritten sites whose concats stay (the model's cache keeps full keys/values), and why.
+    # Rewritten sites whose concats or own buffers stay (the model's cache keeps full keys/values), and why.
     kept_cache: list[tuple[str, str]] = field(default_factory=list)  # (site key, reason)
-    # Rewritten sites whose cache is a static KV buffer written in place: the write stays (the buffer
-    # is the model's and stays truthful), the site op only gets the written values and positions.
+    # Rewritten sites whose cache is a static KV buffer written in place; the site op only gets the
+    # written values and positions. A buffer that is the caller's memory (a module buffer, a cache
+    # allocated before compiling) keeps its write and stays truthful.
     buffers: list[str] = field(default_factory=list)  # site keys
     # Buffer sites whose query length is 1 in this graph (a decode step): CUDA-graph capturable.
     one_token: list[str] = field(default_factory=list)  # site keys
@@ -155,6 +159,47 @@ def _replace_cache(
     return None
 
 
+# In-graph allocations a static KV buffer can come from (transformers' StaticLayer allocates its
+# buffers with torch.zeros inside the first compiled call).
+_ALLOCATIONS = {torch.zeros, torch.empty, torch.full}
+_ALLOCATION_METHODS = {"new_zeros", "new_empty", "new_full"}
+
+
+def _own_buffer(buf: torch.fx.Node) -> bool:
+    """Whether a static KV buffer is the backend's to shrink: allocated in this graph (transformers'
+    StaticCache allocates its buffers inside the first compiled call), or the zero-stride
+    placeholder an earlier graph returned in place of such a buffer. Any other buffer is the
+    caller's memory (a module buffer, a cache allocated before compiling): it keeps its writes and
+    stays truthful."""
+    if buf.op == "call_function" and buf.target in _ALLOCATIONS:
+        return True
+    if buf.op == "call_method" and buf.target in _ALLOCATION_METHODS:
+        return True
+    value = node_value(buf)
+    return buf.op == "placeholder" and value.stride(2) == 0 and value.shape[2] > 1
+
+
+def _drop_buffer(graph: torch.fx.Graph, buf: torch.fx.Node, write: torch.fx.Node) -> str | None:
+    """After a buffer site is rewritten (the op reads the written values, never the buffer), for a
+    buffer of `_own_buffer`: erase the site's write into it and, if it is allocated here, have the
+    graph return a zero-stride placeholder of its shape (one position of storage) instead, so the
+    cache holds no full-size KV; the next graphs get the placeholder as their input and their
+    writes into it are erased the same way. Returns why not (None: done); nothing is changed when
+    something else in the graph reads the buffer."""
+    others = [u for u in buf.users if u is not write and u.op != "output" and not _shape_only(u)]
+    if others:
+        return f"the KV buffer {buf.name} is also read by {others[0].name} ({others[0].target})"
+    write.replace_all_uses_with(buf)  # an in-place write returns its buffer
+    graph.erase_node(write)
+    if buf.op != "placeholder":
+        with graph.inserting_before(buf.next):  # in order, right after the allocation
+            one = graph.call_method("narrow", (buf, 2, 0, 1))
+            base = graph.call_function(torch.zeros_like, (one,), {"memory_format": torch.contiguous_format})
+            placeholder = graph.call_method("expand", (base, -1, -1, graph.call_method("size", (buf, 2)), -1))
+        buf.replace_all_uses_with(placeholder, delete_user_cb=lambda user: user.op == "output")
+    return None
+
+
 def _why_not(site: AttentionSite) -> str | None:
     """Why a finder-rewritable site is still left alone by this backend (None: rewrite it)."""
     if site.kv_cache == "none":
@@ -173,7 +218,7 @@ def _why_not(site: AttentionSite) -> str | None:
         for w in writes:
             if isinstance(w, str):
                 return w
-        if writes[0][0] is not writes[1][0]:
+        if writes[0][1] is not writes[1][1]:
             return "keys and values are written into their buffers at different position tensors"
     elif _concat_past(site.k, site.k_new) is None or _concat_past(site.v, site.v_new) is None:
         return "keys/values are not directly torch.cat([past, new], dim=-2) of rank 4"
@@ -188,14 +233,35 @@ def _site_key(cfg: MixedDimKVConfig, site: AttentionSite, index: int) -> str:
     return f"{site_key_prefix(cfg)}{site.layer or index}"
 
 
+def traced_module() -> torch.nn.Module | None:
+    """The module whose code Dynamo is compiling right now (the `self` of the traced frame: the
+    model for `model.compile()` and `torch.compile(model)`), or None outside a Dynamo compile.
+    A backend only gets the graph; the module tells the finder which attention modules declare
+    themselves causal, which it needs to trust a mask that is a graph input (transformers builds
+    the decode step's mask outside the model for a static cache in `generate()`)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError):  # Dynamo internals moved: fall back to the graph alone
+        return None
+    root = getattr(tx, "f_locals", {}).get("self") if tx is not None else None
+    return root if isinstance(root, torch.nn.Module) else None
+
+
 def rewrite_graph(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: MixedDimKVConfig, fixed_region: bool = False
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    cfg: MixedDimKVConfig,
+    fixed_region: bool = False,
+    root: torch.nn.Module | None = None,
 ) -> RewriteReport:
     """Replace the rewritable sites of `gm` in place by `mdkv::site_attention` (concat caches) or
     `mdkv::site_attention_buffer` (static KV buffers; with `fixed_region`, decoded tokens go to a
-    fixed region written at a device count, which CUDA graphs need: see backends/site_graphs.py)."""
+    fixed region written at a device count, which CUDA graphs need: see backends/site_graphs.py).
+    `root`: the compiled module (`traced_module()`), for the finder's causality proofs."""
     report = RewriteReport()
-    sites = find_attention_sites(gm, example_inputs)
+    sites = find_attention_sites(gm, example_inputs, root)
     todo: list[AttentionSite] = []
     for i, site in enumerate(sites):
         reason = site.reason if not site.rewritable else _why_not(site)
@@ -208,7 +274,9 @@ def rewrite_graph(
         key = _site_key(cfg, site, layer_idx)
         buffer = site.kv_cache == "buffer"
         if buffer:
-            (positions, k_new), (_, v_new) = buffer_write(site.k, site.output), buffer_write(site.v, site.output)
+            (k_write, positions, k_new), (v_write, _, v_new) = (
+                buffer_write(site.k, site.output), buffer_write(site.v, site.output)
+            )
         else:
             pasts = (_concat_past(site.k, site.k_new), _concat_past(site.v, site.v_new))
         register_site(key, cfg, layer_idx, len(todo))
@@ -245,6 +313,12 @@ def rewrite_graph(
             n_queries = node_value(site.q).shape[-2]
             if isinstance(n_queries, int) and n_queries == 1:  # not a SymInt: only ever a one-token step
                 report.one_token.append(key)
+            owned = [(buf, w) for buf, w in ((site.k, k_write), (site.v, v_write)) if _own_buffer(buf)]
+            why = next((r for r in (_drop_buffer(graph, buf, w) for buf, w in owned) if r), None)
+            if why is not None:
+                report.kept_cache.append((key, why))
+            elif owned:
+                report.placeholders.append(key)
             continue
         why = _replace_cache(graph, site, pasts)
         if why is None:
@@ -281,17 +355,24 @@ def mixeddimkv_backend(
         mode = options.pop("mode")
     cfg = MixedDimKVConfig.from_options(options)
     graphs = mode == "reduce-overhead"
-    report = rewrite_graph(gm, example_inputs, cfg, fixed_region=graphs)
-    if graphs and report.rewritten:
-        # Inductor's CUDA graphs would replay the site ops' Python state away: decode steps over
-        # static KV buffers get this package's capture instead, the other graphs none.
-        if report.one_token == report.rewritten and cfg.kernel == "auto":
+    report = rewrite_graph(gm, example_inputs, cfg, fixed_region=graphs, root=traced_module())
+    if graphs:
+        # Inductor's own CUDA graphs are never turned on: a replay would skip the site ops' Python
+        # state (stale state on the next prompt), and on graphs that write a cache the graphs
+        # allocated they crash (segfault after "skipping cudagraphs due to mutated inputs":
+        # pytorch/pytorch#192748). Decode steps over static KV buffers get this package's capture.
+        if report.rewritten and report.one_token == report.rewritten and cfg.kernel == "auto":
             written = written_inputs(gm)  # before Inductor, which may change the graph
             return SiteGraphs(compile_fx(gm, list(example_inputs)), report.rewritten, written)
+        if not report.rewritten:
+            why = "no rewritten attention site"
+        elif report.buffers == report.rewritten:
+            why = "a prompt step"
+        else:
+            why = "concat-cache attention sites"
         log.warning(
-            "mixeddimkv: a graph with %s runs without CUDA graphs (mode='reduce-overhead' captures only "
-            "one-token decode steps over static KV buffers, with kernel='auto')",
-            "a prompt step" if report.buffers == report.rewritten else "concat-cache attention sites",
+            "mixeddimkv: a graph runs without CUDA graphs (%s; mode='reduce-overhead' captures only "
+            "one-token decode steps over static KV buffers, with kernel='auto')", why,
         )
         return compile_fx(gm, list(example_inputs))
     if mode is not None:
@@ -302,6 +383,69 @@ def mixeddimkv_backend(
     return compile_fx(gm, list(example_inputs))
 
 
+
+
+def _is_mixeddimkv(wrapper: torch.nn.Module) -> bool:
+    """Whether an OptimizedModule (what `torch.compile(module, ...)` returns) compiles with this backend."""
+    from torch._dynamo.eval_frame import innermost_backend
+
+    ctx = getattr(wrapper, "dynamo_ctx", None)
+    backend = innermost_backend(ctx.callback) if ctx is not None and hasattr(ctx, "callback") else None
+    return getattr(backend, "compiler_fn", backend) is mixeddimkv_backend
+
+
+def _generate_compiled(wrapper: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """`generate` of what `torch.compile(model, backend="mixeddimkv", ...)` returns.
+
+    The wrapper (torch's OptimizedModule) hands every attribute it lacks to the model, so its
+    `generate` would be the model's own, whose forward calls never go through the wrapper: the
+    plain model would run, compressing nothing. Here the model's calls go through the wrapper's
+    compilation for the length of the call, exactly as after `model.compile(backend=..., options=...)`
+    (`nn.Module.compile` sets `_compiled_call_impl` the same way); a model compiled in place already
+    keeps its own."""
+    model = wrapper._orig_mod
+    if not _is_mixeddimkv(wrapper) or model._compiled_call_impl is not None:
+        return model.generate(*args, **kwargs)
+    call = _COMPILED_CALLS.get(wrapper)
+    if call is None:  # one compiled callable per wrapper: Dynamo's cache entries stay valid across calls
+        call = _COMPILED_CALLS[wrapper] = wrapper.dynamo_ctx(model._call_impl)
+    model._compiled_call_impl = call
+    try:
+        return model.generate(*args, **kwargs)
+    finally:
+        model._compiled_call_impl = None
+
+
+_COMPILED_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _give_wrappers_generate(module: torch.nn.Module, name: str, submodule: Any) -> None:
+    """Module-registration hook (all modules): an OptimizedModule being made around a model with a
+    `generate` gets its own `generate` (`_generate_compiled`). It is installed on every such wrapper
+    (the backend is not known yet when torch builds it: `dynamo_ctx` is set after the model is
+    registered) and defers to the model's own for other backends. Pickling and deep copies rebuild
+    the wrapper through its constructor, which runs this hook again."""
+    if name != "_orig_mod" or not callable(getattr(type(submodule), "generate", None)):
+        return
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(module, OptimizedModule):
+        # the instance dict: OptimizedModule.__setattr__ would set it on the model
+        module.__dict__["generate"] = types.MethodType(_generate_compiled, module)
+
+
+# Installed when this module is imported: `torch.compile(..., backend="mixeddimkv")` imports it
+# (the entry point) before it builds the wrapper.
+torch.nn.modules.module.register_module_module_registration_hook(_give_wrappers_generate)
+
+
+def ensure_registered() -> None:
+    """Register the backend under its name where no `torch_dynamo_backends` entry point provides it:
+    the package run from a source tree that was not pip-installed (as on a lent GPU machine)."""
+    from torch._dynamo.backends.registry import list_backends, register_backend
+
+    if "mixeddimkv" not in list_backends(exclude_tags=()):
+        register_backend(name="mixeddimkv")(mixeddimkv_backend)
 
 
 def compile_model(model: torch.nn.Module, cfg: MixedDimKVConfig | None = None) -> torch.nn.Module:
@@ -319,6 +463,7 @@ __all__ = [
     "compile_model",
     "compiled_cache_bytes",
     "compiled_full_bytes",
+    "ensure_registered",
     "mixeddimkv_backend",
     "reset_sites",
     "rewrite_graph",

@@ -246,6 +246,19 @@ def _tensors(obj, seen: set[int]) -> list[torch.Tensor]:
     return []
 
 
+def held_bytes(*objects) -> int:
+    """Bytes of the distinct storages behind every tensor reachable from `objects` (cache layers,
+    the backend's site layers): what they keep allocated. A view keeps its whole storage alive, so
+    it counts whole (a store that held a slice of the prompt's keys would count the whole prompt)."""
+    seen: set[int] = set()
+    storages = {}
+    for obj in objects:
+        for t in _tensors(obj, seen):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def sequences_that_fit(model, context: int, cache_kind: str, budget: float, limit: int = 2000) -> dict:
     """Prefill one `context`-token sequence, then allocate copies of its cache until the card is
     full: the number of such sequences that fit beside the weights (measured by allocation)."""

@@ -77,8 +77,10 @@ def writes_into(node: torch.fx.Node) -> bool:
     return any(_is_write(user, node, any_inplace=True) or (_is_view(user) and writes_into(user)) for user in node.users)
 
 
-def buffer_write(buf: torch.fx.Node, before: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | str:
-    """(positions, value) of the one write into the static KV buffer `buf` that precedes `before`
+def buffer_write(
+    buf: torch.fx.Node, before: torch.fx.Node
+) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node] | str:
+    """(write node, positions, value) of the one write into the static KV buffer `buf` that precedes `before`
     (an attention site's output), or why the site cannot be rewritten. The site must read the
     buffer itself (rank 4, written on dim 2), and the buffer must get exactly one write before it,
     of a supported form."""
@@ -111,4 +113,4 @@ def buffer_write(buf: torch.fx.Node, before: torch.fx.Node) -> tuple[torch.fx.No
         return "the KV buffer write positions are not a 1-D integer tensor"
     if not isinstance(vv, torch.Tensor) or vv.dim() != 4:
         return "the value written into the KV buffer is not rank 4 [B, H, L, d]"
-    return pos, value
+    return found[0], pos, value

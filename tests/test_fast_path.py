@@ -1,0 +1,227 @@
+"""The fast path of issue 14 on CPU: `model.compile(backend="mixeddimkv")` or `torch.compile(model,
+backend="mixeddimkv")` followed by plain `generate()`, whatever cache the user picks, the memory it
+holds, transformers' own decode-step compilation over a fixed-region MixedDimCache, and the
+GraphedDecoder prefill. CUDA graphs themselves run only on the GPU (benchmarks/check_fast_path.py).
+
+Compiles are slow on 2 cores (~10 s per graph of the tiny model), so each test compiles one or two
+models and checks several things on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import CompileConfig, StaticCache
+
+import mdkv_compile as mdkv
+from mdkv_compile.backends import torch_compile as backend
+from mdkv_compile.bench.e2e import held_bytes
+from mdkv_compile.cache import MixedDimCache
+from mdkv_compile.hf.cuda_graphs import GraphedDecoder
+from mdkv_compile.passes import sites
+from mdkv_compile.testing import build_tiny_model
+
+OPTS = {"budget": 0.25, "window": 4}
+IDS = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+GEN = {"do_sample": False, "pad_token_id": 0}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def eager_reference(new_tokens: int) -> tuple[torch.Tensor, MixedDimCache]:
+    """Tokens of the eager MixedDimKV reference (mdkv.patch + generate) and its cache."""
+    model = build_tiny_model("llama").eval()
+    cfg = mdkv.MixedDimKVConfig(**OPTS)
+    mdkv.patch(model, cfg)
+    cache = MixedDimCache(model.config, cfg)
+    return model.generate(IDS, max_new_tokens=new_tokens, past_key_values=cache, **GEN), cache
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def test_torch_compile_wrapper_gets_a_generate_through_the_entry_point() -> None:
+    """In a fresh interpreter `torch.compile(model, backend="mixeddimkv")` imports the backend through
+    its entry point before building the wrapper, so the wrapper gets its own `generate`; a wrapper
+    of another backend defers to the model's. A deep copy is rebuilt with its own. No compile runs."""
+    code = """
+import copy, sys, torch
+from mdkv_compile.testing import build_tiny_model
+assert "mdkv_compile.backends.torch_compile" not in sys.modules
+model = build_tiny_model("llama")
+ours = torch.compile(model, backend="mixeddimkv", options={"budget": 0.25})
+from mdkv_compile.backends.torch_compile import _is_mixeddimkv
+assert "generate" in ours.__dict__ and ours.generate.__self__ is ours and _is_mixeddimkv(ours)
+other = torch.compile(model, backend="eager")
+assert not _is_mixeddimkv(other)
+twin = copy.deepcopy(ours)
+assert twin.generate.__self__ is twin and _is_mixeddimkv(twin)
+assert model._compiled_call_impl is None
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_ensure_registered_is_a_no_op_where_the_entry_point_is() -> None:
+    """The benchmarks call it on machines where the package may not be installed; here the entry
+    point provides the name, and a second registration (which Dynamo asserts against) never happens."""
+    from torch._dynamo.backends.registry import list_backends
+
+    backend.ensure_registered()
+    backend.ensure_registered()
+    assert "mixeddimkv" in list_backends(exclude_tags=())
+
+
+@pytest.mark.compile
+def test_torch_compile_wrapper_generate_compresses() -> None:
+    """`torch.compile(model, backend="mixeddimkv", options=...)` then `.generate()` on what it returns:
+    the eager MixedDimKV tokens and the compressed state's bytes (it used to run the plain model and
+    compress nothing); the model itself stays uncompiled."""
+    torch._dynamo.reset()
+    sites.reset_sites()
+    ref, ref_cache = eager_reference(8)
+    ref_bytes = ref_cache.stored_bytes()
+    model = build_tiny_model("llama").eval()
+    compiled = torch.compile(model, backend="mixeddimkv", options=OPTS)
+    assert torch.equal(compiled.generate(IDS, max_new_tokens=8, **GEN), ref)
+    assert backend.compiled_cache_bytes(OPTS, model) == ref_bytes > 0
+    assert model._compiled_call_impl is None
+    counters.clear()
+    assert torch.equal(compiled.generate(IDS, max_new_tokens=8, **GEN), ref)
+    assert counters["stats"]["unique_graphs"] == 0  # the second call reuses the compiled graphs
+
+
+@pytest.mark.compile
+def test_model_compile_generate_same_tokens_for_every_cache() -> None:
+    """`model.compile(backend="mixeddimkv")` + `generate()`: the default cache, transformers' static
+    cache (its decode step gets its mask as an input, which the finder trusts only knowing the
+    model's attention is causal: the backend hands it the compiled module) and, on a patched model,
+    an explicit fixed-region MixedDimCache all give the eager MixedDimKV tokens. The static cache
+    holds zero-stride placeholders instead of full-size buffers, and after the prefill nothing but
+    the compressed state (and one position per placeholder) is held."""
+    torch._dynamo.reset()
+    sites.reset_sites()
+    ref, ref_cache = eager_reference(8)
+    ref_bytes = ref_cache.stored_bytes()
+    model = build_tiny_model("llama").eval()
+    model.compile(backend="mixeddimkv", options=OPTS)
+    counters.clear()
+    assert torch.equal(model.generate(IDS, max_new_tokens=8, **GEN), ref)
+
+    out = model.generate(IDS, max_new_tokens=8, cache_implementation="static", return_dict_in_generate=True, **GEN)
+    assert torch.equal(out.sequences, ref)
+    prefill, decode = backend.LAST_REPORTS[-2:]
+    assert decode.rewritten == prefill.rewritten and len(decode.rewritten) == 2 and not decode.left
+    assert prefill.placeholders == prefill.rewritten == decode.placeholders and not prefill.kept_cache
+    cache = out.past_key_values
+    assert isinstance(cache, StaticCache) and cache.get_seq_length() == ref.shape[1] - 1
+    for t in cache_tensors(cache):  # generate() sizes it for the tokens it feeds (the last one is not)
+        assert t.shape[-2] == ref.shape[1] - 1 and t.stride(2) == 0
+    # What stays allocated: the compressed state (no view of the prompt's KV in it) and one position
+    # per placeholder.
+    layers = sites.site_layers(OPTS, model).values()
+    counts = sum(layer.selection_counts.nbytes for layer in layers)  # bookkeeping stored_bytes leaves out
+    assert held_bytes(*layers) == backend.compiled_cache_bytes(OPTS, model) + counts == ref_bytes + counts
+    assert held_bytes(cache) <= 2 * 2 * 16 * 4 * 2 + 64  # layers x k/v x (2 heads x d 16 x fp32), counters
+
+    # A second static generate() (a new StaticCache, as large as the largest so far): no new graphs.
+    graphs = counters["stats"]["unique_graphs"]
+    assert torch.equal(model.generate(IDS, max_new_tokens=8, cache_implementation="static", **GEN), ref)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert counters["stats"]["unique_graphs"] <= 7 and sum(counters["graph_break"].values()) == 0
+
+    # A MixedDimCache carries the state itself: the model must be patched (the attention is then ours,
+    # run outside the graph); unpatched, the cache refuses the second update.
+    patched = build_tiny_model("llama").eval()
+    cfg = mdkv.MixedDimKVConfig(**OPTS)
+    mdkv.patch(patched, cfg)
+    patched.compile(backend="mixeddimkv", options=OPTS)
+    cache = MixedDimCache(patched.config, cfg, max_new_tokens=16)
+    assert torch.equal(patched.generate(IDS, max_new_tokens=8, past_key_values=cache, **GEN), ref)
+    assert cache.prompt_stored_bytes() == ref_cache.prompt_stored_bytes()  # the regions differ
+    with pytest.raises(RuntimeError, match="mdkv.patch"):
+        model.generate(IDS, max_new_tokens=2, past_key_values=MixedDimCache(model.config, cfg), **GEN)
+
+
+@pytest.mark.compile
+def test_reduce_overhead_generate_with_static_cache(caplog: pytest.LogCaptureFixture) -> None:
+    """`mode="reduce-overhead"` + `generate(cache_implementation="static")`, the configuration that
+    crashed on the H200: the decode graph's sites are rewritten (its mask is an input) and the graph
+    goes to the backend's own capture (SiteGraphs; on CPU it calls Inductor's code directly), never to
+    Inductor's CUDA graphs; the fixed region has a slot per token generate() feeds; the default cache
+    gives the same tokens (without CUDA graphs, said in the log)."""
+    torch._dynamo.reset()
+    sites.reset_sites()
+    ref, _ = eager_reference(8)
+    model = build_tiny_model("llama").eval()
+    model.compile(backend="mixeddimkv", options={**OPTS, "mode": "reduce-overhead"})
+    with caplog.at_level(logging.WARNING, logger=backend.__name__):
+        assert torch.equal(model.generate(IDS, max_new_tokens=8, cache_implementation="static", **GEN), ref)
+    without = [r.getMessage() for r in caplog.records if "without CUDA graphs" in r.getMessage()]
+    assert len(without) == 1 and "a prompt step" in without[0]  # the decode graph is captured
+    decode = backend.LAST_REPORTS[-1]
+    assert decode.one_token == decode.rewritten and len(decode.rewritten) == 2
+    for key in decode.rewritten:
+        layer = sites.site_layer(key)
+        assert layer.max_new_tokens == layer.n_new == 7  # the last new token is not fed
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=backend.__name__):
+        assert torch.equal(model.generate(IDS, max_new_tokens=8, **GEN), ref)
+    assert any("concat-cache attention sites" in r.getMessage() for r in caplog.records)
+
+
+def test_fixed_region_cache_is_compileable() -> None:
+    model = build_tiny_model("llama")
+    assert MixedDimCache(model.config, max_new_tokens=4).is_compileable
+    assert not MixedDimCache(model.config).is_compileable
+
+
+@pytest.mark.compile
+def test_transformers_compile_config_with_fixed_region_cache() -> None:
+    """transformers' own decode-step compilation (`generate(..., compile_config=...)`, forced onto the
+    CPU) over a patched model and a MixedDimCache with a fixed decode region: the step is compiled
+    (the cache update and the attention run outside the graph), tokens equal the eager reference,
+    and longer generations add no graphs."""
+    torch._dynamo.reset()
+    ref, _ = eager_reference(20)
+    model = build_tiny_model("llama").eval()
+    cfg = mdkv.MixedDimKVConfig(**OPTS)
+    mdkv.patch(model, cfg)
+    config = CompileConfig(mode="default")
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    counters.clear()
+    cache = MixedDimCache(model.config, cfg, max_new_tokens=24)
+    out = model.generate(IDS, max_new_tokens=6, past_key_values=cache, compile_config=config, **GEN)
+    assert torch.equal(out, ref[:, : IDS.shape[1] + 6])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    cache = MixedDimCache(model.config, cfg, max_new_tokens=24)
+    assert torch.equal(model.generate(IDS, max_new_tokens=20, past_key_values=cache, compile_config=config, **GEN), ref)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_graphed_decoder_prefill_runs_in_inference_mode() -> None:
+    """`GraphedDecoder.from_prompt` prefills without autograd state (the README recipe without it kept
+    the prompt's whole autograd graph: 106 GiB against 11 on the H200). The replay needs CUDA."""
+    model = build_tiny_model("llama").eval()
+    cfg = mdkv.MixedDimKVConfig(**OPTS)
+    mdkv.patch(model, cfg)
+    cache = MixedDimCache(model.config, cfg, max_new_tokens=8)
+    decoder, logits = GraphedDecoder.from_prompt(model, cache, IDS)
+    assert logits.shape == (1, model.config.vocab_size) and logits.is_inference() and logits.grad_fn is None
+    assert decoder.length == IDS.shape[1] and cache.layers[0].store is not None
+    twin = build_tiny_model("llama").eval()  # the same weights (seeded)
+    mdkv.patch(twin, cfg)
+    with torch.no_grad():
+        cache = MixedDimCache(twin.config, cfg, max_new_tokens=8)
+        want = twin(IDS, past_key_values=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(logits, want)
