@@ -109,15 +109,20 @@ def second_moment_basis(second_moment: torch.Tensor) -> torch.Tensor:
     return vecs.flip(-1).float().contiguous()
 
 
-def save_calibrated(path: str | Path, key_bases: list[torch.Tensor], value_bases: list[torch.Tensor]) -> None:
-    """Write per-layer bases ([H, d, d] each) to a safetensors file."""
+def save_calibrated(
+    path: str | Path, key_bases: list[torch.Tensor], value_bases: list[torch.Tensor], layers: list[int] | None = None
+) -> None:
+    """Write per-layer bases ([H, d, d] each) to a safetensors file, for the model layers `layers`
+    (default 0, 1, ...: every layer is compressed)."""
     from safetensors.torch import save_file
 
+    layers = list(range(len(key_bases))) if layers is None else list(layers)
     tensors = {}
-    for layer, (kb, vb) in enumerate(zip(key_bases, value_bases, strict=True)):
+    for layer, kb, vb in zip(layers, key_bases, value_bases, strict=True):
         tensors[f"layer.{layer}.key"] = kb.float().contiguous()
         tensors[f"layer.{layer}.value"] = vb.float().contiguous()
-    save_file(tensors, str(path), metadata={"format": "mdkv-calibrated-basis", "layers": str(len(key_bases))})
+    meta = {"format": "mdkv-calibrated-basis", "layers": str(len(layers)), "layer_ids": ",".join(map(str, layers))}
+    save_file(tensors, str(path), metadata=meta)
 
 
 def load_calibrated(path: str | Path) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -133,6 +138,8 @@ def load_calibrated(path: str | Path) -> dict[int, tuple[torch.Tensor, torch.Ten
         meta = f.metadata() or {}
         if meta.get("format") != "mdkv-calibrated-basis":
             raise ValueError(f"{path} is not an mdkv calibrated-basis file (metadata {meta})")
-        for layer in range(int(meta["layers"])):
+        # files without "layer_ids" hold layers 0 .. layers - 1
+        ids = meta.get("layer_ids")
+        for layer in map(int, ids.split(",")) if ids else range(int(meta["layers"])):
             out[layer] = (f.get_tensor(f"layer.{layer}.key"), f.get_tensor(f"layer.{layer}.value"))
     return out

@@ -71,12 +71,14 @@ def calibrate(
         path,
         [second_moment_basis(moments[layer][0]) for layer in layers],
         [second_moment_basis(moments[layer][1]) for layer in layers],
+        layers,
     )
     return Path(path)
 
 
-# Bump when what `calibrate` computes changes, so cached files are refitted.
-CALIBRATION_VERSION = 1
+# Bump when what `calibrate` computes changes, so cached files are refitted. 2: files name the
+# layers they hold (a model whose compressed layers are not 0..L-1, Gemma 3, got them renumbered).
+CALIBRATION_VERSION = 2
 CHUNK_TOKENS = 2048
 
 
