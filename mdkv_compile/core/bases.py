@@ -7,6 +7,9 @@ Two sources:
   calibration text (`mdkv_compile.hf.calibrate.calibrate`) and saved as safetensors. Shared by
   every prompt, so it is reported beside the budget (`MixedDimCache.shared_bytes()`), like model
   weights.
+
+`oblique_basis` is the non-orthogonal kind: the best nested projection in another metric than the
+vectors' own (keys judged by the queries that read them, values by o_proj).
 """
 
 from __future__ import annotations
@@ -107,6 +110,24 @@ def second_moment_basis(second_moment: torch.Tensor) -> torch.Tensor:
     """Full ordered basis [.., d, d] from accumulated second moments."""
     _, vecs = torch.linalg.eigh(second_moment.double())
     return vecs.flip(-1).float().contiguous()
+
+
+def oblique_basis(
+    second_moment: torch.Tensor, metric: torch.Tensor, eps: float = 1e-2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nested projection of vectors x (second moment S [.., d, d]) that is best in the metric M
+    [.., d, d]: x_hat = A[:, :r] B[:, :r]^T x minimises E[(x - x_hat)^T M (x - x_hat)] for every r at
+    once, with A = M^(-1/2) U, B = M^(1/2) U and U the eigenvectors of M^(1/2) S M^(1/2), largest first.
+    Keys with M the queries' second moment: the logit error over those queries (query-whitened);
+    values with W_o^T W_o: the error after o_proj. Eigenvalues of M are floored at `eps` times their
+    mean, so a metric of lower rank still has an inverse root. Returns (synthesis A, analysis B)
+    [.., d, d] float32, A B^T = I: the store would keep B^T x and attention turn the query by A."""
+    vals, vecs = torch.linalg.eigh(metric.double())
+    vals = vals.clamp_min(eps * vals.mean(-1, keepdim=True).clamp_min(1e-30))
+    root = (vecs * vals.sqrt()[..., None, :]) @ vecs.transpose(-1, -2)
+    inv_root = (vecs * vals.rsqrt()[..., None, :]) @ vecs.transpose(-1, -2)
+    u = second_moment_basis(root @ second_moment.double() @ root).double()
+    return (inv_root @ u).float().contiguous(), (root @ u).float().contiguous()
 
 
 def save_calibrated(
