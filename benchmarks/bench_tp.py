@@ -54,6 +54,7 @@ def _generate(model, cfg: mdkv.MixedDimKVConfig, ids: torch.Tensor, new_tokens: 
         "gather_calls": GATHER_STATS["calls"],
         "gather_bytes": GATHER_STATS["bytes"],
         "selection": [layer.last_selection.cpu() for layer in layers],
+        "value_selection": [layer.last_value_selection.cpu() for layer in layers],
     }
 
 
@@ -117,8 +118,8 @@ def main() -> None:
             ref = _generate(model, config_for(spec), ids, args.new_tokens, sync=False)
             per_rank = [g[spec] for g in gathered]
             selection_equal = all(
-                torch.equal(torch.cat([r["selection"][i] for r in per_rank], dim=1), ref["selection"][i])
-                for i in range(len(ref["selection"]))
+                torch.equal(torch.cat([r[kind][i] for r in per_rank], dim=1), ref[kind][i])
+                for kind in ("selection", "value_selection") for i in range(len(ref["selection"]))
             )
             results[spec] = {
                 # Stored dims that occur (0 = evicted): whether reduced tiers were used at all.

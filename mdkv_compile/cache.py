@@ -128,12 +128,14 @@ class MixedDimLayer(CacheLayerMixin):
         self.store: PackedStore | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n_prompt = 0  # prompt positions (padding included) covered by the store
-        # What the policy chose: entries per dim (`selection_dims`, 0 = dropped) in `selection_counts`
-        # ([len(dims)] int64, on the device: no sync); with `record_selection`, also the dim of every
-        # prompt entry, `last_selection` [B, H, N] int64: 8 bytes per entry beside the store (at 128K
-        # tokens that is 25% of a 0.0625 store), so it is kept only on request.
+        # What the policy chose: entries per tier (`selection_dims`, 0 = dropped) in `selection_counts`
+        # ([tiers + 1] int64, on the device: no sync); with `record_selection`, also the key and the
+        # value dims of every prompt entry, `last_selection` and `last_value_selection` [B, H, N] int64:
+        # 16 bytes per entry beside the store (at 128K tokens that is half a 0.0625 store), so they are
+        # kept only on request.
         self.record_selection = record_selection
         self.last_selection: torch.Tensor | None = None
+        self.last_value_selection: torch.Tensor | None = None
         self.selection_dims: tuple[int | str, ...] = ()
         self.selection_counts: torch.Tensor | None = None
         # Decoded tokens: `n_new` of them (host count). With a fixed region (`max_new_tokens`), the
@@ -339,6 +341,7 @@ class MixedDimLayer(CacheLayerMixin):
             [((sel.chosen_dim == r) & (chosen_value == rv)).sum() for r, rv in tiers]
         )
         self.last_selection = sel.chosen_dim if self.record_selection else None
+        self.last_value_selection = chosen_value if self.record_selection else None
         self.n_prompt = n_tokens
         self.pending = None
         if self.max_new_tokens is not None:
@@ -400,7 +403,8 @@ class MixedDimCache(Cache):
     ) -> None:
         """`max_new_tokens`: give the decoded tokens a fixed region of that many slots per layer,
         written in place (static shapes: CUDA graphs); None grows it by concatenation.
-        `record_selection`: keep every prompt entry's chosen dim (`MixedDimLayer.last_selection`)."""
+        `record_selection`: keep every prompt entry's chosen key and value dims
+        (`MixedDimLayer.last_selection`, `last_value_selection`)."""
         cfg = MixedDimKVConfig() if cfg is None else cfg
         if not isinstance(cfg, MixedDimKVConfig):
             raise TypeError(f"MixedDimCache(config, cfg): cfg must be a MixedDimKVConfig, not {type(cfg).__name__}")

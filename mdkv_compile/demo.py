@@ -8,16 +8,14 @@ from the cache's tensors) against the full cache, and the wall time of prefill +
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from mdkv_compile.assets import check_model_source, haystack_text, load_model
 from mdkv_compile.cache import MixedDimCache
 from mdkv_compile.config import METHODS, MixedDimKVConfig
-from mdkv_compile.hf.calibrate import calibrate
+from mdkv_compile.hf.calibrate import calibrated_basis_file
 from mdkv_compile.hf.patch import patch, unpatch
 from mdkv_compile.methods import RECORDS
 from mdkv_compile.usage import as_usage_error, check, command, csv, device, fraction, positive_int, unit_interval
@@ -37,26 +35,13 @@ def build_prompt(tokenizer, haystack: str, n_tokens: int, depth: float, number: 
     ]
 
 
-def calibrate_on_unused_text(model, tokenizer, prompt_tokens: int) -> str:
-    """Calibrate key/value bases on essays the prompt does not contain (the haystack's tail)."""
-    ids = tokenizer(haystack_text(), add_special_tokens=False).input_ids
-    if len(ids) < prompt_tokens + 2048:
-        raise ValueError(f"haystack too short to calibrate outside a {prompt_tokens}-token prompt")
-    text = tokenizer.decode(ids[-2048:])
-    path = Path(tempfile.mkdtemp(prefix="mdkv-demo-")) / "basis.safetensors"
-    start = time.perf_counter()
-    calibrate(model, tokenizer, [text], path)
-    print(f"calibrated key/value bases on 2048 tokens outside the prompt in {time.perf_counter() - start:.1f} s")
-    return str(path)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=positive_int, default=2000, help="haystack length in tokens")
     parser.add_argument("--depth", type=unit_interval, default=0.5, help="needle position in the haystack (0..1)")
     parser.add_argument("--budget", type=fraction, default=0.1, help="fraction of the full KV cache to keep")
     parser.add_argument(
         "--methods", type=csv(str), default="full,snapkv,mixeddimkv,mixeddimkv+calibrated",
-        help="comma-separated methods; NAME+calibrated uses a basis calibrated on essays outside the prompt",
+        help="comma-separated methods; NAME+calibrated uses bases fitted on the essay held out of the haystack",
     )
     parser.add_argument("--model", default="smollm2", help="'smollm2' (the bundled GGUF) or an HF model path")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,18 +76,19 @@ def run(args: argparse.Namespace) -> int:
         raise as_usage_error(e) from None
     model, tokenizer = load_model(args.model, device=args.device)
     haystack = haystack_text()
-    # The prompt is cut from the haystack and calibration reads 2048 tokens after it.
-    needed = args.tokens + (2048 if any(name.endswith("+calibrated") for name, _ in configs) else 0)
     available = len(tokenizer(haystack, add_special_tokens=False).input_ids)
-    check(available >= needed, f"--tokens {args.tokens}: the haystack has {available} tokens, this run needs "
-          f"{needed}{' (2048 more to calibrate on)' if needed > args.tokens else ''}")
+    check(available >= args.tokens, f"--tokens {args.tokens}: the haystack has {available} tokens")
     input_ids = build_prompt(tokenizer, haystack, args.tokens, args.depth, number).to(args.device)
     print(f"model {args.model}, prompt {input_ids.shape[1]} tokens, needle {number!r} at depth {args.depth}")
     print(f"{'method':<23} {'budget':>7} {'stored KV':>12} {'full KV':>12} {'ratio':>7} {'time s':>7}  answer")
     basis_path = None
     for name, cfg in configs:
         if name.endswith("+calibrated"):
-            basis_path = basis_path or calibrate_on_unused_text(model, tokenizer, args.tokens)
+            if basis_path is None:
+                start = time.perf_counter()
+                basis_path = str(calibrated_basis_file(model, tokenizer, args.model))
+                print(f"calibrated bases (fitted on the essay held out of the haystack; cached): "
+                      f"{time.perf_counter() - start:.1f} s")
             cfg = cfg.replace(basis="calibrated", basis_path=basis_path)
         patch(model, cfg)
         cache = MixedDimCache(model.config, cfg)

@@ -431,6 +431,8 @@ CLI_CASES = [
     (["explain", "--arch", "llama", "--seq-len", "0"], "--seq-len"),
     (["bench", "--contexts", "a"], "--contexts"),
     (["bench", "--q-heads", "6", "--kv-heads", "4"], "--q-heads"),
+    (["bench", "--tiers", "128,64/x"], "--tiers"),
+    (["bench", "--tiers", "128/64,64"], "--tiers"),
     (["report", "{missing}"], "no results"),
     (["generate"], "--prompt"),
     (["generate", "--prompt", "hi", "--prompt-file", "{file}"], "--prompt-file"),

@@ -32,9 +32,11 @@ def _prompt(seed: int = 1, n: int = PROMPT) -> torch.Tensor:
 def exported(request, tmp_path_factory) -> tuple[str, torch.nn.Module, mdkv.MixedDimKVConfig, Path]:
     arch = request.param
     model = tiny_model(arch)
-    # budget 0.25 on a 256-token prompt: the tiny models store a mix of full and reduced tiers (on
-    # shorter prompts the per-prompt basis costs more than it saves and the policy only evicts)
-    cfg = mdkv.MixedDimKVConfig(budget=0.25)
+    # budget 0.5 on a 256-token prompt: the tiny models store a mix of full and reduced tiers, among
+    # them decoupled ones (16/8, 8/4) before a coupled one (2), so a tier starts at different offsets of
+    # the key and the value rows (at 0.25 they use the coupled tier only; on shorter prompts the
+    # per-prompt basis costs more than it saves and the policy only evicts)
+    cfg = mdkv.MixedDimKVConfig(budget=0.5)
     mdkv.patch(model, cfg)
     out = tmp_path_factory.mktemp(f"export_{arch}") / "decode"
     export_onnx(model, cfg, out, max_prompt_tokens=PROMPT, max_new_tokens=NEW_TOKENS)
@@ -58,12 +60,20 @@ def test_ort_greedy_matches_pytorch(exported) -> None:
 
 @pytest.mark.compile
 def test_prompt_store_uses_reduced_tiers(exported) -> None:
-    """The export's comparison above is only meaningful if the store really holds reduced tiers."""
+    """The export's comparison above is only meaningful if the store really holds reduced tiers: a
+    decoupled tier (keys and values at different dims) followed by a filled tier, where the key and
+    the value rows of the static layout part."""
     _, model, cfg, _ = exported
     cache = MixedDimCache(model.config, cfg)
     with torch.no_grad():
         model(input_ids=_prompt(), past_key_values=cache, use_cache=True)
-    assert any(len(layer.store.tier_dims) > 1 for layer in cache.layers)
+    parted = False
+    for layer in cache.layers:
+        store = layer.store
+        filled = [int(k.shape[0]) > 0 for k in store.keys]
+        decoupled = [rk != rv for rk, rv in store.tiers]
+        parted |= any(decoupled[t] and filled[t] and any(filled[t + 1 :]) for t in range(len(filled)))
+    assert parted
 
 
 @pytest.mark.compile
@@ -81,7 +91,10 @@ def test_checker_and_mdkv_nodes(exported) -> None:
     assert functions == {(DOMAIN, OP_NAME)}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["node"]["count"] == len(nodes)
-    assert manifest["tier_dims"] == [16, 8, 4, 2]
+    # the default tiers for head dim 16: (16, 8), (8, 4), (4, 2), (2, 2) after the full tier
+    assert manifest["tier_dims"] == attrs["tier_dims"] == [16, 16, 8, 4, 2]
+    assert manifest["value_dims"] == attrs["value_dims"] == [16, 8, 4, 2, 2]
+    assert manifest["format_version"] == 3
     assert manifest["versions"]["onnx"] == onnx.__version__
 
 
@@ -109,8 +122,8 @@ def test_cache_inputs_bytes_equal_static_store(exported) -> None:
     cache = MixedDimCache(model.config, cfg)
     with torch.no_grad():
         model(input_ids=_prompt(), past_key_values=cache, use_cache=True)
-    tier_dims = tuple(manifest["tier_dims"])
-    stores = [align_store(layer.store, tier_dims, manifest["capacity"]) for layer in cache.layers]
+    dims = tuple(manifest["tier_dims"]), tuple(manifest["value_dims"])
+    stores = [align_store(layer.store, dims[0], manifest["capacity"], dims[1]) for layer in cache.layers]
     store_bytes = sum(s.stored_bytes() for s in stores)
     assert graph_bytes == store_bytes == manifest["store_bytes"]
 
@@ -222,19 +235,30 @@ def test_smollm2_export_matches_pytorch(tmp_path) -> None:
 # --- the TensorRT plugin's kernel (runs without TensorRT: Triton on the GPU or its CPU interpreter)
 
 
-def _random_store(has_basis: bool, seed: int = 0):
+# (key dims, value dims) per tier of the random static stores: coupled; decoupled with a reduced tier
+# keeping every key coordinate, values narrower and wider than their keys, and a coupled one
+STORE_TIERS = {
+    "coupled": ((16, 8, 4, 2), (16, 8, 4, 2)),
+    "decoupled": ((16, 16, 8, 3, 2), (16, 8, 4, 6, 2)),
+    "full": ((16,), (16,)),
+}
+
+
+def _random_store(tiers: str, seed: int = 0):
     from mdkv_compile.core.static import StaticStore
 
     g = torch.Generator().manual_seed(seed)
     bsz, n_kv, d, cap = 2, 2, 16, 200
-    if has_basis:
-        tier_dims = (16, 8, 4, 2)
-        counts = torch.tensor([[3, 5, 2, 1], [0, 7, 0, 4], [4, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.int32)
-        basis = [torch.randn(bsz * n_kv, d, 8, generator=g) for _ in range(2)]
-    else:
-        tier_dims, counts, basis = (16,), torch.tensor([[3], [0], [12], [1]], dtype=torch.int32), [None, None]
+    tier_dims, value_dims = STORE_TIERS[tiers]
+    counts = [[3, 5, 2, 1, 4], [0, 7, 0, 4, 0], [4, 0, 0, 0, 9], [1, 1, 1, 1, 1]]
+    if len(tier_dims) == 1:
+        counts = [[3], [0], [12], [1]]
+    counts = torch.tensor(counts, dtype=torch.int32)[:, : len(tier_dims)]
+    basis = [None, None]
+    if len(tier_dims) > 1:
+        basis = [torch.randn(bsz * n_kv, d, max(dims[1:]), generator=g) for dims in (tier_dims, value_dims)]
     keys, values = (torch.randn(bsz * n_kv, cap, generator=g) for _ in range(2))
-    store = StaticStore(tier_dims, keys, values, counts, basis[0], basis[1], bsz, n_kv, d)
+    store = StaticStore(tier_dims, keys, values, counts, basis[0], basis[1], bsz, n_kv, d, value_dims)
     q = torch.randn(bsz, 2 * n_kv, 1, d, generator=g)
     region = [torch.randn(bsz, n_kv, 8, d, generator=g) for _ in range(2)]
     return q, store, region
@@ -248,19 +272,78 @@ def _to(store, device: str):
     return replace(store, **move)
 
 
-@pytest.mark.parametrize("has_basis", [True, False])
+@pytest.mark.parametrize("tiers", list(STORE_TIERS))
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_plugin_kernel_matches_attend_static(has_basis: bool, softcap: float | None) -> None:
+def test_plugin_kernel_matches_attend_static(tiers: str, softcap: float | None) -> None:
     from mdkv_compile.core.static import attend_static
     from mdkv_compile.kernels.static_decode import static_decode_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interpreter (conftest)
-    q, store, (kn, vn) = _random_store(has_basis)
+    q, store, (kn, vn) = _random_store(tiers)
     n_new = torch.tensor(3)
     ref = attend_static(q, store, kn, vn, n_new, 0.3, softcap)
     got = static_decode_attention(q.to(device), _to(store, device), kn.to(device), vn.to(device), n_new.to(device),
                                   0.3, softcap)
     assert (got.cpu() - ref).abs().max() < 1e-5
+
+
+def test_align_store_places_each_tier_by_its_pair() -> None:
+    """A store whose tiers are a subset of the export's, in another order: each goes to the export's
+    tier of the same (key dims, value dims); the aligned static store attends as the packed one."""
+    from mdkv_compile.core.attention import attend_packed
+    from mdkv_compile.core.packing import pack
+    from mdkv_compile.core.static import attend_static
+
+    g = torch.Generator().manual_seed(4)
+    bsz, n_kv, n, d = 1, 2, 40, 16
+    tiers = ((16, 16), (2, 4), (16, 8))  # not the export's order
+    export = ((16, 16), (16, 8), (8, 4), (4, 2), (2, 4))
+    key, value = (torch.randn(bsz, n_kv, n, d, generator=g) for _ in range(2))
+    bk = torch.linalg.qr(torch.randn(bsz * n_kv, d, d, generator=g))[0]
+    bv = torch.linalg.qr(torch.randn(bsz * n_kv, d, d, generator=g))[0][..., :8]
+    pick = torch.tensor([(0, 0), *tiers])[torch.randint(0, 4, (bsz, n_kv, n), generator=g)]
+    store = pack(key, value, pick[..., 0], tuple(rk for rk, _ in tiers), key @ bk.view(bsz, n_kv, d, d),
+                 value @ bv.view(bsz, n_kv, d, 8), bk, bv, value_dims=tuple(rv for _, rv in tiers),
+                 chosen_value_dim=pick[..., 1])
+    static = align_store(store, tuple(rk for rk, _ in export), 2 * n * d, tuple(rv for _, rv in export))
+    assert static.tier_dims == (16, 16, 8, 4, 2) and static.value_dims == (16, 8, 4, 2, 4)
+    assert static.basis_k.shape[-1] == 16 and static.basis_v.shape[-1] == 8
+    assert torch.equal(static.counts[:, [0, 4, 1]].long(), torch.stack([store.counts(t) for t in range(3)], 1))
+    assert (static.counts[:, 2:4] == 0).all()
+    q = torch.randn(bsz, 2 * n_kv, 1, d, generator=g)
+    kn, vn = (torch.randn(bsz, n_kv, 4, d, generator=g) for _ in range(2))
+    ref = attend_packed(q, store, kn[:, :, :3], vn[:, :, :3], scale=0.3)
+    torch.testing.assert_close(attend_static(q, static, kn, vn, torch.tensor(3), 0.3), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not know"):
+        align_store(store, (16, 16, 2), 2 * n * d)  # coupled (2, 2): not the store's (2, 4)
+
+
+@pytest.mark.compile
+def test_onnx_function_matches_attend_static_on_decoupled_store() -> None:
+    """The model-local function (attend_static in standard ops) on ONNX Runtime over a decoupled static
+    store: a reduced tier keeping every key coordinate, values narrower and wider than their keys."""
+    from onnx import TensorProto, helper
+
+    from mdkv_compile.backends.onnx.export import FUNCTION_INPUTS, OPSET, _function_proto
+    from mdkv_compile.core.static import attend_static
+
+    q, store, (kn, vn) = _random_store("decoupled")
+    n_new = torch.tensor(3)
+    example = [q, store.keys, store.values, store.counts, kn, vn, n_new, store.basis_k, store.basis_v]
+    attrs = dict(tier_dims=list(store.tier_dims), value_dims=list(store.value_dims), kv_heads=store.kv_heads,
+                 scale=0.3, softcap=0.0)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)]
+    types = {torch.float32: TensorProto.FLOAT, torch.int32: TensorProto.INT32, torch.int64: TensorProto.INT64}
+    inputs = [helper.make_tensor_value_info(name, types[t.dtype], list(t.shape))
+              for name, t in zip(FUNCTION_INPUTS, example, strict=True)]
+    node = helper.make_node(OP_NAME, FUNCTION_INPUTS, ["out"], domain=DOMAIN, **attrs, plugin_namespace="mdkv",
+                            plugin_version="1")
+    graph = helper.make_graph([node], "attn", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=opsets, functions=[_function_proto(example, attrs, opsets)])
+    session = ort.InferenceSession(model.SerializeToString())
+    (got,) = session.run(None, {name: t.numpy() for name, t in zip(FUNCTION_INPUTS, example, strict=True)})
+    ref = attend_static(q, store, kn, vn, n_new, 0.3)
+    assert (torch.from_numpy(got) - ref).abs().max() < 1e-5
 
 
 @pytest.mark.compile
@@ -274,7 +357,8 @@ def test_plugin_kernel_on_a_prompt_store(exported) -> None:
     cache = MixedDimCache(model.config, cfg)
     with torch.no_grad():
         model(input_ids=_prompt(), past_key_values=cache, use_cache=True)
-    store = align_store(cache.layers[0].store, tuple(manifest["tier_dims"]), manifest["capacity"])
+    store = align_store(cache.layers[-1].store, tuple(manifest["tier_dims"]), manifest["capacity"],
+                        tuple(manifest["value_dims"]))
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, model.config.num_attention_heads, 1, 16, generator=g)
     kn, vn = (torch.randn(1, 2, NEW_TOKENS, 16, generator=g) for _ in range(2))
@@ -291,15 +375,17 @@ def test_aot_ptx_compiles_without_a_gpu() -> None:
     """What the QDP aot_impl hands TensorRT: PTX of one kernel, no scratch buffers."""
     from mdkv_compile.kernels.static_decode import compile_ptx
 
-    name, ptx, threads, shared = compile_ptx((16, 8, 4, 2), 2, 0.25, 0.0)
-    assert name == "static_decode_kernel" and f".entry {name}(" in ptx and threads == 128
-    # inputs (9 pointers), CAP/NCAP/HQ (u32), output, then Triton's two scratch pointers
-    entry = ptx[ptx.index(f".entry {name}(") : ptx.index(")", ptx.index(f".entry {name}("))]
-    assert entry.count(".param .u64") == 12 and entry.count(".param .u32") == 3
+    for tier_dims, value_dims in (STORE_TIERS["coupled"], STORE_TIERS["decoupled"]):
+        name, ptx, threads, shared = compile_ptx(tier_dims, 2, 0.25, 0.0, value_dims=value_dims)
+        assert name == "static_decode_kernel" and f".entry {name}(" in ptx and threads == 128
+        # inputs (9 pointers), CAP/NCAP/HQ (u32), output, then Triton's two scratch pointers
+        entry = ptx[ptx.index(f".entry {name}(") : ptx.index(")", ptx.index(f".entry {name}("))]
+        assert entry.count(".param .u64") == 12 and entry.count(".param .u32") == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: launches the AOT PTX as TensorRT would")
-def test_aot_ptx_launch_matches_attend_static() -> None:
+@pytest.mark.parametrize("tiers", ["coupled", "decoupled"])
+def test_aot_ptx_launch_matches_attend_static(tiers: str) -> None:
     """Loads the AOT PTX with the CUDA driver and launches it with QDP's argument order (inputs,
     int32 scalars, output; Triton's scratch pointers null): the ABI TensorRT's AOT path relies on."""
     import ctypes
@@ -309,11 +395,12 @@ def test_aot_ptx_launch_matches_attend_static() -> None:
     from mdkv_compile.core.static import attend_static
     from mdkv_compile.kernels.static_decode import compile_ptx
 
-    q, store, (kn, vn) = _random_store(True)
+    q, store, (kn, vn) = _random_store(tiers)
     n_new = torch.tensor(3)
     ref = attend_static(q, store, kn, vn, n_new, 0.3)
     major, minor = torch.cuda.get_device_capability()
-    name, ptx, threads, shared = compile_ptx(store.tier_dims, store.kv_heads, 0.3, 0.0, "fp32", major * 10 + minor)
+    name, ptx, threads, shared = compile_ptx(store.tier_dims, store.kv_heads, 0.3, 0.0, "fp32", major * 10 + minor,
+                                             store.value_dims)
     torch.cuda.init()
     torch.zeros(1, device="cuda")  # make torch's primary context current
     err, module = cu.cuModuleLoadData(ptx.encode() + b"\0")

@@ -2,8 +2,8 @@
 
 The model is loaded with `from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))`
 (DTensor TP: each rank computes half of the attention heads) in two spawned processes, and every
-method is compared with a single-process run in this process: greedy tokens, the stored
-dimension of every prompt token of the rank's KV heads (pooled budgets are exact across ranks),
+method is compared with a single-process run in this process: greedy tokens, the stored key and
+value dims of every prompt token of the rank's KV heads (pooled budgets are exact across ranks),
 and each rank's `cache.stored_bytes()` against its share of the single-process store.
 """
 
@@ -85,6 +85,7 @@ def _run(model: torch.nn.Module, files: dict[str, str]) -> dict[str, dict]:
             "stored": cache.stored_bytes(),
             "full": cache.full_bytes(),
             "selection": [layer.last_selection.clone() for layer in layers],
+            "value_selection": [layer.last_value_selection.clone() for layer in layers],
             "layers": layers,
         }
     mdkv.unpatch(model)
@@ -125,8 +126,9 @@ def _expected_rank_bytes(layers: list[MixedDimLayer], shard: HeadShard) -> int:
         total += shard_store_bytes(
             layer.last_selection, store.tier_dims, store.head_dim, layer.keys.element_size(),
             basis_rows=store.basis_k.shape[0] if own_basis else 0,
-            r_max=0 if store.basis_k is None else store.basis_k.shape[-1],
+            basis_widths=(0, 0) if store.basis_k is None else (store.basis_k.shape[-1], store.basis_v.shape[-1]),
             has_basis_index=store.basis_index is not None, shard=shard,
+            value_dims=store.value_dims, chosen_value_dim=layer.last_value_selection,
         )
         total += 2 * layer.keys.numel() * layer.keys.element_size() // shard.world  # tokens after the prompt
     return total
@@ -163,8 +165,9 @@ def test_tp_matches_single_process(runs, name: str) -> None:
         res = by_case[name]
         shard = HeadShard(rank=rank, world=WORLD, total_heads=N_KV)
         assert res["tokens"] == ref["tokens"], f"rank {rank}: greedy tokens differ"
-        for layer_idx, (got, want) in enumerate(zip(res["selection"], ref["selection"], strict=True)):
-            torch.testing.assert_close(got, want[:, shard.heads], msg=f"rank {rank} layer {layer_idx}: allocation")
+        for kind in ("selection", "value_selection"):
+            for layer_idx, (got, want) in enumerate(zip(res[kind], ref[kind], strict=True)):
+                torch.testing.assert_close(got, want[:, shard.heads], msg=f"rank {rank} layer {layer_idx}: {kind}")
         assert res["stored"] == _expected_rank_bytes(ref["layers"], shard), f"rank {rank}: stored bytes"
         assert res["full"] * WORLD == ref["full"]
     # Bytes split across ranks up to the per-rank CSR offsets (int32, B*H/W + 1 per non-uniform tier).
@@ -184,3 +187,30 @@ def test_example_runs_under_torchrun() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 KV heads per rank" in proc.stdout
     assert "rank 0: stored" in proc.stdout and "rank 1: stored" in proc.stdout
+
+
+def test_shard_store_bytes_of_decoupled_tiers() -> None:
+    """What a rank's `pack` allocates for its heads of a single-process selection with decoupled tiers
+    (a tier shares its key dims with the full tier, so tokens are told apart by their value dims)."""
+    from mdkv_compile.core.packing import pack
+
+    gen = torch.Generator().manual_seed(3)
+    bsz, heads, n, d = 2, 4, 30, 16
+    tiers = ((16, 16), (16, 8), (4, 2), (2, 4))
+    shard = HeadShard(rank=1, world=2, total_heads=heads)
+    key, value = (torch.randn(bsz, heads, n, d, generator=gen) for _ in range(2))
+    pick = torch.tensor([(0, 0), *tiers])[torch.randint(0, len(tiers) + 1, (bsz, heads, n), generator=gen)]
+    basis_k = torch.randn(bsz * heads, d, 16, generator=gen)
+    basis_v = torch.randn(bsz * heads, d, 8, generator=gen)
+    local = shard.heads
+    own = torch.arange(bsz * heads).view(bsz, heads)[:, local].reshape(-1)
+    coef_k, coef_v = (torch.randn(bsz, shard.local_heads, n, r, generator=gen) for r in (16, 8))
+    store = pack(
+        key[:, local], value[:, local], pick[:, local, :, 0], tuple(rk for rk, _ in tiers), coef_k, coef_v,
+        basis_k[own], basis_v[own], value_dims=tuple(rv for _, rv in tiers), chosen_value_dim=pick[:, local, :, 1],
+    )
+    expected = shard_store_bytes(
+        pick[..., 0], store.tier_dims, d, 4, basis_rows=bsz * heads, basis_widths=(16, 8), has_basis_index=False,
+        shard=shard, value_dims=store.value_dims, chosen_value_dim=pick[..., 1],
+    )
+    assert expected == store.stored_bytes()

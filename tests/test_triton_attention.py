@@ -1,7 +1,8 @@
 """Decode attention over the packed store: the Triton kernels (compiled on a GPU, run by Triton's
 CPU interpreter elsewhere) and the pure-torch fallback, both against an independent float64
-reference that reconstructs every key and value (k_hat = basis_k[o][:, :r] @ c) and runs plain
-softmax attention owner by owner."""
+reference that reconstructs every key and value (k_hat = basis_k[o][:, :rk] @ c, v_hat =
+basis_v[o][:, :rv] @ c) and runs plain softmax attention owner by owner. A tier is a key width, or a
+(key width, value width) pair for the decoupled tiers."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def make_case(
     Hkv: int,
     G: int,
     d: int,
-    tiers: tuple[int, ...],
+    tiers: tuple[int | tuple[int, int], ...],
     max_count: int,
     n_new: int,
     n_cap: int,
@@ -40,8 +41,9 @@ def make_case(
     L: int = 1,
 ) -> dict:
     n_own = B * Hkv
+    pairs = [t if isinstance(t, tuple) else (t, t) for t in tiers]
     keys, vals, offs = [], [], []
-    for t, r in enumerate(tiers):
+    for t, (r, rv) in enumerate(pairs):
         counts = torch.randint(0, max_count + 1, (n_own,), generator=gen)
         counts[torch.randint(0, n_own, (1,), generator=gen)] = 0  # some owner has no token in this tier
         if t == 0:
@@ -52,12 +54,12 @@ def make_case(
         off[1:] = torch.cumsum(counts, 0)
         m = int(off[-1])
         keys.append((torch.randn(m, r, generator=gen) * (1.0 if t == 0 else 1.5)).to(dtype))
-        vals.append(torch.randn(m, r, generator=gen).to(dtype))
+        vals.append(torch.randn(m, rv, generator=gen).to(dtype))
         offs.append(off)
-    r_max = tiers[1] if len(tiers) > 1 else 0
-    if r_max:
-        bk = torch.linalg.qr(torch.randn(n_own, d, r_max, generator=gen, dtype=torch.float64))[0].to(dtype)
-        bv = torch.linalg.qr(torch.randn(n_own, d, r_max, generator=gen, dtype=torch.float64))[0].to(dtype)
+    if len(pairs) > 1:
+        rk_max, rv_max = max(r for r, _ in pairs[1:]), max(rv for _, rv in pairs[1:])
+        bk = torch.linalg.qr(torch.randn(n_own, d, rk_max, generator=gen, dtype=torch.float64))[0].to(dtype)
+        bv = torch.linalg.qr(torch.randn(n_own, d, rv_max, generator=gen, dtype=torch.float64))[0].to(dtype)
     else:
         bk = bv = None
     # the decoded region is a slice of a larger preallocated buffer: non-contiguous on purpose
@@ -99,9 +101,8 @@ def reference(c: dict, softcap: float | None = None) -> torch.Tensor:
                     ks.append(kc)
                     vs.append(vc)
                 else:
-                    r = kt.shape[1]
-                    ks.append(kc @ c["basis_k"][o, :, :r].double().cpu().T)
-                    vs.append(vc @ c["basis_v"][o, :, :r].double().cpu().T)
+                    ks.append(kc @ c["basis_k"][o, :, : kt.shape[1]].double().cpu().T)
+                    vs.append(vc @ c["basis_v"][o, :, : vt.shape[1]].double().cpu().T)
             K0, V0 = torch.cat(ks), torch.cat(vs)
             for l_ in range(L):
                 seen = n_new - L + l_ + 1
@@ -352,7 +353,9 @@ def test_cache_chunk_kernel_path_matches_attend_packed(max_new_tokens: int | Non
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(DEVICE)
 
-    cfg = MixedDimKVConfig(budget=0.25, method="mixeddimkv", window=8, min_compress_tokens=0)
+    # the default tiers are decoupled ((d, d/2) keeps every key coordinate); at this prompt length the
+    # prompt bases cost most of a 0.25 budget, so 0.5
+    cfg = MixedDimKVConfig(budget=0.5, method="mixeddimkv", window=8, min_compress_tokens=0)
     layer = MixedDimLayer(cfg, 0, 1, cfg.resolve_dims(d), max_new_tokens=max_new_tokens)
 
     def near_rank3() -> torch.Tensor:  # so the policy stores tokens at reduced dimensions
@@ -361,6 +364,7 @@ def test_cache_chunk_kernel_path_matches_attend_packed(max_new_tokens: int | Non
     layer.update(near_rank3(), near_rank3())
     layer.attend(randn(B, H * G, N, d), None, None, None)  # prefill: compresses
     assert layer.store is not None and len(layer.store.tier_dims) > 1, "want reduced tiers in the store"
+    assert (d, d // 2) in layer.store.tiers, "want a decoupled tier with every key coordinate"
     for L in (5, 1, 3):
         layer.update(randn(B, H, L, d), randn(B, H, L, d))
         q = randn(B, H * G, L, d)
@@ -377,3 +381,194 @@ def test_cache_chunk_kernel_path_matches_attend_packed(max_new_tokens: int | Non
         # attend: the PyTorch path on the CPU, the kernels on CUDA (the mask is causal)
         torch.testing.assert_close(layer.attend(q, mask, d**-0.5, None), ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer._attend_kernel(q, d**-0.5, None), ref, rtol=1e-4, atol=1e-5)
+
+
+# --- decoupled tiers: a reduced tier keeps its keys and values at different widths -------------------
+
+
+def random_tiers(gen: torch.Generator, d: int, n_red: int) -> tuple[tuple[int, int], ...]:
+    """The full tier, then n_red (1..4) distinct random (key width, value width) pairs in random order:
+    one keeps every key coordinate (rk = d), then one a value wider than its key, one a value narrower
+    than its key, one anything. Widths are not powers of 2 in general (masked loads)."""
+
+    def draw(lo: int, hi: int) -> int:  # uniform in lo..hi
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    pairs = [(d, draw(1, d - 1))]
+    while len(pairs) < n_red:
+        if len(pairs) == 1:
+            rk = draw(1, d - 1)
+            pair = (rk, draw(rk + 1, d))
+        elif len(pairs) == 2:
+            rk = draw(2, d)
+            pair = (rk, draw(1, rk - 1))
+        else:
+            pair = (draw(1, d), draw(1, d))
+        if pair != (d, d) and pair not in pairs:
+            pairs.append(pair)
+    order = torch.randperm(len(pairs), generator=gen).tolist()
+    return ((d, d), *(pairs[i] for i in order))
+
+
+def test_random_tiers_cover_the_decoupled_cases() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        tiers = random_tiers(gen, 32, 4)
+        assert tiers[0] == (32, 32) and len(set(tiers)) == 5
+        assert any(rk == 32 for rk, _ in tiers[1:])
+        assert any(rv < rk for rk, rv in tiers[1:]) and any(rv > rk for rk, rv in tiers[1:])
+
+
+DECOUPLED_CASES = [
+    # name, seed, B, Hkv, G, d, reduced tiers, max_count, n_new, n_cap, dtype, softcap
+    ("fp32_d32_4", 1, 2, 2, 3, 32, 4, 70, 5, 8, torch.float32, None),
+    ("fp32_d64_3_softcap", 2, 1, 2, 4, 64, 3, 90, 3, 4, torch.float32, 30.0),
+    ("fp32_d32_1_wide_key", 3, 2, 1, 2, 32, 1, 60, 0, 2, torch.float32, None),
+    ("bf16_d64_4", 4, 2, 2, 3, 64, 4, 80, 6, 8, torch.bfloat16, None),
+    ("fp16_d32_2", 5, 1, 3, 2, 32, 2, 50, 4, 5, torch.float16, None),
+]
+
+
+@pytest.mark.parametrize("case", DECOUPLED_CASES, ids=[c[0] for c in DECOUPLED_CASES])
+def test_decoupled_decode_and_chunk_match_float64_reference(case: tuple) -> None:
+    """Random decoupled tier sets (a key of every coordinate, values narrower and wider than their keys)
+    through the decode and chunk kernels with poisoned outputs and workspaces, and the pure-torch
+    fallback, against the float64 reference."""
+    name, seed, B, Hkv, G, d, n_red, max_count, n_new, n_cap, dtype, softcap = case
+    gen = torch.Generator().manual_seed(seed)
+    tiers = random_tiers(gen, d, n_red)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    c = make_case(gen, B, Hkv, G, d, tiers, max_count, n_new, n_cap, dtype)
+    ref = reference(c, softcap)
+    out = torch.full((B, Hkv * G, 1, d), float("nan"), dtype=dtype, device=DEVICE)
+    packed_decode_attention_triton(**c, softcap=softcap, out=out, poison_workspace=True)
+    assert torch.isfinite(out).all(), tiers
+    assert rel_err(out, ref) < tol, tiers
+    fallback = packed_attention_torch(**c, softcap=softcap, compute_dtype=torch.float64)
+    assert rel_err(fallback, ref) < (1e-7 if dtype == torch.float32 else 1e-2), tiers
+    L = 3
+    c = make_case(gen, B, Hkv, G, d, tiers, max_count, n_new + L, n_cap + L, dtype, L=L)
+    out = torch.full((B, Hkv * G, L, d), float("nan"), dtype=dtype, device=DEVICE)
+    packed_chunk_attention_triton(**c, softcap=softcap, out=out, poison_workspace=True)
+    assert torch.isfinite(out).all(), tiers
+    assert rel_err(out, reference(c, softcap)) < tol, tiers
+
+
+def _decoupled_core_store(gen: torch.Generator, B: int, H: int, N: int, d: int,
+                          tiers: tuple[tuple[int, int], ...], dtype: torch.dtype):
+    """A core PackedStore of random tokens, each in a random tier of `tiers` or evicted, packed by
+    core.packing.pack with per-token value dims."""
+    from mdkv_compile.core.packing import pack
+
+    key = torch.randn(B, H, N, d, generator=gen, dtype=torch.float64)
+    value = torch.randn(B, H, N, d, generator=gen, dtype=torch.float64)
+    rk_max, rv_max = max(rk for rk, _ in tiers[1:]), max(rv for _, rv in tiers[1:])
+    bk = torch.linalg.qr(torch.randn(B * H, d, d, generator=gen, dtype=torch.float64))[0][..., :rk_max]
+    bv = torch.linalg.qr(torch.randn(B * H, d, d, generator=gen, dtype=torch.float64))[0][..., :rv_max]
+    kc = torch.einsum("bhnd,bhdr->bhnr", key, bk.view(B, H, d, rk_max))
+    vc = torch.einsum("bhnd,bhdr->bhnr", value, bv.view(B, H, d, rv_max))
+    options = torch.tensor([(0, 0), *tiers])
+    pick = options[torch.randint(0, len(options), (B, H, N), generator=gen)]
+    pick[0, 0] = torch.tensor(tiers[-1])  # one owner holds a single reduced tier: empty slices elsewhere
+    return pack(key.to(dtype), value.to(dtype), pick[..., 0], tuple(rk for rk, _ in tiers), kc.to(dtype), vc.to(dtype),
+                bk.to(dtype), bv.to(dtype), value_dims=tuple(rv for _, rv in tiers), chosen_value_dim=pick[..., 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64_store", "float32_store"])
+def test_decoupled_store_matches_core_attend_packed(dtype: torch.dtype) -> None:
+    """A store packed by the core with decoupled tiers (the default kind, (d, d/2) among them, and
+    random ones) through `packed_store_attention` (the plan, the decode and the chunk kernels) against
+    `core.attention.attend_packed`; a uniform tier (no offsets) included. The kernels take float32
+    (float64 store: its float32 copy; attend_packed computes in float32 either way)."""
+    from mdkv_compile.config import MixedDimKVConfig
+    from mdkv_compile.core.attention import attend_packed
+    from mdkv_compile.core.packing import pack
+    from mdkv_compile.kernels.store_attention import StorePlan, packed_store_attention
+
+    gen = torch.Generator().manual_seed(29)
+    B, H, G, N, d, S = 2, 2, 2, 60, 32, 6
+    default = ((d, d), *MixedDimKVConfig().resolve_tiers(d))
+    assert any(rk != rv for rk, rv in default) and (d, d // 2) in default
+    for tiers in (default, random_tiers(gen, d, 4), random_tiers(gen, d, 2)):
+        store = _decoupled_core_store(gen, B, H, N, d, tiers, dtype)
+        assert store.tiers == tiers
+        q = torch.randn(B, H * G, 1, d, generator=gen, dtype=dtype)
+        k_new = torch.randn(B, H, S, d, generator=gen, dtype=dtype)
+        v_new = torch.randn(B, H, S, d, generator=gen, dtype=dtype)
+        ref = attend_packed(q, store, k_new, v_new, scale=d**-0.5).double()
+        if dtype == torch.float64:
+            store = _moved(store, dtype=torch.float32)
+            q, k_new, v_new = q.float(), k_new.float(), v_new.float()
+        plan = StorePlan.for_store(store)
+        assert [int(v.shape[1]) for v in plan.tier_values] == [rv for _, rv in tiers]
+        out = packed_store_attention(q.to(DEVICE), _moved(store, device=DEVICE), k_new.to(DEVICE), v_new.to(DEVICE))
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-5)
+        qc = torch.randn(B, H * G, 4, d, generator=gen).to(q.dtype)
+        ref_c = attend_packed(qc, store, k_new, v_new, scale=d**-0.5)  # causal, queries = last 4
+        out_c = packed_store_attention(qc.to(DEVICE), _moved(store, device=DEVICE), k_new.to(DEVICE), v_new.to(DEVICE))
+        torch.testing.assert_close(out_c.cpu(), ref_c, rtol=1e-4, atol=1e-5)
+    # every token in the (d, d/2) tier: a uniform tier, offsets None
+    key = torch.randn(1, H, N, d, generator=gen)
+    value = torch.randn(1, H, N, d, generator=gen)
+    bk = torch.linalg.qr(torch.randn(H, d, d, generator=gen))[0]
+    bv = bk[..., : d // 2].contiguous()
+    kc, vc = key @ bk.view(1, H, d, d), value @ bv.view(1, H, d, d // 2)
+    store_u = pack(key, value, torch.full((1, H, N), d), (d, d), kc, vc, bk, bv, value_dims=(d, d // 2),
+                   chosen_value_dim=torch.full((1, H, N), d // 2))
+    assert store_u.offsets[1] is None and store_u.keys[0].shape[0] == 0
+    q = torch.randn(1, H * G, 1, d, generator=gen)
+    k_new, v_new = torch.randn(1, H, 2, d, generator=gen), torch.randn(1, H, 2, d, generator=gen)
+    ref_u = attend_packed(q, store_u, k_new, v_new, scale=d**-0.5)
+    out_u = packed_store_attention(q.to(DEVICE), _moved(store_u, device=DEVICE), k_new.to(DEVICE), v_new.to(DEVICE))
+    torch.testing.assert_close(out_u.cpu(), ref_u, rtol=1e-4, atol=1e-5)
+
+
+def _moved(store, **to: object):
+    """The store with every tensor's floating data moved by `Tensor.to(**to)` (device, dtype)."""
+    import dataclasses
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return t.to(**to) if t.is_floating_point() else t.to(device=to.get("device", t.device))
+
+    return dataclasses.replace(store, keys=[move(k) for k in store.keys], values=[move(v) for v in store.values],
+                               offsets=[move(o) for o in store.offsets], basis_k=move(store.basis_k),
+                               basis_v=move(store.basis_v))
+
+
+def test_decoupled_fixed_region_reads_the_count_on_the_device() -> None:
+    """A decoupled store with the fixed decode region: n_decoded on the device, n_new the capacity."""
+    gen = torch.Generator().manual_seed(31)
+    tiers = random_tiers(gen, 32, 4)
+    c = make_case(gen, 2, 2, 3, 32, tiers, 40, 3, 6, torch.float32)
+    n_decoded = torch.tensor([c["n_new"]], dtype=torch.long, device=DEVICE)
+    args = {**c, "n_new": c["k_new"].shape[2]}
+    out = packed_decode_attention_triton(**args, out=torch.full_like(c["q"], float("nan")), poison_workspace=True,
+                                         n_decoded=n_decoded)
+    assert rel_err(out, reference(c)) < 1e-5, tiers
+    assert rel_err(packed_decode_attention(**args, n_decoded=n_decoded), reference(c)) < 1e-5  # through the op
+    n_decoded.fill_(6)
+    assert rel_err(packed_decode_attention(**args, n_decoded=n_decoded), reference({**c, "n_new": 6})) < 1e-5
+
+
+def test_plan_constexprs_of_coupled_and_decoupled_tiers() -> None:
+    """Coupled tiers give value slots equal to their key slots (so the kernel's value loads reuse the key
+    offsets, as before decoupling); decoupled ones get their own widths, and the merge's coefficient
+    vector is as wide as the widest value."""
+    from mdkv_compile.kernels.store_attention import StorePlan
+
+    gen = torch.Generator().manual_seed(37)
+    c = make_case(gen, 1, 2, 2, 64, (64, 32, 16, 8), 10, 1, 2, torch.float32)
+    plan = StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"], c["basis_v"])
+    cx = plan.tier_constexprs
+    assert all(cx[f"R{t}"] == cx[f"RV{t}"] and cx[f"BR{t}"] == cx[f"BRV{t}"] for t in range(1, 5))
+    assert [cx[f"BN{t}"] for t in range(1, 4)] == [128, 128, 128] and plan.rv_max_padded == 32
+    c = make_case(gen, 1, 2, 2, 64, ((64, 64), (64, 32), (32, 16), (8, 8)), 10, 1, 2, torch.float32)
+    plan = StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"], c["basis_v"])
+    cx = plan.tier_constexprs
+    assert [cx[f"R{t}"] for t in range(1, 4)] == [64, 32, 8] and [cx[f"RV{t}"] for t in range(1, 4)] == [32, 16, 8]
+    assert plan.rv_max == 32 and plan.rv_max_padded == 32 and plan.merge_basis[0] is plan.basis_v
+    with pytest.raises(ValueError, match="columns"):
+        StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"],
+                             c["basis_v"][..., :16])

@@ -65,7 +65,8 @@ def register_plugin() -> None:
         query: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc, counts: trtp.TensorDesc,
         key_new: trtp.TensorDesc, value_new: trtp.TensorDesc, n_new: trtp.TensorDesc,
         basis_k: trtp.TensorDesc, basis_v: trtp.TensorDesc,
-        tier_dims: npt.NDArray[np.int32], kv_heads: int, scale: float, softcap: float,
+        tier_dims: npt.NDArray[np.int32], value_dims: npt.NDArray[np.int32], kv_heads: int, scale: float,
+        softcap: float,
     ) -> trtp.TensorDesc:
         return query.like()
 
@@ -82,13 +83,14 @@ def register_plugin() -> None:
         query: trtp.TensorDesc, keys: trtp.TensorDesc, values: trtp.TensorDesc, counts: trtp.TensorDesc,
         key_new: trtp.TensorDesc, value_new: trtp.TensorDesc, n_new: trtp.TensorDesc,
         basis_k: trtp.TensorDesc, basis_v: trtp.TensorDesc,
-        tier_dims: npt.NDArray[np.int32], kv_heads: int, scale: float, softcap: float,
+        tier_dims: npt.NDArray[np.int32], value_dims: npt.NDArray[np.int32], kv_heads: int, scale: float,
+        softcap: float,
         outputs: tuple[trtp.TensorDesc], tactic: int,
     ):
-        dims = tuple(int(x) for x in tier_dims)
+        dims, vdims = tuple(int(x) for x in tier_dims), tuple(int(x) for x in value_dims)
         dtype = "fp32" if query.dtype == trt.float32 else "fp16"
         major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
-        name, ptx, threads, shared = compile_ptx(dims, kv_heads, scale, softcap, dtype, major * 10 + minor)
+        name, ptx, threads, shared = compile_ptx(dims, kv_heads, scale, softcap, dtype, major * 10 + minor, vdims)
         q = query.shape_expr
         launch = trtp.KernelLaunchParams()
         launch.grid_x = q[0] * q[1]  # one program per query head of each row

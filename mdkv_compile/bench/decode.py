@@ -5,7 +5,9 @@ One layer's decode attention at Llama-3-8B shapes (32 query heads, 8 KV heads, h
 * ``sdpa_full``: SDPA over the whole cache (context + decoded tokens);
 * ``sdpa_evict``: SDPA over an evicted cache of the same bytes as the packed store (budget x full);
 * ``packed``: our Triton kernels over a packed store at the same budget, the bytes split equally over
-  the tiers (default 128/64/32/16), the per-owner bases (``2 * d * r_max`` values) counted in it.
+  the tiers (default 128/64/32/16, keys and values at the same dims; ``--tiers`` takes ``rk/rv`` pairs,
+  and ``--tiers mixeddimkv`` the policy's default decoupled tiers at ``--head-dim``), the per-owner
+  bases (``d * (rk_max + rv_max)`` values) counted in it.
 
 SDPA runs twice per cache: with ``enable_gqa=True`` and with the GQA group folded into the query
 length (``q.view(B, H_kv, G, d)``: the same function for one decode token, and what FlashAttention
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from mdkv_compile.bench import e2e as bench_e2e
+from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.attention import causal_mask
 from mdkv_compile.kernels import store_attention as ta
 from mdkv_compile.kernels._triton import interpreting, next_pow2, sm_count
@@ -52,6 +55,15 @@ def _ints_text(text: str) -> str:
 
 def _ints_or_empty_text(text: str) -> str:
     return _ints_text(text) if text.strip() else text
+
+
+def _tiers_text(text: str) -> str:
+    """--tiers checked (see `parse_tiers`) and kept as text: it resolves against --head-dim later."""
+    if text != "mixeddimkv":
+        for item in csv(str)(text):
+            for part in item.split("/", 1):
+                positive_int(part)
+    return text
 
 
 def _shapes_text(text: str) -> str:
@@ -77,8 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated prompt lengths")
     parser.add_argument("--batches", type=_ints_text, default="1,4,16,32,64", help="comma-separated batch sizes")
     parser.add_argument("--budget", type=fraction, default=0.0625, help="stored bytes / full-cache bytes")
-    parser.add_argument("--tiers", type=_ints_text, default="128,64,32,16",
-                        help="tier dims, full first; equal bytes each")
+    parser.add_argument(
+        "--tiers", type=_tiers_text, default="128,64,32,16",
+        help="tiers, full first, equal bytes each: a dim (keys and values) or KEY/VALUE dims, e.g. "
+        "128,128/64,64/32,32/16,16/16; 'mixeddimkv': the full tier and the policy's default tiers at --head-dim",
+    )
     parser.add_argument("--q-heads", type=positive_int, default=32)
     parser.add_argument("--kv-heads", type=positive_int, default=8)
     parser.add_argument("--head-dim", type=positive_int, default=128)
@@ -107,9 +122,10 @@ def _check_args(args: argparse.Namespace) -> None:
     writable_file(args.out, "--out")
     check(args.q_heads % args.kv_heads == 0,
           f"--q-heads {args.q_heads} is not a multiple of --kv-heads {args.kv_heads} (GQA groups)")
-    tiers = csv(positive_int)(args.tiers)
-    check(tiers[0] == args.head_dim and all(t <= args.head_dim for t in tiers),
-          f"--tiers {args.tiers}: the first tier is the full --head-dim {args.head_dim}, the others smaller")
+    d = args.head_dim
+    tiers = parse_tiers(args.tiers, d)
+    check(tiers[0] == (d, d) and all(max(t) <= d for t in tiers),
+          f"--tiers {args.tiers}: the first tier is the full --head-dim {d} (keys and values), the others no wider")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,28 +133,49 @@ def _check_args(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def tier_counts(n_ctx: int, budget: float, tiers: list[int], d: int, itemsize: int) -> tuple[list[int], int]:
+Tier = tuple[int, int]  # (key dims, value dims)
+
+
+def parse_tiers(spec: str, d: int) -> list[Tier]:
+    """--tiers: 'mixeddimkv', or comma-separated items 'r' (keys and values at r dims) or 'rk/rv'."""
+    if spec == "mixeddimkv":
+        return [(d, d), *MixedDimKVConfig().resolve_tiers(d)]
+    tiers = []
+    for item in filter(None, spec.split(",")):
+        rk, _, rv = item.partition("/")
+        tiers.append((int(rk), int(rv or rk)))
+    return tiers
+
+
+def tier_counts(n_ctx: int, budget: float, tiers: list[Tier], d: int, itemsize: int) -> tuple[list[int], int]:
     """Tokens per owner in each tier so that tiers + bases fit budget * full bytes, equal bytes per tier."""
     full = 2 * n_ctx * d * itemsize
     allowed = budget * full
-    r_max = tiers[1] if len(tiers) > 1 else 0
-    basis = 2 * d * r_max * itemsize
+    basis = d * sum(_basis_widths(tiers)) * itemsize
     offsets = 4 * len(tiers)  # one int32 offset per tier per owner
     per_tier = (allowed - basis - offsets) / len(tiers)
-    counts = [int(per_tier // (2 * r * itemsize)) for r in tiers]
-    used = sum(c * 2 * r * itemsize for c, r in zip(counts, tiers, strict=True)) + basis + offsets
+    counts = [int(per_tier // ((rk + rv) * itemsize)) for rk, rv in tiers]
+    used = sum(c * (rk + rv) * itemsize for c, (rk, rv) in zip(counts, tiers, strict=True)) + basis + offsets
     assert used <= allowed
     return counts, int(used)
 
 
+def _basis_widths(tiers: list[Tier]) -> tuple[int, int]:
+    """(rk_max, rv_max) of the reduced tiers (tiers[1:]); (0, 0) without one."""
+    if len(tiers) < 2:
+        return 0, 0
+    return max(rk for rk, _ in tiers[1:]), max(rv for _, rv in tiers[1:])
+
+
 def make_packed(
-    B: int, Hkv: int, d: int, tiers: list[int], counts: list[int], n_new: int, dtype: torch.dtype,
+    B: int, Hkv: int, d: int, tiers: list[Tier], counts: list[int], n_new: int, dtype: torch.dtype,
     gen: torch.Generator, dev: str, jitter: bool = False,
 ) -> dict[str, Any]:
-    """A packed store with the given tokens per owner in each tier (optionally random per owner)."""
+    """A packed store with the given tokens per owner in each tier (optionally random per owner).
+    Coupled tiers draw the same random numbers as before value dims existed (rows stay reproducible)."""
     n_own = B * Hkv
     keys, vals, offs = [], [], []
-    for r, c in zip(tiers, counts, strict=True):
+    for (rk, rv), c in zip(tiers, counts, strict=True):
         if jitter:
             cnt = torch.randint(0, 2 * c + 1, (n_own,), generator=gen, device=dev)
         else:
@@ -146,14 +183,14 @@ def make_packed(
         off = torch.zeros(n_own + 1, dtype=torch.int32, device=dev)
         off[1:] = torch.cumsum(cnt, 0)
         m = int(off[-1])
-        keys.append(torch.randn(m, r, generator=gen, device=dev, dtype=dtype))
-        vals.append(torch.randn(m, r, generator=gen, device=dev, dtype=dtype))
+        keys.append(torch.randn(m, rk, generator=gen, device=dev, dtype=dtype))
+        vals.append(torch.randn(m, rv, generator=gen, device=dev, dtype=dtype))
         offs.append(off)
-    r_max = tiers[1] if len(tiers) > 1 else 0
+    rk_max, rv_max = _basis_widths(tiers)
     bk = bv = None
-    if r_max:
-        bk = torch.linalg.qr(torch.randn(n_own, d, r_max, generator=gen, device=dev))[0].to(dtype).contiguous()
-        bv = torch.linalg.qr(torch.randn(n_own, d, r_max, generator=gen, device=dev))[0].to(dtype).contiguous()
+    if rk_max:
+        bk = torch.linalg.qr(torch.randn(n_own, d, rk_max, generator=gen, device=dev))[0].to(dtype).contiguous()
+        bv = torch.linalg.qr(torch.randn(n_own, d, rv_max, generator=gen, device=dev))[0].to(dtype).contiguous()
     return dict(
         tier_keys=keys, tier_values=vals, tier_offsets=offs, basis_k=bk, basis_v=bv,
         k_new=torch.randn(B, Hkv, max(n_new, 1), d, generator=gen, device=dev, dtype=dtype),
@@ -180,18 +217,31 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
+# Correctness cases: name, B, Hkv, G, d, tiers (--tiers syntax), counts, n_new, dtype, softcap, jitter.
+CHECK_CASES = [
+    ("small_fp32", 2, 2, 3, 64, "64,32,16,8", [40, 60, 90, 120], 5, torch.float32, None, True),
+    ("small_bf16_softcap", 2, 2, 3, 64, "64,32,16,8", [40, 60, 90, 120], 5, torch.bfloat16, 20.0, True),
+    ("small_fp16_full_only", 3, 2, 4, 64, "64", [300], 0, torch.float16, None, True),
+    ("llama_8k_bf16", 2, 8, 4, 128, "128,64,32,16", [111, 223, 447, 895], 32, torch.bfloat16, None, False),
+]
+# Decoupled tiers (a key of every coordinate, values narrower and wider than their keys), drawn from
+# their own generator so the cases above and the timed rows get the inputs they always had.
+DECOUPLED_CHECK_CASES = [
+    ("decoupled_fp32", 2, 2, 3, 64, "64,64/32,32/16,12/40,8/8", [40, 60, 90, 120, 50], 5, torch.float32, None,
+     True),
+    ("decoupled_bf16_softcap", 2, 2, 3, 64, "64,64/32,16/8,8/8", [40, 60, 90, 120], 5, torch.bfloat16, 20.0, True),
+    ("llama_8k_bf16_mixeddimkv", 2, 8, 4, 128, "mixeddimkv", [111, 150, 300, 600, 1200], 32, torch.bfloat16, None,
+     False),
+]
+
+
 def correctness(dev: str, gen: torch.Generator, log: list[str]) -> list[dict[str, Any]]:
     """Triton vs the float64 torch version on the GPU; poisoned output; fresh inputs per case."""
     rows = []
-    cases = [
-        ("small_fp32", 2, 2, 3, 64, [64, 32, 16, 8], [40, 60, 90, 120], 5, torch.float32, None, True),
-        ("small_bf16_softcap", 2, 2, 3, 64, [64, 32, 16, 8], [40, 60, 90, 120], 5, torch.bfloat16, 20.0, True),
-        ("small_fp16_full_only", 3, 2, 4, 64, [64], [300], 0, torch.float16, None, True),
-        ("llama_8k_bf16", 2, 8, 4, 128, [128, 64, 32, 16], [111, 223, 447, 895], 32, torch.bfloat16, None,
-         False),
-    ]
-    for name, B, Hkv, G, d, tiers, counts, n_new, dtype, softcap, jitter in cases:
-        p = make_packed(B, Hkv, d, tiers, counts, n_new, dtype, gen, dev, jitter=jitter)
+    decoupled_gen = torch.Generator(device=dev).manual_seed(1)
+    cases = [(c, gen) for c in CHECK_CASES] + [(c, decoupled_gen) for c in DECOUPLED_CHECK_CASES]
+    for (name, B, Hkv, G, d, spec, counts, n_new, dtype, softcap, jitter), gen in cases:
+        p = make_packed(B, Hkv, d, parse_tiers(spec, d), counts, n_new, dtype, gen, dev, jitter=jitter)
         q = torch.randn(B, Hkv * G, 1, d, generator=gen, device=dev, dtype=dtype)
         out = torch.full((B, Hkv * G, 1, d), float("nan"), device=dev, dtype=dtype)
         ta.packed_decode_attention_triton(q, **p, scale=d**-0.5, softcap=softcap, out=out, poison_workspace=True)
@@ -218,11 +268,19 @@ def _ref_f64(q: torch.Tensor, p: dict[str, Any], scale: float, softcap: float | 
 
 
 def compile_check(dev: str, gen: torch.Generator, log: list[str]) -> dict[str, Any]:
-    """torch.compile(fullgraph) over the registered op: same result, kernels inlined by Inductor."""
+    """torch.compile(fullgraph) over the registered op: same result, kernels inlined by Inductor; for
+    coupled tiers and (key ``decoupled``, from its own generator) decoupled ones."""
+    res = _compile_case(dev, gen, "64,32,16", log)
+    res["decoupled"] = _compile_case(dev, torch.Generator(device=dev).manual_seed(2), "64,64/32,16/8,8/16", log)
+    return res
+
+
+def _compile_case(dev: str, gen: torch.Generator, spec: str, log: list[str]) -> dict[str, Any]:
     from torch._inductor.utils import run_and_get_code
 
     B, Hkv, G, d = 2, 2, 3, 64
-    p = make_packed(B, Hkv, d, [64, 32, 16], [30, 50, 70], 4, torch.bfloat16, gen, dev, jitter=True)
+    tiers = parse_tiers(spec, d)
+    p = make_packed(B, Hkv, d, tiers, [30, 50, 70, 40][: len(tiers)], 4, torch.bfloat16, gen, dev, jitter=True)
     q = torch.randn(B, Hkv * G, 1, d, generator=gen, device=dev, dtype=torch.bfloat16)
 
     def f(q: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
@@ -238,7 +296,7 @@ def compile_check(dev: str, gen: torch.Generator, log: list[str]) -> dict[str, A
                    extern_op_call="torch.ops.mdkv.packed_decode_attention" in src, seconds=time.time() - t0)
     except Exception as e:  # report, don't hide: the table still runs
         res = dict(ok=False, error=f"{type(e).__name__}: {e}"[:2000], seconds=time.time() - t0)
-    log.append(f"compile check: {res}")
+    log.append(f"compile check ({spec}): {res}")
     return res
 
 
@@ -372,11 +430,12 @@ def bench_shape(B: int, n_ctx: int, args: argparse.Namespace, gen: torch.Generat
     Hq, Hkv, d, nn = args.q_heads, args.kv_heads, args.head_dim, args.n_new
     dtype = torch.bfloat16
     it = 2
-    tiers = [int(x) for x in args.tiers.split(",")]
+    tiers = parse_tiers(args.tiers, d)
     counts, used_per_owner = tier_counts(n_ctx, args.budget, tiers, d, it)
     n_keep = int(args.budget * n_ctx)  # evicted cache of equal bytes: budget * full bytes / token bytes
     full_cache = 2 * B * Hkv * (n_ctx + nn) * d * it
-    row: dict[str, Any] = dict(batch=B, context=n_ctx, n_new=nn, tier_dims=tiers, tier_counts=counts,
+    row: dict[str, Any] = dict(batch=B, context=n_ctx, n_new=nn, tier_dims=[rk for rk, _ in tiers],
+                               value_dims=[rv for _, rv in tiers], tier_counts=counts,
                                evict_tokens=n_keep, budget=args.budget)
     if full_cache / 2**30 > args.max_gib:
         row["skipped"] = f"full cache {full_cache / 2**30:.1f} GiB > --max-gib"
@@ -450,7 +509,7 @@ def _sweep_shape(n_ctx: int, B: int, args: argparse.Namespace, gen: torch.Genera
     """CUDA-graph medians of the configurations one knob group at a time, bytes read, bandwidth, the
     best configuration, and SDPA over an evicted cache of equal bytes."""
     Hq, Hkv, d, nn = args.q_heads, args.kv_heads, args.head_dim, args.n_new
-    tiers = [int(x) for x in args.tiers.split(",")]
+    tiers = parse_tiers(args.tiers, d)
     n_sm = sm_count(torch.device(dev))
     t_shape = time.time()
     counts, _ = tier_counts(n_ctx, args.budget, tiers, d, 2)
@@ -524,7 +583,7 @@ def chunk_rows(args: argparse.Namespace, gen: torch.Generator, dev: str, bw: flo
     them) after a compressed prompt of --chunk-context tokens, against SDPA over the full cache and over
     an evicted cache of equal bytes with the same causal chunk."""
     Hq, Hkv, d, n_ctx = args.q_heads, args.kv_heads, args.head_dim, args.chunk_context
-    tiers = [int(x) for x in args.tiers.split(",")]
+    tiers = parse_tiers(args.tiers, d)
     counts, _ = tier_counts(n_ctx, args.budget, tiers, d, 2)
     n_keep = int(args.budget * n_ctx)
     rows = []
@@ -579,7 +638,8 @@ def chunk_rows(args: argparse.Namespace, gen: torch.Generator, dev: str, bw: flo
 def _dry_run_args(args: argparse.Namespace) -> None:
     """Tiny shapes for a CPU run under the interpreter: every code path, nothing timed."""
     args.q_heads, args.kv_heads, args.head_dim, args.n_new = 4, 2, 32, 3
-    args.tiers = "32,16,8"
+    if args.tiers != "mixeddimkv":  # the policy's tiers resolve at the dry run's head dim
+        args.tiers = "32,16,8"
     args.contexts, args.batches = "512", "1"
     args.sweep_shapes = "512x2"
     args.chunk_context, args.chunk_batches = 512, "1"
@@ -621,7 +681,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if not args.no_compile_check:
         result["compile"] = compile_check(dev, gen, log)
-        print(log[-1], flush=True)
+        print("\n".join(log[-2:]), flush=True)  # the coupled and the decoupled case
     result["copy_bandwidth"] = copy_bandwidth(dev) if dev == "cuda" else dict(tb_s=1.0, note="dry run: not measured")
     bw = result["copy_bandwidth"]["tb_s"]
     print(f"copy bandwidth {bw:.3f} TB/s", flush=True)

@@ -72,24 +72,29 @@ def local_heads(x: torch.Tensor, shard: HeadShard, dim: int = 1) -> torch.Tensor
 
 
 def shard_store_bytes(chosen_dim: torch.Tensor, tier_dims: tuple[int, ...], head_dim: int, itemsize: int,
-                      basis_rows: int, r_max: int, has_basis_index: bool, shard: HeadShard) -> int:
+                      basis_rows: int, basis_widths: tuple[int, int], has_basis_index: bool, shard: HeadShard,
+                      value_dims: tuple[int, ...] | None = None, chosen_value_dim: torch.Tensor | None = None) -> int:
     """Bytes `core.packing.pack` allocates on `shard`'s rank for a single-process selection
-    `chosen_dim` [B, H, N] (for tests and benchmarks: what each rank should hold).
+    `chosen_dim` [B, H, N] of key dims and `chosen_value_dim` of value dims over tiers of
+    (`tier_dims`, `value_dims`) (None: values at the key dims) (for tests and benchmarks: what each
+    rank should hold).
 
-    `basis_rows`: rows of the single-process prompt basis (0 for none or a calibrated one). The
-    split is exact for tier payloads, bases and the basis index; the CSR offsets are per rank
-    (B*H/W + 1 int32 each), and a tier can be uniform on one rank but not on the whole model.
+    `basis_rows`: rows of the single-process prompt basis (0 for none or a calibrated one), of
+    `basis_widths` = (basis_k, basis_v) columns. The split is exact for tier payloads, bases and the
+    basis index; the CSR offsets are per rank (B*H/W + 1 int32 each), and a tier can be uniform on one
+    rank but not on the whole model.
     """
     sel = local_heads(chosen_dim, shard)
+    sel_v = sel if chosen_value_dim is None else local_heads(chosen_value_dim, shard)
     owners = sel.shape[0] * sel.shape[1]
     total = 0
-    for r in tier_dims:
-        counts = (sel == r).reshape(owners, -1).sum(-1)
-        total += int(counts.sum()) * r * itemsize * 2
+    for r, rv in zip(tier_dims, tier_dims if value_dims is None else value_dims, strict=True):
+        counts = ((sel == r) & (sel_v == rv)).reshape(owners, -1).sum(-1)
+        total += int(counts.sum()) * (r + rv) * itemsize
         if not bool((counts == counts[0]).all()):
             total += (owners + 1) * 4
     if basis_rows:
-        total += basis_rows // shard.world * head_dim * r_max * itemsize * 2
+        total += basis_rows // shard.world * head_dim * sum(basis_widths) * itemsize
     if has_basis_index:
         total += owners * 4
     return total

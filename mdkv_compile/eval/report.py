@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mdkv_compile.config import METHODS
-from mdkv_compile.eval.runner import read_results
+from mdkv_compile.eval.runner import read_results, tier_order
 from mdkv_compile.eval.tasks import TASKS
 from mdkv_compile.usage import as_usage_error, command, output_folder
 
@@ -156,12 +156,12 @@ class Table:
 
 
 def _dims_text(rs: list[dict[str, Any]]) -> str:
-    """Mean share of prompt entries per stored dimension, e.g. `0: 75%, 16: 10%, 64: 15%`."""
+    """Mean share of prompt entries per stored tier, e.g. `0: 75%, 16/8: 10%, 64: 15%`."""
     fr = [r["dim_fractions"] for r in rs if r.get("dim_fractions")]
     if not fr:
         return "-"
-    dims = sorted({int(d) for f in fr for d in f})
-    return ", ".join(f"{d}: {100 * sum(f.get(str(d), 0.0) for f in fr) / len(fr):.0f}%" for d in dims)
+    tiers = sorted({t for f in fr for t in f}, key=tier_order)
+    return ", ".join(f"{t}: {100 * sum(f.get(t, 0.0) for f in fr) / len(fr):.0f}%" for t in tiers)
 
 
 def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:

@@ -255,18 +255,24 @@ def stop_token_ids(model: Any, tok: Any) -> set[int]:
     return ids
 
 
+def tier_order(label: str) -> tuple[int, int]:
+    """Sort key of a tier label ("0", "64", or "key dims/value dims" such as "64/32")."""
+    key, _, value = label.partition("/")
+    return int(key), int(value or key)
+
+
 def dim_fractions(cache: Any) -> dict[str, float] | None:
-    """Share of prompt (token, KV head) entries stored at each dimension, over all layers, from
-    the layers' `selection_counts` (None for caches without them). Shows whether a method really
-    mixed dimensions or fell back to eviction ({0, d} only)."""
-    totals: dict[int, int] = {}
+    """Share of prompt (token, KV head) entries stored in each tier ("0" dropped, "r" both at r dims,
+    "rk/rv"), over all layers, from the layers' `selection_counts` (None for caches without them).
+    Shows whether a method really mixed dimensions or fell back to eviction ({0, d} only)."""
+    totals: dict[str, int] = {}
     for layer in getattr(cache, "layers", []):
-        for dim, n in (layer.selection_summary() if hasattr(layer, "selection_summary") else {}).items():
-            totals[dim] = totals.get(dim, 0) + n
+        for tier, n in (layer.selection_summary() if hasattr(layer, "selection_summary") else {}).items():
+            totals[str(tier)] = totals.get(str(tier), 0) + n
     total = sum(totals.values())
     if not total:
         return None
-    return {str(dim): round(n / total, 5) for dim, n in sorted(totals.items()) if n}
+    return {tier: round(totals[tier] / total, 5) for tier in sorted(totals, key=tier_order) if totals[tier]}
 
 
 def cache_bytes(cache: Any) -> tuple[int | None, int | None]:

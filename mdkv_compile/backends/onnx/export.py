@@ -4,7 +4,8 @@ What is exported: one decode step (one new token per row) as a fixed-shape graph
 
     inputs   input_ids [B, 1] int64, position_ids [B, 1] int64, n_new [] int64,
              per layer l: store.{l}.keys/values [B*H, capacity], store.{l}.counts [B*H, T] int32,
-             (store.{l}.basis_k/basis_v [B*H, d, r_max] when the method stores reduced tiers),
+             (store.{l}.basis_k [B*H, d, rk_max], store.{l}.basis_v [B*H, d, rv_max] when the method
+             stores reduced tiers),
              new.{l}.keys/values [B, H, new_capacity, d]
     outputs  logits [B, 1, V], n_new_out [] int64 (= n_new + 1),
              new_out.{l}.keys/values [B, H, new_capacity, d] (the region with this token written)
@@ -64,7 +65,9 @@ OPSET = 20
 EXPORT_ATTN = "mdkv_export"
 FORMAT = "mdkv-onnx-decode"
 # 2: the manifest holds the sha256 of every file and of itself, and the config's min_compress_tokens.
-FORMAT_VERSION = 2
+# 3: the node and the manifest carry value_dims beside tier_dims (a tier's keys and values may keep
+# different dims).
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 
 
@@ -88,18 +91,21 @@ def _attention_op(
     basis_k: torch.Tensor | None,
     basis_v: torch.Tensor | None,
     tier_dims: list[int],
+    value_dims: list[int],
     kv_heads: int,
     scale: float,
     softcap: float,
 ) -> torch.Tensor:
     store = StaticStore(
-        tuple(tier_dims), keys, values, counts, basis_k, basis_v, query.shape[0], kv_heads, query.shape[-1]
+        tuple(tier_dims), keys, values, counts, basis_k, basis_v, query.shape[0], kv_heads, query.shape[-1],
+        tuple(value_dims),
     )
     return attend_static(query, store, key_new, value_new, n_new, scale, softcap or None)
 
 
 @_attention_op.register_fake
-def _(query, keys, values, counts, key_new, value_new, n_new, basis_k, basis_v, tier_dims, kv_heads, scale, softcap):
+def _(query, keys, values, counts, key_new, value_new, n_new, basis_k, basis_v, tier_dims, value_dims, kv_heads, scale,
+      softcap):
     return torch.empty_like(query)
 
 
@@ -129,7 +135,8 @@ def _register_schema() -> None:
             ("L", ["tensor(int64)"], "new tokens held"),
         ],
         attributes=[
-            attr("tier_dims", types.INTS, "stored dims per tier, full tier first"),
+            attr("tier_dims", types.INTS, "stored key dims per tier, full tier first"),
+            attr("value_dims", types.INTS, "stored value dims per tier, full tier first"),
             attr("kv_heads", types.INT, "key/value heads"),
             attr("scale", types.FLOAT, "logit scale"),
             attr("softcap", types.FLOAT, "logit soft cap (0: none)"),
@@ -149,14 +156,14 @@ def _translation():
 
     def mdkv_attention(
         query, keys, values, counts, key_new, value_new, n_new, basis_k=None, basis_v=None,
-        tier_dims=(), kv_heads: int = 1, scale: float = 1.0, softcap: float = 0.0,
+        tier_dims=(), value_dims=(), kv_heads: int = 1, scale: float = 1.0, softcap: float = 0.0,
     ):
         inputs = [query, keys, values, counts, key_new, value_new, n_new]
         if basis_k is not None:
             inputs += [basis_k, basis_v]
         return opset.MixedDimKVAttention(
-            *inputs, tier_dims=list(tier_dims), kv_heads=kv_heads, scale=float(scale), softcap=float(softcap),
-            plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+            *inputs, tier_dims=list(tier_dims), value_dims=list(value_dims), kv_heads=kv_heads, scale=float(scale),
+            softcap=float(softcap), plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
         )
 
     return {torch.ops.mdkv_export.attention.default: mdkv_attention}
@@ -174,7 +181,7 @@ def _export_attention(module, query, key, value, attention_mask, scaling=None, d
     s = layer.store
     out = torch.ops.mdkv_export.attention(
         query, s.keys, s.values, s.counts, layer.key_new, layer.value_new, layer.n_new,
-        s.basis_k, s.basis_v, list(s.tier_dims), s.kv_heads,
+        s.basis_k, s.basis_v, list(s.tier_dims), list(s.value_dims), s.kv_heads,
         float(scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])), float(softcap or 0.0),
     )
     return out.transpose(1, 2).contiguous(), None
@@ -224,11 +231,12 @@ def _make_cache(stores: list[StaticStore], regions: list[tuple[torch.Tensor, tor
 class DecodeStep(torch.nn.Module):
     """One decode step of `model` over flat fixed-shape cache tensors (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, tier_dims: tuple[int, ...], has_basis: bool) -> None:
+    def __init__(self, model: torch.nn.Module, tiers: tuple[tuple[int, int], ...]) -> None:
         super().__init__()
         self.model = model
         self.num_layers, _, self.kv_heads, self.head_dim = model_dims(model.config)
-        self.tier_dims, self.has_basis = tier_dims, has_basis
+        self.tier_dims, self.value_dims = _split(tiers)
+        self.has_basis = len(tiers) > 1
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, n_new: torch.Tensor, *cache: torch.Tensor):
         per = 7 if self.has_basis else 5
@@ -236,7 +244,7 @@ class DecodeStep(torch.nn.Module):
         for i in range(self.num_layers):
             t = cache[i * per : (i + 1) * per]
             stores.append(StaticStore.from_tensors(
-                list(t[: per - 2]), self.tier_dims, input_ids.shape[0], self.kv_heads, self.head_dim
+                list(t[: per - 2]), self.tier_dims, input_ids.shape[0], self.kv_heads, self.head_dim, self.value_dims
             ))
             regions.append((t[per - 2], t[per - 1]))
         cache_obj = _make_cache(stores, regions, n_new)
@@ -250,40 +258,71 @@ class DecodeStep(torch.nn.Module):
 # Layout shared by export and runtime.
 
 
-def export_tier_dims(cfg: MixedDimKVConfig, head_dim: int) -> tuple[int, ...]:
-    """Every tier a prompt's store can have: the full dim, then the reduced candidates descending
-    (eviction methods store only the full tier, so their exports carry no basis inputs)."""
+def export_tiers(cfg: MixedDimKVConfig, head_dim: int) -> tuple[tuple[int, int], ...]:
+    """Every tier a prompt's store can have, as (key dims, value dims): the full tier, then the
+    config's reduced tiers in the policy's order, descending (eviction methods store only the full
+    tier, so their exports carry no basis inputs)."""
+    full = ((head_dim, head_dim),)
     if not RECORDS[cfg.method].stores_reduced_tiers:
-        return (head_dim,)
-    dims = cfg.resolve_dims(head_dim)
-    return (head_dim, *sorted((r for r in dims if 0 < r < head_dim), reverse=True))
+        return full
+    return full + tuple(sorted(cfg.resolve_tiers(head_dim), reverse=True))
 
 
-def align_store(store: PackedStore, tier_dims: tuple[int, ...], capacity: int) -> StaticStore:
-    """A prompt's packed store in the export's fixed layout: its tiers (a subset of `tier_dims`)
-    placed at their columns, empty tiers with count 0, bases zero-padded to r_max."""
-    missing = set(store.tier_dims) - set(tier_dims)
+def _split(tiers: tuple[tuple[int, int], ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(tier_dims, value_dims) of (key dims, value dims) pairs."""
+    return tuple(rk for rk, _ in tiers), tuple(rv for _, rv in tiers)
+
+
+def _basis_widths(tiers: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """(rk_max, rv_max): the export's basis columns, the widest reduced key and value."""
+    return max(rk for rk, _ in tiers[1:]), max(rv for _, rv in tiers[1:])
+
+
+def align_store(
+    store: PackedStore, tier_dims: tuple[int, ...], capacity: int, value_dims: tuple[int, ...] | None = None
+) -> StaticStore:
+    """A prompt's packed store in the export's fixed layout: tier t of the export keeps
+    (tier_dims[t], value_dims[t]) dims (value_dims None: the same as tier_dims); the store's tiers (a
+    subset) go to theirs, the others are empty (count 0), bases zero-padded to the export's rk_max
+    and rv_max."""
+    tiers = tuple(zip(tier_dims, tier_dims if value_dims is None else value_dims, strict=True))
+    missing = set(store.tiers) - set(tiers)
     if missing:
-        raise ValueError(f"store has tiers {sorted(missing)} the export does not know (export tiers {tier_dims})")
+        raise ValueError(f"store has tiers {sorted(missing)} (key dims, value dims) the export does not know "
+                         f"(export tiers {tiers})")
     try:
-        st = to_static(store, capacity)
+        st = to_static(_with_tiers(store, tiers), capacity)
     except ValueError as e:
         raise ValueError(f"{e}: the prompt needs a larger export (raise --capacity or shorten the prompt)") from e
-    owners = st.keys.shape[0]
-    counts = torch.zeros(owners, len(tier_dims), dtype=torch.int32, device=st.counts.device)
-    for t, r in enumerate(store.tier_dims):
-        counts[:, tier_dims.index(r)] = st.counts[:, t]
-    # Tiers are laid out in descending dim order in both lists, so the row data is already right.
-    basis_k = basis_v = None
-    if len(tier_dims) > 1:
-        r_max, d = tier_dims[1], store.head_dim
-        basis_k = torch.zeros(owners, d, r_max, dtype=st.keys.dtype, device=st.keys.device)
-        basis_v = torch.zeros_like(basis_k)
-        if st.basis_k is not None and st.basis_v is not None:
-            r = min(r_max, st.basis_k.shape[-1])
-            basis_k[..., :r] = st.basis_k[..., :r]
-            basis_v[..., :r] = st.basis_v[..., :r]
-    return StaticStore(tier_dims, st.keys, st.values, counts, basis_k, basis_v, st.batch, st.kv_heads, st.head_dim)
+    if len(tiers) == 1:
+        return dataclasses.replace(st, basis_k=None, basis_v=None)
+    basis_k, basis_v = (_padded_basis(b, store.owners, store.head_dim, r, st.keys)
+                        for b, r in zip((st.basis_k, st.basis_v), _basis_widths(tiers), strict=True))
+    return dataclasses.replace(st, basis_k=basis_k, basis_v=basis_v)
+
+
+def _with_tiers(store: PackedStore, tiers: tuple[tuple[int, int], ...]) -> PackedStore:
+    """The store with exactly `tiers`, in that order (tiers it lacks empty): `to_static` lays rows out
+    tier after tier, so the export's order decides where each tier starts."""
+    index = {pair: t for t, pair in enumerate(store.tiers)}
+    ref = store.keys[0]
+    keys, values, offsets = [], [], []
+    for rk, rv in tiers:
+        t = index.get((rk, rv))
+        keys.append(ref.new_empty(0, rk) if t is None else store.keys[t])
+        values.append(store.values[0].new_empty(0, rv) if t is None else store.values[t])
+        offsets.append(None if t is None else store.offsets[t])
+    return dataclasses.replace(store, tier_dims=_split(tiers)[0], value_dims=_split(tiers)[1], keys=keys,
+                               values=values, offsets=offsets)
+
+
+def _padded_basis(basis: torch.Tensor | None, owners: int, d: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """[owners, d, width]: the basis's first columns, zeros past them (and everywhere without one)."""
+    out = torch.zeros(owners, d, width, dtype=like.dtype, device=like.device)
+    if basis is not None:
+        r = min(width, basis.shape[-1])
+        out[..., :r] = basis[..., :r]
+    return out
 
 
 def cache_names(num_layers: int, has_basis: bool) -> tuple[list[str], list[str]]:
@@ -299,15 +338,18 @@ def cache_names(num_layers: int, has_basis: bool) -> tuple[list[str], list[str]]
 
 
 def default_capacity(cfg: MixedDimKVConfig, head_dim: int, max_prompt_tokens: int, slack: float = 2.0) -> int:
-    """Units per (row, KV head) owner: `slack` x the budget's average share of a max-length prompt
-    (head-aware methods give some heads more than the average), and at least what a prompt the
-    config keeps whole needs (the window and sinks, a prompt of `min_compress_tokens`); at most
-    the full prompt."""
+    """Elements per (row, KV head) owner in each of the key and the value buffer: `slack` x the
+    budget's average share of a max-length prompt (head-aware methods give some heads more than the
+    average), and at least what a prompt the config keeps whole needs (the window and sinks, a prompt
+    of `min_compress_tokens`); at most the full prompt. A buffer's share of the budget is its side of
+    the widest-sided tier (half when every tier keeps keys and values at the same dims; 2/3 with a
+    (d, d/2) tier, all of whose tokens may be chosen)."""
     full = max_prompt_tokens * head_dim
     if cfg.budget is None or cfg.method == "full":
         return full
+    share = max(max(rk, rv) / (rk + rv) for rk, rv in export_tiers(cfg, head_dim))
     kept_whole = max(cfg.window + cfg.sinks, cfg.min_compress_tokens)
-    tokens = max(int(math.ceil(slack * cfg.budget * full / head_dim)), kept_whole)
+    tokens = max(int(math.ceil(slack * 2 * share * cfg.budget * full / head_dim)), kept_whole)
     return min(full, tokens * head_dim)
 
 
@@ -484,14 +526,18 @@ def _versions() -> dict[str, str]:
 
 
 class _AttendStatic(torch.nn.Module):
-    def __init__(self, tier_dims: tuple[int, ...], kv_heads: int, scale: float, softcap: float) -> None:
+    def __init__(
+        self, tier_dims: tuple[int, ...], value_dims: tuple[int, ...], kv_heads: int, scale: float, softcap: float
+    ) -> None:
         super().__init__()
-        self.tier_dims, self.kv_heads, self.scale, self.softcap = tier_dims, kv_heads, scale, softcap
+        self.tier_dims, self.value_dims = tier_dims, value_dims
+        self.kv_heads, self.scale, self.softcap = kv_heads, scale, softcap
 
     def forward(self, query, keys, values, counts, key_new, value_new, n_new, *basis):
         b = list(basis) or [None, None]
         store = StaticStore(
-            self.tier_dims, keys, values, counts, b[0], b[1], query.shape[0], self.kv_heads, query.shape[-1]
+            self.tier_dims, keys, values, counts, b[0], b[1], query.shape[0], self.kv_heads, query.shape[-1],
+            self.value_dims,
         )
         return attend_static(query, store, key_new, value_new, n_new, self.scale, self.softcap or None)
 
@@ -506,7 +552,9 @@ def _function_proto(example: list[torch.Tensor], attrs: dict[str, Any], opset_im
     import onnx.inliner
     from onnx import helper
 
-    mod = _AttendStatic(tuple(attrs["tier_dims"]), attrs["kv_heads"], attrs["scale"], attrs["softcap"]).eval()
+    mod = _AttendStatic(
+        tuple(attrs["tier_dims"]), tuple(attrs["value_dims"]), attrs["kv_heads"], attrs["scale"], attrs["softcap"]
+    ).eval()
     names = FUNCTION_INPUTS[: len(example)]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "attn.onnx"
@@ -521,7 +569,7 @@ def _function_proto(example: list[torch.Tensor], attrs: dict[str, Any], opset_im
     return helper.make_function(
         DOMAIN, OP_NAME, [i.name for i in g.input], [o.name for o in g.output], nodes,
         opset_imports=[o for o in opset_imports if o.domain in ("", "ai.onnx")],
-        attributes=["tier_dims", "kv_heads", "scale", "softcap", "plugin_namespace", "plugin_version"],
+        attributes=["tier_dims", "value_dims", "kv_heads", "scale", "softcap", "plugin_namespace", "plugin_version"],
         doc_string="attend_static in standard ONNX ops: fallback for runtimes without the mdkv kernel",
     )
 
@@ -530,22 +578,23 @@ def _function_proto(example: list[torch.Tensor], attrs: dict[str, Any], opset_im
 
 
 def example_stores(
-    model: torch.nn.Module, batch: int, capacity: int, tier_dims: tuple[int, ...]
+    model: torch.nn.Module, batch: int, capacity: int, tiers: tuple[tuple[int, int], ...]
 ) -> list[StaticStore]:
     """Zero stores of the export shapes (the exporter only needs shapes and dtypes)."""
     n_layers, _, n_kv, d = model_dims(model.config)
     dtype, device = model.dtype, model.device
     owners = batch * n_kv
+    tier_dims, value_dims = _split(tiers)
+
+    def zeros(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
     out = []
     for _ in range(n_layers):
-        basis = (
-            torch.zeros(owners, d, tier_dims[1], dtype=dtype, device=device) if len(tier_dims) > 1 else None
-        )
+        bases = [zeros(owners, d, r) for r in _basis_widths(tiers)] if len(tiers) > 1 else [None, None]
         out.append(StaticStore(
-            tier_dims, torch.zeros(owners, capacity, dtype=dtype, device=device),
-            torch.zeros(owners, capacity, dtype=dtype, device=device),
-            torch.zeros(owners, len(tier_dims), dtype=torch.int32, device=device),
-            basis, None if basis is None else basis.clone(), batch, n_kv, d,
+            tier_dims, zeros(owners, capacity), zeros(owners, capacity), zeros(owners, len(tiers), dtype=torch.int32),
+            bases[0], bases[1], batch, n_kv, d, value_dims,
         ))
     return out
 
@@ -576,14 +625,15 @@ def export_onnx(
     _check_exportable(model, cfg, out_dir, overwrite)
     out_dir = Path(out_dir).expanduser().resolve()
     n_layers, n_heads, n_kv, d = model_dims(model.config)
-    tier_dims = export_tier_dims(cfg, d)
-    has_basis = len(tier_dims) > 1
+    tiers = export_tiers(cfg, d)
+    tier_dims, value_dims = _split(tiers)
+    has_basis = len(tiers) > 1
     capacity = capacity or default_capacity(cfg, d, max_prompt_tokens)
     if capacity < 1 or max_new_tokens < 1 or batch < 1:
         raise ExportError("capacity, max_new_tokens and batch must be positive")
 
     dtype, device = model.dtype, model.device
-    stores = example_stores(model, batch, capacity, tier_dims)
+    stores = example_stores(model, batch, capacity, tiers)
     # Distinct tensors everywhere: torch.export treats one tensor passed twice as aliased inputs
     # and traces a graph that reads the same buffer for both.
     regions = [
@@ -603,7 +653,7 @@ def export_onnx(
     from transformers import AttentionInterface
 
     AttentionInterface.register(EXPORT_ATTN, _export_attention)
-    step = DecodeStep(model, tier_dims, has_basis).eval()
+    step = DecodeStep(model, tiers).eval()
     orig_impl = model.config._attn_implementation
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # A sibling of the export's own (absolute) path, made with the user's umask (mkdtemp's 0700
@@ -633,7 +683,7 @@ def export_onnx(
                 raise ExportError(
                     f"layers disagree on attention attributes ({attrs} vs {other}); one function cannot serve both"
                 )
-        attrs["tier_dims"] = list(attrs["tier_dims"])
+        attrs["tier_dims"], attrs["value_dims"] = list(attrs["tier_dims"]), list(attrs["value_dims"])
         q_example = torch.zeros(batch, n_heads, 1, d, dtype=dtype, device=device)
         fn_example = [q_example, *stores[0].tensors()[:3], regions[0][0], regions[0][1], n_new + 1]
         if has_basis:
@@ -659,6 +709,7 @@ def export_onnx(
             "method": cfg.method,
             "budget": cfg.budget,
             "tier_dims": list(tier_dims),
+            "value_dims": list(value_dims),
             "capacity": capacity,
             "new_capacity": max_new_tokens,
             "max_prompt_tokens": max_prompt_tokens,

@@ -66,6 +66,7 @@ class OnnxGenerator:
             raise ExportError(f"{self.dir / 'manifest.json'}: its config is not one this mdkv-compile reads ({e}); "
                               "export again") from None
         self.tier_dims = tuple(m["tier_dims"])
+        self.value_dims = tuple(m["value_dims"])
         self.num_layers = m["model"]["num_layers"]
         self.has_basis = len(self.tier_dims) > 1
         self.model = model if model is not None else self._load_prefill_model()
@@ -112,7 +113,7 @@ class OnnxGenerator:
         for layer in cache.layers:
             if not isinstance(layer, MixedDimLayer) or layer.store is None:
                 raise RuntimeError("prefill left a layer uncompressed; the export expects every layer compressed")
-            static = align_store(layer.store, self.tier_dims, m["capacity"])
+            static = align_store(layer.store, self.tier_dims, m["capacity"], self.value_dims)
             stores.append([_np(t) for t in static.tensors()])
         return out.logits[:, -1].float().cpu(), stores
 

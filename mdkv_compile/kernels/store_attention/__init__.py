@@ -7,19 +7,20 @@ version), op.py (the registered ops and ``packed_store_attention``).
 
 Decode, one query token per sequence. A small product and two launches:
 
-0. ``q_rot = q @ basis_k[o]`` for every owner (``torch.matmul``, ``[owners, G, r_max]``): the query is
+0. ``q_rot = q @ basis_k[o]`` for every owner (``torch.matmul``, ``[owners, G, rk_max]``): the query is
    rotated once, never a key.
 1. ``_packed_decode_split``: grid ``(B * H_kv, S, 1 + T_red)``. Program ``(o, s, t)`` serves owner ``o``
    (one KV head of one sequence) for *all* query heads of its GQA group (rows of a ``[GP, d]`` tile,
    ``GP`` the group padded to 16 so ``tl.dot`` can use the tensor cores), the ``s``-th of ``S`` equal
    slices of one region: ``t = 0`` the full tier plus the decoded region ``k_new[:, :, :n_new]``
    (both full width, merged in-program), ``t >= 1`` reduced tier ``t``, attended in its own
-   coefficient space with ``q_rot[:, :r_t]``. Each program writes one online-softmax partial
-   ``(m, l, acc)``; for a reduced tier ``acc`` is in coefficient space, ``[G, r_t]``.
+   coefficient space: its keys hold ``rk_t`` coordinates (``q_rot[:, :rk_t]``, ``rk_t`` up to ``d``), its
+   values ``rv_t`` (either may be the wider). Each program writes one online-softmax partial
+   ``(m, l, acc)``; for a reduced tier ``acc`` is in value coefficient space, ``[G, rv_t]``.
 2. ``_packed_decode_merge``: grid ``(B * H_kv, G)``, one query head per program. Log-sum-exp merge of
    the ``S x (1 + T_red)`` partials (no atomics, deterministic), reading splits in chunks; the value
-   coefficients of all reduced tiers are summed in one ``[r_max]`` vector (zero-padded) and rotated
-   back once with ``basis_v[o]``, then normalised and written.
+   coefficients of all reduced tiers are summed in one ``[rv_max]`` vector (zero-padded) and rotated
+   back once with ``basis_v[o]`` (``[d, rv_max]``), then normalised and written.
 
 Precision: inputs bf16 / fp16 / fp32; every dot product accumulates in fp32 (``ieee`` for fp32 inputs,
 so fp32 results match a float64 reference to ~1e-6); probabilities and ``q_rot`` are rounded to the
@@ -27,7 +28,8 @@ input dtype before their products, as in FlashAttention.
 
 The op ``mdkv::packed_decode_attention`` is a ``torch.library.triton_op`` (Inductor sees both kernels
 through ``wrap_triton``: verified on an H200, docs/notes/kernel_notes.md) taking the tiers as ``Tensor[]``
-lists: the full tier first, then at most ``MAX_REDUCED_TIERS`` reduced ones, largest first. On a CPU
+lists: the full tier first, then at most ``MAX_REDUCED_TIERS`` reduced ones (any order; each tier's key
+and value widths are its tensors' widths, so the schema needs no dims). On a CPU
 tensor (and no ``TRITON_INTERPRET=1``) it runs ``packed_attention_torch``, a vectorised
 pure-torch version that is also traceable. Versions and measurements: docs/notes/kernel_notes.md.
 

@@ -137,19 +137,18 @@ def _launch(
         ml, acc, coef,
         scale * LOG2E, scale, float(softcap) if has_cap else 1.0,
         NUM_RED=plan.n_reduced, **plan.tier_constexprs,
-        R_MAX=plan.r_max_padded, D=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n,
+        RV_MAX=plan.rv_max_padded, D=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n,
         HAS_SOFTCAP=has_cap, DOT_PREC=q.dtype == torch.float32, INTERP=interpreting(),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         **row_constexprs,
     )
     # the decode merge serves any number of rows per owner: rows = G (decode) or G * L (chunk)
     basis_v, stride_bo, stride_bd = plan.merge_basis
+    value_widths = {f"RV{t}": plan.tier_constexprs[f"RV{t}"] for t in range(1, jit.MAX_REDUCED_TIERS + 1)}
     wrap(jit._packed_decode_merge)[(split.owners, split.rows)](
         ml, acc, coef, basis_v, stride_bo, stride_bd, out, split.rows, split.splits,
-        NUM_RED=plan.n_reduced,
-        R1=plan.tier_constexprs["R1"], R2=plan.tier_constexprs["R2"], R3=plan.tier_constexprs["R3"],
-        R4=plan.tier_constexprs["R4"],
-        R_MAX=plan.r_max_padded, GP=split.rows_padded, D=plan.head_dim, BLOCK_D=plan.block_d,
+        NUM_RED=plan.n_reduced, **value_widths, RV_TOP=plan.rv_max, RV_MAX=plan.rv_max_padded,
+        GP=split.rows_padded, D=plan.head_dim, BLOCK_D=plan.block_d,
         BLOCK_REG=next_pow2(max(2, plan.n_reduced + 1)), BLOCK_S=tuning.merge_block_s,
         num_warps=4,
     )
@@ -172,7 +171,7 @@ def _output(out: Tensor | None, q: Tensor) -> Tensor:
 
 
 def _rotated_query(plan: StorePlan, q: Tensor, split: WorkSplit) -> Tensor:
-    """basis_k[o].T @ q for every query row of owner o, once: [owners, rows, r_max] (q itself without
+    """basis_k[o].T @ q for every query row of owner o, once: [owners, rows, rk_max] (q itself without
     a reduced tier)."""
     flat = q.view(split.owners, split.rows, plan.head_dim)
     return torch.matmul(flat, plan.basis_k).contiguous() if plan.n_reduced else flat

@@ -3,7 +3,8 @@
 the function body, over the reference, elsewhere), and ``packed_store_attention``, attention over a
 core ``PackedStore`` through a ``StorePlan``. Compiled and exported graphs name the ops by their
 schemas, the signatures below: the tiers as ``Tensor[]`` (full tier first, then at most
-``MAX_REDUCED_TIERS`` reduced ones, largest first), the bases as optional tensors."""
+``MAX_REDUCED_TIERS`` reduced ones; a tier's key and value widths are its tensors' widths), the bases
+as optional tensors."""
 
 from __future__ import annotations
 
@@ -33,10 +34,11 @@ def packed_decode_attention(
 ) -> Tensor:
     """Decode attention over a packed store plus the full-dimension decoded region.
 
-    q: ``[B, Hq, 1, d]``; ``tier_keys[t]`` / ``tier_values[t]``: ``[M_t, r_t]`` (``t = 0`` the full tier,
-    ``r_0 = d``, stored unrotated; ``t > 0`` coefficients in the owner's basis), ``tier_offsets[t]``:
-    ``[B * H_kv + 1]`` int32 CSR offsets by owner ``o = b * H_kv + h``; ``basis_k``/``basis_v``:
-    ``[B * H_kv, d, r_max]`` (``None`` with no reduced tier); ``k_new``/``v_new``:
+    q: ``[B, Hq, 1, d]``; ``tier_keys[t]``: ``[M_t, rk_t]``, ``tier_values[t]``: ``[M_t, rv_t]`` (``t = 0``
+    the full tier, ``rk_0 = rv_0 = d``, stored unrotated; ``t > 0`` coefficients in the owner's bases,
+    ``1 <= rk_t, rv_t <= d`` independently), ``tier_offsets[t]``: ``[B * H_kv + 1]`` int32 CSR offsets by
+    owner ``o = b * H_kv + h``; ``basis_k``: ``[B * H_kv, d, rk_max]``, ``basis_v``: ``[B * H_kv, d, rv_max]``
+    (at least the widest reduced key / value; ``None`` with no reduced tier); ``k_new``/``v_new``:
     ``[B, H_kv, n_cap, d]`` of which the first ``n_new`` positions are attended. Returns
     ``[B, Hq, 1, d]`` in q's dtype. An owner with no token at all gets a zero output.
     ``n_decoded``: int64 ``[1]`` on q's device holding the number of decoded tokens; when given, the

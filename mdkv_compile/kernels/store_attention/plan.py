@@ -43,6 +43,12 @@ class Tuning:
 DEFAULT_TUNING = Tuning()
 
 
+def _reduced_rows(block_width: int, tuning: Tuning) -> int:
+    """Rows per block of a reduced tier whose wider padded side (keys or values) is `block_width`:
+    larger blocks for narrow tiers, ~16 KiB of the wider side per block (bf16), at least 64 rows."""
+    return int(min(tuning.block_n_reduced_max, max(64, 8192 // block_width)))
+
+
 def num_splits(n_owners: int, n_regions: int, avg_rows: int, n_sm: int, tuning: Tuning = DEFAULT_TUNING) -> int:
     """Splits per (owner, region) from shapes only (no device sync, no recompiles: S is a runtime
     argument). avg_rows: rows per owner over all regions."""
@@ -76,23 +82,27 @@ class StorePlan:
     op's schema takes tensors, so inside the op the plan is worked out again from their shapes (host
     arithmetic only; tensors that a plan already prepared are not copied again)."""
 
-    # the op's store arguments (`tiers`): the full tier first (r_0 = d), then the reduced tiers, largest first
-    tier_keys: list[Tensor]  # [M_t, r_t] contiguous
-    tier_values: list[Tensor]
+    # the op's store arguments (`tiers`): the full tier first (d wide keys and values), then the reduced
+    # tiers in any order, each with its own key width rk_t and value width rv_t (1..d)
+    tier_keys: list[Tensor]  # [M_t, rk_t] contiguous
+    tier_values: list[Tensor]  # [M_t, rv_t] contiguous
     tier_offsets: list[Tensor]  # [owners + 1] int32 CSR offsets by owner o = b * H_kv + h
-    basis_k: Tensor | None  # [owners, d, r_max], contiguous with a reduced tier; unused without one
-    basis_v: Tensor | None
+    basis_k: Tensor | None  # [owners, d, >= rk_max], contiguous with a reduced tier; unused without one
+    basis_v: Tensor | None  # [owners, d, >= rv_max]
     tuning: Tuning
     head_dim: int
     n_reduced: int
     stored_rows: int  # rows over every tier and owner: sizes the splits
-    r_max_padded: int  # the merge's coefficient vector: the widest reduced tier, a power of 2 >= 16
+    rv_max: int  # the widest reduced value (0 without a reduced tier): the columns of basis_v the merge reads
+    rv_max_padded: int  # the merge's coefficient vector: rv_max padded to a power of 2 >= 16
     block_d: int
     block_n: int  # rows per block, full tier and decoded region
     # the split kernels' tier slots: keys, values, offsets of the full tier, then of MAX_REDUCED_TIERS
     # reduced slots (unused slots repeat the full tier and are not compiled: NUM_RED is a constexpr)
     tier_pointers: tuple[Tensor, ...]
-    tier_constexprs: dict[str, int]  # R1..R4 (dims), BR1..BR4 (padded to powers of 2), BN1..BN4 (rows per block)
+    # R1..R4 / RV1..RV4 (key / value widths), BR1..BR4 / BRV1..BRV4 (padded to powers of 2 >= 16),
+    # BN1..BN4 (rows per block)
+    tier_constexprs: dict[str, int]
 
     @classmethod
     def from_tiers(
@@ -109,32 +119,43 @@ class StorePlan:
         if not 0 <= n_red <= MAX_REDUCED_TIERS:
             raise ValueError(f"{n_red} reduced tiers; the kernel takes at most {MAX_REDUCED_TIERS}")
         d = int(tier_keys[0].shape[-1])
-        dims = [int(k.shape[1]) for k in tier_keys[1:]]
-        assert all(0 < r <= d for r in dims)
+        if int(tier_values[0].shape[-1]) != d:
+            raise ValueError(f"the full tier's values are {int(tier_values[0].shape[-1])} wide, its keys {d}")
+        key_dims = [int(k.shape[1]) for k in tier_keys[1:]]
+        value_dims = [int(v.shape[1]) for v in tier_values[1:]]
+        if not all(0 < r <= d for r in key_dims + value_dims):
+            raise ValueError(f"reduced tiers of key widths {key_dims} and value widths {value_dims}: "
+                             f"each must be 1..{d}")
         keys = [k.contiguous() for k in tier_keys]
         vals = [v.contiguous() for v in tier_values]
         offs = [o.to(torch.int32).contiguous() for o in tier_offsets]
         if n_red:
             assert basis_k is not None and basis_v is not None
-            basis_k, basis_v = basis_k.contiguous(), basis_v.contiguous()  # one stride pair serves both
+            if basis_k.shape[-1] < max(key_dims) or basis_v.shape[-1] < max(value_dims):
+                raise ValueError(f"bases of {basis_k.shape[-1]} / {basis_v.shape[-1]} columns for tiers of key widths "
+                                 f"{key_dims} and value widths {value_dims}")
+            basis_k, basis_v = basis_k.contiguous(), basis_v.contiguous()
         block_d = max(16, next_pow2(d))
+        block_n = tuning.block_n_full if block_d <= 128 else min(tuning.block_n_full, 32)
         pad = MAX_REDUCED_TIERS - n_red
-        slot_dims = dims + [16] * pad
+        slot_dims, slot_value_dims = key_dims + [16] * pad, value_dims + [16] * pad
         slot_blocks = [max(16, next_pow2(r)) for r in slot_dims]
-        # larger row blocks for narrow tiers: ~16 KiB of keys per block
-        slot_rows = [int(min(tuning.block_n_reduced_max, max(64, 8192 // br))) for br in slot_blocks]
+        slot_value_blocks = [max(16, next_pow2(r)) for r in slot_value_dims]
+        slot_rows = [_reduced_rows(max(bk, bv), tuning) for bk, bv in zip(slot_blocks, slot_value_blocks, strict=True)]
         pointers = [keys[0], vals[0], offs[0]]
         for k, v, o in zip(keys[1:] + [keys[0]] * pad, vals[1:] + [vals[0]] * pad, offs[1:] + [offs[0]] * pad,
                            strict=True):
             pointers += [k, v, o]
         constexprs = {}
         for t in range(MAX_REDUCED_TIERS):
-            constexprs.update({f"R{t + 1}": slot_dims[t], f"BR{t + 1}": slot_blocks[t], f"BN{t + 1}": slot_rows[t]})
+            constexprs.update({f"R{t + 1}": slot_dims[t], f"BR{t + 1}": slot_blocks[t],
+                               f"RV{t + 1}": slot_value_dims[t], f"BRV{t + 1}": slot_value_blocks[t],
+                               f"BN{t + 1}": slot_rows[t]})
+        rv_max = max(value_dims) if n_red else 0
         return cls(
             tier_keys=keys, tier_values=vals, tier_offsets=offs, basis_k=basis_k, basis_v=basis_v, tuning=tuning,
             head_dim=d, n_reduced=n_red, stored_rows=sum(int(k.shape[0]) for k in keys),
-            r_max_padded=next_pow2(max(max(dims) if n_red else 16, 16)), block_d=block_d,
-            block_n=tuning.block_n_full if block_d <= 128 else min(tuning.block_n_full, 32),
+            rv_max=rv_max, rv_max_padded=next_pow2(max(rv_max, 16)), block_d=block_d, block_n=block_n,
             tier_pointers=tuple(pointers), tier_constexprs=constexprs,
         )
 
@@ -145,8 +166,8 @@ class StorePlan:
         Bridges the two places where the core store is more general than docs/packed_store.md: a tier
         with a uniform count per owner may carry ``offsets[t] = None`` (materialised here as
         ``arange * n``), and bases may be shared rows selected by ``basis_index`` (gathered per owner
-        here: a copy of ``owners * d * r_max`` values; a kernel that indexes basis rows directly would
-        avoid it). A store without a full tier gets an empty one.
+        here: a copy of ``owners * d * (rk_max + rv_max)`` values; a kernel that indexes basis rows directly
+        would avoid it). A store without a full tier gets an empty one.
         """
         owners = store.owners
         d = store.head_dim
@@ -157,7 +178,7 @@ class StorePlan:
                 n = keys[t].shape[0] // max(owners, 1)
                 off = torch.arange(owners + 1, device=keys[t].device, dtype=torch.int32) * n
             offs.append(off.to(torch.int32))
-        if store.tier_dims[0] != d:
+        if store.tiers[0] != (d, d):
             ref = keys[0]
             keys.insert(0, ref.new_empty(0, d))
             vals.insert(0, ref.new_empty(0, d))
@@ -175,8 +196,8 @@ class StorePlan:
         strides without a reduced tier: the merge then never reads it)."""
         if not self.n_reduced:
             return self.tier_keys[0], 0, 0
-        assert self.basis_k is not None and self.basis_v is not None
-        return self.basis_v, self.basis_k.stride(0), self.basis_k.stride(1)
+        assert self.basis_v is not None
+        return self.basis_v, self.basis_v.stride(0), self.basis_v.stride(1)
 
     def decode_split(self, owners: int, group: int, n_new: int, device: torch.device) -> WorkSplit:
         """One query token: an owner's G query heads are one row block of GP rows."""
@@ -194,10 +215,11 @@ class StorePlan:
 
     def workspace_sizes(self, split: WorkSplit) -> tuple[int, int, int]:
         """fp32 elements of the split partials: (m, l) per padded row and region, the full region's
-        acc per row, the reduced tiers' value coefficients per row (at least 1 element each)."""
+        acc per row, the reduced tiers' value coefficients per row, rv_max_padded each (at least 1 element
+        in all)."""
         per_split = split.owners * split.splits
         return (
             per_split * (self.n_reduced + 1) * 2 * split.rows_padded,
             per_split * split.rows * self.head_dim,
-            max(1, per_split * self.n_reduced * split.rows * self.r_max_padded),
+            max(1, per_split * self.n_reduced * split.rows * self.rv_max_padded),
         )

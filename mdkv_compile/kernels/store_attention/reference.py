@@ -44,16 +44,16 @@ def packed_attention_torch(
     owners: list[Tensor] = []
     vals: list[Tensor] = []  # per region: [rows, d] value contributions in head space (after rotation)
     for t, (kt, vt, off) in enumerate(zip(tier_keys, tier_values, tier_offsets, strict=True)):
-        r = kt.shape[1]
+        rk, rv = kt.shape[1], vt.shape[1]
         seg = _segment_ids(off, kt.shape[0])
         if t == 0:
             qs = qg[seg]  # [rows, M, d]
             vals.append(vt.to(cd))
         else:
             assert basis_k is not None and basis_v is not None
-            qs = torch.einsum("ogd,odr->ogr", qg, basis_k[:, :, :r].to(cd))[seg]
+            qs = torch.einsum("ogd,odr->ogr", qg, basis_k[:, :, :rk].to(cd))[seg]
             # rotating each value row back is fine for a reference; the kernel rotates sums once
-            vals.append(torch.einsum("nr,ndr->nd", vt.to(cd), basis_v[seg][:, :, :r].to(cd)))
+            vals.append(torch.einsum("nr,ndr->nd", vt.to(cd), basis_v[seg][:, :, :rv].to(cd)))
         logits.append(torch.einsum("ngr,nr->ng", qs, kt.to(cd)))
         owners.append(seg)
     kn = k_new[:, :, :n_new].reshape(n_own, n_new, d).to(cd)
