@@ -910,7 +910,7 @@ def write_outputs(result: dict[str, Any], out: str | Path, plot: bool = True) ->
     out.mkdir(parents=True, exist_ok=True)
     result["summary"] = summarize(result)
     paths = [out / "diagnose.json", out / "diagnose.md"]
-    paths[0].write_text(json.dumps(_rounded(result), indent=1) + "\n")
+    paths[0].write_text(json.dumps(_rounded(result), separators=(",", ":")) + "\n")  # compact: ~300 KB a sample
     paths[1].write_text(markdown(result))
     if plot:
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in result["model"])[-48:]
