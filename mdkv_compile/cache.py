@@ -299,6 +299,29 @@ class MixedDimLayer(CacheLayerMixin):
         causal = causal_mask(n_queries, self.n_new, new_mask.device)
         return bool((new_mask == causal).all())
 
+    def context(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float | None,
+        softcap: float | None,
+    ) -> LayerContext:
+        """What this layer's policy sees of a prompt (`compress` selects on it; `mdkv diagnose` runs
+        the policy on captured prompts through it)."""
+        bsz, n_heads, n_tokens, _ = key.shape
+        if self.shard is not None:
+            check_local_heads(self.shard, n_heads, self.layer_idx)
+        return LayerContext(
+            query=query, key=key, value=value,
+            valid=valid_tokens(mask, bsz, n_tokens, key.device),
+            layer_idx=self.layer_idx, num_layers=self.num_layers, cfg=self.cfg, dims=self.dims,
+            scale=scale, softcap=softcap,
+            head_shares=None if self.head_shares is None else self.head_shares.to(key.device),
+            calibrated=self.calibrated, shard=self.shard, all_valid=mask is None,
+        )
+
     @torch.no_grad()
     def compress(
         self,
@@ -310,23 +333,14 @@ class MixedDimLayer(CacheLayerMixin):
         softcap: float | None,
     ) -> None:
         bsz, n_heads, n_tokens, _ = key.shape
-        if self.shard is not None:
-            check_local_heads(self.shard, n_heads, self.layer_idx)
+        ctx = self.context(query, key, value, mask, scale, softcap)
         for hook in KV_HOOKS:
-            hook(self.layer_idx, key, value)
-        ctx = LayerContext(
-            query=query, key=key, value=value,
-            valid=valid_tokens(mask, bsz, n_tokens, key.device),
-            layer_idx=self.layer_idx, num_layers=self.num_layers, cfg=self.cfg, dims=self.dims,
-            scale=scale, softcap=softcap,
-            head_shares=None if self.head_shares is None else self.head_shares.to(key.device),
-            calibrated=self.calibrated, shard=self.shard, all_valid=mask is None,
-        )
+            hook(ctx)
         sel = select(ctx)
         self.store = pack_selection(key, value, sel)
         tiers = ((0, 0), *self.store.tiers)
         chosen_value = sel.chosen_dim if sel.chosen_value_dim is None else sel.chosen_value_dim
-        self.selection_dims = tuple(r if r == rv else f"{r}/{rv}" for r, rv in tiers)
+        self.selection_dims = tuple(tier_label(r, rv) for r, rv in tiers)
         self.selection_counts = torch.stack(
             [((sel.chosen_dim == r) & (chosen_value == rv)).sum() for r, rv in tiers]
         )
@@ -370,9 +384,15 @@ class MixedDimLayer(CacheLayerMixin):
         return 2 * self.store.owners * self.n_prompt * self.store.head_dim * self.keys.element_size()
 
 
-# Callbacks (layer_idx, key, value) run on every prompt a MixedDimLayer compresses
-# (`mdkv_compile.hf.calibrate.capture_kv` adds them for calibration).
-KV_HOOKS: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
+def tier_label(key_dim: int, value_dim: int) -> int | str:
+    """A tier's name in selection summaries: its dim when keys and values keep as many, else
+    "key dims/value dims" (0 = dropped)."""
+    return key_dim if key_dim == value_dim else f"{key_dim}/{value_dim}"
+
+
+# Callbacks run with the LayerContext of every prompt a MixedDimLayer compresses, before its policy
+# (post-RoPE queries, keys and values, as attention sees them; `mdkv_compile.hf.calibrate.capture_contexts`).
+KV_HOOKS: list[Callable[[LayerContext], None]] = []
 
 
 class MixedDimCache(Cache):

@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mdkv_compile.generate", "generate from a prompt under a method and budget (text, KV bytes, time)"),
     "eval": ("mdkv_compile.eval.runner", "quality evaluation: methods x budgets x tasks x lengths"),
     "report": ("mdkv_compile.eval.report", "markdown tables and plots from eval results"),
+    "diagnose": ("mdkv_compile.eval.diagnose", "per layer and KV head: reduced-tier errors per basis, predicted vs "
+                 "measured output error of the chosen allocation"),
     "profile-heads": ("mdkv_compile.eval.heads", "HeadKV-style retrieval-reasoning head scores to JSON"),
     "calibrate": ("mdkv_compile.hf.calibrate", "fit calibrated key/value bases on text (basis='calibrated')"),
     "bench": ("mdkv_compile.bench.decode", "speed and memory benchmarks (JSON out)"),

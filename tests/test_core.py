@@ -264,3 +264,25 @@ def test_static_store_attention_equals_packed(n_queries: int) -> None:
     ref = attend_packed(q, store, k_new, v_new, None, 0.25)
     out = attend_static(q, static, region_k, region_v, count, 0.25)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_oblique_basis_is_the_best_projection_in_its_metric() -> None:
+    from mdkv_compile.core.bases import oblique_basis, second_moment_basis
+
+    gen = torch.Generator().manual_seed(0)
+    d, r = 12, 4
+    x = torch.randn(400, d, generator=gen, dtype=torch.float64) @ torch.randn(d, d, generator=gen, dtype=torch.float64)
+    q = torch.randn(300, d, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3.0, d, dtype=torch.float64)
+    s, m = x.T @ x, q.T @ q
+    a, b = oblique_basis(s, m, eps=1e-6)
+    assert torch.allclose(a.double() @ b.double().T, torch.eye(d, dtype=torch.float64), atol=1e-4)
+
+    def error(synthesis: torch.Tensor, analysis: torch.Tensor) -> float:
+        e = x - (x @ analysis[:, :r].double()) @ synthesis[:, :r].double().T
+        return float(((e @ m) * e).sum())  # the metric's error: the logit error over the queries q
+
+    pca = second_moment_basis(s)
+    assert error(a, b) < 0.9 * error(pca, pca)
+    # In the identity metric it is PCA: the same rank-r projector.
+    a_i, b_i = oblique_basis(s, torch.eye(d, dtype=torch.float64))
+    assert torch.allclose(a_i[:, :r] @ b_i[:, :r].T, pca[:, :r] @ pca[:, :r].T, atol=1e-4)

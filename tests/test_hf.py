@@ -198,3 +198,29 @@ def test_missing_head_score_file_fails_at_patch(tmp_path) -> None:
     model = tiny_model("llama")
     with pytest.raises(FileNotFoundError, match="profile-heads"):
         mdkv.patch(model, mdkv.MixedDimKVConfig(method="headkv", head_scores=str(tmp_path / "nope.json")))
+
+
+class _IdTokenizer:
+    """Text -> ids for `calibrate`: one id per character (the tiny models' vocabulary is 256)."""
+
+    def __call__(self, text: str, return_tensors: str | None = None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([[ord(c) % 256 for c in text]]))
+
+
+def test_calibrated_bases_keep_the_model_layer_indices(tmp_path) -> None:
+    # Gemma: layer 0 slides (never compressed), layers 1 and 2 are compressed; their bases must be
+    # filed under 1 and 2, which MixedDimCache looks up.
+    from mdkv_compile.core.bases import load_calibrated
+    from mdkv_compile.hf.calibrate import calibrate
+
+    model = tiny_model("gemma3")
+    path = calibrate(model, _IdTokenizer(), ["a calibration text " * 8], tmp_path / "basis.safetensors")
+    assert sorted(load_calibrated(path)) == [1, 2]
+    cfg = config_for("mixeddimkv", 0.3, None, model, basis="calibrated", basis_path=str(path))
+    mdkv.patch(model, cfg)
+    try:
+        greedy(model, torch.randint(0, 256, (1, 48)))
+    finally:
+        mdkv.unpatch(model)

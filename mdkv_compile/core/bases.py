@@ -7,6 +7,9 @@ Two sources:
   calibration text (`mdkv_compile.hf.calibrate.calibrate`) and saved as safetensors. Shared by
   every prompt, so it is reported beside the budget (`MixedDimCache.shared_bytes()`), like model
   weights.
+
+`oblique_basis` is the non-orthogonal kind: the best nested projection in another metric than the
+vectors' own (keys judged by the queries that read them, values by o_proj).
 """
 
 from __future__ import annotations
@@ -109,15 +112,38 @@ def second_moment_basis(second_moment: torch.Tensor) -> torch.Tensor:
     return vecs.flip(-1).float().contiguous()
 
 
-def save_calibrated(path: str | Path, key_bases: list[torch.Tensor], value_bases: list[torch.Tensor]) -> None:
-    """Write per-layer bases ([H, d, d] each) to a safetensors file."""
+def oblique_basis(
+    second_moment: torch.Tensor, metric: torch.Tensor, eps: float = 1e-2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nested projection of vectors x (second moment S [.., d, d]) that is best in the metric M
+    [.., d, d]: x_hat = A[:, :r] B[:, :r]^T x minimises E[(x - x_hat)^T M (x - x_hat)] for every r at
+    once, with A = M^(-1/2) U, B = M^(1/2) U and U the eigenvectors of M^(1/2) S M^(1/2), largest first.
+    Keys with M the queries' second moment: the logit error over those queries (query-whitened);
+    values with W_o^T W_o: the error after o_proj. Eigenvalues of M are floored at `eps` times their
+    mean, so a metric of lower rank still has an inverse root. Returns (synthesis A, analysis B)
+    [.., d, d] float32, A B^T = I: the store would keep B^T x and attention turn the query by A."""
+    vals, vecs = torch.linalg.eigh(metric.double())
+    vals = vals.clamp_min(eps * vals.mean(-1, keepdim=True).clamp_min(1e-30))
+    root = (vecs * vals.sqrt()[..., None, :]) @ vecs.transpose(-1, -2)
+    inv_root = (vecs * vals.rsqrt()[..., None, :]) @ vecs.transpose(-1, -2)
+    u = second_moment_basis(root @ second_moment.double() @ root).double()
+    return (inv_root @ u).float().contiguous(), (root @ u).float().contiguous()
+
+
+def save_calibrated(
+    path: str | Path, key_bases: list[torch.Tensor], value_bases: list[torch.Tensor], layers: list[int] | None = None
+) -> None:
+    """Write per-layer bases ([H, d, d] each) to a safetensors file, for the model layers `layers`
+    (default 0, 1, ...: every layer is compressed)."""
     from safetensors.torch import save_file
 
+    layers = list(range(len(key_bases))) if layers is None else list(layers)
     tensors = {}
-    for layer, (kb, vb) in enumerate(zip(key_bases, value_bases, strict=True)):
+    for layer, kb, vb in zip(layers, key_bases, value_bases, strict=True):
         tensors[f"layer.{layer}.key"] = kb.float().contiguous()
         tensors[f"layer.{layer}.value"] = vb.float().contiguous()
-    save_file(tensors, str(path), metadata={"format": "mdkv-calibrated-basis", "layers": str(len(key_bases))})
+    meta = {"format": "mdkv-calibrated-basis", "layers": str(len(layers)), "layer_ids": ",".join(map(str, layers))}
+    save_file(tensors, str(path), metadata=meta)
 
 
 def load_calibrated(path: str | Path) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -133,6 +159,8 @@ def load_calibrated(path: str | Path) -> dict[int, tuple[torch.Tensor, torch.Ten
         meta = f.metadata() or {}
         if meta.get("format") != "mdkv-calibrated-basis":
             raise ValueError(f"{path} is not an mdkv calibrated-basis file (metadata {meta})")
-        for layer in range(int(meta["layers"])):
+        # files without "layer_ids" hold layers 0 .. layers - 1
+        ids = meta.get("layer_ids")
+        for layer in map(int, ids.split(",")) if ids else range(int(meta["layers"])):
             out[layer] = (f.get_tensor(f"layer.{layer}.key"), f.get_tensor(f"layer.{layer}.value"))
     return out

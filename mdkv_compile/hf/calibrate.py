@@ -1,8 +1,9 @@
 """Calibrated bases: post-RoPE key and value second moments accumulated over calibration text
 through a patched model, saved as one basis per (layer, KV head) (`core.bases.save_calibrated`).
 
-`capture_kv` hands every prompt's keys and values to a callback as a `MixedDimLayer` compresses
-them (the cache runs `cache.KV_HOOKS` there, the one place that sees every compressed prompt).
+`capture_contexts` hands every prompt (its queries, keys and values) to a callback as a
+`MixedDimLayer` compresses it (the cache runs `cache.KV_HOOKS` there, the one place that sees every
+compressed prompt); `capture_kv` hands over the keys and values alone.
 
 A calibrated basis is fitted once per model and shared by every prompt, like weights, so it costs
 no budget; it is only as good as its text is like the prompts (docs/notes/quality_notes.md:
@@ -28,12 +29,13 @@ from mdkv_compile.cache import KV_HOOKS
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.bases import save_calibrated, second_moment_basis
 from mdkv_compile.hf.patch import patch, unpatch
+from mdkv_compile.policies.base import LayerContext
 
 
 @contextlib.contextmanager
-def capture_kv(callback: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
-    """Call `callback(layer_idx, key, value)` with every prompt's keys and values as they are
-    compressed (post-RoPE, as attention sees them)."""
+def capture_contexts(callback: Callable[[LayerContext], None]) -> Iterator[None]:
+    """Call `callback(ctx)` with the LayerContext of every prompt as it is compressed: its post-RoPE
+    queries, keys and values as attention sees them, and the layer's scale and softcap."""
     KV_HOOKS.append(callback)
     try:
         yield
@@ -41,42 +43,68 @@ def capture_kv(callback: Callable[[int, torch.Tensor, torch.Tensor], None]) -> I
         KV_HOOKS.remove(callback)
 
 
+def capture_kv(callback: Callable[[int, torch.Tensor, torch.Tensor], None]) -> contextlib.AbstractContextManager:
+    """Call `callback(layer_idx, key, value)` with every prompt's keys and values as they are
+    compressed (post-RoPE, as attention sees them)."""
+    return capture_contexts(lambda ctx: callback(ctx.layer_idx, ctx.key, ctx.value))
+
+
+def calibration_moments(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """Uncentred second moments summed in float64 over every token of `batches` ([1, N] token ids
+    each), per compressed layer: "key" and "value" [H, d, d], and "query" [H, d, d] over the query
+    heads of each KV head's group (`run_uncompressed`: the vectors attention sees)."""
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+
+    def collect(ctx: LayerContext) -> None:
+        n_kv, d = ctx.key.shape[1], ctx.key.shape[-1]
+        vectors = {"query": ctx.query[0].double().reshape(n_kv, -1, d), "key": ctx.key[0].double(),
+                   "value": ctx.value[0].double()}
+        acc = moments.setdefault(ctx.layer_idx, {})
+        for name, x in vectors.items():
+            m = x.transpose(-1, -2) @ x
+            acc[name] = acc[name] + m if name in acc else m
+
+    run_uncompressed(model, batches, collect)
+    return moments
+
+
+@torch.no_grad()
+def run_uncompressed(
+    model: torch.nn.Module, batches: Iterable[torch.Tensor], callback: Callable[[LayerContext], None]
+) -> None:
+    """Run each batch of token ids [B, N] through the model patched with method "full" (one logit
+    per forward) and hand every compressed layer's LayerContext to `callback`: the post-RoPE
+    queries, keys and values exactly as attention sees them."""
+    patch(model, MixedDimKVConfig(budget=1.0, method="full"))
+    try:
+        with capture_contexts(callback):
+            for ids in batches:
+                model(ids.to(model.device), use_cache=True, logits_to_keep=1)
+    finally:
+        unpatch(model)
+
+
 @torch.no_grad()
 def calibrate(
     model: torch.nn.Module, tokenizer, texts: Iterable[str], path: str | Path, max_tokens: int = 2048
 ) -> Path:
-    """Accumulate post-RoPE key and value second moments over `texts` and save the bases.
-
-    Uses the patched model with method "full" so the keys seen are exactly those attention sees.
-    """
-    moments: dict[int, list[torch.Tensor]] = {}
-
-    def collect(layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        k, v = key[0].double(), value[0].double()  # [H, N, d]
-        acc = moments.setdefault(layer_idx, [torch.zeros(0), torch.zeros(0)])
-        km, vm = k.transpose(-1, -2) @ k, v.transpose(-1, -2) @ v
-        acc[0] = km if acc[0].numel() == 0 else acc[0] + km
-        acc[1] = vm if acc[1].numel() == 0 else acc[1] + vm
-
-    patch(model, MixedDimKVConfig(budget=1.0, method="full"))
-    try:
-        with capture_kv(collect):
-            for text in texts:
-                ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens].to(model.device)
-                model(ids, use_cache=True)
-    finally:
-        unpatch(model)
+    """Accumulate post-RoPE key and value second moments over `texts` (`calibration_moments`) and
+    save the bases."""
+    batches = (tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens] for text in texts)
+    moments = calibration_moments(model, batches)
     layers = sorted(moments)
     save_calibrated(
         path,
-        [second_moment_basis(moments[layer][0]) for layer in layers],
-        [second_moment_basis(moments[layer][1]) for layer in layers],
+        [second_moment_basis(moments[layer]["key"]) for layer in layers],
+        [second_moment_basis(moments[layer]["value"]) for layer in layers],
+        layers,
     )
     return Path(path)
 
 
-# Bump when what `calibrate` computes changes, so cached files are refitted.
-CALIBRATION_VERSION = 1
+# Bump when what `calibrate` computes changes, so cached files are refitted. 2: files name the
+# layers they hold (a model whose compressed layers are not 0..L-1, Gemma 3, got them renumbered).
+CALIBRATION_VERSION = 2
 CHUNK_TOKENS = 2048
 
 

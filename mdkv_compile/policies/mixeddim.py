@@ -157,6 +157,33 @@ def _mixed_losses(
     return losses, kc_full[..., :rk_max], vc
 
 
+def _option_losses(
+    ctx: LayerContext, opts: tuple[Option, ...], importance: torch.Tensor, key_f: torch.Tensor, value_f: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The mixed solve's losses [B, H, N, len(opts)] (`_mixed_losses`) in the bases it stores: also
+    the key and value coefficients, the key basis [.., d, rk_max] (a view: `pack` makes the stored
+    basis contiguous), the value basis and whether the bases are shared."""
+    rk_max = max(rk for rk, _ in opts[1:-1])
+    rv_max = max(rv for _, rv in opts[1:-1])
+    # The attention loss needs every key coordinate (the logit error lives in the tail).
+    kb_full, vb, shared = _bases(ctx, ctx.head_dim if ctx.cfg.loss == "attention" else rk_max, rv_max, key_f, value_f)
+    losses, kc, vc = _mixed_losses(ctx, opts, importance, key_f, value_f, kb_full, vb)
+    return losses, kc, vc, kb_full[..., :rk_max], vb, shared
+
+
+def option_losses(ctx: LayerContext) -> tuple[tuple[Option, ...], torch.Tensor]:
+    """`mixeddimkv`'s loss of every option for every token: (options(ctx), [B, H, N, len(options)]),
+    relative to eviction as in core/losses.py, before forced tokens and padding are settled. What
+    its allocation minimises; `mdkv diagnose` sums it over the options an allocation chose (the
+    predicted loss) and sets that against the measured attention-output error."""
+    opts = options(ctx)
+    key_f = ctx.float_copy(ctx.key)
+    importance = ctx.importance(key_f)
+    if len(opts) == 2:
+        return opts, eviction_losses(importance)
+    return opts, _option_losses(ctx, opts, importance, key_f, ctx.float_copy(ctx.value))[0]
+
+
 def mixeddimkv(ctx: LayerContext) -> Selection:
     """Host synchronisations: one per round of the mixed solve's leftover fill (core/allocation.py;
     the keep/evict solve has none) and one here, at the end, for how many rows use the mixed tiers
@@ -199,17 +226,11 @@ def mixeddimkv(ctx: LayerContext) -> Selection:
         return Selection(chosen_dim=chosen, tier_dims=(d,))
 
     assert key_f is not None  # made above whenever there are reduced tiers
-    value_f = ctx.float_copy(ctx.value)
-    rk_max = max(rk for rk, _ in opts[1:-1])
-    rv_max = max(rv for _, rv in opts[1:-1])
-    # The attention loss needs every key coordinate (the logit error lives in the tail).
-    kb_full, vb, shared = _bases(ctx, d if ctx.cfg.loss == "attention" else rk_max, rv_max, key_f, value_f)
-    mixed_losses, kc, vc = _mixed_losses(ctx, opts, importance, key_f, value_f, kb_full, vb)
-    del key_f, value_f
-    kb = kb_full[..., :rk_max]  # a view: `pack` makes the stored basis contiguous
+    mixed_losses, kc, vc, kb, vb, shared = _option_losses(ctx, opts, importance, key_f, ctx.float_copy(ctx.value))
+    del key_f
     # One more bookkeeping slot pays for the owner -> basis index when rows differ; a prompt basis
     # costs d x (rk_max + rv_max) elements.
-    basis_elems = 0 if shared else d * (rk_max + rv_max)
+    basis_elems = 0 if shared else d * (kb.shape[-1] + vb.shape[-1])
     mixed_units = 2 * (units - bookkeeping_units(len(opts), itemsize)) - basis_elems
     mixed_choice, mixed_loss = _solve(ctx, constrain(mixed_losses), mixed_units, costs)
 
