@@ -284,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     wall["total"] = time.perf_counter() - t0
 
     res = combine(out, args, sanity, wall)
-    (out / "combined.json").write_text(json.dumps(res, indent=1))
+    old = out / "combined.json"
+    if old.is_file():  # a resumed run: keep the wall times of the runs that made the earlier cells
+        prev = json.loads(old.read_text())
+        res["earlier_runs_wall_s"] = [*prev.get("earlier_runs_wall_s", []), prev["wall_s"]]
+    old.write_text(json.dumps(res, indent=1))
     md = table(res)
     (out / "table.md").write_text(md)
     print(md)
