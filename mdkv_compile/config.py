@@ -51,7 +51,7 @@ _NUMBERS: dict[str, _Number] = {
     "budget_tokens": _Number(True, 1, "a positive int (full-token equivalents per KV head)", optional=True),
     "budget_bytes": _Number(True, 1, "a positive int (bytes per sequence)", optional=True),
     "window": _Number(True, 1, "a positive int"),
-    "pool_kernel": _Number(True, 1, "None or a positive odd int (centred max-pool)", optional=True),
+    "pool_kernel": _Number(True, 1, "a positive odd int (centred max-pool)"),
     "sink_tokens": _Number(True, 0, "None or a non-negative int", optional=True),
     "min_compress_tokens": _Number(True, 0, "a non-negative int (0: compress every prompt)"),
     "key_weight": _Number(False, 0.0, "a float in [0, 1]", high=1.0),
@@ -147,11 +147,7 @@ class MixedDimKVConfig:
     tiers: tuple[tuple[int, int], ...] | None = None
     # The last `window` prompt tokens score the others and are kept at full dimension.
     window: int = 32
-    # Width of the max-pool over the window's importance scores. None: the method's default (7, as
-    # SnapKV, for the eviction methods; 1, no pooling, for mixeddimkv: pooling spreads a token's
-    # importance over its neighbours, which blurs the per-token loss the allocation weighs; measured
-    # in docs/notes/quality_notes.md, section 6).
-    pool_kernel: int | None = None
+    pool_kernel: int = 7
     # First tokens always kept at full dimension. None: the method's default (4 for streamingllm, else 0).
     sink_tokens: int | None = None
     # Rows with at most this many valid prompt tokens are stored uncompressed (0: compress every
@@ -207,7 +203,7 @@ class MixedDimKVConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str | os.PathLike):
                 _fail(name, value, "None or a file path")
-        if self.pool_kernel is not None and self.pool_kernel % 2 == 0:
+        if self.pool_kernel % 2 == 0:
             _fail("pool_kernel", self.pool_kernel, _NUMBERS["pool_kernel"].allowed)
         if self.dims is not None:
             object.__setattr__(self, "dims", _checked_dims(self.dims))
@@ -225,13 +221,6 @@ class MixedDimKVConfig:
         if self.sink_tokens is not None:
             return self.sink_tokens
         return RECORDS[self.method].default_sinks
-
-    @property
-    def pooling(self) -> int:
-        """The max-pool width in use: `pool_kernel`, or the method's default."""
-        if self.pool_kernel is not None:
-            return self.pool_kernel
-        return RECORDS[self.method].default_pool_kernel
 
     def resolve_dims(self, head_dim: int) -> tuple[int, ...]:
         """Candidate dims for a model with this head dimension (checked against it)."""

@@ -29,8 +29,6 @@ class Method:
     not_exportable: str | None = None
     # First tokens always kept at full dimension when cfg.sink_tokens is None.
     default_sinks: int = 0
-    # Max-pool width over the window's importance when cfg.pool_kernel is None.
-    default_pool_kernel: int = 7
 
     @property
     def exportable(self) -> bool:
@@ -51,11 +49,8 @@ RECORDS: dict[str, Method] = {
             "lowrank", "mixeddim:lowrank", stores_reduced_tiers=True,
             not_exportable="its rank is chosen per prompt, so the tier list is not fixed at export",
         ),
-        Method("mixeddimkv", "mixeddim:mixeddimkv", stores_reduced_tiers=True, default_pool_kernel=1),
-        Method(
-            "mixeddimkv-h", "mixeddim:mixeddimkv", needs_head_scores=True, stores_reduced_tiers=True,
-            default_pool_kernel=1,
-        ),
+        Method("mixeddimkv", "mixeddim:mixeddimkv", stores_reduced_tiers=True),
+        Method("mixeddimkv-h", "mixeddim:mixeddimkv", needs_head_scores=True, stores_reduced_tiers=True),
     )
 }
 METHOD_NAMES: tuple[str, ...] = tuple(RECORDS)

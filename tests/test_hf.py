@@ -179,25 +179,6 @@ def test_bad_config_names_field_and_value(kwargs: dict, field: str) -> None:
         mdkv.MixedDimKVConfig(**kwargs)
 
 
-@pytest.mark.parametrize("method, default", [("snapkv", 7), ("ada-snapkv", 7), ("mixeddimkv", 1)])
-def test_pool_kernel_defaults_per_method_and_an_explicit_value_wins(method: str, default: int) -> None:
-    cfg = mdkv.MixedDimKVConfig(method=method, budget=0.3)
-    assert cfg.pool_kernel is None and cfg.pooling == default
-    assert cfg.replace(pool_kernel=3).pooling == 3
-    # the default is what compresses: same logits as the explicit width
-    model = tiny_model("llama")
-    ids = torch.randint(0, model.config.vocab_size, (1, 160), generator=torch.Generator().manual_seed(0))
-    logits = []
-    for c in (cfg, cfg.replace(pool_kernel=default)):
-        mdkv.patch(model, c)
-        cache = mdkv.MixedDimCache(model.config, c)
-        with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
-            logits.append(model(ids[:, -1:], past_key_values=cache, use_cache=True).logits)
-        mdkv.unpatch(model)
-    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
-
-
 def test_dims_that_do_not_fit_fail_at_patch() -> None:
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="head dimension is 16"):

@@ -235,8 +235,7 @@ def test_keep_evict_mixeddimkv_selects_what_snapkv_selects(shape: dict, budget: 
     common = {"budget": budget, "window": window, "min_compress_tokens": 0}
     reference = "snapkv" if pool == "head" else "ada-snapkv"
     snap = store_of(make_ctx(shape, MixedDimKVConfig(method=reference, **common)), reference)[0]
-    # scored as the reference scores (mixeddimkv's own default pools over 1 token, SnapKV's over 7)
-    mixed_cfg = MixedDimKVConfig(method="mixeddimkv", dims=(0, d), pool=pool, pool_kernel=7, **common)
+    mixed_cfg = MixedDimKVConfig(method="mixeddimkv", dims=(0, d), pool=pool, **common)
     mixed = store_of(make_ctx(shape, mixed_cfg), "mixeddimkv")[0]
     assert torch.equal(snap, mixed)
 

@@ -76,10 +76,10 @@ class LayerContext:
         second copy is made (the kernel reads `self.key`)."""
         if self.uses_kernels():
             return compression.window_importance(
-                self.query, self.key, self.valid, self.cfg.window, self.cfg.pooling, self.scale, self.softcap
+                self.query, self.key, self.valid, self.cfg.window, self.cfg.pool_kernel, self.scale, self.softcap
             )
         return window_importance(
-            self.query, self.key if key is None else key, self.valid, self.cfg.window, self.cfg.pooling,
+            self.query, self.key if key is None else key, self.valid, self.cfg.window, self.cfg.pool_kernel,
             self.scale, self.softcap,
         )
 
