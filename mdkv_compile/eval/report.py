@@ -220,7 +220,8 @@ def write_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
             for m in t.methods:
                 if m == "full":
                     s, _ = t.cell(m, None, {task})
-                    if s is not None:
+                    # KL spans decades (and full's is 0): a log axis, no line for full
+                    if s is not None and metric != "kl":
                         ax.axhline(_plotted(s, metric), color="k", ls="--", lw=1, label="full")
                     continue
                 xs, ys = [], []
@@ -233,6 +234,8 @@ def write_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
                     ax.plot(xs, ys, marker="o", label=m)
             if len(t.budgets) > 1 and min(t.budgets) > 0:
                 ax.set_xscale("log")
+            if metric == "kl" and ax.lines:
+                ax.set_yscale("log")
             ax.set_xlabel("budget")
             ax.set_ylabel({"ppl": "perplexity (lower is better)", "kl": "KL to full, nats (lower is better)"}
                           .get(metric, "score (%)"))
