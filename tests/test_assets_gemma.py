@@ -27,10 +27,17 @@ UNREACHABLE = "http://127.0.0.1:9/simple"
 GEMMA = assets.SPLIT_ASSETS["gemma3-270m"]
 
 # Measured with transformers 5.24.0 / tokenizers 0.23.3 and its own conversion
-# (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`): the sha256 of the ids of the whole essay
-# haystack (assets.haystack_text(), BOS added), and their count.
+# (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`): the sha256 of the ids of every essay
+# (`all_essays_text()`, BOS added), and their count.
 HAYSTACK_IDS_SHA256_524 = "c25a50c85738e01eb2b425605b9418840fef20cdaac24abdd8c74afb20002aac"
 HAYSTACK_TOKENS_524 = 154_045
+
+
+def all_essays_text() -> str:
+    """Every essay, sorted by file name and joined by blank lines: the haystack with the held-out
+    calibration essays (assets.CALIBRATION_ESSAYS) put back, the text the figures above came from."""
+    files = sorted(assets.haystack_dir().glob("*.txt"), key=lambda p: p.name)
+    return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in files)
 
 
 def _pip_sources(monkeypatch: pytest.MonkeyPatch, find_links: Path) -> None:
@@ -282,7 +289,7 @@ def test_real_tokenizer_matches_transformers_5_24(gemma_dir: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(gemma_dir / assets.GEMMA3_TOKENIZER))
     assert assets.token_ids_sha256(tok(assets._TOKENIZER_PROBE)["input_ids"]) == assets._TOKENIZER_PROBE_SHA256
-    ids = tok(assets.haystack_text())["input_ids"]
+    ids = tok(all_essays_text())["input_ids"]
     assert (len(ids), assets.token_ids_sha256(ids)) == (HAYSTACK_TOKENS_524, HAYSTACK_IDS_SHA256_524)
     # The two faults of 5.17's own conversion, spelled out: BOS first, whole words.
     ids = tok("The capital of France is Paris.")["input_ids"]
@@ -324,7 +331,7 @@ def test_tokenizer_equals_the_reference_conversion_in_a_side_venv(gemma_dir: Pat
     subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", *reqs], check=True)
     probe, haystack = tmp_path / "probe.txt", tmp_path / "haystack.txt"
     probe.write_text(assets._TOKENIZER_PROBE, encoding="utf-8")
-    haystack.write_text(assets.haystack_text(), encoding="utf-8")
+    haystack.write_text(all_essays_text(), encoding="utf-8")
     out = tmp_path / "reference"
     run = subprocess.run(
         [py, "-c", _REFERENCE_SCRIPT, str(gemma_dir), assets.GEMMA3_GGUF, str(out), str(probe), str(haystack)],
