@@ -141,9 +141,12 @@ class MixedDimKVConfig:
     # mixeddimkv's tiers when `tiers` is None and `dims` is given).
     dims: tuple[int, ...] | None = None
     # mixeddimkv's reduced tiers as (key dims, value dims) pairs: a token is evicted, kept whole or
-    # stored at one of these. None with dims None: (d/8, d/8), (d/4, d/8), (d/2, d/4), (d, d/2):
-    # keys keep twice the dims of values (logit errors cost more than value errors, measured in
-    # docs/notes/quality_notes.md); at most 4 pairs (the kernels' tier slots).
+    # stored at one of these. None with dims None: (d/2, d/2), (d/4, d/8), (d/8, d/8). The cheap
+    # tiers keep more key than value dims (a logit error is exponential in the weight, a value
+    # error linear); the top tier keeps its values as wide as its keys, because the tokens that
+    # take it are the most attended, whose value errors do not average out: with (d, d/2) and
+    # (d/2, d/4) tiers SmolLM2 lost a 2K-token needle that SnapKV keeps (docs/notes/quality_notes.md,
+    # section 8). At most 4 pairs (the kernels' tier slots).
     tiers: tuple[tuple[int, int], ...] | None = None
     # The last `window` prompt tokens score the others and are kept at full dimension.
     window: int = 32
@@ -247,7 +250,7 @@ class MixedDimKVConfig:
             return self.tiers
         if self.dims is not None:
             return tuple((r, r) for r in sorted(self.resolve_dims(d), reverse=True) if 0 < r < d)
-        pairs = {(d // 8, d // 8), (d // 4, d // 8), (d // 2, d // 4), (d, d // 2)}
+        pairs = {(d // 8, d // 8), (d // 4, d // 8), (d // 2, d // 2)}
         return tuple(sorted((p for p in pairs if min(p) > 0), reverse=True))
 
     def replace(self, **changes: Any) -> MixedDimKVConfig:

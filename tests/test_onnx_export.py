@@ -91,9 +91,9 @@ def test_checker_and_mdkv_nodes(exported) -> None:
     assert functions == {(DOMAIN, OP_NAME)}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["node"]["count"] == len(nodes)
-    # the default tiers for head dim 16: (16, 8), (8, 4), (4, 2), (2, 2) after the full tier
-    assert manifest["tier_dims"] == attrs["tier_dims"] == [16, 16, 8, 4, 2]
-    assert manifest["value_dims"] == attrs["value_dims"] == [16, 8, 4, 2, 2]
+    # the default tiers for head dim 16: (8, 8), (4, 2), (2, 2) after the full tier
+    assert manifest["tier_dims"] == attrs["tier_dims"] == [16, 8, 4, 2]
+    assert manifest["value_dims"] == attrs["value_dims"] == [16, 8, 2, 2]
     assert manifest["format_version"] == 3
     assert manifest["versions"]["onnx"] == onnx.__version__
 

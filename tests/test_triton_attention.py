@@ -353,9 +353,10 @@ def test_cache_chunk_kernel_path_matches_attend_packed(max_new_tokens: int | Non
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(DEVICE)
 
-    # the default tiers are decoupled ((d, d/2) keeps every key coordinate); at this prompt length the
+    # decoupled tiers, (d, d/2) keeping every key coordinate among them; at this prompt length the
     # prompt bases cost most of a 0.25 budget, so 0.5
-    cfg = MixedDimKVConfig(budget=0.5, method="mixeddimkv", window=8, min_compress_tokens=0)
+    tiers = ((d, d // 2), (d // 2, d // 4), (d // 4, d // 8), (d // 8, d // 8))
+    cfg = MixedDimKVConfig(budget=0.5, method="mixeddimkv", window=8, min_compress_tokens=0, tiers=tiers)
     layer = MixedDimLayer(cfg, 0, 1, cfg.resolve_dims(d), max_new_tokens=max_new_tokens)
 
     def near_rank3() -> torch.Tensor:  # so the policy stores tokens at reduced dimensions
@@ -476,8 +477,8 @@ def _decoupled_core_store(gen: torch.Generator, B: int, H: int, N: int, d: int,
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64_store", "float32_store"])
 def test_decoupled_store_matches_core_attend_packed(dtype: torch.dtype) -> None:
-    """A store packed by the core with decoupled tiers (the default kind, (d, d/2) among them, and
-    random ones) through `packed_store_attention` (the plan, the decode and the chunk kernels) against
+    """A store packed by the core with decoupled tiers (the default ones, a set with (d, d/2) among
+    them, and random ones) through `packed_store_attention` (the plan, the decode and the chunk kernels) against
     `core.attention.attend_packed`; a uniform tier (no offsets) included. The kernels take float32
     (float64 store: its float32 copy; attend_packed computes in float32 either way)."""
     from mdkv_compile.config import MixedDimKVConfig
@@ -488,8 +489,9 @@ def test_decoupled_store_matches_core_attend_packed(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(29)
     B, H, G, N, d, S = 2, 2, 2, 60, 32, 6
     default = ((d, d), *MixedDimKVConfig().resolve_tiers(d))
-    assert any(rk != rv for rk, rv in default) and (d, d // 2) in default
-    for tiers in (default, random_tiers(gen, d, 4), random_tiers(gen, d, 2)):
+    assert any(rk != rv for rk, rv in default)
+    whole_keys = ((d, d), (d, d // 2), (d // 2, d // 4), (d // 4, d // 8), (d // 8, d // 8))
+    for tiers in (default, whole_keys, random_tiers(gen, d, 4), random_tiers(gen, d, 2)):
         store = _decoupled_core_store(gen, B, H, N, d, tiers, dtype)
         assert store.tiers == tiers
         q = torch.randn(B, H * G, 1, d, generator=gen, dtype=dtype)

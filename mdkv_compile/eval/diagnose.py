@@ -10,8 +10,8 @@ allocation is built from them) and judge what a store of the context would serve
   continuation's queries of its KV head's group, then summarised over the tokens a tier may hold
   (not the window, which is kept whole): the median, the mean weighted by the attention the
   continuation pays each token, the share under `LOGIT_TOLERANCE`, and ("tier") the weighted mean
-  over the tokens mixeddimkv actually stores at r key dims; r = d too, where the (d, d/2) tier keeps
-  whole keys in the basis (a check that it is complete). The relative value error |v - v_hat| / |v|,
+  over the tokens mixeddimkv actually stores at r key dims; r = d too (whole keys in the basis, as a
+  (d, d/2) tier would keep them: a check that the basis is complete). The relative value error |v - v_hat| / |v|,
   plain and through o_proj, with the same summaries.
 * **allocations**: the tokens `mixeddimkv` stores at each tier at `budget` (its own policy, run on
   the captured context as the cache runs it) and `snapkv`'s choice at the same budget: the
@@ -501,8 +501,8 @@ def diagnose(
     _, _, n_kv, d = model_dims(model.config)
     cfg = MixedDimKVConfig()
     tiers = cfg.resolve_tiers(d)
-    # d too when a tier keeps whole keys in the basis (the default (d, d/2)): a check that it is complete
-    key_dims = sorted({rk for rk, _ in tiers})
+    # d too: whole keys in the basis, a check that it is complete
+    key_dims = sorted({rk for rk, _ in tiers} | {d})
     value_dims = sorted({rv for _, rv in tiers if rv < d})
     start = time.perf_counter()
     moments = calibration_moments(model, calibration)

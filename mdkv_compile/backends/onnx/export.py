@@ -343,7 +343,8 @@ def default_capacity(cfg: MixedDimKVConfig, head_dim: int, max_prompt_tokens: in
     average), and at least what a prompt the config keeps whole needs (the window and sinks, a prompt
     of `min_compress_tokens`); at most the full prompt. A buffer's share of the budget is its side of
     the widest-sided tier (half when every tier keeps keys and values at the same dims; 2/3 with a
-    (d, d/2) tier, all of whose tokens may be chosen)."""
+    tier of twice as many key dims as value dims, such as the default (d/4, d/8), all of whose
+    tokens may be chosen)."""
     full = max_prompt_tokens * head_dim
     if cfg.budget is None or cfg.method == "full":
         return full
