@@ -18,6 +18,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from mdkv_compile import assets  # noqa: E402
+
 # Property tests (test_properties*.py): CI draws the same examples every run (derandomized), with
 # no per-example deadline (the first call of a shape pays for its kernels); each test sets its
 # number of examples. HYPOTHESIS_PROFILE=mdkv-explore searches longer, at random.
@@ -60,3 +62,15 @@ def stored_bytes_bound():
         return owners * max(units, floor) * 2 * itemsize
 
     return bound
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that loads a model before it has checked its cheap arguments fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(assets, "_load_model", refuse)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", refuse)

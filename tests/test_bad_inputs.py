@@ -366,18 +366,6 @@ def test_a_cache_unpacked_without_hashes_is_unpacked_again(haystack_cache: Path)
 # --- command lines: one line, exit status 2, and no model loaded first ------------------------------
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A command that loads a model before it has checked its cheap arguments fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(assets, "_load_model", refuse)
-    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
-    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", refuse)
-
-
 def _usage_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     from mdkv_compile.cli import main
 

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import torch
 
-from mdkv_compile import assets
 from mdkv_compile.cache import MixedDimCache, model_dims
 from mdkv_compile.core.attention import causal_mask, dense_attention
 from mdkv_compile.core.bases import oblique_basis, save_calibrated, second_moment_basis
@@ -241,15 +240,6 @@ def test_calibrated_file_of_another_model_is_refused_by_name(tmp_path: Path) -> 
 
 
 # --- command line --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(assets, "_load_model", refuse)
-    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
 
 
 @pytest.mark.parametrize(("args", "names"), [
