@@ -14,7 +14,7 @@ NEW=$PWD BASE=$PWD/.gpu/common/base
 t0=$(date +%s); el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
 el "kernel tests on the GPU (compiled Triton, float64 references)"
-PYTHONPATH=$NEW timeout 120 python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py \
+PYTHONPATH=$NEW timeout 220 python -m pytest --durations 5 -q -x -p no:cacheprovider tests/test_triton_attention.py \
     2>&1 | tail -25 | tee "$DEST/kernel_tests.log"
 el "HF decode through the kernel vs the torch path"
 PYTHONPATH=$NEW timeout 60 python benchmarks/check_cuda_decode.py 2>&1 | tail -8 | tee "$DEST/cuda_decode.log"
