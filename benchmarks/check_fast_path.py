@@ -253,8 +253,8 @@ def worker(args: argparse.Namespace) -> None:
         out.write_text(json.dumps(row))
 
     config = {**shape["config"], "bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
-    model = random_llama(attn_implementation="sdpa", dtype=torch.bfloat16 if cuda else torch.float32,
-                         device=device, **config)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    model = random_llama(attn_implementation="sdpa", dtype=dtype, device=device, **config)
     if cuda:
         row["weights_gib"] = _gib(torch.cuda.memory_allocated())
     runner = Runner(args.worker, model, args.budget, shape["new_tokens"])
@@ -323,6 +323,7 @@ class Worker:
                "--budget", str(args.budget), "--new-tokens", str(args.new_tokens)]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--big"] if args.big else []
+        cmd += ["--dtype", args.dtype] if args.dtype else []
         cmd += ["--memory-history", str(args.memory_history)] if args.memory_history else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.start = time.perf_counter()
@@ -500,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="also the extra paths")
     parser.add_argument("--budget", type=float, default=0.0625)
     parser.add_argument("--new-tokens", type=int, default=32)
+    # With random weights a long prompt's attention is almost uniform: the window scores at the
+    # budget's cut differ by less than bf16's resolution, so the compiled and eager prefills keep
+    # different tokens in bf16 (docs/notes/gpu_notes.md section 8). float32 checks the tokens.
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                        help="model weights (default: bfloat16 on a GPU, float32 on the CPU)")
     parser.add_argument("--jobs", type=int, default=None, help="processes at once (default: 3 on a GPU, 1 otherwise)")
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds between stopping the others and a timed call")
