@@ -29,7 +29,7 @@ import torch.distributed as dist
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from mdkv_compile.config import MixedDimKVConfig
-from mdkv_compile.core.attention import attend_packed, causal_mask, dense_attention
+from mdkv_compile.core.attention import attend_packed, causal_mask, causal_or_mask, dense_attention
 from mdkv_compile.core.bases import load_calibrated
 from mdkv_compile.core.packing import PackedStore
 from mdkv_compile.core.sharding import HeadShard, check_local_heads
@@ -237,6 +237,9 @@ class MixedDimLayer(CacheLayerMixin):
         """Attention of `query` [B, Hq, L, d] for this layer; compresses the prompt on first use."""
         if self.store is None:
             key, value = self.pending
+            if query.shape[2] == key.shape[2] and not torch.compiler.is_compiling():
+                # (traced by Dynamo, as under mdkv.patch + compile, the check would break the graph)
+                mask = causal_or_mask(mask)
             out = dense_attention(query, key, value, mask, scale, softcap)
             self.compress(query, key, value, mask, scale, softcap)
             return out

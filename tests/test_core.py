@@ -10,7 +10,7 @@ import torch
 
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.allocation import allocate_exact, allocate_greedy, total_loss
-from mdkv_compile.core.attention import attend_packed, causal_mask
+from mdkv_compile.core.attention import attend_packed, causal_mask, causal_or_mask
 from mdkv_compile.core.packing import pack, reconstruct
 from mdkv_compile.methods import RECORDS
 from mdkv_compile.policies import POLICIES, LayerContext
@@ -286,3 +286,15 @@ def test_oblique_basis_is_the_best_projection_in_its_metric() -> None:
     # In the identity metric it is PCA: the same rank-r projector.
     a_i, b_i = oblique_basis(s, torch.eye(d, dtype=torch.float64))
     assert torch.allclose(a_i[:, :r] @ b_i[:, :r].T, pca[:, :r] @ pca[:, :r].T, atol=1e-4)
+
+
+def test_causal_or_mask_drops_only_the_exact_causal_mask() -> None:
+    causal = causal_mask(10, 10, torch.device("cpu"))[None, None].expand(2, 1, 10, 10).clone()
+    assert causal_or_mask(causal, rows_per_check=3) is None  # checked in 4 blocks of rows
+    padded = causal.clone()
+    padded[1, :, :, :2] = False  # left padding in row 1
+    flipped = causal.clone()
+    flipped[0, 0, 9, 9] = False  # in the last block only
+    window = causal & ~causal_mask(10, 10, torch.device("cpu")).tril(-4)  # a sliding window
+    for mask in (padded, flipped, window, causal.float(), causal[..., :9, :], None):
+        assert causal_or_mask(mask, rows_per_check=3) is mask

@@ -21,6 +21,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig, StaticCache
 
 import mdkv_compile as mdkv
+from mdkv_compile import cache as cache_module
 from mdkv_compile.backends import torch_compile as backend
 from mdkv_compile.bench.e2e import held_bytes
 from mdkv_compile.cache import MixedDimCache
@@ -101,7 +102,7 @@ def test_torch_compile_wrapper_generate_compresses() -> None:
 
 
 @pytest.mark.compile
-def test_model_compile_generate_same_tokens_for_every_cache() -> None:
+def test_model_compile_generate_same_tokens_for_every_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """`model.compile(backend="mixeddimkv")` + `generate()`: the default cache, transformers' static
     cache (its decode step gets its mask as an input, which the finder trusts only knowing the
     model's attention is causal: the backend hands it the compiled module) and, on a patched model,
@@ -115,10 +116,22 @@ def test_model_compile_generate_same_tokens_for_every_cache() -> None:
     model = build_tiny_model("llama").eval()
     model.compile(backend="mixeddimkv", options=OPTS)
     counters.clear()
+    # A traced model materialises its causal mask; the prompt's attention must still get none (SDPA
+    # with is_causal), not a mask SDPA would turn into a float bias the size of the scores.
+    prompt_masks = []
+    real_dense = cache_module.dense_attention
+
+    def spy(query, key, value, mask, *args):
+        if query.shape[2] > 1:
+            prompt_masks.append(mask)
+        return real_dense(query, key, value, mask, *args)
+
+    monkeypatch.setattr(cache_module, "dense_attention", spy)
     assert torch.equal(model.generate(IDS, max_new_tokens=8, **GEN), ref)
 
     out = model.generate(IDS, max_new_tokens=8, cache_implementation="static", return_dict_in_generate=True, **GEN)
     assert torch.equal(out.sequences, ref)
+    assert len(prompt_masks) == 4 and all(m is None for m in prompt_masks)  # 2 layers x 2 generate() calls
     prefill, decode = backend.LAST_REPORTS[-2:]
     assert decode.rewritten == prefill.rewritten and len(decode.rewritten) == 2 and not decode.left
     assert prefill.placeholders == prefill.rewritten == decode.placeholders and not prefill.kept_cache
