@@ -1,6 +1,7 @@
 """Research measurement (docs/notes/quality_notes.md, section 7): calibrated pre-RoPE against
-calibrated post-RoPE key bases for reduced tokens, SmolLM2 on CPU, KL(full || method) of 128
-teacher-forced continuation tokens after a compressed 2048-token prefix (4 haystack samples).
+calibrated post-RoPE key bases for reduced tokens, SmolLM2 or Gemma 3 270M (its global layers) on
+CPU, KL(full || method) of 128 teacher-forced continuation tokens after a compressed 2048-token
+prefix (4 haystack samples).
 
 Not the product: the packed store cannot hold pre-RoPE keys (a reduced key would have to be rotated
 at its own position inside the attention kernels). Here a policy overwrites each reduced token's
@@ -9,9 +10,12 @@ formula: a reduced token costs rk + rv elements, plus 1 for its position under a
 Bases: uncentred PCA per layer and KV head over the calibration essay (held out of the haystack).
 
     python benchmarks/research/prerope_bases.py --out results/research_prerope/kl.json
+    MDKV_EXTRA_ASSETS=gemma3-270m python benchmarks/research/prerope_bases.py --model gemma3-270m \
+        --out results/research_prerope/kl_gemma3.json
 
 Two allocations per basis: a fixed split (half the free budget on whole tokens by importance, the
-rest on the next tokens at (rk, rv)) and mixeddimkv's own (mass loss, knapsack per KV head).
+rest on the next tokens at (rk, rv), as fractions of the head dim) and mixeddimkv's own (mass
+loss, knapsack per KV head, the default tiers).
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ class Rope:
 
     def __init__(self, model) -> None:
         self.emb = model.model.rotary_emb
+        # Gemma 3 keeps one table per layer type; only its global ("full_attention") layers are compressed.
+        self.layer_type = {"layer_type": "full_attention"} if hasattr(self.emb, "layer_types") else {}
 
     def _cos_sin(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.emb(torch.zeros(1), torch.arange(n)[None])
+        cos, sin = self.emb(torch.zeros(1), torch.arange(n)[None], **self.layer_type)
         return cos[:, None].float(), sin[:, None].float()
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,9 +100,9 @@ def reconstructed_keys(key_f: torch.Tensor, basis: torch.Tensor, r: int, pre: bo
     return rope.rotate(project(rope.unrotate(key_f), basis, r)) if pre else project(key_f, basis, r)
 
 
-def make_policy(bases: dict, rope: Rope, pre: bool, split: tuple[int, int] | None) -> Callable:
-    """A policy over reconstructions: `split` (rk, rv) for the fixed split, None for mixeddimkv's
-    allocation over the config's tiers."""
+def make_policy(bases: dict, rope: Rope, pre: bool, split: tuple[float, float] | None) -> Callable:
+    """A policy over reconstructions: `split` (rk, rv) as fractions of the head dim for the fixed
+    split, None for mixeddimkv's allocation over the config's tiers."""
 
     def policy(ctx: LayerContext) -> Selection:
         d = ctx.head_dim
@@ -107,7 +113,7 @@ def make_policy(bases: dict, rope: Rope, pre: bool, split: tuple[int, int] | Non
         value_basis = bases[ctx.layer_idx]["value"][None]
         units = owner_budget(ctx)
         if split is not None:
-            rk, rv = split
+            rk, rv = int(split[0] * d), int(split[1] * d)
             rank = importance.masked_fill(forced | ~ctx.valid[:, None, :], -1.0).argsort(dim=-1, descending=True,
                                                                                           stable=True).argsort(dim=-1)
             free = (units - forced.sum(-1) * d).clamp_min(0)
@@ -175,10 +181,11 @@ def kl_of(model, cfg: mdkv.MixedDimKVConfig, samples: list, full: list) -> float
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3-270m"))
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     torch.set_num_threads(2)
-    model, tokenizer = assets.load_model("smollm2")
+    model, tokenizer = assets.load_model(args.model)
     ids = tokenizer(assets.haystack_text(), return_tensors="pt").input_ids[0]
     samples = [(ids[s : s + 2048], ids[s + 2048 : s + 2176]) for s in range(60000, 108000, 12000)]
     with torch.no_grad():
@@ -196,10 +203,11 @@ def main() -> None:
         print(f"{label:44s} budget {budget:<5} KL {kl:.4f}", flush=True)
 
     record("snapkv", 0.05, mdkv.MixedDimKVConfig(budget=0.05, method="snapkv"))
-    for split in ((16, 16), (32, 8), (16, 8), (8, 8)):
+    for split in ((1 / 4, 1 / 4), (1 / 2, 1 / 8), (1 / 4, 1 / 8), (1 / 8, 1 / 8)):
         for pre in (False, True):
             policies.POLICIES[SIM] = make_policy(bases, rope, pre, split)
-            record(f"fixed split k{split[0]} v{split[1]}, {'pre' if pre else 'post'}-RoPE", 0.05,
+            record(f"fixed split k d/{round(1 / split[0])} v d/{round(1 / split[1])}, {'pre' if pre else 'post'}-RoPE",
+                   0.05,
                    mdkv.MixedDimKVConfig(budget=0.05, method=SIM))
     for budget in (0.02, 0.05, 0.1):
         if budget != 0.05:
@@ -209,8 +217,8 @@ def main() -> None:
             record(f"mixeddimkv allocation, {'pre' if pre else 'post'}-RoPE", budget,
                    mdkv.MixedDimKVConfig(budget=budget, method=SIM))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(samples="haystack tokens 60000 + 12000 i, i < 4: 2048 + 128", rows=rows),
-                                   indent=1))
+    samples_note = "haystack tokens 60000 + 12000 i, i < 4: 2048 + 128"
+    args.out.write_text(json.dumps(dict(model=args.model, samples=samples_note, rows=rows), indent=1))
 
 
 if __name__ == "__main__":
