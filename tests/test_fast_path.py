@@ -9,6 +9,7 @@ models and checks several things on them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -238,3 +239,23 @@ def test_graphed_decoder_prefill_runs_in_inference_mode() -> None:
         cache = MixedDimCache(twin.config, cfg, max_new_tokens=8)
         want = twin(IDS, past_key_values=cache, use_cache=True).logits[:, -1]
     torch.testing.assert_close(logits, want)
+
+
+@pytest.mark.compile
+def test_check_fast_path_script_runs_its_quick_shapes(tmp_path: Path) -> None:
+    """The GPU check (issue 14's table) on its tiny CPU shapes: device time is scarce, so the script
+    must not be first run on the GPU. Each path in its own process; the compiled path's tokens equal
+    the eager MixedDimKV ones in float32 at every call."""
+    out = tmp_path / "quick.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "check_fast_path.py"), "--quick", "--paths", "patch,mdkv-static",
+         "--dtype", "float32", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["args"]["dtype"] == "float32"
+    paths = result["paths"]
+    assert paths["patch"]["ok"] and paths["mdkv-static"]["ok"]
+    calls = paths["mdkv-static"]["calls"]
+    assert len(calls) == 4 and all(call["tokens_equal"] for call in calls)
