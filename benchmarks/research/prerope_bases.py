@@ -182,6 +182,8 @@ def kl_of(model, cfg: mdkv.MixedDimKVConfig, samples: list, full: list) -> float
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3-270m"))
+    p.add_argument("--pool-kernel", type=int, default=7,
+                   help="the importance's max-pool for the simulated policies (snapkv rows keep 7, SnapKV's)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -208,17 +210,19 @@ def main() -> None:
             policies.POLICIES[SIM] = make_policy(bases, rope, pre, split)
             record(f"fixed split k d/{round(1 / split[0])} v d/{round(1 / split[1])}, {'pre' if pre else 'post'}-RoPE",
                    0.05,
-                   mdkv.MixedDimKVConfig(budget=0.05, method=SIM))
+                   mdkv.MixedDimKVConfig(budget=0.05, method=SIM, pool_kernel=args.pool_kernel))
     for budget in (0.02, 0.05, 0.1):
         if budget != 0.05:
             record("snapkv", budget, mdkv.MixedDimKVConfig(budget=budget, method="snapkv"))
         for pre in (False, True):
             policies.POLICIES[SIM] = make_policy(bases, rope, pre, None)
             record(f"mixeddimkv allocation, {'pre' if pre else 'post'}-RoPE", budget,
-                   mdkv.MixedDimKVConfig(budget=budget, method=SIM))
+                   mdkv.MixedDimKVConfig(budget=budget, method=SIM, pool_kernel=args.pool_kernel))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     samples_note = "haystack tokens 60000 + 12000 i, i < 4: 2048 + 128"
-    args.out.write_text(json.dumps(dict(model=args.model, samples=samples_note, rows=rows), indent=1))
+    args.out.write_text(
+        json.dumps(dict(model=args.model, pool_kernel=args.pool_kernel, samples=samples_note, rows=rows), indent=1)
+    )
 
 
 if __name__ == "__main__":
