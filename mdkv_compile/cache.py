@@ -29,7 +29,7 @@ import torch.distributed as dist
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from mdkv_compile.config import MixedDimKVConfig
-from mdkv_compile.core.attention import attend_packed, causal_mask, causal_or_mask, dense_attention
+from mdkv_compile.core.attention import attend_packed, causal_or_mask, dense_attention, is_causal_mask
 from mdkv_compile.core.bases import load_calibrated
 from mdkv_compile.core.packing import PackedStore
 from mdkv_compile.core.sharding import HeadShard, check_local_heads
@@ -299,8 +299,7 @@ class MixedDimLayer(CacheLayerMixin):
             return True
         if new_mask.dim() != 4 or new_mask.shape[-2:] != (n_queries, self.n_new):
             return False
-        causal = causal_mask(n_queries, self.n_new, new_mask.device)
-        return bool((new_mask == causal).all())
+        return is_causal_mask(new_mask)
 
     def context(
         self,

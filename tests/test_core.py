@@ -10,7 +10,7 @@ import torch
 
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.allocation import allocate_exact, allocate_greedy, total_loss
-from mdkv_compile.core.attention import attend_packed, causal_mask, causal_or_mask
+from mdkv_compile.core.attention import attend_packed, causal_mask, causal_or_mask, is_causal_mask
 from mdkv_compile.core.packing import pack, reconstruct
 from mdkv_compile.methods import RECORDS
 from mdkv_compile.policies import POLICIES, LayerContext
@@ -298,3 +298,9 @@ def test_causal_or_mask_drops_only_the_exact_causal_mask() -> None:
     window = causal & ~causal_mask(10, 10, torch.device("cpu")).tril(-4)  # a sliding window
     for mask in (padded, flipped, window, causal.float(), causal[..., :9, :], None):
         assert causal_or_mask(mask, rows_per_check=3) is mask
+    # A chunk of the last L of S positions (decode chunks), checked in blocks too.
+    chunk = causal_mask(5, 12, torch.device("cpu"))[None, None].expand(2, 3, 5, 12).clone()
+    assert is_causal_mask(chunk, rows_per_check=2)
+    chunk[1, 2, 4, 11] = False
+    assert not is_causal_mask(chunk, rows_per_check=2)
+    assert not is_causal_mask(causal_mask(5, 12, torch.device("cpu"))[:, :-1], rows_per_check=2)  # one ahead

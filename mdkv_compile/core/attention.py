@@ -46,22 +46,28 @@ def dense_attention(
     return (torch.softmax(logits, dim=-1).to(value.dtype) @ value).to(query.dtype)
 
 
+def is_causal_mask(mask: torch.Tensor, rows_per_check: int = 1024) -> bool:
+    """Whether the bool `mask` [..., L, S] is exactly `causal_mask(L, S)` in every leading index.
+    Compared in blocks of `rows_per_check` query rows (a bounded temporary, not an [L, S] causal
+    mask beside the model's); one host synchronisation."""
+    n_queries, n_keys = mask.shape[-2:]
+    keys = torch.arange(n_keys, device=mask.device)
+    same = torch.ones((), dtype=torch.bool, device=mask.device)
+    for start in range(0, n_queries, rows_per_check):
+        q_pos = keys[n_keys - n_queries + start : n_keys - n_queries + start + rows_per_check]
+        same &= (mask[..., start : start + rows_per_check, :] == (keys[None, :] <= q_pos[:, None])).all()
+    return bool(same)
+
+
 def causal_or_mask(mask: torch.Tensor | None, rows_per_check: int = 1024) -> torch.Tensor | None:
     """None when `mask` ([B, 1|H, L, L] bool) is exactly the causal mask of a prompt with no
     padding, else `mask` unchanged. A traced model (torch.compile) always materialises its mask;
     SDPA given an explicit mask cannot use its flash kernel and first turns a bool mask into a
     float bias the size of the scores, per layer (2 GiB at batch 4 x 16K in bf16), where
-    is_causal needs neither. Compared in blocks of `rows_per_check` query rows (a bounded
-    temporary) with one host synchronisation."""
+    is_causal needs neither."""
     if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-1] != mask.shape[-2]:
         return mask
-    n = mask.shape[-1]
-    cols = torch.arange(n, device=mask.device)
-    same = torch.ones((), dtype=torch.bool, device=mask.device)
-    for start in range(0, n, rows_per_check):
-        rows = cols[start : start + rows_per_check]
-        same &= (mask[..., start : start + rows_per_check, :] == (cols[None, :] <= rows[:, None])).all()
-    return None if bool(same) else mask
+    return None if is_causal_mask(mask, rows_per_check) else mask
 
 
 def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
