@@ -7,11 +7,16 @@ Not the product: the packed store cannot hold pre-RoPE keys (a reduced key would
 at its own position inside the attention kernels). Here a policy overwrites each reduced token's
 key and value with its reconstruction and keeps it at full width, so the bytes are counted by
 formula: a reduced token costs rk + rv elements, plus 1 for its position under a pre-RoPE basis.
-Bases: uncentred PCA per layer and KV head over the calibration essay (held out of the haystack).
+Bases (`--bases`), per layer and KV head over the calibration essay (held out of the haystack):
+uncentred PCA of the post-RoPE keys ("post") or of the un-rotated keys ("pre"), or whole rotary
+pairs ("pairs": coordinate planes (i, i + d/2) ranked by E|q_pair|^2 E|k_pair|^2, a post-RoPE basis
+that commutes with the rotation, so the store and kernels would need no change).
 
     python benchmarks/research/prerope_bases.py --out results/research_prerope/kl.json
     MDKV_EXTRA_ASSETS=gemma3-270m python benchmarks/research/prerope_bases.py --model gemma3-270m \
         --out results/research_prerope/kl_gemma3.json
+    python benchmarks/research/prerope_bases.py --bases pairs,post --no-fixed-splits \
+        --out results/research_prerope/kl_pairs.json
 
 Two allocations per basis: a fixed split (half the free budget on whole tokens by importance, the
 rest on the next tokens at (rk, rv), as fractions of the head dim) and mixeddimkv's own (mass
@@ -80,6 +85,8 @@ def calibrate(model, tokenizer, rope: Rope) -> dict[int, dict[str, torch.Tensor]
         acc = moments.setdefault(self.layer_idx, {})
         for name, x in (("post", k), ("pre", rope.unrotate(k)), ("value", v)):
             acc[name] = acc.get(name, 0) + torch.einsum("bhnd,bhne->hde", x, x)
+        q = query.float().reshape(k.shape[0], k.shape[1], -1, k.shape[-1])  # GQA groups folded into tokens
+        acc["query_energy"] = acc.get("query_energy", 0) + q.square().sum((0, 2))
         return original(self, query, key, value, *args, **kwargs)
 
     ids = tokenizer(assets.calibration_text(), return_tensors="pt").input_ids[0]
@@ -93,23 +100,39 @@ def calibrate(model, tokenizer, rope: Rope) -> dict[int, dict[str, torch.Tensor]
     finally:
         mdkv.unpatch(model)
         cache_mod.MixedDimLayer.compress = original
-    return {layer: {k: top_eigenvectors(m) for k, m in acc.items()} for layer, acc in moments.items()}
+    return {layer: {"pairs": rope_pair_basis(acc["query_energy"], acc["post"].diagonal(dim1=-2, dim2=-1)),
+                    **{k: top_eigenvectors(m) for k, m in acc.items() if k != "query_energy"}}
+            for layer, acc in moments.items()}
+
+
+def rope_pair_basis(query_energy: torch.Tensor, key_energy: torch.Tensor) -> torch.Tensor:
+    """[H, d, d]: coordinate columns, whole rotary pairs (i, i + d/2) in descending order of
+    E|q_pair|^2 E|k_pair|^2. A span of whole pairs is invariant under every rotation R(p), so
+    selecting pairs commutes with RoPE: a post-RoPE basis that loses nothing to the rotation."""
+    h, d = key_energy.shape
+    half = d // 2
+    score = (query_energy[:, :half] + query_energy[:, half:]) * (key_energy[:, :half] + key_energy[:, half:])
+    order = score.argsort(dim=-1, descending=True)  # [H, d/2]
+    cols = torch.stack([order, order + half], -1).reshape(h, d)  # pair i -> columns 2i, 2i + 1
+    return torch.eye(d)[:, cols].permute(1, 0, 2).contiguous()
 
 
 def reconstructed_keys(key_f: torch.Tensor, basis: torch.Tensor, r: int, pre: bool, rope: Rope) -> torch.Tensor:
     return rope.rotate(project(rope.unrotate(key_f), basis, r)) if pre else project(key_f, basis, r)
 
 
-def make_policy(bases: dict, rope: Rope, pre: bool, split: tuple[float, float] | None) -> Callable:
-    """A policy over reconstructions: `split` (rk, rv) as fractions of the head dim for the fixed
-    split, None for mixeddimkv's allocation over the config's tiers."""
+def make_policy(bases: dict, rope: Rope, kind: str, split: tuple[float, float] | None) -> Callable:
+    """A policy over reconstructions with the key basis `kind` ("post", "pre" or "pairs"): `split`
+    (rk, rv) as fractions of the head dim for the fixed split, None for mixeddimkv's allocation over
+    the config's tiers."""
+    pre = kind == "pre"
 
     def policy(ctx: LayerContext) -> Selection:
         d = ctx.head_dim
         key_f, value_f = ctx.float_copy(ctx.key), ctx.float_copy(ctx.value)
         importance = ctx.importance(key_f)
         forced = ctx.forced()[:, None, :].expand(ctx.key.shape[:3])
-        key_basis = bases[ctx.layer_idx]["pre" if pre else "post"][None]
+        key_basis = bases[ctx.layer_idx][kind][None]
         value_basis = bases[ctx.layer_idx]["value"][None]
         units = owner_budget(ctx)
         if split is not None:
@@ -179,20 +202,33 @@ def kl_of(model, cfg: mdkv.MixedDimKVConfig, samples: list, full: list) -> float
     return sum(kls) / len(kls)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3-270m"))
-    p.add_argument("--pool-kernel", type=int, default=7,
-                   help="the importance's max-pool for the simulated policies (snapkv rows keep 7, SnapKV's)")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args()
+SAMPLES_NOTE = "haystack tokens 60000 + 12000 i, i < 4: 2048 + 128"
+
+
+def kl_setup(model_name: str) -> tuple:
+    """The model, its tokenizer, the 4 (prefix, continuation) samples of SAMPLES_NOTE and the full
+    cache's log-probabilities of each continuation (what `kl_of` compares against)."""
     torch.set_num_threads(2)
-    model, tokenizer = assets.load_model(args.model)
+    model, tokenizer = assets.load_model(model_name)
     ids = tokenizer(assets.haystack_text(), return_tensors="pt").input_ids[0]
     samples = [(ids[s : s + 2048], ids[s + 2048 : s + 2176]) for s in range(60000, 108000, 12000)]
     with torch.no_grad():
         full = [model(torch.cat([a, b])[None], use_cache=False).logits[0, len(a) - 1 : -1].float().log_softmax(-1)
                 for a, b in samples]
+    return model, tokenizer, samples, full
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3-270m"))
+    p.add_argument("--pool-kernel", type=int, default=7,
+                   help="the importance's max-pool for the simulated policies (snapkv rows keep 7, SnapKV's)")
+    p.add_argument("--bases", default="post,pre", help="key bases to compare: post, pre, pairs (RoPE pairs)")
+    p.add_argument("--fixed-splits", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--budgets", default="0.02,0.05,0.1")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    model, tokenizer, samples, full = kl_setup(args.model)
     rope = Rope(model)
     bases = calibrate(model, tokenizer, rope)
     rows = []
@@ -204,24 +240,22 @@ def main() -> None:
         rows.append(dict(label=label, budget=budget, kl=kl, reduced_share=reduced / kept if kept else None))
         print(f"{label:44s} budget {budget:<5} KL {kl:.4f}", flush=True)
 
-    record("snapkv", 0.05, mdkv.MixedDimKVConfig(budget=0.05, method="snapkv"))
-    for split in ((1 / 4, 1 / 4), (1 / 2, 1 / 8), (1 / 4, 1 / 8), (1 / 8, 1 / 8)):
-        for pre in (False, True):
-            policies.POLICIES[SIM] = make_policy(bases, rope, pre, split)
-            record(f"fixed split k d/{round(1 / split[0])} v d/{round(1 / split[1])}, {'pre' if pre else 'post'}-RoPE",
-                   0.05,
+    kinds = args.bases.split(",")
+    label = {"post": "post-RoPE", "pre": "pre-RoPE", "pairs": "RoPE pairs"}
+    for split in ((1 / 4, 1 / 4), (1 / 2, 1 / 8), (1 / 4, 1 / 8), (1 / 8, 1 / 8)) if args.fixed_splits else ():
+        for kind in kinds:
+            policies.POLICIES[SIM] = make_policy(bases, rope, kind, split)
+            record(f"fixed split k d/{round(1 / split[0])} v d/{round(1 / split[1])}, {label[kind]}", 0.05,
                    mdkv.MixedDimKVConfig(budget=0.05, method=SIM, pool_kernel=args.pool_kernel))
-    for budget in (0.02, 0.05, 0.1):
-        if budget != 0.05:
-            record("snapkv", budget, mdkv.MixedDimKVConfig(budget=budget, method="snapkv"))
-        for pre in (False, True):
-            policies.POLICIES[SIM] = make_policy(bases, rope, pre, None)
-            record(f"mixeddimkv allocation, {'pre' if pre else 'post'}-RoPE", budget,
+    for budget in map(float, args.budgets.split(",")):
+        record("snapkv", budget, mdkv.MixedDimKVConfig(budget=budget, method="snapkv"))
+        for kind in kinds:
+            policies.POLICIES[SIM] = make_policy(bases, rope, kind, None)
+            record(f"mixeddimkv allocation, {label[kind]}", budget,
                    mdkv.MixedDimKVConfig(budget=budget, method=SIM, pool_kernel=args.pool_kernel))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    samples_note = "haystack tokens 60000 + 12000 i, i < 4: 2048 + 128"
     args.out.write_text(
-        json.dumps(dict(model=args.model, pool_kernel=args.pool_kernel, samples=samples_note, rows=rows), indent=1)
+        json.dumps(dict(model=args.model, pool_kernel=args.pool_kernel, samples=SAMPLES_NOTE, rows=rows), indent=1)
     )
 
 
