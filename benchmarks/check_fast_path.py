@@ -483,7 +483,8 @@ def summarise(rows: dict[str, dict]) -> dict[str, Any]:
 def write_result(args: argparse.Namespace, rows: dict[str, dict]) -> None:
     result = dict(
         device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        torch=torch.__version__, args={k: v for k, v in vars(args).items() if k != "out"},
+        torch=torch.__version__,
+        args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
         shapes=shapes(args), **summarise(rows),
     )
     import transformers

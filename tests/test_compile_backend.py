@@ -449,6 +449,31 @@ def test_written_inputs_finds_in_place_writes_through_views() -> None:
     assert sorted(placeholders[i] for i in written_inputs(graphs[0])) == ["l_acc_", "l_k_buf_", "l_v_buf_"]
 
 
+def test_capture_takes_only_its_own_call() -> None:
+    """The CUDA-graph wrapper's per-step check (no full signature): a capture takes a call with the
+    very same static tensors at their addresses and other arguments of the same shapes, strides and
+    dtypes (their values may change: they are copied in), and nothing else."""
+    from mdkv_compile.backends.site_graphs import _Capture, _signature
+
+    weight, buffer = torch.nn.Parameter(torch.randn(4, 4)), torch.zeros(2, 8)
+    args = [weight, buffer, torch.tensor([[5]]), 3]
+    static, dynamic = [0, 1], [2, 3]
+    capture = _Capture(graph=None, inputs=[weight, buffer, args[2].clone(), 3], static=static, outputs=[],
+                       generations=(1,), owned=[], layers=[], dynamic=dynamic,
+                       dynamic_signature=_signature([args[i] for i in dynamic]),
+                       static_ptrs=[weight.data_ptr(), buffer.data_ptr()])
+    assert capture.takes(args)
+    assert capture.takes([weight, buffer, torch.tensor([[9]]), 3])  # a new token: copied in
+    assert not capture.takes([weight.detach().clone(), buffer, args[2], 3])  # another weight tensor
+    assert not capture.takes([weight, buffer, torch.tensor([[9, 9]]), 3])  # another shape
+    assert not capture.takes([weight, buffer, torch.tensor([[9.0]]), 3])  # another dtype
+    assert not capture.takes([weight, buffer, torch.zeros(1, 2, dtype=torch.long)[:, :1], 3])  # another stride
+    assert not capture.takes([weight, buffer, args[2], 4])  # another plain value
+    assert not capture.takes([weight, buffer, args[2]])
+    buffer.set_(torch.zeros(2, 8))  # the same tensor object over new storage: captured addresses are stale
+    assert not capture.takes([weight, buffer, args[2], 3])
+
+
 @pytest.mark.compile
 def test_cache_read_inside_the_graph_keeps_the_concat() -> None:
     """Rewrite only (no Inductor): a site whose concatenated keys are also read inside the graph

@@ -9,7 +9,9 @@ keys every captured graph on the state numbers of its sites (`passes.sites.site_
   site op checks the positions there);
 * call 2: capture (the site op takes its device-only path, `passes.sites._capture_decode_step`), then
   one replay, which performs this call;
-* later calls: copy the inputs into the captured ones, replay.
+* later calls: copy the inputs into the captured ones, replay. The last replayed capture is tried
+  first, by object identity of its static tensors (`_Capture.takes`): a signature of every
+  argument, hundreds of parameters, cost more Python per step than the replay itself.
 
 Only graphs whose every rewritten site is a static-KV-buffer decode step (one query token) are
 wrapped: their step writes the new token at a device count and the decode kernel reads that
@@ -61,6 +63,25 @@ class _Capture:
     # memory, which the next replay overwrites (handed out as a copy). Static inputs do not move
     # while the capture is used, so this is decided once.
     owned: list[bool]
+    layers: list  # the sites' MixedDimLayers of this state (fixed while `generations` holds)
+    dynamic: list[int]  # positions of every other argument
+    dynamic_signature: tuple  # `_signature` of those arguments at capture (the caller's, not the copies)
+    # Addresses of the static tensors at capture: what the graph reads and writes. Kept apart from
+    # the tensors, whose storage may be swapped under the same object (`set_`).
+    static_ptrs: list[int]
+
+    def takes(self, args: Sequence[Any]) -> bool:
+        """Whether `args` are this capture's call: the very same static tensors at the same addresses
+        (so the same shapes: they are the captured objects) and other arguments of the same
+        signature. Per decode step this replaces `_signature` over every argument (hundreds of
+        parameters: a quarter of a millisecond of Python for 8 Llama layers)."""
+        inputs = self.inputs
+        return (
+            len(args) == len(inputs)
+            and all(args[i] is inputs[i] and args[i].data_ptr() == ptr
+                    for i, ptr in zip(self.static, self.static_ptrs, strict=True))
+            and _signature([args[i] for i in self.dynamic]) == self.dynamic_signature
+        )
 
 
 class SiteGraphs:
@@ -70,8 +91,14 @@ class SiteGraphs:
         self.compiled, self.sites, self.written = compiled, list(sites), written
         self._captures: dict[tuple, _Capture] = {}
         self._warm: dict[tuple, tuple[int | None, ...]] = {}  # signature -> state of its eager warm-up
+        self._last: _Capture | None = None  # the capture of the last replay: the next step's, as a rule
 
     def __call__(self, *args: Any) -> Any:
+        last = self._last
+        if last is not None and not torch.cuda.is_current_stream_capturing() and last.takes(args) and (
+            last.generations == site_generations(self.sites)
+        ):
+            return self._replay(last, args)  # a decode step like the last one: no full signature
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if not tensors or not all(t.is_cuda for t in tensors) or torch.cuda.is_current_stream_capturing():
             return self.compiled(*args)
@@ -83,6 +110,7 @@ class SiteGraphs:
         if self._warm.get(signature) != generations or None in generations:
             # captures of older states (any shape) are stale: drop them and the memory they hold
             self._captures = {sig: c for sig, c in self._captures.items() if c.generations == generations}
+            self._last = None
             out = self.compiled(*args)
             STATS["warmups"] += 1
             # the state after the call: a one-token prompt makes a new state, whose first decode
@@ -102,7 +130,7 @@ class SiteGraphs:
         )
 
     def _same_static(self, capture: _Capture, args: Sequence[Any]) -> bool:
-        return all(args[i].data_ptr() == capture.inputs[i].data_ptr() for i in capture.static)
+        return all(args[i].data_ptr() == ptr for i, ptr in zip(capture.static, capture.static_ptrs, strict=True))
 
     def _capture(self, args: list[Any], generations: tuple[int | None, ...]) -> _Capture:
         static = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and self._is_static(i, a)]
@@ -122,16 +150,20 @@ class SiteGraphs:
         log.info("mixeddimkv: captured a CUDA graph of a decode step over %d sites", len(self.sites))
         storages = {args[i].untyped_storage().data_ptr() for i in static}
         owned = [isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in storages for o in outputs]
-        return _Capture(graph, inputs, static, list(outputs), generations, owned)
+        dynamic = [i for i in range(len(args)) if i not in static]
+        return _Capture(graph, inputs, static, list(outputs), generations, owned, layers, dynamic,
+                        _signature([args[i] for i in dynamic]), [args[i].data_ptr() for i in static])
 
     def _replay(self, capture: _Capture, args: Sequence[Any], copy_inputs: bool = True) -> list[Any]:
         if copy_inputs:
-            for arg, mine in zip(args, capture.inputs, strict=True):
+            for i in capture.dynamic:
+                arg, mine = args[i], capture.inputs[i]
                 if isinstance(arg, torch.Tensor) and arg is not mine:
                     mine.copy_(arg)
         capture.graph.replay()
         STATS["replays"] += 1
-        for layer in _layers(self.sites):
+        self._last = capture
+        for layer in capture.layers:
             layer.n_new += 1  # the replay advanced the device count; the host count follows
         return [
             o.clone() if isinstance(o, torch.Tensor) and not owned else o
