@@ -9,7 +9,8 @@ over the same replayed step (H100, docs/notes/gpu_notes.md section 8): about 1.9
 step. This script splits that time, on the same model and shape (8-layer Llama-3-8B-shaped, random
 bf16 weights, batch 4 x 16K, 32 new tokens):
 
-* `generate`: ms per step as check_fast_path measures it (a synchronised stamp per new token);
+* `generate`: ms per step as check_fast_path measures it (a synchronised stamp per new token), and
+  the same inside `torch.inference_mode()`;
 * `forward loop`: the same compiled model called in a plain loop over transformers' StaticCache
   (what generate() calls per step, without generate's own Python);
 * `wrapper`: time inside the backend's `SiteGraphs.__call__` per call, and inside its replay;
@@ -84,17 +85,21 @@ def main() -> None:
 
     site_graphs.SiteGraphs.__call__, site_graphs.SiteGraphs._replay = timed_call, timed_replay
 
-    with torch.inference_mode():
-        for _ in range(2):  # compile, then transformers' reused static cache recompiles once
-            runner(ids)
-        wrapper_s.clear()
-        replay_s.clear()
-        generated, _, _, steps = runner(ids)
-        result["generate_ms_per_step"] = _median_ms(steps[2:])
-        result["wrapper_ms_per_call"] = _median_ms(wrapper_s[-len(steps):])
-        result["replay_ms_per_call"] = _median_ms(replay_s[-len(steps):])
-        result["wrapper_calls_per_generate"] = len(wrapper_s)
+    for _ in range(2):  # compile, then transformers' reused static cache recompiles once
+        runner(ids)
+    wrapper_s.clear()
+    replay_s.clear()
+    generated, _, _, steps = runner(ids)  # as check_fast_path.py times it (generate() runs under no_grad)
+    result["generate_ms_per_step"] = _median_ms(steps[2:])
+    result["wrapper_ms_per_call"] = _median_ms(wrapper_s[-len(steps):])
+    result["replay_ms_per_call"] = _median_ms(replay_s[-len(steps):])
+    result["wrapper_calls_per_generate"] = len(wrapper_s)
+    with torch.inference_mode():  # the same call inside inference mode (Dynamo recompiles for it)
+        runner(ids)
+        _, _, _, steps = runner(ids)
+    result["generate_inference_mode_ms_per_step"] = _median_ms(steps[2:])
 
+    with torch.no_grad():
         # the compiled forward in a plain loop over a StaticCache: the step without generate()'s Python
         cache = StaticCache(config=model.config, max_cache_len=length + new)
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -112,14 +117,14 @@ def main() -> None:
             loop.append(time.perf_counter() - t0)
             looped.append(token)
         result["forward_loop_ms_per_step"] = _median_ms(loop[2:])
-        # the same compiled model, prompt and greedy rule: the loop's tokens must be generate()'s
+        # the same compiled model, prompt and greedy rule (bf16 near-ties aside: random weights)
         result["loop_tokens_equal_generate"] = bool(torch.equal(torch.cat(looped, 1).cpu(), generated))
         del cache, out
 
-        prof = cProfile.Profile()
-        prof.enable()
-        runner(ids)
-        prof.disable()
+    prof = cProfile.Profile()
+    prof.enable()
+    runner(ids)
+    prof.disable()
     texts = {}
     for key in ("tottime", "cumulative"):
         buf = io.StringIO()
