@@ -71,10 +71,12 @@ class _Capture:
     static_ptrs: list[int]
 
     def takes(self, args: Sequence[Any]) -> bool:
-        """Whether `args` are this capture's call: the very same static tensors at the same addresses
-        (so the same shapes: they are the captured objects) and other arguments of the same
-        signature. Per decode step this replaces `_signature` over every argument (hundreds of
-        parameters: a quarter of a millisecond of Python for 8 Llama layers)."""
+        """Whether `args` are this capture's call: the very same static tensor objects (parameters,
+        KV buffers), still at their captured addresses, and other arguments of the same signature.
+        Per decode step this replaces `_signature` over every argument (a hundred parameters and
+        buffers at 8 Llama layers: 0.28 ms of Python per step on an H100's host). A static tensor
+        resized in place keeps its identity and address and is not caught here; nothing in a
+        transformers decode step does that to a parameter or a cache buffer."""
         inputs = self.inputs
         return (
             len(args) == len(inputs)
