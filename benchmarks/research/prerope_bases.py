@@ -226,6 +226,7 @@ def main() -> None:
     p.add_argument("--bases", default="post,pre", help="key bases to compare: post, pre, pairs (RoPE pairs)")
     p.add_argument("--fixed-splits", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--budgets", default="0.02,0.05,0.1")
+    p.add_argument("--tiers", default=None, help="mixeddimkv's reduced tiers as JSON, e.g. '[[16,32],[8,16],[8,8]]'")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     model, tokenizer, samples, full = kl_setup(args.model)
@@ -241,6 +242,7 @@ def main() -> None:
         print(f"{label:44s} budget {budget:<5} KL {kl:.4f}", flush=True)
 
     kinds = args.bases.split(",")
+    tiers = None if args.tiers is None else tuple(tuple(t) for t in json.loads(args.tiers))
     label = {"post": "post-RoPE", "pre": "pre-RoPE", "pairs": "RoPE pairs"}
     for split in ((1 / 4, 1 / 4), (1 / 2, 1 / 8), (1 / 4, 1 / 8), (1 / 8, 1 / 8)) if args.fixed_splits else ():
         for kind in kinds:
@@ -252,10 +254,11 @@ def main() -> None:
         for kind in kinds:
             policies.POLICIES[SIM] = make_policy(bases, rope, kind, None)
             record(f"mixeddimkv allocation, {label[kind]}", budget,
-                   mdkv.MixedDimKVConfig(budget=budget, method=SIM, pool_kernel=args.pool_kernel))
+                   mdkv.MixedDimKVConfig(budget=budget, method=SIM, pool_kernel=args.pool_kernel, tiers=tiers))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
-        json.dumps(dict(model=args.model, pool_kernel=args.pool_kernel, samples=SAMPLES_NOTE, rows=rows), indent=1)
+        json.dumps(dict(model=args.model, pool_kernel=args.pool_kernel, tiers=tiers, samples=SAMPLES_NOTE, rows=rows),
+                   indent=1)
     )
 
 

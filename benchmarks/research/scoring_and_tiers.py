@@ -9,7 +9,8 @@ bases, the torch attention path).
   `mixeddimkv`, max-pool 7 and 1. The window stays forced whole either way.
 * `--part tiers`: reduced tiers with very few value dims ((d/2, d/2), (d/4, d/16), (d/8, d/64) and
   (d/2, d/2), (d/4, d/8), (d/8, d/32), (d/16, d/64)) against the default tiers: whether cheap tokens
-  that keep mostly their key (their attention mass) pay.
+  that keep mostly their key (their attention mass) pay; and the other way, "wide values"
+  ((d/2, d/2), (d/4, d/4), (d/8, d/4), (d/8, d/8)), the set that did best with pre-RoPE keys.
 
     python benchmarks/research/scoring_and_tiers.py --part scoring --out results/research_prerope/scoring.json
     python benchmarks/research/scoring_and_tiers.py --part tiers --out results/research_prerope/tiers.json
@@ -69,6 +70,7 @@ def observed_importance(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("scoring", "tiers"), required=True)
+    p.add_argument("--tier-sets", default=None, help="comma list of the tier sets to run (default: all)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     model, tokenizer, samples, full = kl_setup("smollm2")
@@ -97,8 +99,11 @@ def main() -> None:
         d = model.config.head_dim
         tier_sets = {"default": None,
                      "few value dims A": ((d // 2, d // 2), (d // 4, d // 16), (d // 8, d // 64)),
-                     "few value dims B": ((d // 2, d // 2), (d // 4, d // 8), (d // 8, d // 32), (d // 16, d // 64))}
+                     "few value dims B": ((d // 2, d // 2), (d // 4, d // 8), (d // 8, d // 32), (d // 16, d // 64)),
+                     "wide values": ((d // 2, d // 2), (d // 4, d // 4), (d // 8, d // 4), (d // 8, d // 8))}
         for name, tiers in tier_sets.items():
+            if args.tier_sets and name not in args.tier_sets.split(","):
+                continue
             for budget in BUDGETS:
                 record(f"mixeddimkv, tiers {name}", mdkv.MixedDimKVConfig(budget=budget, tiers=tiers, **calibrated),
                        tiers=tiers)
