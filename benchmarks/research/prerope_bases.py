@@ -17,6 +17,8 @@ that commutes with the rotation, so the store and kernels would need no change).
         --out results/research_prerope/kl_gemma3.json
     python benchmarks/research/prerope_bases.py --bases pairs,post --no-fixed-splits \
         --out results/research_prerope/kl_pairs.json
+    python benchmarks/research/prerope_bases.py --bases pre --tiers '[[32,32],[16,16],[8,16],[8,8]]' \
+        --pool-kernel 1 --budgets 0.05,0.1 --niah --out results/research_prerope/niah_pre_pool1
 
 Two allocations per basis: a fixed split (half the free budget on whole tokens by importance, the
 rest on the next tokens at (rk, rv), as fractions of the head dim) and mixeddimkv's own (mass
@@ -227,12 +229,28 @@ def main() -> None:
     p.add_argument("--fixed-splits", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--budgets", default="0.02,0.05,0.1")
     p.add_argument("--tiers", default=None, help="mixeddimkv's reduced tiers as JSON, e.g. '[[16,32],[8,16],[8,8]]'")
+    p.add_argument("--niah", action="store_true",
+                   help="instead of KL: `mdkv eval`'s needle task at 2000 and 4000 tokens (3 depths, both protocols) "
+                   "under the first of --bases, results in --out as a folder (the cells are labelled with the "
+                   f"method name whose slot the simulation takes, {SIM!r})")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     model, tokenizer, samples, full = kl_setup(args.model)
     rope = Rope(model)
     bases = calibrate(model, tokenizer, rope)
     rows = []
+    tiers = None if args.tiers is None else tuple(tuple(t) for t in json.loads(args.tiers))
+    if args.niah:
+        from mdkv_compile.eval import runner
+
+        policies.POLICIES[SIM] = make_policy(bases, rope, args.bases.split(",")[0], None)
+        budgets = [float(b) for b in args.budgets.split(",")]
+        spec = runner.EvalSpec(model_name=args.model, methods=[SIM], budgets=budgets, tasks=["niah"],
+                               lengths=[2000, 4000], depths=[0.25, 0.5, 0.75], seeds=[1],
+                               protocols=["query-agnostic", "query-aware"],
+                               options={"pool_kernel": args.pool_kernel, "tiers": tiers})
+        print(runner.run_grid(model, tokenizer, spec, args.out, fail_fast=True))
+        return
 
     def record(label: str, budget: float, cfg: mdkv.MixedDimKVConfig) -> None:
         STATS.clear()
@@ -242,7 +260,6 @@ def main() -> None:
         print(f"{label:44s} budget {budget:<5} KL {kl:.4f}", flush=True)
 
     kinds = args.bases.split(",")
-    tiers = None if args.tiers is None else tuple(tuple(t) for t in json.loads(args.tiers))
     label = {"post": "post-RoPE", "pre": "pre-RoPE", "pairs": "RoPE pairs"}
     for split in ((1 / 4, 1 / 4), (1 / 2, 1 / 8), (1 / 4, 1 / 8), (1 / 8, 1 / 8)) if args.fixed_splits else ():
         for kind in kinds:
