@@ -27,7 +27,9 @@ import pstats
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +39,19 @@ from check_fast_path import LLAMA3_8B, TINY, Runner, _prompt, _sync  # noqa: E40
 
 def _median_ms(xs: list[float]) -> float | None:
     return 1e3 * statistics.median(xs) if xs else None  # None: nothing ran there (no SiteGraphs on CPU)
+
+
+def _timed(fn: Callable[..., Any], seconds: list[float]) -> Callable[..., Any]:
+    """`fn`, appending the seconds of each call to `seconds`."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    return timed
 
 
 def main() -> None:
@@ -67,23 +82,8 @@ def main() -> None:
     # time inside the wrapper and inside its replay
     wrapper_s: list[float] = []
     replay_s: list[float] = []
-    call, replay = site_graphs.SiteGraphs.__call__, site_graphs.SiteGraphs._replay
-
-    def timed_call(self, *a):
-        t0 = time.perf_counter()
-        try:
-            return call(self, *a)
-        finally:
-            wrapper_s.append(time.perf_counter() - t0)
-
-    def timed_replay(self, *a, **k):
-        t0 = time.perf_counter()
-        try:
-            return replay(self, *a, **k)
-        finally:
-            replay_s.append(time.perf_counter() - t0)
-
-    site_graphs.SiteGraphs.__call__, site_graphs.SiteGraphs._replay = timed_call, timed_replay
+    site_graphs.SiteGraphs.__call__ = _timed(site_graphs.SiteGraphs.__call__, wrapper_s)
+    site_graphs.SiteGraphs._replay = _timed(site_graphs.SiteGraphs._replay, replay_s)
 
     for _ in range(2):  # compile, then transformers' reused static cache recompiles once
         runner(ids)
