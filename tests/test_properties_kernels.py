@@ -19,7 +19,7 @@ from mdkv_compile.kernels import store_attention  # noqa: E402
 from mdkv_compile.kernels.store_attention import packed_store_attention  # noqa: E402
 
 STALE, _needs_interpreter, test_module_in_fresh_process = interpreter_guard(
-    __file__, lambda: [store_attention.jit._packed_decode_split]
+    __file__, lambda: [store_attention.jit._packed_attention]
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -22,7 +22,7 @@ from mdkv_compile.kernels.store_attention import (  # noqa: E402
 )
 
 STALE, _needs_interpreter, test_module_in_fresh_process = interpreter_guard(
-    __file__, lambda: [store_attention.jit._packed_decode_split]
+    __file__, lambda: [store_attention.jit._packed_attention]
 )
 
 
@@ -190,17 +190,19 @@ def test_budget_one_equals_full_attention() -> None:
     assert rel_err(out, ref) < 1e-5
 
 
-def test_many_splits_and_merge_chunks() -> None:
-    """Small splits and a merge that reads 2 splits at a time: the chunked LSE merge and empty slices."""
+def test_many_splits_merged_by_the_last_program() -> None:
+    """Many small splits, some empty, in either region order: the last program of each owner merges
+    them all (the arrival count reaches S x regions exactly once per owner)."""
     from mdkv_compile.kernels import store_attention as ta
 
-    tuning = ta.Tuning(min_rows_per_split=4, programs_per_sm=64, merge_block_s=2, block_n_full=16,
-                       block_n_reduced_max=64)
     gen = torch.Generator().manual_seed(5)
     c = make_case(gen, 1, 2, 3, 32, (32, 16, 8), 70, 3, 4, torch.float32)
-    out = torch.full((1, 6, 1, 32), float("nan"), device=DEVICE)
-    packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
-    assert rel_err(out, reference(c)) < 1e-5
+    for reverse in (True, False):
+        tuning = ta.Tuning(min_rows_per_split=4, programs_per_sm=64, block_n_full=16, block_n_reduced_max=64,
+                           reverse_regions=reverse)
+        out = torch.full((1, 6, 1, 32), float("nan"), device=DEVICE)
+        packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
+        assert rel_err(out, reference(c)) < 1e-5
 
 
 def test_matches_core_attend_packed() -> None:
@@ -570,7 +572,7 @@ def test_plan_constexprs_of_coupled_and_decoupled_tiers() -> None:
     plan = StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"], c["basis_v"])
     cx = plan.tier_constexprs
     assert [cx[f"R{t}"] for t in range(1, 4)] == [64, 32, 8] and [cx[f"RV{t}"] for t in range(1, 4)] == [32, 16, 8]
-    assert plan.rv_max == 32 and plan.rv_max_padded == 32 and plan.merge_basis[0] is plan.basis_v
+    assert plan.rv_max == 32 and plan.rv_max_padded == 32 and plan.bases[3] is plan.basis_v and plan.bases[0] is plan.basis_k
     with pytest.raises(ValueError, match="columns"):
         StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"],
                              c["basis_v"][..., :16])

@@ -77,6 +77,32 @@ def _shapes_text(text: str) -> str:
     return text
 
 
+def _tuning_text(text: str) -> str:
+    """--tuning checked (see `run_tuning`) and kept as text."""
+    run_tuning(text)
+    return text
+
+
+def run_tuning(text: str) -> ta.Tuning:
+    """'key=value,...' over ``DEFAULT_TUNING`` (ints, 'none', booleans as 0/1/true/false)."""
+    fields = {f.name: f for f in dataclasses.fields(ta.Tuning)}
+    changes: dict[str, Any] = {}
+    for item in csv(str)(text) if text.strip() else []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise argparse.ArgumentTypeError(f"{item!r}: not KEY=VALUE with KEY one of {sorted(fields)}")
+        default = getattr(ta.DEFAULT_TUNING, key)
+        if isinstance(default, bool):
+            if value.lower() not in ("0", "1", "true", "false"):
+                raise argparse.ArgumentTypeError(f"{item!r}: {key} takes 0/1/true/false")
+            changes[key] = value.lower() in ("1", "true")
+        elif value.lower() == "none" and key == "splits":
+            changes[key] = None
+        else:
+            changes[key] = positive_int(value)
+    return dataclasses.replace(ta.DEFAULT_TUNING, **changes)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite", choices=("decode", "e2e"), default="decode",
@@ -88,7 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", type=_ints_text, default="8192,32768,131072",
                         help="comma-separated prompt lengths")
     parser.add_argument("--batches", type=_ints_text, default="1,4,16,32,64", help="comma-separated batch sizes")
+    parser.add_argument("--shapes", type=lambda text: _shapes_text(text) if text.strip() else text, default="",
+                        help="CONTEXTxBATCH list timed instead of every --contexts x --batches pair")
     parser.add_argument("--budget", type=fraction, default=0.0625, help="stored bytes / full-cache bytes")
+    parser.add_argument("--tuning", type=_tuning_text, default="",
+                        help="launch parameters for every packed call of the run, KEY=VALUE,... over the "
+                        "defaults (fields of kernels.store_attention.Tuning), e.g. reverse_regions=0,splits=4")
     parser.add_argument(
         "--tiers", type=_tiers_text, default="128,64,32,16",
         help="tiers, full first, equal bytes each: a dim (keys and values) or KEY/VALUE dims, e.g. "
@@ -112,6 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compressed prompt length of the chunk rows")
     parser.add_argument("--chunk-block-m", type=_ints_text, default="64",
                         help="Tuning.chunk_block_m values to time for the packed chunk (first = reported)")
+    parser.add_argument("--chunk-warps", type=_ints_text, default="",
+                        help="Tuning.chunk_num_warps values to time with each --chunk-block-m (default: the tuning's)")
     parser.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile check")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, TRITON_INTERPRET=1, tiny shapes, one untimed call per method: checks the code paths")
@@ -291,8 +324,7 @@ def _compile_case(dev: str, gen: torch.Generator, spec: str, log: list[str]) -> 
         out, code = run_and_get_code(torch.compile(f, fullgraph=True), q, p)
         ref = f(q, p)
         src = "\n".join(code)
-        res = dict(ok=True, rel_err=rel_err(out, ref), split_kernel_inlined="_packed_decode_split" in src,
-                   merge_kernel_inlined="_packed_decode_merge" in src,
+        res = dict(ok=True, rel_err=rel_err(out, ref), kernel_inlined="_packed_attention" in src,
                    extern_op_call="torch.ops.mdkv.packed_decode_attention" in src, seconds=time.time() - t0)
     except Exception as e:  # report, don't hide: the table still runs
         res = dict(ok=False, error=f"{type(e).__name__}: {e}"[:2000], seconds=time.time() - t0)
@@ -309,7 +341,7 @@ def kernel_resources() -> list[dict[str, Any]]:
     """Registers / spills / shared memory of every compiled variant (best effort: Triton internals)."""
     rows: list[dict[str, Any]] = []
     try:
-        for fn in (ta.jit._packed_decode_split, ta.jit._packed_decode_merge):
+        for fn in (ta.jit._packed_attention,):
             for caches in fn.device_caches.values():
                 for k in caches[0].values():
                     rows.append(dict(kernel=fn.__name__, n_regs=getattr(k, "n_regs", None),
@@ -450,11 +482,13 @@ def bench_shape(B: int, n_ctx: int, args: argparse.Namespace, gen: torch.Generat
 
     p = make_packed(B, Hkv, d, tiers, counts, nn, dtype, gen, dev)
     pb = packed_bytes(p)
-    res["packed"] = _time(lambda: ta.packed_decode_attention_triton(q, **p, scale=scale), args.rep_ms, args.dry_run)
+    tuning = run_tuning(args.tuning)
+    res["packed"] = _time(lambda: ta.packed_decode_attention_triton(q, **p, scale=scale, tuning=tuning), args.rep_ms,
+                          args.dry_run)
     # the same expected bytes with random tokens per owner and tier (0 .. 2x the mean): load imbalance
     pj = make_packed(B, Hkv, d, tiers, counts, nn, dtype, gen, dev, jitter=True)
-    res["packed_jitter"] = _time(lambda: ta.packed_decode_attention_triton(q, **pj, scale=scale), args.rep_ms,
-                                 args.dry_run)
+    res["packed_jitter"] = _time(lambda: ta.packed_decode_attention_triton(q, **pj, scale=scale, tuning=tuning),
+                                 args.rep_ms, args.dry_run)
     pjb = packed_bytes(pj)
     pj.clear()
 
@@ -518,7 +552,8 @@ def _sweep_shape(n_ctx: int, B: int, args: argparse.Namespace, gen: torch.Genera
     nbytes = packed_bytes(p) + 2 * q.numel() * 2
     n_own, nreg = B * Hkv, len(tiers)
     avg_rows = sum(int(k.shape[0]) for k in p["tier_keys"]) // n_own + nn
-    ref = ta.packed_decode_attention_triton(q, **p, scale=d**-0.5)
+    default = run_tuning(args.tuning)
+    ref = ta.packed_decode_attention_triton(q, **p, scale=d**-0.5, tuning=default)
     nan = float("nan")
     timed: dict[ta.Tuning, dict[str, Any]] = {}  # in the order measured
 
@@ -546,7 +581,6 @@ def _sweep_shape(n_ctx: int, B: int, args: argparse.Namespace, gen: torch.Genera
         good = [(r["ms_graph"], t) for t in cands if (r := measure(t))["ok"] and r["ms_graph"] is not None]
         return min(good, key=lambda x: x[0])[1] if good else cands[0]
 
-    default = ta.DEFAULT_TUNING
     # split counts: distinct resolved S only (the policy's S is one of the fixed ones or another)
     by_s: dict[int, ta.Tuning] = {}
     for s_ in SWEEP_SPLITS:
@@ -586,12 +620,15 @@ def chunk_rows(args: argparse.Namespace, gen: torch.Generator, dev: str, bw: flo
     tiers = parse_tiers(args.tiers, d)
     counts, _ = tier_counts(n_ctx, args.budget, tiers, d, 2)
     n_keep = int(args.budget * n_ctx)
+    base = run_tuning(args.tuning)
+    warps = [int(x) for x in args.chunk_warps.split(",")] if args.chunk_warps else [base.chunk_num_warps]
     rows = []
     for B in [int(x) for x in args.chunk_batches.split(",")]:
         for L in [int(x) for x in args.chunks.split(",")]:
             # values the launch clamps to the same rows per program (as StorePlan.chunk_split does) are timed once
             block_ms = list(dict.fromkeys(max(16, min(int(x), next_pow2(Hq // Hkv * L)))
                                           for x in args.chunk_block_m.split(",")))
+            variants = [(bm, w) for bm in block_ms for w in warps]
             q = torch.randn(B, Hq, L, d, generator=gen, device=dev, dtype=torch.bfloat16)
             qo_bytes = 2 * q.numel() * 2
             res, full_bytes = _sdpa_cache(q, n_ctx + L, "sdpa_full", args, gen)
@@ -603,19 +640,19 @@ def chunk_rows(args: argparse.Namespace, gen: torch.Generator, dev: str, bw: flo
             except torch.OutOfMemoryError:  # the reference materialises [owners, M, rows, d]: 240 GiB at B=8, L=256
                 ref = None
                 torch.cuda.empty_cache()
-            errs: dict[int, float | None] = {}
-            for bm in block_ms:
-                tuning = dataclasses.replace(ta.DEFAULT_TUNING, chunk_block_m=bm)
+            errs: dict[str, float | None] = {}
+            for bm, w in variants:
+                tuning = dataclasses.replace(base, chunk_block_m=bm, chunk_num_warps=w)
 
                 def fn(q: torch.Tensor = q, p: dict[str, Any] = p, tuning: ta.Tuning = tuning) -> torch.Tensor:
                     return ta.packed_chunk_attention_triton(q, **p, scale=d**-0.5, tuning=tuning)
 
-                errs[bm] = rel_err(fn(), ref) if ref is not None else None
-                res[f"packed_bm{bm}"] = _time(fn, args.rep_ms, args.dry_run)
+                errs[f"bm{bm}w{w}"] = rel_err(fn(), ref) if ref is not None else None
+                res[f"packed_bm{bm}w{w}"] = _time(fn, args.rep_ms, args.dry_run)
             _annotate(res, {"sdpa_full": full_bytes + qo_bytes, "sdpa_evict": evict_bytes + qo_bytes,
                             "packed": packed_bytes(p) + qo_bytes}, bw)
             key = "ms_graph" if not args.dry_run else "ms"
-            pk = res[f"packed_bm{block_ms[0]}"].get(key)
+            pk = res["packed_bm{}w{}".format(*variants[0])].get(key)
             f, e = _best(res, "sdpa_full", key), _best(res, "sdpa_evict", key)
             row = dict(batch=B, chunk=L, context=n_ctx, tier_counts=counts, evict_tokens=n_keep, methods=res,
                        rel_err_vs_torch=errs, ok=all(x < 2e-2 for x in errs.values() if x is not None),
@@ -624,7 +661,7 @@ def chunk_rows(args: argparse.Namespace, gen: torch.Generator, dev: str, bw: flo
             rows.append(row)
             nan = float("nan")
             log.append(f"chunk B={B:2d} L={L:4d} N={n_ctx} | full {f or nan:8.4f} ms | evict {e or nan:7.4f} | packed "
-                       + " ".join(f"bm{bm} {res[f'packed_bm{bm}'].get(key) or nan:7.4f}" for bm in block_ms)
+                       + " ".join(f"bm{bm}w{w} {res[f'packed_bm{bm}w{w}'].get(key) or nan:7.4f}" for bm, w in variants)
                        + (f" | rel_err {max(x for x in errs.values() if x is not None):.1e}" if ref is not None
                           else " | reference skipped (out of memory)") + ("" if row["ok"] else " FAIL")
                        + ("" if row["sdpa_variants_agree"] else " | SDPA variants DISAGREE (see JSON)"))
@@ -640,7 +677,7 @@ def _dry_run_args(args: argparse.Namespace) -> None:
     args.q_heads, args.kv_heads, args.head_dim, args.n_new = 4, 2, 32, 3
     if args.tiers != "mixeddimkv":  # the policy's tiers resolve at the dry run's head dim
         args.tiers = "32,16,8"
-    args.contexts, args.batches = "512", "1"
+    args.contexts, args.batches, args.shapes = "512", "1", ""
     args.sweep_shapes = "512x2"
     args.chunk_context, args.chunk_batches = 512, "1"
     args.chunks = args.chunks and "4"
@@ -670,7 +707,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = dict(
         gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu (dry run)", torch=torch.__version__,
         triton=triton.__version__, python=platform.python_version(),
-        sms=sm_count(torch.device(dev)), args=vars(args), tuning=dataclasses.asdict(ta.DEFAULT_TUNING),
+        sms=sm_count(torch.device(dev)), args=vars(args), tuning=dataclasses.asdict(run_tuning(args.tuning)),
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     result["correctness"] = correctness(dev, gen, log)
@@ -686,11 +723,12 @@ def run(args: argparse.Namespace) -> int:
     bw = result["copy_bandwidth"]["tb_s"]
     print(f"copy bandwidth {bw:.3f} TB/s", flush=True)
     rows = []
-    for n_ctx in [int(x) for x in args.contexts.split(",") if x]:
-        for B in [int(x) for x in args.batches.split(",") if x]:
-            rows.append(bench_shape(B, n_ctx, args, gen, dev, bw, log))
-            print(log[-1], flush=True)
-            _write(args.out, {**result, "rows": rows})  # partial results survive a timeout
+    shapes = _parse_shapes(args.shapes) or [(int(n), int(b)) for n in args.contexts.split(",") if n
+                                            for b in args.batches.split(",") if b]
+    for n_ctx, B in shapes:
+        rows.append(bench_shape(B, n_ctx, args, gen, dev, bw, log))
+        print(log[-1], flush=True)
+        _write(args.out, {**result, "rows": rows})  # partial results survive a timeout
     result["rows"] = rows
     ok = True
     if args.chunks:

@@ -1,8 +1,8 @@
-"""Running the store-attention kernels: the query rotation, workspace and output, one split launch
-and the merge. `packed_decode_attention_triton` and `packed_chunk_attention_triton` are the direct
-entry points (tests, benchmarks; ``wrap=identity``) and what the registered ops call with
-``wrap=wrap_triton``. Decode and chunk share everything here but their split kernel, its grid's row
-blocks and the counts they pass."""
+"""Running the store-attention kernel: workspace, arrival counts and output, then one launch (splits
+and merge). `packed_decode_attention_triton` and `packed_chunk_attention_triton` are the direct entry
+points (tests, benchmarks; ``wrap=identity``) and what the registered ops call with
+``wrap=wrap_triton``. Decode is the chunk of one query token: the two differ in their work split and
+in where the count of new tokens comes from."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mdkv_compile.kernels._triton import LOG2E, identity, interpreting, next_pow2
+from mdkv_compile.kernels._triton import LOG2E, identity, interpreting
 from mdkv_compile.kernels.store_attention import jit
 from mdkv_compile.kernels.store_attention.plan import StorePlan, Tuning, WorkSplit
 
@@ -51,9 +51,8 @@ def packed_decode_attention_triton(
     Hkv = k_new.shape[1]
     split = plan.decode_split(B * Hkv, Hq // Hkv, n_new, q.device)
     q = q.contiguous()
-    counts = (n_new, q if n_decoded is None else n_decoded, Hkv, split.rows, split.splits)
-    return _launch(wrap, jit._packed_decode_split, plan, split, q, k_new, v_new, counts, scale, softcap, out,
-                   poison_workspace, N_FROM_PTR=n_decoded is not None, GP=split.block_rows)
+    return _launch(wrap, plan, split, q, k_new, v_new, n_new, n_decoded, 1, scale, softcap, out, poison_workspace,
+                   tuning_warps=plan.tuning.num_warps)
 
 
 def packed_chunk_attention_triton(
@@ -85,9 +84,8 @@ def packed_chunk_attention_triton(
     Hkv = k_new.shape[1]
     split = plan.chunk_split(B * Hkv, (Hq // Hkv) * L, n_new, q.device)
     q = q.contiguous()
-    counts = (n_new, L, Hkv, split.rows, split.splits, split.row_blocks)
-    return _launch(wrap, jit._packed_chunk_split, plan, split, q, k_new, v_new, counts, scale, softcap, out,
-                   poison_workspace, BLOCK_M=split.block_rows, M_P=split.rows_padded)
+    return _launch(wrap, plan, split, q, k_new, v_new, n_new, None, L, scale, softcap, out, poison_workspace,
+                   tuning_warps=plan.tuning.chunk_num_warps)
 
 
 def _check_devices(q: Tensor, *tensors: Tensor | None) -> None:
@@ -107,50 +105,42 @@ def _check_new_tokens(plan: StorePlan, q: Tensor, k_new: Tensor, v_new: Tensor) 
 
 def _launch(
     wrap: Wrap,
-    split_kernel: Callable,
     plan: StorePlan,
     split: WorkSplit,
     q: Tensor,
     k_new: Tensor,
     v_new: Tensor,
-    counts: tuple,
+    n_new: int,
+    n_decoded: Tensor | None,
+    L: int,
     scale: float,
     softcap: float | None,
     out: Tensor | None,
     poison_workspace: bool,
-    **row_constexprs: int | bool,
+    tuning_warps: int,
 ) -> Tensor:
-    """The split kernel over every (owner, slice, region x row block), then the merge into `out`.
-    `counts`: the split kernel's own scalars between the new tokens' strides and the workspace
-    (decode and chunk differ there); `row_constexprs`: its own constexprs."""
-    tuning = plan.tuning
+    """One launch over every (row block, split, owner, region); the last program of each (owner, row
+    block) merges its partials into `out`. `n_decoded`: the count of new tokens on the device (decode
+    under CUDA graphs), read there instead of `n_new`."""
     ml, acc, coef = _workspace(plan.workspace_sizes(split), q.device, poison_workspace)
+    # arrival counts start at 0 on every call (a memset), so a call never depends on the one before
+    arrivals = torch.zeros(split.owners * split.row_blocks, dtype=torch.int32, device=q.device)
     out = _output(out, q)
-    q_rot = _rotated_query(plan, q, split)
     has_cap = softcap is not None
-    wrap(split_kernel)[(split.owners, split.splits, (plan.n_reduced + 1) * split.row_blocks)](
-        q, *plan.tier_pointers,
-        q_rot, q_rot.stride(1),
+    programs = split.row_blocks * split.splits * split.owners * (plan.n_reduced + 1)
+    wrap(jit._packed_attention)[(programs,)](
+        q, *plan.tier_pointers, *plan.bases,
         k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new.stride(0), v_new.stride(1), v_new.stride(2),
-        *counts,
-        ml, acc, coef,
+        n_new, q if n_decoded is None else n_decoded, L, k_new.shape[1], split.owners, split.rows, split.splits,
+        split.row_blocks,
+        ml, acc, coef, arrivals, out,
         scale * LOG2E, scale, float(softcap) if has_cap else 1.0,
-        NUM_RED=plan.n_reduced, **plan.tier_constexprs,
-        RV_MAX=plan.rv_max_padded, D=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n,
+        N_FROM_PTR=n_decoded is not None, NUM_RED=plan.n_reduced, **plan.tier_constexprs,
+        RV_TOP=plan.rv_max, RV_MAX=plan.rv_max_padded, BLOCK_M=split.block_rows, M_P=split.rows_padded,
+        D=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, REVERSE_REGIONS=plan.tuning.reverse_regions,
         HAS_SOFTCAP=has_cap, DOT_PREC=q.dtype == torch.float32, INTERP=interpreting(),
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
-        **row_constexprs,
-    )
-    # the decode merge serves any number of rows per owner: rows = G (decode) or G * L (chunk)
-    basis_v, stride_bo, stride_bd = plan.merge_basis
-    value_widths = {f"RV{t}": plan.tier_constexprs[f"RV{t}"] for t in range(1, jit.MAX_REDUCED_TIERS + 1)}
-    wrap(jit._packed_decode_merge)[(split.owners, split.rows)](
-        ml, acc, coef, basis_v, stride_bo, stride_bd, out, split.rows, split.splits,
-        NUM_RED=plan.n_reduced, **value_widths, RV_TOP=plan.rv_max, RV_MAX=plan.rv_max_padded,
-        GP=split.rows_padded, D=plan.head_dim, BLOCK_D=plan.block_d,
-        BLOCK_REG=next_pow2(max(2, plan.n_reduced + 1)), BLOCK_S=tuning.merge_block_s,
-        num_warps=4,
+        num_warps=tuning_warps, num_stages=plan.tuning.num_stages,
     )
     return out
 
@@ -168,11 +158,3 @@ def _output(out: Tensor | None, q: Tensor) -> Tensor:
         return torch.empty(q.shape, device=q.device, dtype=q.dtype)
     assert out.shape == q.shape and out.is_contiguous() and out.dtype == q.dtype
     return out
-
-
-def _rotated_query(plan: StorePlan, q: Tensor, split: WorkSplit) -> Tensor:
-    """basis_k[o].T @ q for every query row of owner o, once: [owners, rows, rk_max] (q itself without
-    a reduced tier)."""
-    flat = q.view(split.owners, split.rows, plan.head_dim)
-    return torch.matmul(flat, plan.basis_k).contiguous() if plan.n_reduced else flat
-

@@ -4,7 +4,8 @@ arguments (contiguous, int32 offsets, per-owner bases), their checks, the reduce
 constexprs, block sizes. For each launch it cuts the work into row blocks and splits (`WorkSplit`) and
 sizes the workspace, from shapes only: no device sync, and no kernel launch here (launch.py).
 
-`Tuning` holds the launch parameters; `num_splits` is the split-count policy."""
+`Tuning` holds the launch parameters; `num_splits` is the split-count policy. Decode is the chunk of one
+query token: one work split for both."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from mdkv_compile.kernels.store_attention.jit import MAX_REDUCED_TIERS
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Launch parameters of the split and merge kernels (values: docs/notes/kernel_notes.md). The defaults
+    """Launch parameters of the kernel (values: docs/notes/kernel_notes.md). The defaults
     are what every caller gets; a benchmark passes its own instance (``tuning=``) to sweep them."""
 
     # split-K target: enough programs in flight to cover memory latency. The H200 sweep
@@ -36,8 +37,11 @@ class Tuning:
     num_stages: int = 3  # sweep on H200 (docs/notes/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
     block_n_full: int = 32  # rows per block, full tier and decoded region (sweep: 32 beat 64 at all 3 shapes)
     block_n_reduced_max: int = 128  # rows per block of a reduced tier (~16 KiB of keys, at most this)
-    merge_block_s: int = 16  # splits read at once by the merge
-    chunk_block_m: int = 64  # chunked prefill: query rows (G * L) per program; not tuned on a GPU yet
+    chunk_block_m: int = 64  # chunked prefill: query rows (G * L) per program
+    chunk_num_warps: int = 4  # warps of a chunk's programs (decode: num_warps)
+    # launch the region slots last first: with tiers sorted widest first, the narrow tiers' programs
+    # (the most rows per byte, the longest) start first and shorter ones fill the tail
+    reverse_regions: bool = True
 
 
 DEFAULT_TUNING = Tuning()
@@ -65,13 +69,13 @@ class WorkSplit:
 
     owners: int  # B * H_kv
     rows: int  # query rows per owner: G for decode, G * L for a chunk (row r = g * L + l)
-    block_rows: int  # rows per program: decode GP (the group padded to 16 for tl.dot), chunk BLOCK_M
+    block_rows: int  # rows per program (BLOCK_M): decode the group padded to 16 for tl.dot, chunk chunk_block_m
     row_blocks: int  # 1 for decode, NMB for a chunk
     splits: int  # S
 
     @property
     def rows_padded(self) -> int:
-        """Row stride of the (m, l) partials: GP for decode, M_P = NMB * BLOCK_M for a chunk."""
+        """Row stride of the (m, l) partials, M_P = NMB * BLOCK_M."""
         return self.row_blocks * self.block_rows
 
 
@@ -94,7 +98,7 @@ class StorePlan:
     n_reduced: int
     stored_rows: int  # rows over every tier and owner: sizes the splits
     rv_max: int  # the widest reduced value (0 without a reduced tier): the columns of basis_v the merge reads
-    rv_max_padded: int  # the merge's coefficient vector: rv_max padded to a power of 2 >= 16
+    rv_max_padded: int  # the merge's coefficient tile: rv_max padded to a power of 2 >= 16
     block_d: int
     block_n: int  # rows per block, full tier and decoded region
     # the split kernels' tier slots: keys, values, offsets of the full tier, then of MAX_REDUCED_TIERS
@@ -191,16 +195,17 @@ class StorePlan:
         return self.tier_keys, self.tier_values, self.tier_offsets, self.basis_k, self.basis_v
 
     @property
-    def merge_basis(self) -> tuple[Tensor, int, int]:
-        """basis_v and its owner and row strides, for the merge's rotation back (any tensor and zero
-        strides without a reduced tier: the merge then never reads it)."""
+    def bases(self) -> tuple[Tensor, int, int, Tensor, int, int]:
+        """basis_k and basis_v, each with its owner and row strides: the query's rotation and the merge's
+        rotation back (any tensor and zero strides without a reduced tier: the kernel then reads neither)."""
         if not self.n_reduced:
-            return self.tier_keys[0], 0, 0
-        assert self.basis_v is not None
-        return self.basis_v, self.basis_v.stride(0), self.basis_v.stride(1)
+            return self.tier_keys[0], 0, 0, self.tier_keys[0], 0, 0
+        assert self.basis_k is not None and self.basis_v is not None
+        bk, bv = self.basis_k, self.basis_v
+        return bk, bk.stride(0), bk.stride(1), bv, bv.stride(0), bv.stride(1)
 
     def decode_split(self, owners: int, group: int, n_new: int, device: torch.device) -> WorkSplit:
-        """One query token: an owner's G query heads are one row block of GP rows."""
+        """One query token: an owner's G query heads are one row block, padded to 16 rows."""
         return WorkSplit(owners, group, max(16, next_pow2(group)), 1, self._splits(owners, 1, n_new, device))
 
     def chunk_split(self, owners: int, rows: int, n_new: int, device: torch.device) -> WorkSplit:
@@ -216,7 +221,7 @@ class StorePlan:
     def workspace_sizes(self, split: WorkSplit) -> tuple[int, int, int]:
         """fp32 elements of the split partials: (m, l) per padded row and region, the full region's
         acc per row, the reduced tiers' value coefficients per row, rv_max_padded each (at least 1 element
-        in all)."""
+        in all). Plus one int32 arrival count per (owner, row block), not counted here."""
         per_split = split.owners * split.splits
         return (
             per_split * (self.n_reduced + 1) * 2 * split.rows_padded,
