@@ -1,40 +1,38 @@
 #!/usr/bin/env bash
-# One GPU call (about 9 min): the one-launch store kernel (decode = a chunk of one token, merge in the
-# last program) checked on the GPU and timed beside the kernels before it (issue 16). Carries
-# .gpu/common (base/ = the tree before: its mdkv_compile). Writes into $OUT: kernel_tests.log,
-# bench_{base,new,new_forward}.json and their logs, cuda_decode.log.
+# One GPU call (about 8 min): the one-launch store kernel (decode = a chunk of one token, merge in the
+# last program) timed beside the kernels before it (issue 16), then checked. Carries .gpu/common
+# (base/ = the tree before: its mdkv_compile). Writes into $OUT (at most 8 files come back):
+# bench_base{,_32k,_8k}.json, bench_new{,_forward,_bn64}.json, session.log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 DEST=${OUT:-benchmarks/results}
 mkdir -p "$DEST"
+exec > >(tee "$DEST/session.log") 2>&1
 python -c "import torch; print(torch.cuda.get_device_name(), torch.__version__)"
 NEW=$PWD BASE=$PWD/.gpu/common/base
 t0=$(date +%s); el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-SHAPES="--shapes 131072x8,131072x1,32768x32,8192x64"
 CHUNKS="--chunks 16,64,256 --chunk-batches 8"
+new() { PYTHONPATH=$NEW timeout "$1" python -m mdkv_compile.cli bench "${@:2}" 2>&1 | grep -v "^check \|^sweep "; }
+base() { (cd "$BASE" && PYTHONPATH=$BASE timeout "$1" python -m mdkv_compile.cli bench --no-compile-check "${@:2}" \
+    2>&1 | grep -v "^check "); }
 
-el "kernel tests on the GPU (compiled Triton, float64 references)"
-PYTHONPATH=$NEW timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py \
-    2>&1 | tail -6 | tee "$DEST/kernel_tests.log"
+el "tree before (the old bench has no --shapes: three runs)"
+base 100 --contexts 131072 --batches 8,1 --out "$DEST/bench_base.json" | tail -2
+base 100 --contexts 32768 --batches 32 $CHUNKS --out "$DEST/bench_base_32k.json" | tail -4
+base 60 --contexts 8192 --batches 64 --out "$DEST/bench_base_8k.json" | tail -1
 
-el "tree before: decode shapes and chunks"
-(cd "$BASE" && PYTHONPATH=$BASE timeout 150 python -m mdkv_compile.cli bench --contexts 131072 --batches 8,1 \
-    --no-compile-check --out "$DEST/bench_base.json" > "$DEST/bench_base.log" 2>&1)
-(cd "$BASE" && PYTHONPATH=$BASE timeout 100 python -m mdkv_compile.cli bench --contexts 32768 --batches 32 \
-    --no-compile-check $CHUNKS --out "$DEST/bench_base_32k.json" > "$DEST/bench_base_32k.log" 2>&1)
-tail -6 "$DEST/bench_base.log" "$DEST/bench_base_32k.log"
-
-el "this tree: decode shapes (with the torch.compile check) and chunk variants"
-PYTHONPATH=$NEW timeout 200 python -m mdkv_compile.cli bench $SHAPES $CHUNKS --chunk-block-m 64,128 --chunk-warps 8,4 \
-    --out "$DEST/bench_new.json" > "$DEST/bench_new.log" 2>&1
-tail -12 "$DEST/bench_new.log"
-
+el "this tree: the issue's shapes (with the torch.compile check) and chunk variants"
+new 200 --shapes 131072x8,131072x1,32768x32,8192x64 $CHUNKS --chunk-block-m 64,128,32 --chunk-warps 4,8 \
+    --out "$DEST/bench_new.json" | tail -9
 el "this tree, regions launched in slot order"
-PYTHONPATH=$NEW timeout 60 python -m mdkv_compile.cli bench --shapes 131072x8,131072x1 --no-compile-check \
-    --tuning reverse_regions=0 --out "$DEST/bench_new_forward.json" > "$DEST/bench_new_forward.log" 2>&1
-tail -3 "$DEST/bench_new_forward.log"
+new 60 --shapes 131072x8,131072x1 --no-compile-check --tuning reverse_regions=0 --out "$DEST/bench_new_forward.json" \
+    | tail -2
+el "this tree, reduced-tier blocks of at most 64 rows"
+new 90 --shapes 131072x8 --no-compile-check --tuning block_n_reduced_max=64 $CHUNKS --chunk-block-m 64 \
+    --out "$DEST/bench_new_bn64.json" | tail -4
 
-el "HF decode and chunks through the kernel vs the torch path"
-PYTHONPATH=$NEW timeout 90 python benchmarks/check_cuda_decode.py 2>&1 | tail -4 | tee "$DEST/cuda_decode.log"
-PYTHONPATH=$NEW timeout 90 python benchmarks/check_cuda_decode.py --chunk 2>&1 | tail -8 | tee -a "$DEST/cuda_decode.log"
+el "HF chunks and decode through the kernel vs the torch path"
+PYTHONPATH=$NEW timeout 100 python benchmarks/check_cuda_decode.py --chunk 2>&1 | grep "cuda chunk"
+el "kernel tests on the GPU (compiled Triton, float64 references)"
+PYTHONPATH=$NEW timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -4
 el done

@@ -143,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compressed prompt length of the chunk rows")
     parser.add_argument("--chunk-block-m", type=_ints_text, default="64",
                         help="Tuning.chunk_block_m values to time for the packed chunk (first = reported)")
-    parser.add_argument("--chunk-warps", type=_ints_text, default="",
+    parser.add_argument("--chunk-warps", type=_ints_or_empty_text, default="",
                         help="Tuning.chunk_num_warps values to time with each --chunk-block-m (default: the tuning's)")
     parser.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile check")
     parser.add_argument("--dry-run", action="store_true",

@@ -215,18 +215,75 @@ if HAS_TRITON:
 
     @triton.jit
     def _tier_coef(
-        ml_ptr, coef_ptr, o, s, S, rows, m_max, M, c0,
+        ml_ptr, coef_ptr, o, s, S, rows, M,
         T_IDX: tl.constexpr, NREG: tl.constexpr, RV_MAX: tl.constexpr, RV_T: tl.constexpr, M_P: tl.constexpr,
-        BLOCK_C: tl.constexpr,
     ):
-        """Reduced tier T_IDX's value coefficients of split s, columns [c0, c0 + BLOCK_C) (zero past
-        RV_T), weighted by the partial's exp2(m - m_max)."""
-        m = tl.load(ml_ptr + (((o * S + s) * NREG + T_IDX) * 2) * M_P + rows, cache_modifier=".cg")
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+        """Reduced tier T_IDX's partial of split s: its m [rows], l [rows] and value coefficients
+        [rows, RV_MAX] (zero past RV_T). Loads through L2 (.cg): other programs wrote them."""
+        base = (((o * S + s) * NREG + T_IDX) * 2) * M_P + rows
+        m = tl.load(ml_ptr + base, cache_modifier=".cg")
+        l_t = tl.load(ml_ptr + base + M_P, cache_modifier=".cg")
+        offs_r = tl.arange(0, RV_MAX)
         crow = ((o * S + s) * (NREG - 1) + (T_IDX - 1)).to(tl.int64) * M + rows
-        c = tl.load(coef_ptr + crow[:, None] * RV_MAX + offs_c[None, :],
-                    mask=(rows < M)[:, None] & (offs_c < RV_T)[None, :], other=0.0, cache_modifier=".cg")
-        return tl.exp2(m - m_max)[:, None] * c
+        c = tl.load(coef_ptr + crow[:, None] * RV_MAX + offs_r[None, :],
+                    mask=(rows < M)[:, None] & (offs_r < RV_T)[None, :], other=0.0, cache_modifier=".cg")
+        return m, l_t, c
+
+    @triton.jit
+    def _merge_split(
+        ml_ptr, acc_ptr, coef_ptr, o, s, S, rows, M, m_run, l_i, acc, coef,
+        NUM_RED: tl.constexpr,
+        RV1: tl.constexpr, RV2: tl.constexpr, RV3: tl.constexpr, RV4: tl.constexpr,
+        RV_MAX: tl.constexpr, M_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Online log-sum-exp merge of split s's partials (every region) into the running state. Its
+        loads do not depend on the state, so a compiled loop over s prefetches them."""
+        NREG: tl.constexpr = NUM_RED + 1
+        base = ((o * S + s) * NREG * 2) * M_P + rows
+        m0 = tl.load(ml_ptr + base, cache_modifier=".cg")
+        l0 = tl.load(ml_ptr + base + M_P, cache_modifier=".cg")
+        offs_d = tl.arange(0, BLOCK_D)
+        arow = (o * S + s).to(tl.int64) * M + rows
+        a0 = tl.load(acc_ptr + arow[:, None] * D + offs_d[None, :],
+                     mask=(rows < M)[:, None] & (offs_d[None, :] < D), other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, m0)
+        if NUM_RED >= 1:
+            m1, l1, c1 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, 1, NREG, RV_MAX, RV1, M_P)
+            m_new = tl.maximum(m_new, m1)
+        if NUM_RED >= 2:
+            m2, l2, c2 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, 2, NREG, RV_MAX, RV2, M_P)
+            m_new = tl.maximum(m_new, m2)
+        if NUM_RED >= 3:
+            m3, l3, c3 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, 3, NREG, RV_MAX, RV3, M_P)
+            m_new = tl.maximum(m_new, m3)
+        if NUM_RED >= 4:
+            m4, l4, c4 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, 4, NREG, RV_MAX, RV4, M_P)
+            m_new = tl.maximum(m_new, m4)
+        # empty partials have m = -inf and weigh exp2(-inf) = 0; a finite stand-in while every partial
+        # so far is empty avoids -inf - -inf
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_run - m_use)
+        w = tl.exp2(m0 - m_use)
+        l_i = l_i * alpha + w * l0
+        acc = acc * alpha[:, None] + w[:, None] * a0
+        coef = coef * alpha[:, None]
+        if NUM_RED >= 1:
+            w = tl.exp2(m1 - m_use)
+            l_i += w * l1
+            coef += w[:, None] * c1
+        if NUM_RED >= 2:
+            w = tl.exp2(m2 - m_use)
+            l_i += w * l2
+            coef += w[:, None] * c2
+        if NUM_RED >= 3:
+            w = tl.exp2(m3 - m_use)
+            l_i += w * l3
+            coef += w[:, None] * c3
+        if NUM_RED >= 4:
+            w = tl.exp2(m4 - m_use)
+            l_i += w * l4
+            coef += w[:, None] * c4
+        return m_new, l_i, acc, coef
 
     @triton.jit
     def _merge(
@@ -234,72 +291,36 @@ if HAS_TRITON:
         NUM_RED: tl.constexpr,
         RV1: tl.constexpr, RV2: tl.constexpr, RV3: tl.constexpr, RV4: tl.constexpr,
         RV_TOP: tl.constexpr, RV_MAX: tl.constexpr, BLOCK_M: tl.constexpr, M_P: tl.constexpr,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     ):
-        """Log-sum-exp merge of the S x (1 + NUM_RED) partials of one block of query rows, in a fixed
-        order (deterministic whichever program runs it). The value coefficients of all reduced tiers
-        (RV1..RV4 wide, the widest RV_TOP) are summed and rotated back with basis_v[o] ([d, >= RV_TOP])
-        16 coefficient columns at a time, in near-exact fp32 products; then normalised and written."""
-        NREG: tl.constexpr = NUM_RED + 1
-        BLOCK_C: tl.constexpr = 16
-        offs_d = tl.arange(0, BLOCK_D)
-        rmask = rows < M
-        dmask = rmask[:, None] & (offs_d[None, :] < D)
-        # pass 1: each row's largest logit over every partial. while, not range(): runs in the
-        # interpreter too (see _region)
-        m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        s = 0
-        while s < S:
-            for t in tl.static_range(NREG):
-                m_max = tl.maximum(m_max, tl.load(ml_ptr + (((o * S + s) * NREG + t) * 2) * M_P + rows,
-                                                  cache_modifier=".cg"))
-            s += 1
-        # a row with no token at all: every m is -inf; a finite m_max keeps every weight at 0
-        m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
-        # pass 2: denominators of every region, values of the full one
+        """Log-sum-exp merge of the S x (1 + NUM_RED) partials of one block of query rows, one pass in a
+        fixed order (deterministic whichever program runs it). The value coefficients of all reduced
+        tiers (RV1..RV4 wide, the widest RV_TOP) are summed in one [rows, RV_MAX] tile and rotated back
+        once with basis_v[o] ([d, >= RV_TOP]); then normalised and written."""
+        m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        s = 0
-        while s < S:
-            for t in tl.static_range(NREG):
-                base = (((o * S + s) * NREG + t) * 2) * M_P + rows
-                m = tl.load(ml_ptr + base, cache_modifier=".cg")
-                w = tl.exp2(m - m_max)  # empty partials (m = -inf) weigh 0
-                l_i += w * tl.load(ml_ptr + base + M_P, cache_modifier=".cg")
-                if t == 0:
-                    arow = (o * S + s).to(tl.int64) * M + rows
-                    acc += w[:, None] * tl.load(acc_ptr + arow[:, None] * D + offs_d[None, :], mask=dmask, other=0.0,
-                                                cache_modifier=".cg")
-            s += 1
+        coef = tl.zeros([BLOCK_M, RV_MAX], tl.float32)
+        if INTERP:  # while, not range(): see _region
+            s = 0
+            while s < S:
+                m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s, S, rows, M, m_run, l_i, acc,
+                                                     coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D, BLOCK_D)
+                s += 1
+        else:
+            for s in range(0, S):
+                m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s, S, rows, M, m_run, l_i, acc,
+                                                     coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D, BLOCK_D)
+        offs_d = tl.arange(0, BLOCK_D)
         if NUM_RED >= 1:
-            # pass 3: acc += coef @ basis_v[o][:, :RV_TOP].T, BLOCK_C coefficient columns at a time (a
-            # [RV_MAX, d] fp32 basis tile at once costs ~60 registers per thread)
-            for c0 in tl.static_range(0, RV_MAX, BLOCK_C):
-                coef = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-                s = 0
-                while s < S:
-                    coef += _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, m_max, M, c0, 1, NREG, RV_MAX, RV1, M_P,
-                                       BLOCK_C)
-                    if NUM_RED >= 2:
-                        coef += _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, m_max, M, c0, 2, NREG, RV_MAX, RV2, M_P,
-                                           BLOCK_C)
-                    if NUM_RED >= 3:
-                        coef += _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, m_max, M, c0, 3, NREG, RV_MAX, RV3, M_P,
-                                           BLOCK_C)
-                    if NUM_RED >= 4:
-                        coef += _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, m_max, M, c0, 4, NREG, RV_MAX, RV4, M_P,
-                                           BLOCK_C)
-                    s += 1
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                bv_t = tl.load(bv_ptr + o.to(tl.int64) * stride_bvo + offs_c[:, None] + offs_d[None, :] * stride_bvd,
-                               mask=(offs_c[:, None] < RV_TOP) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-                if INTERP:
-                    acc += dot(coef, bv_t, True, INTERP)
-                else:
-                    # three TF32 products: near-fp32 accuracy on the tensor cores (an exact "ieee" fp32
-                    # dot spills)
-                    acc += tl.dot(coef, bv_t, input_precision="tf32x3")
+            # rotate back once: acc += coef @ basis_v[o][:, :RV_TOP].T. TF32 products for 16-bit models
+            # (their error, ~5e-4, is under the output's rounding; an exact fp32 dot of this size spills)
+            offs_r = tl.arange(0, RV_MAX)
+            bv_t = tl.load(bv_ptr + o.to(tl.int64) * stride_bvo + offs_r[:, None] + offs_d[None, :] * stride_bvd,
+                           mask=(offs_r[:, None] < RV_TOP) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+            acc += dot(coef, bv_t, DOT_PREC, INTERP)
         out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+        dmask = (rows < M)[:, None] & (offs_d[None, :] < D)
         tl.store(out_ptr + (o * M + rows)[:, None].to(tl.int64) * D + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=dmask)
 
@@ -421,4 +442,4 @@ if HAS_TRITON:
         arrived = tl.atomic_add(count_ptr + o * NMB + mb, 1, sem="acq_rel", scope="gpu")
         if arrived == S * NREG - 1:
             _merge(ml_ptr, acc_ptr, coef_ptr, bv_ptr, stride_bvo, stride_bvd, out_ptr, o, rows, M, S, NUM_RED,
-                   RV1, RV2, RV3, RV4, RV_TOP, RV_MAX, BLOCK_M, M_P, D, BLOCK_D, INTERP)
+                   RV1, RV2, RV3, RV4, RV_TOP, RV_MAX, BLOCK_M, M_P, D, BLOCK_D, DOT_PREC, INTERP)
