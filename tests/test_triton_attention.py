@@ -192,14 +192,19 @@ def test_budget_one_equals_full_attention() -> None:
 
 def test_many_splits_merged_by_the_last_program() -> None:
     """Many small splits, some empty, in either region order: the last program of each owner merges
-    them all (the arrival count reaches S x regions exactly once per owner)."""
+    them all (the arrival count reaches S x regions exactly once per owner), several splits at a time
+    whether or not the count divides S."""
     from mdkv_compile.kernels import store_attention as ta
 
     gen = torch.Generator().manual_seed(5)
     c = make_case(gen, 1, 2, 3, 32, (32, 16, 8), 70, 3, 4, torch.float32)
-    for reverse in (True, False):
+    for reverse, unroll in ((True, 4), (False, 5), (True, 1)):
         tuning = ta.Tuning(min_rows_per_split=4, programs_per_sm=64, block_n_full=16, block_n_reduced_max=64,
-                           reverse_regions=reverse)
+                           reverse_regions=reverse, merge_unroll=unroll)
+        plan = ta.StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"],
+                                       c["basis_v"], tuning)
+        splits = plan.decode_split(2, 3, c["n_new"], c["q"].device).splits
+        assert splits > unroll and (splits % unroll != 0 or unroll == 1), splits
         out = torch.full((1, 6, 1, 32), float("nan"), device=DEVICE)
         packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
         assert rel_err(out, reference(c)) < 1e-5

@@ -41,7 +41,8 @@ from mdkv_compile.bench import e2e as bench_e2e
 from mdkv_compile.config import MixedDimKVConfig
 from mdkv_compile.core.attention import causal_mask
 from mdkv_compile.kernels import store_attention as ta
-from mdkv_compile.kernels._triton import interpreting, next_pow2, sm_count
+from mdkv_compile.kernels._triton import interpreting, sm_count
+from mdkv_compile.kernels.store_attention.plan import chunk_block_rows
 from mdkv_compile.usage import check, command, csv, fraction, non_negative_int, positive_int, writable_file
 
 L2_BYTES = 60 * 2**20  # H200: 60 MB (KINDS.md reading); used only to flag cache-resident rows
@@ -626,8 +627,9 @@ def chunk_rows(args: argparse.Namespace, gen: torch.Generator, dev: str, bw: flo
     for B in [int(x) for x in args.chunk_batches.split(",")]:
         for L in [int(x) for x in args.chunks.split(",")]:
             # values the launch clamps to the same rows per program (as StorePlan.chunk_split does) are timed once
-            block_ms = list(dict.fromkeys(max(16, min(int(x), next_pow2(Hq // Hkv * L)))
-                                          for x in args.chunk_block_m.split(",")))
+            block_ms = list(dict.fromkeys(
+                chunk_block_rows(Hq // Hkv * L, dataclasses.replace(base, chunk_block_m=int(x)))
+                for x in args.chunk_block_m.split(",")))
             variants = [(bm, w) for bm in block_ms for w in warps]
             q = torch.randn(B, Hq, L, d, generator=gen, device=dev, dtype=torch.bfloat16)
             qo_bytes = 2 * q.numel() * 2

@@ -215,18 +215,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _tier_coef(
-        ml_ptr, coef_ptr, o, s, S, rows, M,
+        ml_ptr, coef_ptr, o, s, S, rows, M, valid,
         T_IDX: tl.constexpr, NREG: tl.constexpr, RV_MAX: tl.constexpr, RV_T: tl.constexpr, M_P: tl.constexpr,
     ):
         """Reduced tier T_IDX's partial of split s: its m [rows], l [rows] and value coefficients
-        [rows, RV_MAX] (zero past RV_T). Loads through L2 (.cg): other programs wrote them."""
+        [rows, RV_MAX] (zero past RV_T); an empty partial where not `valid`. Loads through L2 (.cg):
+        other programs wrote them."""
         base = (((o * S + s) * NREG + T_IDX) * 2) * M_P + rows
-        m = tl.load(ml_ptr + base, cache_modifier=".cg")
-        l_t = tl.load(ml_ptr + base + M_P, cache_modifier=".cg")
+        m = tl.load(ml_ptr + base, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        l_t = tl.load(ml_ptr + base + M_P, mask=valid, other=0.0, cache_modifier=".cg")
         offs_r = tl.arange(0, RV_MAX)
         crow = ((o * S + s) * (NREG - 1) + (T_IDX - 1)).to(tl.int64) * M + rows
         c = tl.load(coef_ptr + crow[:, None] * RV_MAX + offs_r[None, :],
-                    mask=(rows < M)[:, None] & (offs_r < RV_T)[None, :], other=0.0, cache_modifier=".cg")
+                    mask=valid & (rows < M)[:, None] & (offs_r < RV_T)[None, :], other=0.0, cache_modifier=".cg")
         return m, l_t, c
 
     @triton.jit
@@ -236,28 +237,30 @@ if HAS_TRITON:
         RV1: tl.constexpr, RV2: tl.constexpr, RV3: tl.constexpr, RV4: tl.constexpr,
         RV_MAX: tl.constexpr, M_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """Online log-sum-exp merge of split s's partials (every region) into the running state. Its
-        loads do not depend on the state, so a compiled loop over s prefetches them."""
+        """Online log-sum-exp merge of split s's partials (every region) into the running state; nothing
+        for s >= S. Its loads do not depend on the state: in an unrolled sequence of splits the
+        compiler issues them together."""
         NREG: tl.constexpr = NUM_RED + 1
+        valid = s < S
         base = ((o * S + s) * NREG * 2) * M_P + rows
-        m0 = tl.load(ml_ptr + base, cache_modifier=".cg")
-        l0 = tl.load(ml_ptr + base + M_P, cache_modifier=".cg")
+        m0 = tl.load(ml_ptr + base, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        l0 = tl.load(ml_ptr + base + M_P, mask=valid, other=0.0, cache_modifier=".cg")
         offs_d = tl.arange(0, BLOCK_D)
         arow = (o * S + s).to(tl.int64) * M + rows
         a0 = tl.load(acc_ptr + arow[:, None] * D + offs_d[None, :],
-                     mask=(rows < M)[:, None] & (offs_d[None, :] < D), other=0.0, cache_modifier=".cg")
+                     mask=valid & (rows < M)[:, None] & (offs_d[None, :] < D), other=0.0, cache_modifier=".cg")
         m_new = tl.maximum(m_run, m0)
         if NUM_RED >= 1:
-            m1, l1, c1 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, 1, NREG, RV_MAX, RV1, M_P)
+            m1, l1, c1 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 1, NREG, RV_MAX, RV1, M_P)
             m_new = tl.maximum(m_new, m1)
         if NUM_RED >= 2:
-            m2, l2, c2 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, 2, NREG, RV_MAX, RV2, M_P)
+            m2, l2, c2 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 2, NREG, RV_MAX, RV2, M_P)
             m_new = tl.maximum(m_new, m2)
         if NUM_RED >= 3:
-            m3, l3, c3 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, 3, NREG, RV_MAX, RV3, M_P)
+            m3, l3, c3 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 3, NREG, RV_MAX, RV3, M_P)
             m_new = tl.maximum(m_new, m3)
         if NUM_RED >= 4:
-            m4, l4, c4 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, 4, NREG, RV_MAX, RV4, M_P)
+            m4, l4, c4 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 4, NREG, RV_MAX, RV4, M_P)
             m_new = tl.maximum(m_new, m4)
         # empty partials have m = -inf and weigh exp2(-inf) = 0; a finite stand-in while every partial
         # so far is empty avoids -inf - -inf
@@ -291,7 +294,8 @@ if HAS_TRITON:
         NUM_RED: tl.constexpr,
         RV1: tl.constexpr, RV2: tl.constexpr, RV3: tl.constexpr, RV4: tl.constexpr,
         RV_TOP: tl.constexpr, RV_MAX: tl.constexpr, BLOCK_M: tl.constexpr, M_P: tl.constexpr,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_UNROLL: tl.constexpr, DOT_PREC: tl.constexpr,
+        INTERP: tl.constexpr,
     ):
         """Log-sum-exp merge of the S x (1 + NUM_RED) partials of one block of query rows, one pass in a
         fixed order (deterministic whichever program runs it). The value coefficients of all reduced
@@ -301,16 +305,15 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         coef = tl.zeros([BLOCK_M, RV_MAX], tl.float32)
-        if INTERP:  # while, not range(): see _region
-            s = 0
-            while s < S:
-                m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s, S, rows, M, m_run, l_i, acc,
-                                                     coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D, BLOCK_D)
-                s += 1
-        else:
-            for s in range(0, S):
-                m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s, S, rows, M, m_run, l_i, acc,
-                                                     coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D, BLOCK_D)
+        # MERGE_UNROLL splits per iteration, their loads in flight together (a loop of one split per
+        # iteration waits out one L2 round trip per split). while, not range(): runs in the
+        # interpreter too (see _region); the loop is not pipelined either way.
+        s0 = 0
+        while s0 < S:
+            for j in tl.static_range(MERGE_UNROLL):
+                m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s0 + j, S, rows, M, m_run, l_i,
+                                                     acc, coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D, BLOCK_D)
+            s0 += MERGE_UNROLL
         offs_d = tl.arange(0, BLOCK_D)
         if NUM_RED >= 1:
             # rotate back once: acc += coef @ basis_v[o][:, :RV_TOP].T. TF32 products for 16-bit models
@@ -352,6 +355,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         REVERSE_REGIONS: tl.constexpr,
+        MERGE_UNROLL: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         DOT_PREC: tl.constexpr,
         INTERP: tl.constexpr,
@@ -442,4 +446,4 @@ if HAS_TRITON:
         arrived = tl.atomic_add(count_ptr + o * NMB + mb, 1, sem="acq_rel", scope="gpu")
         if arrived == S * NREG - 1:
             _merge(ml_ptr, acc_ptr, coef_ptr, bv_ptr, stride_bvo, stride_bvd, out_ptr, o, rows, M, S, NUM_RED,
-                   RV1, RV2, RV3, RV4, RV_TOP, RV_MAX, BLOCK_M, M_P, D, BLOCK_D, DOT_PREC, INTERP)
+                   RV1, RV2, RV3, RV4, RV_TOP, RV_MAX, BLOCK_M, M_P, D, BLOCK_D, MERGE_UNROLL, DOT_PREC, INTERP)

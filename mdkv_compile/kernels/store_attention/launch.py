@@ -52,7 +52,7 @@ def packed_decode_attention_triton(
     split = plan.decode_split(B * Hkv, Hq // Hkv, n_new, q.device)
     q = q.contiguous()
     return _launch(wrap, plan, split, q, k_new, v_new, n_new, n_decoded, 1, scale, softcap, out, poison_workspace,
-                   tuning_warps=plan.tuning.num_warps)
+                   plan.tuning.num_warps, plan.tuning.merge_unroll)
 
 
 def packed_chunk_attention_triton(
@@ -85,7 +85,7 @@ def packed_chunk_attention_triton(
     split = plan.chunk_split(B * Hkv, (Hq // Hkv) * L, n_new, q.device)
     q = q.contiguous()
     return _launch(wrap, plan, split, q, k_new, v_new, n_new, None, L, scale, softcap, out, poison_workspace,
-                   tuning_warps=plan.tuning.chunk_num_warps)
+                   plan.tuning.chunk_num_warps, plan.tuning.chunk_merge_unroll)
 
 
 def _check_devices(q: Tensor, *tensors: Tensor | None) -> None:
@@ -117,7 +117,8 @@ def _launch(
     softcap: float | None,
     out: Tensor | None,
     poison_workspace: bool,
-    tuning_warps: int,
+    num_warps: int,
+    merge_unroll: int,
 ) -> Tensor:
     """One launch over every (row block, split, owner, region); the last program of each (owner, row
     block) merges its partials into `out`. `n_decoded`: the count of new tokens on the device (decode
@@ -139,8 +140,9 @@ def _launch(
         N_FROM_PTR=n_decoded is not None, NUM_RED=plan.n_reduced, **plan.tier_constexprs,
         RV_TOP=plan.rv_max, RV_MAX=plan.rv_max_padded, BLOCK_M=split.block_rows, M_P=split.rows_padded,
         D=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, REVERSE_REGIONS=plan.tuning.reverse_regions,
+        MERGE_UNROLL=merge_unroll,
         HAS_SOFTCAP=has_cap, DOT_PREC=q.dtype == torch.float32, INTERP=interpreting(),
-        num_warps=tuning_warps, num_stages=plan.tuning.num_stages,
+        num_warps=num_warps, num_stages=plan.tuning.num_stages,
     )
     return out
 

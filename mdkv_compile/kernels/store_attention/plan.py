@@ -42,6 +42,10 @@ class Tuning:
     # launch the region slots last first: with tiers sorted widest first, the narrow tiers' programs
     # (the most rows per byte, the longest) start first and shorter ones fill the tail
     reverse_regions: bool = True
+    merge_unroll: int = 4  # splits whose partials the merging program loads at once (decode)
+    # chunks: their row blocks are 4x the rows of decode's and their split counts small (1-2 at the
+    # chunk shapes of docs/notes/kernel_notes.md); 4 at once spill (sm_90 compile, 64 rows, 4 warps)
+    chunk_merge_unroll: int = 1
 
 
 DEFAULT_TUNING = Tuning()
@@ -60,6 +64,13 @@ def num_splits(n_owners: int, n_regions: int, avg_rows: int, n_sm: int, tuning: 
         return max(1, int(tuning.splits))
     return split_count(n_owners * n_regions, avg_rows // n_regions, tuning.min_rows_per_split,
                        tuning.programs_per_sm, tuning.max_splits, n_sm)
+
+
+def chunk_block_rows(rows: int, tuning: Tuning) -> int:
+    """Query rows per program of a chunk with `rows` (G * L) rows per owner: at most
+    ``tuning.chunk_block_m``, and two row blocks per owner or more (H100: 16 tokens x G = 4 in blocks of
+    32 rows took 0.090 ms against 0.128 in one block of 64, docs/notes/kernel_notes.md), 16 at least."""
+    return max(16, min(tuning.chunk_block_m, next_pow2(rows) // 2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +220,8 @@ class StorePlan:
         return WorkSplit(owners, group, max(16, next_pow2(group)), 1, self._splits(owners, 1, n_new, device))
 
     def chunk_split(self, owners: int, rows: int, n_new: int, device: torch.device) -> WorkSplit:
-        """L query tokens: an owner's G * L query rows in blocks of BLOCK_M (``tuning.chunk_block_m``)."""
-        block_m = max(16, min(self.tuning.chunk_block_m, next_pow2(rows)))
+        """L query tokens: an owner's G * L query rows in blocks of BLOCK_M (`chunk_block_rows`)."""
+        block_m = chunk_block_rows(rows, self.tuning)
         row_blocks = -(-rows // block_m)
         return WorkSplit(owners, rows, block_m, row_blocks, self._splits(owners, row_blocks, n_new, device))
 
