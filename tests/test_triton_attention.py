@@ -332,7 +332,7 @@ def test_tuning_overrides_the_launch_and_keeps_results() -> None:
     # ...is capped where a split would get fewer than min_rows_per_split rows per region, and at
     # max_splits (batch 1: the per-SM target alone would ask for ~60 splits).
     assert ta.num_splits(8, 5, 2_000, 132) == ta.num_splits(8, 5, 2_000, 132, ta.DEFAULT_TUNING) == 2_000 // 320
-    assert ta.num_splits(8, 4, 30_508, 132) == ta.DEFAULT_TUNING.max_splits == 16
+    assert ta.num_splits(8, 4, 30_508, 132) == ta.DEFAULT_TUNING.max_splits == 8
     gen = torch.Generator().manual_seed(19)
     c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 90, 4, 6, torch.float32)
     ref = reference(c)

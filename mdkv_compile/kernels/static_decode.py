@@ -7,9 +7,9 @@ backends/tensorrt.py), over the *static* store layout.
   value elements per token, so a tier starts at different offsets in the two rows; `counts` per tier)
   plus the new-token region, one query token per row. One program per query head; it reads only
   the filled slots of each tier (the ONNX fallback function reads every tier's whole window). It is
-  a plain, untuned kernel written for a single launch (QDP's AOT path takes one kernel), not the
-  two-launch split/merge kernel of `mdkv_compile.kernels.store_attention`, which works on the packed
-  (CSR) layout.
+  a plain, untuned kernel written for a single launch with no scratch memory (QDP's AOT path), not
+  the split kernel of `mdkv_compile.kernels.store_attention`, which works on the packed (CSR) layout
+  and needs workspace for its partials and a zeroed arrival count per owner.
 * `static_decode_attention(...)`: launches it from PyTorch (tests; Triton's interpreter on CPU).
 * `compile_ptx(...)`: the kernel compiled ahead of time to PTX with `triton.compile`, what the
   plugin's `aot_impl` hands to TensorRT.

@@ -67,7 +67,7 @@ def packed_chunk_attention(
     """Chunked prefill over a packed store: ``q`` ``[B, Hq, L, d]`` are the last ``L`` of the ``n_new``
     tokens in ``k_new``/``v_new`` (already written there), causal among the new tokens; every stored
     token is visible. Other arguments as ``packed_decode_attention``; returns ``[B, Hq, L, d]``.
-    Checked against float64 under the interpreter and on an H200; not timed (docs/notes/kernel_notes.md)."""
+    Checked against float64 under the interpreter and on an H100; timings in docs/notes/kernel_notes.md."""
     return packed_attention_torch(q, tier_keys, tier_values, tier_offsets, basis_k, basis_v, k_new, v_new, n_new,
                                   scale, softcap)
 

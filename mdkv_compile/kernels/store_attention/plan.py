@@ -29,9 +29,10 @@ class Tuning:
     # 128K x 8 / 32K x 32 / 8K x 64 (4 regions); 15 programs per SM gives exactly those (4 gave 3 / 1 / 1).
     programs_per_sm: int = 15
     min_rows_per_split: int = 64  # below this a split's fixed cost (q, bases, partial writes) dominates
-    # At batch 1 the per-SM target asks for ~60 splits of 128K, measured slower there than ~17
-    # (41.8 vs 30.1 us at 128K x 1 on the H200, docs/notes/kernel_notes.md): at most 16.
-    max_splits: int = 16
+    # At batch 1 the per-SM target asks for ~60 splits of 128K; fewer are faster there, and each split is
+    # one more partial for the merging program to read (H100, 128K x 1: 8 / 12 / 16 splits = 23.0 /
+    # 27.9 / 28.8 us, docs/notes/kernel_notes.md): at most 8.
+    max_splits: int = 8
     splits: int | None = None  # a fixed split count (sweeps); None: the policy of `num_splits`
     num_warps: int = 4
     num_stages: int = 3  # sweep on H200 (docs/notes/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
@@ -42,9 +43,9 @@ class Tuning:
     # launch the region slots last first: with tiers sorted widest first, the narrow tiers' programs
     # (the most rows per byte, the longest) start first and shorter ones fill the tail
     reverse_regions: bool = True
-    merge_unroll: int = 4  # splits whose partials the merging program loads at once (decode)
-    # chunks: their row blocks are 4x the rows of decode's and their split counts small (1-2 at the
-    # chunk shapes of docs/notes/kernel_notes.md); 4 at once spill (sm_90 compile, 64 rows, 4 warps)
+    # splits whose partials the merging program loads at once: 4 measured slower at 128K x 8 on an H100
+    # (0.129 against 0.121 ms, docs/notes/kernel_notes.md); chunks: 4 spill at 64 rows and 4 warps
+    merge_unroll: int = 1
     chunk_merge_unroll: int = 1
 
 
