@@ -577,7 +577,8 @@ def test_plan_constexprs_of_coupled_and_decoupled_tiers() -> None:
     plan = StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"], c["basis_v"])
     cx = plan.tier_constexprs
     assert [cx[f"R{t}"] for t in range(1, 4)] == [64, 32, 8] and [cx[f"RV{t}"] for t in range(1, 4)] == [32, 16, 8]
-    assert plan.rv_max == 32 and plan.rv_max_padded == 32 and plan.bases[3] is plan.basis_v and plan.bases[0] is plan.basis_k
+    assert plan.rv_max == 32 and plan.rv_max_padded == 32
+    assert plan.bases[0] is plan.basis_k and plan.bases[3] is plan.basis_v
     with pytest.raises(ValueError, match="columns"):
         StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"],
                              c["basis_v"][..., :16])
