@@ -113,7 +113,7 @@ class StorePlan:
     rv_max_padded: int  # the merge's coefficient tile: rv_max padded to a power of 2 >= 16
     block_d: int
     block_n: int  # rows per block, full tier and decoded region
-    # the split kernels' tier slots: keys, values, offsets of the full tier, then of MAX_REDUCED_TIERS
+    # the kernel's tier slots: keys, values, offsets of the full tier, then of MAX_REDUCED_TIERS
     # reduced slots (unused slots repeat the full tier and are not compiled: NUM_RED is a constexpr)
     tier_pointers: tuple[Tensor, ...]
     # R1..R4 / RV1..RV4 (key / value widths), BR1..BR4 / BRV1..BRV4 (padded to powers of 2 >= 16),
