@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One GPU call (about 8 min): the one-launch store kernel (decode = a chunk of one token, merge in the
-# last program) timed beside the kernels before it (issue 16), then checked. Carries .gpu/common
-# (base/ = the tree before: its mdkv_compile). Writes into $OUT (at most 8 files come back):
-# bench_base{,_32k,_8k}.json, bench_new{,_forward,_bn64}.json, session.log.
+# The one-launch store kernel (decode = a chunk of one token, merge in the last program) timed on a GPU
+# beside the kernels before it, which .gpu/common/base holds (their mdkv_compile; carry .gpu/common).
+# Issue 16; results in docs/notes/kernel_notes.md ("v4"). At most 8 files come back from $OUT.
+#   bash benchmarks/gpu/session_store_kernel.sh            # about 9 min: the issue's shapes, chunk
+#       variants, region order, reduced-tier block rows, the HF check, the kernel tests
+#   bash benchmarks/gpu/session_store_kernel.sh followup   # about 3 min: 128K x 8 and x 1, chunks,
+#       fixed split counts at 128K x 1
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 DEST=${OUT:-benchmarks/results}
@@ -15,6 +18,19 @@ CHUNKS="--chunks 16,64,256 --chunk-batches 8"
 new() { PYTHONPATH=$NEW timeout "$1" python -m mdkv_compile.cli bench "${@:2}" 2>&1 | grep -v "^check \|^sweep "; }
 base() { (cd "$BASE" && PYTHONPATH=$BASE timeout "$1" python -m mdkv_compile.cli bench --no-compile-check "${@:2}" \
     2>&1 | grep -v "^check "); }
+
+if [ "${1:-}" = followup ]; then
+    el "tree before"
+    base 70 --contexts 131072 --batches 8,1 --out "$DEST/bench_base.json" | tail -2
+    el "this tree"
+    new 90 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out "$DEST/bench_new.json" | tail -5
+    for s in 8 12; do
+        el "this tree, $s splits at 128K x 1"
+        new 40 --no-compile-check --shapes 131072x1 --tuning splits=$s --out "$DEST/bench_new_s$s.json" | tail -1
+    done
+    el done
+    exit 0
+fi
 
 el "tree before (the old bench has no --shapes: three runs)"
 base 100 --contexts 131072 --batches 8,1 --out "$DEST/bench_base.json" | tail -2

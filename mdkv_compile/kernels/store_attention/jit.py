@@ -231,6 +231,12 @@ if HAS_TRITON:
         return m, l_t, c
 
     @triton.jit
+    def _add_coef(l_i, coef, m, l_t, c, m_use):
+        """A reduced tier's partial (m, l_t, coefficients c) added at the merge's running maximum m_use."""
+        w = tl.exp2(m - m_use)
+        return l_i + w * l_t, coef + w[:, None] * c
+
+    @triton.jit
     def _merge_split(
         ml_ptr, acc_ptr, coef_ptr, o, s, S, rows, M, m_run, l_i, acc, coef,
         NUM_RED: tl.constexpr,
@@ -271,21 +277,13 @@ if HAS_TRITON:
         acc = acc * alpha[:, None] + w[:, None] * a0
         coef = coef * alpha[:, None]
         if NUM_RED >= 1:
-            w = tl.exp2(m1 - m_use)
-            l_i += w * l1
-            coef += w[:, None] * c1
+            l_i, coef = _add_coef(l_i, coef, m1, l1, c1, m_use)
         if NUM_RED >= 2:
-            w = tl.exp2(m2 - m_use)
-            l_i += w * l2
-            coef += w[:, None] * c2
+            l_i, coef = _add_coef(l_i, coef, m2, l2, c2, m_use)
         if NUM_RED >= 3:
-            w = tl.exp2(m3 - m_use)
-            l_i += w * l3
-            coef += w[:, None] * c3
+            l_i, coef = _add_coef(l_i, coef, m3, l3, c3, m_use)
         if NUM_RED >= 4:
-            w = tl.exp2(m4 - m_use)
-            l_i += w * l4
-            coef += w[:, None] * c4
+            l_i, coef = _add_coef(l_i, coef, m4, l4, c4, m_use)
         return m_new, l_i, acc, coef
 
     @triton.jit
