@@ -3,7 +3,8 @@
 # beside the kernels before it, which .gpu/common/base holds (their mdkv_compile; carry .gpu/common).
 # Issue 16; results in docs/notes/kernel_notes.md ("v4"). At most 8 files come back from $OUT.
 #   bash benchmarks/gpu/session_store_kernel.sh            # about 9 min: the issue's shapes, chunk
-#       variants, region order, reduced-tier block rows, the HF check, the kernel tests
+#       variants, decoupled tiers, the HF check, the kernel tests (call 2 of issue 16 also ran the region
+#       order and reduced-tier block rows: --tuning reverse_regions=0, block_n_reduced_max=64)
 #   bash benchmarks/gpu/session_store_kernel.sh followup   # about 3 min: 128K x 8 and x 1, chunks,
 #       fixed split counts at 128K x 1
 set -uo pipefail
@@ -40,12 +41,9 @@ base 60 --contexts 8192 --batches 64 --out "$DEST/bench_base_8k.json" | tail -1
 el "this tree: the issue's shapes (with the torch.compile check) and chunk variants"
 new 200 --shapes 131072x8,131072x1,32768x32,8192x64 $CHUNKS --chunk-block-m 64,128,32 --chunk-warps 4,8 \
     --out "$DEST/bench_new.json" | tail -9
-el "this tree, regions launched in slot order"
-new 60 --shapes 131072x8,131072x1 --no-compile-check --tuning reverse_regions=0 --out "$DEST/bench_new_forward.json" \
-    | tail -2
-el "this tree, reduced-tier blocks of at most 64 rows"
-new 90 --shapes 131072x8 --no-compile-check --tuning block_n_reduced_max=64 $CHUNKS --chunk-block-m 64 \
-    --out "$DEST/bench_new_bn64.json" | tail -4
+el "the policy's default (decoupled) tiers at 128K x 8: tree before, this tree"
+base 60 --contexts 131072 --batches 8 --tiers mixeddimkv --out "$DEST/bench_base_decoupled.json" | tail -1
+new 60 --shapes 131072x8 --no-compile-check --tiers mixeddimkv --out "$DEST/bench_new_decoupled.json" | tail -1
 
 el "HF chunks and decode through the kernel vs the torch path"
 PYTHONPATH=$NEW timeout 100 python benchmarks/check_cuda_decode.py --chunk 2>&1 | grep "cuda chunk"

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
+import subprocess
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -55,6 +58,19 @@ def split_count(programs: int, rows: int, min_rows_per_split: int, programs_per_
 def interpreting() -> bool:
     """Triton's CPU interpreter is on (read at launch, as the kernels' INTERP constexpr)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def call_uninterpreted(module: str, function: str, *args: Any) -> Any:
+    """`module.function(*args)` in a child process without TRITON_INTERPRET, its result through JSON.
+    Under the interpreter every @triton.jit function is replaced by one that cannot be compiled; a
+    kernel compiled ahead of time (for a GPU this machine may not have) needs the real ones."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (f"import json; from {module} import {function}; "
+            f"print(json.dumps({function}(*json.loads({json.dumps(json.dumps(args))}))))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module}.{function} failed in its child process:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def use_triton(q: Tensor) -> bool:

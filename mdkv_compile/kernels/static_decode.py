@@ -22,17 +22,13 @@ available.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import subprocess
-import sys
 from typing import Any
 
 import torch
 
 from mdkv_compile.core.static import StaticStore
-from mdkv_compile.kernels._triton import HAS_TRITON, interpreting, next_pow2
+from mdkv_compile.kernels._triton import HAS_TRITON, call_uninterpreted, interpreting, next_pow2
 
 if HAS_TRITON:
     import triton
@@ -311,19 +307,9 @@ def compile_ptx(
     shared memory bytes). This is what the QDP `aot_impl` hands to TensorRT. `value_dims`: the
     node's value dims per tier (None: the same as `tier_dims`)."""
     if interpreting():
-        # The interpreter replaces @triton.jit functions with ones that cannot be compiled:
-        # compile in a child process that has the real ones.
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        code = (
-            "import json, sys; from mdkv_compile.kernels.static_decode import compile_ptx; "
-            f"print(json.dumps(compile_ptx({tuple(tier_dims)!r}, {kv_heads!r}, {float(scale)!r}, "
-            f"{float(softcap)!r}, {dtype!r}, {capability!r}, "
-            f"{None if value_dims is None else tuple(value_dims)!r})))"
-        )
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"compiling the plugin kernel failed:\n{done.stderr[-4000:]}")
-        name, ptx, threads, shared = json.loads(done.stdout.strip().splitlines()[-1])
+        name, ptx, threads, shared = call_uninterpreted(
+            "mdkv_compile.kernels.static_decode", "compile_ptx", tuple(tier_dims), kv_heads, float(scale),
+            float(softcap), dtype, capability, None if value_dims is None else tuple(value_dims))
         return name, ptx, threads, shared
     from triton.backends.compiler import GPUTarget
 

@@ -3,7 +3,8 @@
 Modules: jit.py (the ``@triton.jit`` kernels), plan.py (``Tuning``, ``StorePlan``: what the kernels need
 from one store, worked out once on the host, and each launch's work split), launch.py (running the
 kernels; the direct entry points ``*_triton``), reference.py (``packed_attention_torch``, the pure-torch
-version), op.py (the registered ops and ``packed_store_attention``).
+version), op.py (the registered ops and ``packed_store_attention``), resources.py (a variant compiled
+for an NVIDIA GPU on any machine: registers, spills, shared memory).
 
 One kernel, one launch, for decode and chunked prefill (decode is the chunk of one query token):
 

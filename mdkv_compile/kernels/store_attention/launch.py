@@ -51,8 +51,7 @@ def packed_decode_attention_triton(
     Hkv = k_new.shape[1]
     split = plan.decode_split(B * Hkv, Hq // Hkv, n_new, q.device)
     q = q.contiguous()
-    return _launch(wrap, plan, split, q, k_new, v_new, n_new, n_decoded, 1, scale, softcap, out, poison_workspace,
-                   plan.tuning.num_warps, plan.tuning.merge_unroll)
+    return _launch(wrap, plan, split, q, k_new, v_new, n_new, n_decoded, 1, scale, softcap, out, poison_workspace)
 
 
 def packed_chunk_attention_triton(
@@ -84,8 +83,7 @@ def packed_chunk_attention_triton(
     Hkv = k_new.shape[1]
     split = plan.chunk_split(B * Hkv, (Hq // Hkv) * L, n_new, q.device)
     q = q.contiguous()
-    return _launch(wrap, plan, split, q, k_new, v_new, n_new, None, L, scale, softcap, out, poison_workspace,
-                   plan.tuning.chunk_num_warps, plan.tuning.chunk_merge_unroll)
+    return _launch(wrap, plan, split, q, k_new, v_new, n_new, None, L, scale, softcap, out, poison_workspace)
 
 
 def _check_devices(q: Tensor, *tensors: Tensor | None) -> None:
@@ -117,8 +115,6 @@ def _launch(
     softcap: float | None,
     out: Tensor | None,
     poison_workspace: bool,
-    num_warps: int,
-    merge_unroll: int,
 ) -> Tensor:
     """One launch over every (row block, split, owner, region); the last program of each (owner, row
     block) merges its partials into `out`. `n_decoded`: the count of new tokens on the device (decode
@@ -127,7 +123,6 @@ def _launch(
     # arrival counts start at 0 on every call (a memset), so a call never depends on the one before
     arrivals = torch.zeros(split.owners * split.row_blocks, dtype=torch.int32, device=q.device)
     out = _output(out, q)
-    has_cap = softcap is not None
     programs = split.row_blocks * split.splits * split.owners * (plan.n_reduced + 1)
     wrap(jit._packed_attention)[(programs,)](
         q, *plan.tier_pointers, *plan.bases,
@@ -136,15 +131,30 @@ def _launch(
         n_new, q if n_decoded is None else n_decoded, L, k_new.shape[1], split.owners, split.rows, split.splits,
         split.row_blocks,
         ml, acc, coef, arrivals, out,
-        scale * LOG2E, scale, float(softcap) if has_cap else 1.0,
-        N_FROM_PTR=n_decoded is not None, NUM_RED=plan.n_reduced, **plan.tier_constexprs,
-        RV_TOP=plan.rv_max, RV_MAX=plan.rv_max_padded, BLOCK_M=split.block_rows, M_P=split.rows_padded,
-        D=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, REVERSE_REGIONS=plan.tuning.reverse_regions,
-        MERGE_UNROLL=merge_unroll,
-        HAS_SOFTCAP=has_cap, DOT_PREC=q.dtype == torch.float32, INTERP=interpreting(),
-        num_warps=num_warps, num_stages=plan.tuning.num_stages,
+        scale * LOG2E, scale, 1.0 if softcap is None else float(softcap),
+        **kernel_constexprs(plan, split, n_from_ptr=n_decoded is not None, has_softcap=softcap is not None,
+                            fp32=q.dtype == torch.float32),
+        **kernel_options(plan, split),
     )
     return out
+
+
+def kernel_constexprs(plan: StorePlan, split: WorkSplit, *, n_from_ptr: bool, has_softcap: bool,
+                      fp32: bool) -> dict[str, int | bool]:
+    """The kernel's constexprs for one launch (each distinct set is one compiled variant)."""
+    return dict(
+        N_FROM_PTR=n_from_ptr, NUM_RED=plan.n_reduced, **plan.tier_constexprs,
+        RV_TOP=plan.rv_max, RV_MAX=plan.rv_max_padded, BLOCK_M=split.block_rows, M_P=split.rows_padded,
+        D=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, REVERSE_REGIONS=plan.tuning.reverse_regions,
+        MERGE_UNROLL=plan.tuning.chunk_merge_unroll if split.chunk else plan.tuning.merge_unroll,
+        HAS_SOFTCAP=has_softcap, DOT_PREC=fp32, INTERP=interpreting(),
+    )
+
+
+def kernel_options(plan: StorePlan, split: WorkSplit) -> dict[str, int]:
+    """Warps and pipeline stages of one launch: a chunk's warps are ``Tuning.chunk_num_warps``."""
+    warps = plan.tuning.chunk_num_warps if split.chunk else plan.tuning.num_warps
+    return dict(num_warps=warps, num_stages=plan.tuning.num_stages)
 
 
 def _workspace(sizes: tuple[int, int, int], device: torch.device, poison: bool) -> tuple[Tensor, Tensor, Tensor]:

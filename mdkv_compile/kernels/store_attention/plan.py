@@ -84,6 +84,7 @@ class WorkSplit:
     block_rows: int  # rows per program (BLOCK_M): decode the group padded to 16 for tl.dot, chunk chunk_block_m
     row_blocks: int  # 1 for decode, NMB for a chunk
     splits: int  # S
+    chunk: bool = False  # launched as a chunk (Tuning's chunk_* fields), not as a decode step
 
     @property
     def rows_padded(self) -> int:
@@ -224,7 +225,7 @@ class StorePlan:
         """L query tokens: an owner's G * L query rows in blocks of BLOCK_M (`chunk_block_rows`)."""
         block_m = chunk_block_rows(rows, self.tuning)
         row_blocks = -(-rows // block_m)
-        return WorkSplit(owners, rows, block_m, row_blocks, self._splits(owners, row_blocks, n_new, device))
+        return WorkSplit(owners, rows, block_m, row_blocks, self._splits(owners, row_blocks, n_new, device), chunk=True)
 
     def _splits(self, owners: int, row_blocks: int, n_new: int, device: torch.device) -> int:
         avg_rows = self.stored_rows // max(owners, 1) + n_new

@@ -1,0 +1,33 @@
+"""The store kernel compiled ahead of time for an H100 (sm_90) on this machine with Triton's own ptxas,
+and what one program holds (``kernels.store_attention.resources``). On the H100 the decode step's speed
+(docs/notes/kernel_notes.md, "v4") rests on two properties that a kernel change can lose without any
+test failing on a CPU: no spills, and for the bench's coupled tiers three programs of 4 warps per SM."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+from mdkv_compile.kernels.store_attention.resources import compiled_resources  # noqa: E402
+
+COUPLED = [(64, 64), (32, 32), (16, 16)]  # mdkv bench's 128/64/32/16
+DECOUPLED = [(128, 64), (64, 32), (32, 16), (16, 16)]  # the mixeddimkv policy's default tiers at d = 128
+
+
+@pytest.mark.parametrize("tiers", [COUPLED, DECOUPLED], ids=["coupled", "decoupled"])
+def test_decode_step_keeps_everything_in_registers(tiers: list[tuple[int, int]]) -> None:
+    res = compiled_resources(tiers)
+    assert res["stack"] == 0 and res["num_warps"] == 4, res
+
+
+def test_coupled_decode_step_fits_three_programs_per_sm() -> None:
+    # 65536 registers per SM / (3 programs x 128 threads) = 170 per thread
+    res = compiled_resources(COUPLED)
+    assert res["registers"] <= 170 and 3 * res["shared"] <= 228 * 1024, res
+
+
+def test_chunk_variant_compiles_with_its_own_rows_and_warps() -> None:
+    decode = compiled_resources(COUPLED)
+    chunk = compiled_resources(COUPLED, chunk_tokens=64, tuning={"chunk_num_warps": 8})
+    assert chunk["num_warps"] == 8 and chunk["shared"] > decode["shared"], (decode, chunk)
