@@ -31,3 +31,9 @@ def test_chunk_variant_compiles_with_its_own_rows_and_warps() -> None:
     decode = compiled_resources(COUPLED)
     chunk = compiled_resources(COUPLED, chunk_tokens=64, tuning={"chunk_num_warps": 8})
     assert chunk["num_warps"] == 8 and chunk["shared"] > decode["shared"], (decode, chunk)
+
+
+def test_register_cap_keeps_the_decoupled_decode_step_unspilled() -> None:
+    # a cap at 168 registers fits three programs of 4 warps per SM for the policy's default tiers too
+    res = compiled_resources(DECOUPLED, tuning={"max_registers": 168})
+    assert res["registers"] <= 168 and res["stack"] == 0, res

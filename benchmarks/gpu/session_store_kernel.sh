@@ -3,7 +3,7 @@
 # beside the kernels before it, which .gpu/common/base holds (their mdkv_compile; carry .gpu/common).
 # Issue 16; results in docs/notes/kernel_notes.md ("v4"). At most 8 files come back from $OUT.
 #   bash benchmarks/gpu/session_store_kernel.sh            # about 9 min: the issue's shapes, chunk
-#       variants, decoupled tiers, the HF check, the kernel tests (call 2 of issue 16 also ran the region
+#       variants, decoupled tiers (also capped at 168 registers), the HF check, the kernel tests (call 2 of issue 16 also ran the region
 #       order and reduced-tier block rows: --tuning reverse_regions=0, block_n_reduced_max=64)
 #   bash benchmarks/gpu/session_store_kernel.sh followup   # about 3 min: 128K x 8 and x 1, chunks,
 #       fixed split counts at 128K x 1
@@ -44,6 +44,8 @@ new 200 --shapes 131072x8,131072x1,32768x32,8192x64 $CHUNKS --chunk-block-m 64,1
 el "the policy's default (decoupled) tiers at 128K x 8: tree before, this tree"
 base 60 --contexts 131072 --batches 8 --tiers mixeddimkv --out "$DEST/bench_base_decoupled.json" | tail -1
 new 60 --shapes 131072x8 --no-compile-check --tiers mixeddimkv --out "$DEST/bench_new_decoupled.json" | tail -1
+new 60 --shapes 131072x8 --no-compile-check --tiers mixeddimkv --tuning max_registers=168 \
+    --out "$DEST/bench_new_decoupled_168.json" | tail -1
 
 el "HF chunks and decode through the kernel vs the torch path"
 PYTHONPATH=$NEW timeout 100 python benchmarks/check_cuda_decode.py --chunk 2>&1 | grep "cuda chunk"

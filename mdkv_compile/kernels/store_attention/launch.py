@@ -152,9 +152,14 @@ def kernel_constexprs(plan: StorePlan, split: WorkSplit, *, n_from_ptr: bool, ha
 
 
 def kernel_options(plan: StorePlan, split: WorkSplit) -> dict[str, int]:
-    """Warps and pipeline stages of one launch: a chunk's warps are ``Tuning.chunk_num_warps``."""
-    warps = plan.tuning.chunk_num_warps if split.chunk else plan.tuning.num_warps
-    return dict(num_warps=warps, num_stages=plan.tuning.num_stages)
+    """Warps, pipeline stages and a register cap (if any) of one launch: a chunk's warps are
+    ``Tuning.chunk_num_warps``."""
+    tuning = plan.tuning
+    options = dict(num_warps=tuning.chunk_num_warps if split.chunk else tuning.num_warps,
+                   num_stages=tuning.num_stages)
+    if tuning.max_registers is not None:
+        options["maxnreg"] = tuning.max_registers
+    return options
 
 
 def _workspace(sizes: tuple[int, int, int], device: torch.device, poison: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -47,6 +47,10 @@ class Tuning:
     # (0.129 against 0.121 ms, docs/notes/kernel_notes.md); chunks: 4 spill at 64 rows and 4 warps
     merge_unroll: int = 1
     chunk_merge_unroll: int = 1
+    # a cap on registers per thread (Triton's maxnreg), None: the compiler's choice. The decoupled
+    # default tiers' decode variant takes 230 (two programs of 4 warps per SM) and fits 168 (three)
+    # with no spills (sm_90 compile, kernels/store_attention/resources.py); not timed
+    max_registers: int | None = None
 
 
 DEFAULT_TUNING = Tuning()
