@@ -7,6 +7,9 @@
 #       order and reduced-tier block rows: --tuning reverse_regions=0, block_n_reduced_max=64)
 #   bash benchmarks/gpu/session_store_kernel.sh followup   # about 3 min: 128K x 8 and x 1, chunks,
 #       fixed split counts at 128K x 1
+#   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
+#       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
+#       dims (equal bytes per tier, as always), and the default four
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 DEST=${OUT:-benchmarks/results}
@@ -19,6 +22,16 @@ CHUNKS="--chunks 16,64,256 --chunk-batches 8"
 new() { PYTHONPATH=$NEW timeout "$1" python -m mdkv_compile.cli bench "${@:2}" 2>&1 | grep -v "^check \|^sweep "; }
 base() { (cd "$BASE" && PYTHONPATH=$BASE timeout "$1" python -m mdkv_compile.cli bench --no-compile-check "${@:2}" \
     2>&1 | grep -v "^check "); }
+
+if [ "${1:-}" = tiers ]; then
+    for tiers in 128 128,64 128,16 128,64,32,16; do
+        el "this tree, tiers $tiers"
+        new 50 --no-compile-check --shapes 131072x8,131072x1 --tiers $tiers \
+            --out "$DEST/bench_tiers_${tiers//,/_}.json" | tail -2
+    done
+    el done
+    exit 0
+fi
 
 if [ "${1:-}" = followup ]; then
     el "tree before"
