@@ -80,10 +80,14 @@ class _Capture:
         inputs = self.inputs
         return (
             len(args) == len(inputs)
-            and all(args[i] is inputs[i] and args[i].data_ptr() == ptr
-                    for i, ptr in zip(self.static, self.static_ptrs, strict=True))
+            and all(args[i] is inputs[i] for i in self.static)
+            and self.static_in_place(args)
             and _signature([args[i] for i in self.dynamic]) == self.dynamic_signature
         )
+
+    def static_in_place(self, args: Sequence[Any]) -> bool:
+        """Whether the static arguments of `args` sit at the addresses this capture reads and writes."""
+        return all(args[i].data_ptr() == ptr for i, ptr in zip(self.static, self.static_ptrs, strict=True))
 
 
 class SiteGraphs:
@@ -107,7 +111,7 @@ class SiteGraphs:
         signature = _signature(args)
         generations = site_generations(self.sites)
         capture = self._captures.get(signature)
-        if capture is not None and capture.generations == generations and self._same_static(capture, args):
+        if capture is not None and capture.generations == generations and capture.static_in_place(args):
             return self._replay(capture, args)
         if self._warm.get(signature) != generations or None in generations:
             # captures of older states (any shape) are stale: drop them and the memory they hold
@@ -130,9 +134,6 @@ class SiteGraphs:
         return index in self.written or overlapping or isinstance(arg, torch.nn.Parameter) or (
             getattr(arg, "_dynamo_static_input_type", None) is not None
         )
-
-    def _same_static(self, capture: _Capture, args: Sequence[Any]) -> bool:
-        return all(args[i].data_ptr() == ptr for i, ptr in zip(capture.static, capture.static_ptrs, strict=True))
 
     def _capture(self, args: list[Any], generations: tuple[int | None, ...]) -> _Capture:
         static = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and self._is_static(i, a)]
