@@ -61,7 +61,6 @@ def compiled_resources(
              else plan.decode_split(1, group, 1, device))
     constexprs = kernel_constexprs(plan, split, n_from_ptr=not chunk_tokens, has_softcap=False,
                                    fp32=dtype == "fp32")
-    constexprs["INTERP"] = False
     params = list(inspect.signature(jit._packed_attention.fn).parameters)
     signature = {p: _argument_type(p, dtype, constexprs) for p in params}
     aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
