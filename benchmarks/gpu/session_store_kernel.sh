@@ -7,6 +7,8 @@
 #       order and reduced-tier block rows: --tuning reverse_regions=0, block_n_reduced_max=64)
 #   bash benchmarks/gpu/session_store_kernel.sh followup   # about 3 min: 128K x 8 and x 1, chunks,
 #       fixed split counts at 128K x 1
+#   bash benchmarks/gpu/session_store_kernel.sh final      # about 8 min: final defaults, decoupled tiers
+#       (uncapped, capped at 168 registers) beside the tree before, and the tiers rows below; one tarball
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -22,6 +24,29 @@ CHUNKS="--chunks 16,64,256 --chunk-batches 8"
 new() { PYTHONPATH=$NEW timeout "$1" python -m mdkv_compile.cli bench "${@:2}" 2>&1 | grep -v "^check \|^sweep "; }
 base() { (cd "$BASE" && PYTHONPATH=$BASE timeout "$1" python -m mdkv_compile.cli bench --no-compile-check "${@:2}" \
     2>&1 | grep -v "^check "); }
+
+if [ "${1:-}" = final ]; then
+    # The rows the first three calls could not reach: the final defaults together, the policy's default
+    # (decoupled) tiers uncapped and capped at 168 registers, and where the time goes by tier width.
+    # JSON in one tarball (at most 8 files come back).
+    J=/tmp/store_json; mkdir -p $J
+    el "tree before: default tiers, then decoupled"
+    base 70 --contexts 131072 --batches 8,1 --out $J/bench_base.json | tail -2
+    base 70 --contexts 131072 --batches 8,1 --tiers mixeddimkv --out $J/bench_base_decoupled.json | tail -2
+    el "this tree, final defaults"
+    new 90 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new.json | tail -5
+    new 70 --no-compile-check --shapes 131072x8,131072x1 --tiers mixeddimkv --out $J/bench_new_decoupled.json | tail -2
+    new 70 --no-compile-check --shapes 131072x8,131072x1 --tiers mixeddimkv --tuning max_registers=168 \
+        --out $J/bench_new_decoupled_168.json | tail -2
+    for tiers in 128 128,64 128,16; do
+        el "this tree, tiers $tiers"
+        new 50 --no-compile-check --shapes 131072x8,131072x1 --tiers $tiers \
+            --out "$J/bench_tiers_${tiers//,/_}.json" | tail -2
+    done
+    tar -czf "$DEST/store_final.tar.gz" -C $J .
+    el done
+    exit 0
+fi
 
 if [ "${1:-}" = tiers ]; then
     for tiers in 128 128,64 128,16 128,64,32,16; do
