@@ -339,7 +339,7 @@ def test_tuning_overrides_the_launch_and_keeps_results() -> None:
     for tuning in (ta.Tuning(splits=1), ta.Tuning(splits=5, num_warps=8, num_stages=2),
                    ta.Tuning(block_n_full=32, block_n_reduced_max=64, num_stages=4),
                    ta.Tuning(block_n_full=128, block_n_reduced_max=256, splits=2),
-                   ta.Tuning(max_registers=168, reverse_regions=False)):
+                   ta.Tuning(decode_max_registers=None, reverse_regions=False)):
         out = torch.full_like(c["q"], float("nan"))
         packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
         assert rel_err(out, ref) < 1e-5, tuning

@@ -36,7 +36,7 @@ if [ "${1:-}" = final ]; then
     el "this tree, final defaults"
     new 90 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new.json | tail -5
     new 70 --no-compile-check --shapes 131072x8,131072x1 --tiers mixeddimkv --out $J/bench_new_decoupled.json | tail -2
-    new 70 --no-compile-check --shapes 131072x8,131072x1 --tiers mixeddimkv --tuning max_registers=168 \
+    new 70 --no-compile-check --shapes 131072x8,131072x1 --tiers mixeddimkv --tuning decode_max_registers=168 \
         --out $J/bench_new_decoupled_168.json | tail -2
     for tiers in 128 128,64 128,16; do
         el "this tree, tiers $tiers"
@@ -82,7 +82,7 @@ new 200 --shapes 131072x8,131072x1,32768x32,8192x64 $CHUNKS --chunk-block-m 64,1
 el "the policy's default (decoupled) tiers at 128K x 8: tree before, this tree"
 base 60 --contexts 131072 --batches 8 --tiers mixeddimkv --out "$DEST/bench_base_decoupled.json" | tail -1
 new 60 --shapes 131072x8 --no-compile-check --tiers mixeddimkv --out "$DEST/bench_new_decoupled.json" | tail -1
-new 60 --shapes 131072x8 --no-compile-check --tiers mixeddimkv --tuning max_registers=168 \
+new 60 --shapes 131072x8 --no-compile-check --tiers mixeddimkv --tuning decode_max_registers=168 \
     --out "$DEST/bench_new_decoupled_168.json" | tail -1
 
 el "HF chunks and decode through the kernel vs the torch path"

@@ -152,13 +152,13 @@ def kernel_constexprs(plan: StorePlan, split: WorkSplit, *, n_from_ptr: bool, ha
 
 
 def kernel_options(plan: StorePlan, split: WorkSplit) -> dict[str, int]:
-    """Warps, pipeline stages and a register cap (if any) of one launch: a chunk's warps are
+    """Warps, pipeline stages and a register cap (decode only) of one launch: a chunk's warps are
     ``Tuning.chunk_num_warps``."""
     tuning = plan.tuning
     options = dict(num_warps=tuning.chunk_num_warps if split.chunk else tuning.num_warps,
                    num_stages=tuning.num_stages)
-    if tuning.max_registers is not None:
-        options["maxnreg"] = tuning.max_registers
+    if not split.chunk and tuning.decode_max_registers is not None:
+        options["maxnreg"] = tuning.decode_max_registers
     return options
 
 

@@ -47,10 +47,11 @@ class Tuning:
     # (0.129 against 0.121 ms, docs/notes/kernel_notes.md); chunks: 4 spill at 64 rows and 4 warps
     merge_unroll: int = 1
     chunk_merge_unroll: int = 1
-    # a cap on registers per thread (Triton's maxnreg), None: the compiler's choice. The decoupled
-    # default tiers' decode variant takes 230 (two programs of 4 warps per SM) and fits 168 (three)
-    # with no spills (sm_90 compile, kernels/store_attention/resources.py); not timed
-    max_registers: int | None = None
+    # a cap on registers per thread (Triton's maxnreg) of decode launches, None: the compiler's choice.
+    # Uncapped, the policy's decoupled tiers take 230 (two programs of 4 warps per SM); at 168 (three)
+    # they do not spill, and on an H100 128K x 8 / x 1 took 0.1284 / 0.0237 ms against 0.1300 / 0.0251
+    # (docs/notes/kernel_notes.md, "v4"). Not for chunks: their variants already spill uncapped.
+    decode_max_registers: int | None = 168
 
 
 DEFAULT_TUNING = Tuning()
