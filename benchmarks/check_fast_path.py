@@ -19,6 +19,9 @@ Paths (`--paths`, comma-separated; `--all` adds the ones marked extra):
     ro-default, ro-static, ro-mixedcache
                        the same three with options["mode"] = "reduce-overhead"
     graphed            mdkv.patch + MixedDimCache(max_new_tokens) + GraphedDecoder (the README recipe)
+    floor              (extra) `graphed` over the first 16 tokens of each prompt: what every decode step of
+                       this model and batch pays with no KV to speak of (weights, launches). A path at
+                       5x plain generate() must be faster than this.
     hf-compile-config  mdkv.patch + MixedDimCache(max_new_tokens) + generate(compile_config=CompileConfig()):
                        transformers compiles the decode step (Inductor, reduce-overhead)
     torch-compile      (extra) torch.compile(model, backend="mixeddimkv", options).generate()
@@ -71,6 +74,7 @@ class PathSpec:
     compressed: bool  # compared with the eager MixedDimKV tokens (else with plain generate())
     cuda_only: bool = False
     extra: bool = False
+    compare: bool = True  # tokens compared with the reference's (not for a path over other prompts)
 
 
 PATHS = {
@@ -86,9 +90,13 @@ PATHS = {
     "ro-static": PathSpec("mixeddimkv, mode reduce-overhead, cache_implementation='static'", True),
     "ro-mixedcache": PathSpec("mixeddimkv, mode reduce-overhead, mdkv.patch + MixedDimCache(max_new_tokens)", True),
     "graphed": PathSpec("mdkv.patch + MixedDimCache(max_new_tokens) + GraphedDecoder", True, cuda_only=True),
+    "floor": PathSpec("GraphedDecoder over 16-token prompts: a decode step's weights and launches", True,
+                      cuda_only=True, extra=True, compare=False),
     "hf-compile-config": PathSpec("mdkv.patch + MixedDimCache(max_new_tokens) + generate(compile_config=...)", True),
     "torch-compile": PathSpec("torch.compile(model, backend='mixeddimkv').generate()", True, extra=True),
 }
+
+FLOOR_PROMPT = 16  # tokens of the floor path's prompts
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -149,7 +157,7 @@ class Runner:
         options = {"budget": budget}
         self.cache = None  # the MixedDimCache of the last call, kept to measure it
         self.kwargs: dict[str, Any] = {}
-        if name in ("patch", "mdkv-mixedcache", "ro-mixedcache", "graphed", "hf-compile-config"):
+        if name in ("patch", "mdkv-mixedcache", "ro-mixedcache", "graphed", "floor", "hf-compile-config"):
             mdkv.patch(model, self.cfg)
         if name.startswith("ro-"):
             options["mode"] = "reduce-overhead"
@@ -180,6 +188,8 @@ class Runner:
     def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, list[float]]:
         if self.name == "graphed":
             return self._graphed(ids)
+        if self.name == "floor":
+            return self._graphed(ids[:, :FLOOR_PROMPT])
         from transformers import LogitsProcessor, LogitsProcessorList
 
         kwargs = dict(self.kwargs)
@@ -450,7 +460,7 @@ def summarise(rows: dict[str, dict]) -> dict[str, Any]:
                 continue
             entry = {k: v for k, v in mine.items() if k not in ("tokens", "top2")}
             entry["call"] = label
-            if theirs is not None and name != ref_name:
+            if theirs is not None and name != ref_name and PATHS[name].compare:
                 entry.update(divergence(mine["tokens"], mine["top2"], theirs["tokens"], theirs["top2"]))
             res["calls"].append(entry)
         second = row.get("second_call")
@@ -478,6 +488,9 @@ def summarise(rows: dict[str, dict]) -> dict[str, Any]:
         if ms("plain"):
             t["speedup_vs_plain"] = ms("plain") / ms(name)
             t["at_least_5x_vs_plain"] = t["speedup_vs_plain"] >= 5
+            if ms("floor"):  # no decode step of this model and batch is faster than the floor path's
+                t["floor_ms_per_step"] = ms("floor")
+                t["5x_plain_reachable"] = ms("plain") / 5 >= ms("floor")
         if peak(name) is not None and peak("plain") is not None:
             t["peak_gib"], t["plain_peak_gib"] = peak(name), peak("plain")
             t["peak_at_most_plain"] = peak(name) <= peak("plain")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call (about 8 min): the follow-ups of docs/notes/gpu_notes.md section 9.
+# One GPU call (about 8 min): the follow-ups of docs/notes/gpu_notes.md section 9 (`floor`: see below).
 #   1. where the reduce-overhead generate() step's host time goes, with and without
 #      torch.inference_mode() (section 9 left that difference open), 8 layers, batch 4 x 16K;
 #   2. the default-cache compiled path's prefill peak (16.2 GiB against plain's 14.5), with allocator
@@ -13,6 +13,22 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 DEST=${OUT:-benchmarks/results}; mkdir -p "$DEST/mem"
 python -c "import torch; print(torch.cuda.get_device_name(), torch.__version__)"
+if [ "${1:-}" = floor ]; then
+    # About 8 min: (1) the decode step's floor (GraphedDecoder over 16-token prompts: weights and
+    # launches) beside plain generate(), the reduce-overhead path and GraphedDecoder: can any step be 5x
+    # plain? (2) the default-cache peak, summarised on the machine (benchmarks/gpu/peak_blocks.py; the
+    # snapshots stay there); (3) the store kernel's decode register cap on the bench's coupled tiers.
+    timeout 240 python benchmarks/check_fast_path.py --paths plain,ro-static,graphed,floor \
+        --out "$DEST/fast_path_floor.json" --path-timeout 220 --timed-timeout 100 2>&1 | grep -v "^W\|Warning" | tail -6
+    timeout 220 python benchmarks/check_fast_path.py --paths plain,mdkv-default --memory-history /tmp/mem \
+        --out "$DEST/fast_path_memory.json" --path-timeout 200 --timed-timeout 100 2>&1 | grep -v "^W\|Warning" | tail -4
+    timeout 60 python benchmarks/gpu/peak_blocks.py /tmp/mem/*.memory.pickle --out "$DEST/peak_blocks.json"
+    for cap in 168 none; do
+        timeout 60 python -m mdkv_compile.cli bench --no-compile-check --shapes 131072x8,131072x1 \
+            --tuning decode_max_registers=$cap --out "$DEST/bench_cap_$cap.json" 2>&1 | grep "^B="
+    done
+    exit 0
+fi
 timeout 200 python benchmarks/gpu/profile_fast_path.py --out "$DEST/profile_fast_path.json" 2>&1 \
     | grep -v "^W\|Warning\|warn" | head -16
 timeout 200 python benchmarks/check_fast_path.py --paths plain,mdkv-default \
