@@ -143,7 +143,7 @@ def test_reconstruction_of_reduced_tier_is_projection() -> None:
 
 def make_ctx(
     method: str, budget: float, pool: str = "head", dims=None, seed: int = 0, n_tokens: int = 64,
-    loss: str = "attention", rank: int | None = None,
+    loss: str = "attention", rank: int | None = None, sink_tokens: int | None = None,
 ):
     """Random prompt; with `rank`, keys and values lie near a rank-`rank` subspace (as real
     keys largely do), so reduced dimensions lose little."""
@@ -156,7 +156,7 @@ def make_ctx(
         k = torch.randn(bsz, n_kv, n_tokens, rank, generator=gen) @ torch.randn(rank, d, generator=gen) + 0.01 * k
         v = torch.randn(bsz, n_kv, n_tokens, rank, generator=gen) @ torch.randn(rank, d, generator=gen) + 0.01 * v
     cfg = MixedDimKVConfig(budget=budget, method=method, pool=pool, dims=dims, window=4, loss=loss,
-                           min_compress_tokens=0)
+                           min_compress_tokens=0, sink_tokens=sink_tokens)
     return LayerContext(
         query=q, key=k, value=v, valid=torch.ones(bsz, n_tokens, dtype=torch.bool),
         layer_idx=0, num_layers=1, cfg=cfg, dims=cfg.resolve_dims(d),
@@ -167,7 +167,8 @@ def make_ctx(
 @pytest.mark.parametrize("seed", [0, 1])
 def test_mixeddimkv_keep_evict_equals_snapkv(budget: float, seed: int) -> None:
     snap = POLICIES["snapkv"](make_ctx("snapkv", budget, seed=seed)).chosen_dim
-    mixed = POLICIES["mixeddimkv"](make_ctx("mixeddimkv", budget, dims=(0, 16), seed=seed)).chosen_dim
+    # snapkv's sinks (none): mixeddimkv's own four are the one default the two do not share
+    mixed = POLICIES["mixeddimkv"](make_ctx("mixeddimkv", budget, dims=(0, 16), seed=seed, sink_tokens=0)).chosen_dim
     assert torch.equal(snap, mixed)
 
 
@@ -175,7 +176,9 @@ def test_mixeddimkv_keep_evict_equals_snapkv(budget: float, seed: int) -> None:
 def test_mixeddimkv_keep_evict_pooled_equals_ada_snapkv(budget: float) -> None:
     # 128 tokens: every budget here affords more than the window, so the pool has something to move
     ada = POLICIES["ada-snapkv"](make_ctx("ada-snapkv", budget, n_tokens=128)).chosen_dim
-    mixed = POLICIES["mixeddimkv"](make_ctx("mixeddimkv", budget, pool="layer", dims=(0, 16), n_tokens=128)).chosen_dim
+    mixed = POLICIES["mixeddimkv"](
+        make_ctx("mixeddimkv", budget, pool="layer", dims=(0, 16), n_tokens=128, sink_tokens=0)
+    ).chosen_dim
     assert torch.equal(ada, mixed)
     # Pooling really redistributes: heads do not all keep the same count.
     counts = (ada > 0).sum(-1)

@@ -232,7 +232,7 @@ def test_policy_stores_within_the_bound_keeps_forced_tokens_and_drops_padding(ca
 def test_keep_evict_mixeddimkv_selects_what_snapkv_selects(shape: dict, budget: float, window: int,
                                                             pool: str) -> None:
     d = shape["head_dim"]
-    common = {"budget": budget, "window": window, "min_compress_tokens": 0}
+    common = {"budget": budget, "window": window, "min_compress_tokens": 0, "sink_tokens": 0}
     reference = "snapkv" if pool == "head" else "ada-snapkv"
     snap = store_of(make_ctx(shape, MixedDimKVConfig(method=reference, **common)), reference)[0]
     mixed_cfg = MixedDimKVConfig(method="mixeddimkv", dims=(0, d), pool=pool, **common)
