@@ -333,6 +333,9 @@ def test_tuning_overrides_the_launch_and_keeps_results() -> None:
     # max_splits (batch 1: the per-SM target alone would ask for ~60 splits).
     assert ta.num_splits(8, 5, 2_000, 132) == ta.num_splits(8, 5, 2_000, 132, ta.DEFAULT_TUNING) == 2_000 // 320
     assert ta.num_splits(8, 4, 30_508, 132) == ta.DEFAULT_TUNING.max_splits == 8
+    # A cap per owner instead: one region (an evicted cache) gets 32 splits at batch 1, four get 8.
+    per_owner = ta.Tuning(owner_programs=32)
+    assert [ta.num_splits(8, regions, 131_072, 132, per_owner) for regions in (1, 2, 4, 5)] == [32, 16, 8, 6]
     gen = torch.Generator().manual_seed(19)
     c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 90, 4, 6, torch.float32)
     ref = reference(c)

@@ -16,17 +16,23 @@ python -c "import torch; print(torch.cuda.get_device_name(), torch.__version__)"
 if [ "${1:-}" = floor ]; then
     # About 8 min: (1) the decode step's floor (GraphedDecoder over 16-token prompts: weights and
     # launches) beside plain generate(), the reduce-overhead path and GraphedDecoder: can any step be 5x
-    # plain? (2) the default-cache peak, summarised on the machine (benchmarks/gpu/peak_blocks.py; the
-    # snapshots stay there); (3) the store kernel's decode register cap on the bench's coupled tiers.
+    # plain? (3, last) the default-cache peak, summarised on the machine (benchmarks/gpu/peak_blocks.py;
+    # the snapshots stay there).
     timeout 240 python benchmarks/check_fast_path.py --paths plain,ro-static,graphed,floor \
         --out "$DEST/fast_path_floor.json" --path-timeout 220 --timed-timeout 100 2>&1 | grep -v "^W\|Warning" | tail -6
+    # (3) the store kernel's split cap per owner (Tuning.owner_programs) against per region, one region
+    # (an evicted cache in the packed layout) and the policy's decoupled tiers; JSON in one tarball
+    mkdir -p /tmp/split
+    for tiers in 128 mixeddimkv; do
+        for op in none 32; do
+            timeout 50 python -m mdkv_compile.cli bench --no-compile-check --shapes 131072x8,131072x1 --tiers $tiers \
+                --tuning owner_programs=$op --out "/tmp/split/bench_${tiers}_op$op.json" 2>&1 | grep "^B="
+        done
+    done
+    tar -czf "$DEST/split.tar.gz" -C /tmp/split .
     timeout 220 python benchmarks/check_fast_path.py --paths plain,mdkv-default --memory-history /tmp/mem \
         --out "$DEST/fast_path_memory.json" --path-timeout 200 --timed-timeout 100 2>&1 | grep -v "^W\|Warning" | tail -4
     timeout 60 python benchmarks/gpu/peak_blocks.py /tmp/mem/*.memory.pickle --out "$DEST/peak_blocks.json"
-    for cap in 168 none; do
-        timeout 60 python -m mdkv_compile.cli bench --no-compile-check --shapes 131072x8,131072x1 \
-            --tuning decode_max_registers=$cap --out "$DEST/bench_cap_$cap.json" 2>&1 | grep "^B="
-    done
     exit 0
 fi
 timeout 200 python benchmarks/gpu/profile_fast_path.py --out "$DEST/profile_fast_path.json" 2>&1 \

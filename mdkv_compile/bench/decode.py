@@ -97,7 +97,7 @@ def run_tuning(text: str) -> ta.Tuning:
             if value.lower() not in ("0", "1", "true", "false"):
                 raise argparse.ArgumentTypeError(f"{item!r}: {key} takes 0/1/true/false")
             changes[key] = value.lower() in ("1", "true")
-        elif value.lower() == "none" and key in ("splits", "decode_max_registers"):
+        elif value.lower() == "none" and key in ("splits", "decode_max_registers", "owner_programs"):
             changes[key] = None
         else:
             changes[key] = positive_int(value)

@@ -33,6 +33,11 @@ class Tuning:
     # one more partial for the merging program to read (H100, 128K x 1: 8 / 12 / 16 splits = 23.0 /
     # 27.9 / 28.8 us, docs/notes/kernel_notes.md): at most 8.
     max_splits: int = 8
+    # If set, the split cap is this many programs per owner over all its regions instead (at least 1 per
+    # region): with one region (an evicted cache in the packed layout) 8 splits x 8 KV heads at batch 1
+    # are 64 programs for 132 SMs (H100, 128K x 1: 2.3x evicted SDPA, docs/notes/kernel_notes.md "Call 4").
+    # Off until timed.
+    owner_programs: int | None = None
     splits: int | None = None  # a fixed split count (sweeps); None: the policy of `num_splits`
     num_warps: int = 4
     num_stages: int = 3  # sweep on H200 (docs/notes/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
@@ -68,8 +73,9 @@ def num_splits(n_owners: int, n_regions: int, avg_rows: int, n_sm: int, tuning: 
     argument). avg_rows: rows per owner over all regions."""
     if tuning.splits is not None:
         return max(1, int(tuning.splits))
+    cap = tuning.max_splits if tuning.owner_programs is None else max(1, tuning.owner_programs // n_regions)
     return split_count(n_owners * n_regions, avg_rows // n_regions, tuning.min_rows_per_split,
-                       tuning.programs_per_sm, tuning.max_splits, n_sm)
+                       tuning.programs_per_sm, cap, n_sm)
 
 
 def chunk_block_rows(rows: int, tuning: Tuning) -> int:
