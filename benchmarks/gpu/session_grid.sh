@@ -42,7 +42,7 @@ ppl)
   timeout 110 $E --methods $M $HS --budgets 0.02,0.0625,0.1 --tasks ppl --lengths 4000 --seeds 0,1 \
      --ppl-tokens 256 --protocols query-agnostic --out $R/gpu_smollm2_ppl
   el "the Triton kernel on the same cells (default kernel): same KL as the torch path?"
-  timeout 45 python -m mdkv_compile.cli eval --model smollm2 --device cuda --dtype float32 --quiet \
+  timeout 150 python -m mdkv_compile.cli eval --model smollm2 --device cuda --dtype float32 --quiet \
      --methods mixeddimkv,snapkv --budgets 0.05,0.1 --tasks kl --lengths 2048 --seeds 1,2 --ppl-tokens 128 \
      --protocols query-agnostic --out $R/gpu_smollm2_kl_triton
   el "needle / RULER-style grid"
