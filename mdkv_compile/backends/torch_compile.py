@@ -368,8 +368,9 @@ def mixeddimkv_backend(
             why = "no rewritten attention site"
         elif report.buffers == report.rewritten:
             why = "a prompt step"
-        else:
-            why = "concat-cache attention sites"
+        else:  # a DynamicCache grows every step: no fixed shapes to replay
+            why = ("concat-cache attention sites; for CUDA graphs pass cache_implementation='static' to "
+                   "generate(): the same compression, and no full-size KV buffer is kept")
         log.warning(
             "mixeddimkv: a graph runs without CUDA graphs (%s; mode='reduce-overhead' captures only "
             "one-token decode steps over static KV buffers, with kernel='auto')", why,
