@@ -55,7 +55,7 @@ class Tuning:
     # a cap on registers per thread (Triton's maxnreg) of decode launches, None: the compiler's choice.
     # Uncapped, the policy's decoupled tiers take 230 (two programs of 4 warps per SM); at 168 (three)
     # they do not spill, and on an H100 128K x 8 / x 1 took 0.1284 / 0.0237 ms against 0.1300 / 0.0251
-    # (docs/notes/kernel_notes.md, "v4"). Not for chunks: their variants already spill uncapped.
+    # (docs/notes/kernel_notes.md, "Call 4"). Not for chunks: their variants already spill uncapped.
     decode_max_registers: int | None = 168
 
 
