@@ -39,19 +39,24 @@ def make_case(
     dtype: torch.dtype,
     empty_owner: bool = False,
     L: int = 1,
+    counts: list[list[int]] | None = None,
 ) -> dict:
+    """Random tiers with random token counts per owner, or `counts[t][owner]` where given."""
     n_own = B * Hkv
     pairs = [t if isinstance(t, tuple) else (t, t) for t in tiers]
     keys, vals, offs = [], [], []
     for t, (r, rv) in enumerate(pairs):
-        counts = torch.randint(0, max_count + 1, (n_own,), generator=gen)
-        counts[torch.randint(0, n_own, (1,), generator=gen)] = 0  # some owner has no token in this tier
-        if t == 0:
-            counts[0] = max_count  # and some owner many: several row blocks and splits
+        if counts is None:
+            count = torch.randint(0, max_count + 1, (n_own,), generator=gen)
+            count[torch.randint(0, n_own, (1,), generator=gen)] = 0  # some owner has no token in this tier
+            if t == 0:
+                count[0] = max_count  # and some owner many: several row blocks and splits
+        else:
+            count = torch.tensor(counts[t])
         if empty_owner:
-            counts[n_own - 1] = 0
+            count[n_own - 1] = 0
         off = torch.zeros(n_own + 1, dtype=torch.int32)
-        off[1:] = torch.cumsum(counts, 0)
+        off[1:] = torch.cumsum(count, 0)
         m = int(off[-1])
         keys.append((torch.randn(m, r, generator=gen) * (1.0 if t == 0 else 1.5)).to(dtype))
         vals.append(torch.randn(m, rv, generator=gen).to(dtype))
@@ -208,6 +213,28 @@ def test_many_splits_merged_by_the_last_program() -> None:
         out = torch.full((1, 6, 1, 32), float("nan"), device=DEVICE)
         packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
         assert rel_err(out, reference(c)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_whole_and_partial_blocks_match_reference(dtype: torch.dtype) -> None:
+    """A region's whole blocks run unmasked and only its last, partial block masked: regions of exactly
+    one and two blocks, two blocks and one row, and less than one block (blocks of 16 rows, one split),
+    decode and a chunk of three tokens."""
+    from mdkv_compile.kernels import store_attention as ta
+
+    lengths = [32, 33, 15, 16]  # per owner, rotated per tier so every tier gets every case
+    counts = [lengths[t:] + lengths[:t] for t in range(3)]
+    tuning = ta.Tuning(min_rows_per_split=10**6, block_n_full=16, block_n_reduced_max=16)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for L in (1, 3):
+        gen = torch.Generator().manual_seed(11 + L)
+        c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 0, 4, 6, dtype, L=L, counts=counts)
+        plan = ta.StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"],
+                                       c["basis_v"], tuning)
+        assert plan.block_n == 16 and all(plan.tier_constexprs[f"BN{t}"] == 16 for t in (1, 2, 3))
+        kernel = packed_decode_attention_triton if L == 1 else packed_chunk_attention_triton
+        out = kernel(**c, tuning=tuning)
+        assert rel_err(out, reference(c)) < tol
 
 
 def test_matches_core_attend_packed() -> None:

@@ -9,6 +9,9 @@
 #       fixed split counts at 128K x 1
 #   bash benchmarks/gpu/session_store_kernel.sh final      # about 8 min: final defaults, decoupled tiers
 #       (uncapped, capped at 168 registers) beside the tree before, and the tiers rows below; one tarball
+#   bash benchmarks/gpu/session_store_kernel.sh softmax    # about 7 min: the softmax with one FFMA per
+#       logit and unmasked whole blocks beside the tree before it (.gpu/common/base = the previous main):
+#       the rows, chunks, decoupled tiers, the 128,16 tiers (the count-bound case), GPU kernel tests
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -44,6 +47,24 @@ if [ "${1:-}" = final ]; then
             --out "$J/bench_tiers_${tiers//,/_}.json" | tail -2
     done
     tar -czf "$DEST/store_final.tar.gz" -C $J .
+    el done
+    exit 0
+fi
+
+if [ "${1:-}" = softmax ]; then
+    J=/tmp/store_json; mkdir -p $J
+    for tree in base new; do
+        el "$tree: bench tiers, chunks"
+        $tree 110 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_$tree.json | tail -5
+        el "$tree: decoupled tiers; tiers 128,16"
+        $tree 70 --no-compile-check --shapes 131072x8,131072x1 --tiers mixeddimkv --out $J/bench_${tree}_decoupled.json | tail -2
+        $tree 50 --no-compile-check --shapes 131072x8,131072x1 --tiers 128,16 --out $J/bench_${tree}_128_16.json | tail -2
+    done
+    el "this tree, bench tiers and chunks again (order effects)"
+    new 110 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new_again.json | tail -5
+    tar -czf "$DEST/store_softmax.tar.gz" -C $J .
+    el "kernel tests on the GPU (compiled Triton, float64 references)"
+    PYTHONPATH=$NEW timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -4
     el done
     exit 0
 fi

@@ -5,9 +5,6 @@ query token), splits and merge in one launch.
 The entry kernel keeps its leading underscore: it is the name that profiles, Inductor's generated code
 and the recorded results (benchmarks/results) show.
 
-The entry kernels keep their leading underscore: it is the name that profiles, Inductor's generated
-code and the recorded results (benchmarks/results) show.
-
 The reduced tiers come in ``MAX_REDUCED_TIERS`` spelled-out slots (``k1_ptr..k4_ptr``, key widths
 ``R1..R4``, value widths ``RV1..RV4``, ``if NUM_RED >= t`` ladders): a Triton signature is a fixed list
 of pointers and constexprs, and a slot that the ``NUM_RED`` constexpr leaves out is not compiled at
@@ -29,43 +26,70 @@ MAX_REDUCED_TIERS = 4  # reduced-tier slots in the kernel's signature
 if HAS_TRITON:
 
     @triton.jit
-    def _step(
-        qop, k_ptr, v_ptr, start, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale, scale, softcap,
-        D_K: tl.constexpr, BLOCK_DK: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-        BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    def _online_softmax(
+        s, visible, m_i, qk_scale, scale, softcap,
+        HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
     ):
-        """One block of BLOCK_N rows starting at `start` (< hi) of one region; logits in log2 units.
-        Keys are D_K wide (row stride stride_kn), values D_V wide (stride_vn)."""
+        """One block's step of the online softmax over raw logits `s` [BLOCK_M, BLOCK_N] (fp32): the new
+        running maximum (log2 units), the block's weights p = exp2(logit - maximum) and the factor alpha
+        that rescales the state so far. `visible` (used only when MASKED) marks the (row, key) pairs
+        that count. A row that has seen nothing keeps m = -inf, weights 0 and alpha 1."""
         LOG2E: tl.constexpr = 1.4426950408889634
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_DK)
-        rows = start + offs_n
-        rmask = rows < hi
-        ptrs = rows[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-        msk = rmask[:, None] & (offs_d < D_K)[None, :]
-        k = tl.load(k_ptr + ptrs, mask=msk, other=0.0)
-        s = dot(qop, tl.trans(k), DOT_PREC, INTERP)  # [BLOCK_M, BLOCK_N] fp32
         if HAS_SOFTCAP:
             x = s * (scale / softcap)
             # tanh through exp2 (portable to the interpreter); saturates cleanly at +-1
             th = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
             s = th * (softcap * LOG2E)
+            if MASKED:
+                s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+            p = tl.exp2(s - m_use[:, None])
         else:
-            s = s * qk_scale
-        s = tl.where(rmask[None, :], s, float("-inf"))
-        # every block holds >= 1 valid row, so m_new is finite and alpha never NaN
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+            if MASKED:
+                s = tl.where(visible, s, float("-inf"))
+            # the maximum of the raw logits, scaled once per row (the scale is positive): the scale then
+            # folds into the subtraction, one FFMA per logit where a scaled copy took a multiply and a
+            # subtraction. The narrow tiers' blocks are bound by these per-logit instructions, not by bytes.
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+            p = tl.exp2(s * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        return m_new, p, alpha
+
+    @triton.jit
+    def _load_rows(ptr, rows, hi, offs, stride, WIDTH: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+        """Rows `rows` (those < hi when MASKED) of a row-major region, WIDTH columns padded to BLOCK with 0."""
+        ptrs = ptr + rows[:, None].to(tl.int64) * stride + offs[None, :]
+        if MASKED:
+            return tl.load(ptrs, mask=(rows < hi)[:, None] & (offs < WIDTH)[None, :], other=0.0)
+        elif BLOCK == WIDTH:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=(offs < WIDTH)[None, :], other=0.0)
+
+    @triton.jit
+    def _step(
+        qop, k_ptr, v_ptr, start, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale, scale, softcap,
+        D_K: tl.constexpr, BLOCK_DK: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+        MASKED: tl.constexpr,
+    ):
+        """One block of BLOCK_N rows starting at `start` of one region; logits in log2 units. Keys are D_K
+        wide (row stride stride_kn), values D_V wide (stride_vn). Rows at or past `hi` are masked only
+        when MASKED (the region's last block): the others skip the per-logit select and the load masks."""
+        rows = start + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_DK)
+        k = _load_rows(k_ptr, rows, hi, offs_k, stride_kn, D_K, BLOCK_DK, MASKED)
+        s = dot(qop, tl.trans(k), DOT_PREC, INTERP)  # [BLOCK_M, BLOCK_N] fp32
+        # every block holds >= 1 row below hi, so the maximum is finite
+        m_new, p, alpha = _online_softmax(s, (rows < hi)[None, :], m_i, qk_scale, scale, softcap, HAS_SOFTCAP,
+                                          MASKED)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if D_V == D_K and BLOCK_DV == BLOCK_DK:
-            # keys and values of one width share the offsets (the callers pass equal strides then):
-            # the loads of a tier whose keys and values keep as many dims
-            v = tl.load(v_ptr + ptrs, mask=msk, other=0.0)
-        else:
-            offs_v = tl.arange(0, BLOCK_DV)
-            v = tl.load(v_ptr + rows[:, None].to(tl.int64) * stride_vn + offs_v[None, :],
-                        mask=rmask[:, None] & (offs_v < D_V)[None, :], other=0.0)
+        # keys and values of one width share the offsets (the callers pass equal strides then): the loads
+        # of a tier whose keys and values keep as many dims
+        v = _load_rows(v_ptr, rows, hi, offs_k if BLOCK_DV == BLOCK_DK else tl.arange(0, BLOCK_DV), stride_vn,
+                       D_V, BLOCK_DV, MASKED)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC, INTERP)
         return m_new, l_i, acc
 
@@ -91,25 +115,31 @@ if HAS_TRITON:
         DOT_PREC: tl.constexpr,
         INTERP: tl.constexpr,
     ):
-        """Online softmax over rows [lo, hi) of one region, from an empty state; acc is [BLOCK_M, BLOCK_DV]."""
+        """Online softmax over rows [lo, hi) of one region, from an empty state; acc is [BLOCK_M, BLOCK_DV].
+        Whole blocks first, unmasked; the last, partial block (if any) masked."""
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        whole = lo + (hi - lo) // BLOCK_N * BLOCK_N
         if INTERP:
             # Triton 3.6's interpreter cannot run range() over a runtime bound under numpy >= 2.4
             # (int() of a 1-element array); a while loop only needs bool(). Same arithmetic.
             start = lo
-            while start < hi:
+            while start < whole:
                 m_i, l_i, acc = _step(qop, k_ptr, v_ptr, start, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale,
                                       scale, softcap, D_K, BLOCK_DK, D_V, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
-                                      INTERP)
+                                      INTERP, False)
                 start += BLOCK_N
         else:
             # a for loop, so the compiler software-pipelines the loads (num_stages)
-            for start in range(lo, hi, BLOCK_N):
+            for start in range(lo, whole, BLOCK_N):
                 m_i, l_i, acc = _step(qop, k_ptr, v_ptr, start, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale,
                                       scale, softcap, D_K, BLOCK_DK, D_V, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
-                                      INTERP)
+                                      INTERP, False)
+        if whole < hi:
+            m_i, l_i, acc = _step(qop, k_ptr, v_ptr, whole, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale,
+                                  scale, softcap, D_K, BLOCK_DK, D_V, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
+                                  INTERP, True)
         return m_i, l_i, acc
 
     @triton.jit
@@ -126,30 +156,16 @@ if HAS_TRITON:
         D_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     ):
-        """_step with a per-query-row limit: key row j is visible to query row i iff j <= lim[i]."""
-        LOG2E: tl.constexpr = 1.4426950408889634
-        offs_n = tl.arange(0, BLOCK_N)
+        """_step with a per-query-row limit: key row j is visible to query row i iff j <= lim[i]. A row
+        may see nothing in this block (and have seen nothing before): its state stays empty."""
+        rows = start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        rows = start + offs_n
-        rmask = rows < hi
-        ptrs = rows[:, None].to(tl.int64) * stride_n + offs_d[None, :]
-        msk = rmask[:, None] & (offs_d < D_T)[None, :]
-        k = tl.load(k_ptr + ptrs, mask=msk, other=0.0)
+        k = _load_rows(k_ptr, rows, hi, offs_d, stride_n, D_T, BLOCK_D, True)
         s = dot(qop, tl.trans(k), DOT_PREC, INTERP)
-        if HAS_SOFTCAP:
-            x = s * (scale / softcap)
-            th = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
-            s = th * (softcap * LOG2E)
-        else:
-            s = s * qk_scale
-        s = tl.where(rmask[None, :] & (rows[None, :] <= lim[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row may see nothing in this block (and have seen nothing before): keep its state at 0
-        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
+        visible = (rows < hi)[None, :] & (rows[None, :] <= lim[:, None])
+        m_new, p, alpha = _online_softmax(s, visible, m_i, qk_scale, scale, softcap, HAS_SOFTCAP, True)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + ptrs, mask=msk, other=0.0)
+        v = _load_rows(v_ptr, rows, hi, offs_d, stride_n, D_T, BLOCK_D, True)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC, INTERP)
         return m_new, l_i, acc
 
