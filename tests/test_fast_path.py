@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import CompileConfig, StaticCache
+from transformers import CompileConfig, DynamicCache, StaticCache
 
 import mdkv_compile as mdkv
 from mdkv_compile import cache as cache_module
@@ -100,6 +100,14 @@ def test_torch_compile_wrapper_generate_compresses() -> None:
     counters.clear()
     assert torch.equal(compiled.generate(IDS, max_new_tokens=8, **GEN), ref)
     assert counters["stats"]["unique_graphs"] == 0  # the second call reuses the compiled graphs
+    # reduce-overhead: the wrapper's generate() picks the static cache from the first call (CUDA graphs
+    # need its fixed shapes), unless the caller chose a cache
+    graphed = torch.compile(model, backend="mixeddimkv", options={**OPTS, "mode": "reduce-overhead"})
+    out = graphed.generate(IDS, max_new_tokens=8, return_dict_in_generate=True, **GEN)
+    assert torch.equal(out.sequences, ref) and isinstance(out.past_key_values, StaticCache)
+    out = graphed.generate(IDS, max_new_tokens=2, use_cache=True, cache_implementation="dynamic",
+                           return_dict_in_generate=True, **GEN)
+    assert isinstance(out.past_key_values, DynamicCache)
 
 
 @pytest.mark.compile
@@ -172,7 +180,8 @@ def test_reduce_overhead_generate_with_static_cache(caplog: pytest.LogCaptureFix
     crashed on the H200: the decode graph's sites are rewritten (its mask is an input) and the graph
     goes to the backend's own capture (SiteGraphs; on CPU it calls Inductor's code directly), never to
     Inductor's CUDA graphs; the fixed region has a slot per token generate() feeds; the default cache
-    gives the same tokens (without CUDA graphs, said in the log)."""
+    gives the same tokens (without CUDA graphs, said in the log), and later calls that choose no cache
+    get the static one (an explicit cache choice is kept)."""
     torch._dynamo.reset()
     sites.reset_sites()
     ref, _ = eager_reference(8)
@@ -190,8 +199,39 @@ def test_reduce_overhead_generate_with_static_cache(caplog: pytest.LogCaptureFix
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=backend.__name__):
         assert torch.equal(model.generate(IDS, max_new_tokens=8, **GEN), ref)
-    assert any("concat-cache attention sites" in r.getMessage() and "cache_implementation='static'" in r.getMessage()
+    assert any("grows every step" in r.getMessage() and "cache_implementation='static'" in r.getMessage()
                for r in caplog.records)
+    out = model.generate(IDS, max_new_tokens=8, return_dict_in_generate=True, **GEN)
+    assert torch.equal(out.sequences, ref) and isinstance(out.past_key_values, StaticCache)
+    out = model.generate(IDS, max_new_tokens=8, cache_implementation="dynamic", return_dict_in_generate=True, **GEN)
+    assert torch.equal(out.sequences, ref) and isinstance(out.past_key_values, DynamicCache)
+    model.compile(backend="mixeddimkv", options=OPTS)  # compiled again, not in reduce-overhead: its own generate()
+    out = model.generate(IDS, max_new_tokens=8, return_dict_in_generate=True, **GEN)
+    assert isinstance(out.past_key_values, DynamicCache)
+
+
+@pytest.mark.compile
+def test_reduce_overhead_patched_model_with_fixed_region_cache(caplog: pytest.LogCaptureFixture) -> None:
+    """A patched model compiled under reduce-overhead with an explicit fixed-region MixedDimCache: its
+    graphs hold no attention site (the cache update and the attention run outside them) and write no
+    input, so those of fixed shapes go to Inductor's own CUDA graphs (on the CPU Inductor then skips
+    them: counted); the one Dynamo made dynamic (the output projection, after prompt and decode step
+    differed in length) runs without, said in the log. The eager MixedDimKV tokens."""
+    torch._dynamo.reset()
+    ref, ref_cache = eager_reference(8)
+    cfg = mdkv.MixedDimKVConfig(**OPTS)
+    model = build_tiny_model("llama").eval()
+    mdkv.patch(model, cfg)
+    model.compile(backend="mixeddimkv", options={**OPTS, "mode": "reduce-overhead"})
+    counters.clear()
+    with caplog.at_level(logging.WARNING, logger=backend.__name__):
+        for _ in range(2):
+            cache = MixedDimCache(model.config, cfg, max_new_tokens=16)
+            assert torch.equal(model.generate(IDS, max_new_tokens=8, past_key_values=cache, **GEN), ref)
+    without = [r.getMessage() for r in caplog.records if "without CUDA graphs" in r.getMessage()]
+    assert len(without) == 1 and "shapes change" in without[0]
+    assert counters["inductor"]["cudagraph_skips"] >= 15  # asked for (for 19 of 20 graphs), refused on the CPU
+    assert cache.prompt_stored_bytes() == ref_cache.prompt_stored_bytes()
 
 
 def test_fixed_region_cache_is_compileable() -> None:

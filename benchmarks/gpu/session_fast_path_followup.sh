@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call (about 8 min): the follow-ups of docs/notes/gpu_notes.md section 9 (`floor`: see below).
+# One GPU call (about 8 min): the follow-ups of docs/notes/gpu_notes.md section 9 (`floor`, `table`: see below).
 #   1. where the reduce-overhead generate() step's host time goes, with and without
 #      torch.inference_mode() (section 9 left that difference open), 8 layers, batch 4 x 16K;
 #   2. the default-cache compiled path's prefill peak (16.2 GiB against plain's 14.5), with allocator
@@ -13,6 +13,15 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 DEST=${OUT:-benchmarks/results}; mkdir -p "$DEST/mem"
 python -c "import torch; print(torch.cuda.get_device_name(), torch.__version__)"
+if [ "${1:-}" = table ]; then
+    # About 8 min: issue 14's table in one run on one card, with the default cache under reduce-overhead
+    # (its first call runs without CUDA graphs; later calls get the static cache) and the explicit
+    # MixedDimCache under reduce-overhead (Inductor's CUDA graphs over the site-free pieces)
+    timeout 570 python benchmarks/check_fast_path.py \
+        --paths plain,patch,ro-static,ro-default,graphed,hf-static-compile,ro-mixedcache,hf-compile-config \
+        --out "$DEST/fast_path_table.json" --path-timeout 260 --timed-timeout 100 2>&1 | grep -v "^W\|Warning" | tail -14
+    exit 0
+fi
 if [ "${1:-}" = floor ]; then
     # About 8 min: (1) the decode step's floor (GraphedDecoder over 16-token prompts: weights and
     # launches) beside plain generate(), the reduce-overhead path and GraphedDecoder: can any step be 5x

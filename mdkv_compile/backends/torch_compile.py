@@ -364,25 +364,46 @@ def mixeddimkv_backend(
         # section 10).
         return _inductor(gm, example_inputs, mode, allow_buffer_reuse=False)
     if graphs and report.rewritten and report.buffers == report.one_token == report.rewritten and cfg.kernel == "auto":
-        # Inductor's own CUDA graphs are never turned on: a replay would skip the site ops' Python
-        # state (stale state on the next prompt), and on graphs that write a cache the graphs
-        # allocated they crash (segfault after "skipping cudagraphs due to mutated inputs":
+        # Inductor's own CUDA graphs are never turned on for a graph with sites: a replay would skip the
+        # site ops' Python state (stale state on the next prompt), and on graphs that write a cache the
+        # graphs allocated they crash (segfault after "skipping cudagraphs due to mutated inputs":
         # pytorch/pytorch#192748). Decode steps over static KV buffers get this package's capture.
         written = written_inputs(gm)  # before Inductor, which may change the graph
         return SiteGraphs(_inductor(gm, example_inputs, mode), report.rewritten, written)
+    fixed = _static_shapes(example_inputs)
+    site_free = not report.rewritten and not report.left
+    if graphs and site_free and not written_inputs(gm) and fixed:
+        # No attention site at all (the pieces of a patched model between its eager cache updates and
+        # attention calls, with an explicit MixedDimCache) and nothing written in place: no site state to
+        # go stale and not the crash above, so Inductor's own CUDA graphs replay it. Fixed shapes only: a
+        # graph whose shapes grow would be recorded again at every step.
+        return _inductor(gm, example_inputs, None, **{"triton.cudagraphs": True})
     if graphs:
         if not report.rewritten:
-            why = "no rewritten attention site"
+            why = ("attention sites left exact (logged with their reasons)" if report.left
+                   else "its shapes change from call to call" if not fixed
+                   else "it writes its inputs in place (a KV cache)")
         elif report.buffers == report.rewritten:
             why = f"kernel={cfg.kernel!r}"
         else:  # a DynamicCache grows every step: no fixed shapes to replay
             why = ("concat-cache attention sites; for CUDA graphs pass cache_implementation='static' to "
                    "generate(): the same compression, and no full-size KV buffer is kept")
+            if report.one_token and _static_cache_by_default(traced_module()):
+                why = ("this generate() call's DynamicCache grows every step; later generate() calls on this "
+                       "model that choose no cache get cache_implementation='static': the same compression, "
+                       "with CUDA graphs and no full-size KV buffer")
         log.warning(
-            "mixeddimkv: a graph runs without CUDA graphs (%s; mode='reduce-overhead' captures only "
-            "one-token decode steps over static KV buffers, with kernel='auto')", why,
+            "mixeddimkv: a graph runs without CUDA graphs (%s; mode='reduce-overhead' captures one-token "
+            "decode steps over static KV buffers, with kernel='auto', and graphs without attention sites "
+            "whose shapes are fixed and inputs unwritten)", why,
         )
     return _inductor(gm, example_inputs, mode)
+
+
+def _static_shapes(example_inputs: Sequence[Any]) -> bool:
+    """No symbolic size among a graph's inputs (Dynamo passes them as SymInts, or tensors with symbolic sizes)."""
+    return not any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and
+                   any(isinstance(n, torch.SymInt) for n in (*x.shape, *x.stride()))) for x in example_inputs)
 
 
 def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str | None, **config: Any) -> Callable:
@@ -398,11 +419,64 @@ def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str
 
 def _is_mixeddimkv(wrapper: torch.nn.Module) -> bool:
     """Whether an OptimizedModule (what `torch.compile(module, ...)` returns) compiles with this backend."""
+    ctx = getattr(wrapper, "dynamo_ctx", None)
+    return ctx is not None and hasattr(ctx, "callback") and _backend_mode(ctx.callback) is not None
+
+
+def _backend_mode(callback: Any) -> str | None:
+    """The `mode` a Dynamo callback (an OptimizedModule's `dynamo_ctx.callback`) compiles with, if its
+    backend is this one (given as torch.compile's `mode` or inside `options`); None otherwise."""
     from torch._dynamo.eval_frame import innermost_backend
 
-    ctx = getattr(wrapper, "dynamo_ctx", None)
-    backend = innermost_backend(ctx.callback) if ctx is not None and hasattr(ctx, "callback") else None
-    return getattr(backend, "compiler_fn", backend) is mixeddimkv_backend
+    backend = innermost_backend(callback)
+    if getattr(backend, "compiler_fn", backend) is not mixeddimkv_backend:
+        return None
+    kwargs = getattr(backend, "kwargs", {})
+    return kwargs.get("mode") or (kwargs.get("options") or {}).get("mode") or "default"
+
+
+def _static_unless_chosen(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`generate()` keyword arguments with `cache_implementation="static"` added where the caller chose
+    no cache (no `past_key_values`, no `cache_implementation` in the call or its generation config,
+    caching not turned off). Under reduce-overhead only a static cache's decode steps have the fixed
+    shapes a CUDA graph replays; this backend compresses it exactly as the default DynamicCache and
+    gives its buffers zero-stride placeholders, so it costs no memory."""
+    from transformers import GenerationConfig
+
+    config = kwargs.get("generation_config")
+    if config is None and len(args) > 1 and isinstance(args[1], GenerationConfig):
+        config = args[1]
+    config = config or getattr(model, "generation_config", None)
+    chosen = (kwargs.get("past_key_values") is not None or kwargs.get("cache_implementation") is not None
+              or kwargs.get("use_cache") is False
+              or (config is not None and (config.cache_implementation is not None or config.use_cache is False)))
+    return kwargs if chosen else {**kwargs, "cache_implementation": "static"}
+
+
+def _static_cache_by_default(model: torch.nn.Module | None) -> bool:
+    """Give a transformers model compiled in place (`model.compile(backend="mixeddimkv", mode
+    reduce-overhead)`) a `generate` that picks the static cache where the caller chose none. Called
+    when its first DynamicCache decode step compiles: the cache of the running call is made, so only
+    later calls change. True if installed (now or before)."""
+    compiled = getattr(model, "_compiled_call_impl", None)
+    if compiled is None or not callable(getattr(type(model), "generate", None)):
+        return False
+    if _STATIC_BY_DEFAULT.get(model) is not compiled:
+        _STATIC_BY_DEFAULT[model] = compiled
+        model.__dict__["generate"] = types.MethodType(_generate_static_by_default, model)
+    return True
+
+
+def _generate_static_by_default(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """`generate` installed by `_static_cache_by_default`: while the model keeps the compilation it was
+    installed for, a call that chooses no cache gets the static one; otherwise transformers' own."""
+    if _STATIC_BY_DEFAULT.get(model) is model._compiled_call_impl:
+        kwargs = _static_unless_chosen(model, args, kwargs)
+    return type(model).generate(model, *args, **kwargs)
+
+
+# model -> the compiled call its `generate` was installed for (weak: the entry goes with the model)
+_STATIC_BY_DEFAULT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _generate_compiled(wrapper: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -413,10 +487,13 @@ def _generate_compiled(wrapper: torch.nn.Module, *args: Any, **kwargs: Any) -> A
     plain model would run, compressing nothing. Here the model's calls go through the wrapper's
     compilation for the length of the call, exactly as after `model.compile(backend=..., options=...)`
     (`nn.Module.compile` sets `_compiled_call_impl` the same way); a model compiled in place already
-    keeps its own."""
+    keeps its own. Under reduce-overhead a call that chooses no cache gets the static one
+    (`_static_unless_chosen`)."""
     model = wrapper._orig_mod
     if not _is_mixeddimkv(wrapper) or model._compiled_call_impl is not None:
         return model.generate(*args, **kwargs)
+    if _backend_mode(wrapper.dynamo_ctx.callback) == "reduce-overhead":
+        kwargs = _static_unless_chosen(model, args, kwargs)
     call = _COMPILED_CALLS.get(wrapper)
     if call is None:  # one compiled callable per wrapper: Dynamo's cache entries stay valid across calls
         call = _COMPILED_CALLS[wrapper] = wrapper.dynamo_ctx(model._call_impl)
