@@ -364,25 +364,15 @@ def mixeddimkv_backend(
         # section 10).
         return _inductor(gm, example_inputs, mode, allow_buffer_reuse=False)
     if graphs and report.rewritten and report.buffers == report.one_token == report.rewritten and cfg.kernel == "auto":
-        # Inductor's own CUDA graphs are never turned on for a graph with sites: a replay would skip the
-        # site ops' Python state (stale state on the next prompt), and on graphs that write a cache the
-        # graphs allocated they crash (segfault after "skipping cudagraphs due to mutated inputs":
+        # Inductor's own CUDA graphs are never turned on: a replay would skip the site ops' Python
+        # state (stale state on the next prompt), and on graphs that write a cache the graphs
+        # allocated they crash (segfault after "skipping cudagraphs due to mutated inputs":
         # pytorch/pytorch#192748). Decode steps over static KV buffers get this package's capture.
         written = written_inputs(gm)  # before Inductor, which may change the graph
         return SiteGraphs(_inductor(gm, example_inputs, mode), report.rewritten, written)
-    fixed = _static_shapes(example_inputs)
-    site_free = not report.rewritten and not report.left
-    if graphs and site_free and not written_inputs(gm) and fixed:
-        # No attention site at all (the pieces of a patched model between its eager cache updates and
-        # attention calls, with an explicit MixedDimCache) and nothing written in place: no site state to
-        # go stale and not the crash above, so Inductor's own CUDA graphs replay it. Fixed shapes only: a
-        # graph whose shapes grow would be recorded again at every step.
-        return _inductor(gm, example_inputs, None, **{"triton.cudagraphs": True})
     if graphs:
         if not report.rewritten:
-            why = ("attention sites left exact (logged with their reasons)" if report.left
-                   else "its shapes change from call to call" if not fixed
-                   else "it writes its inputs in place (a KV cache)")
+            why = "no rewritten attention site"
         elif report.buffers == report.rewritten:
             why = f"kernel={cfg.kernel!r}"
         else:  # a DynamicCache grows every step: no fixed shapes to replay
@@ -393,17 +383,10 @@ def mixeddimkv_backend(
                        "model that choose no cache get cache_implementation='static': the same compression, "
                        "with CUDA graphs and no full-size KV buffer")
         log.warning(
-            "mixeddimkv: a graph runs without CUDA graphs (%s; mode='reduce-overhead' captures one-token "
-            "decode steps over static KV buffers, with kernel='auto', and graphs without attention sites "
-            "whose shapes are fixed and inputs unwritten)", why,
+            "mixeddimkv: a graph runs without CUDA graphs (%s; mode='reduce-overhead' captures only "
+            "one-token decode steps over static KV buffers, with kernel='auto')", why,
         )
     return _inductor(gm, example_inputs, mode)
-
-
-def _static_shapes(example_inputs: Sequence[Any]) -> bool:
-    """No symbolic size among a graph's inputs (Dynamo passes them as SymInts, or tensors with symbolic sizes)."""
-    return not any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and
-                   any(isinstance(n, torch.SymInt) for n in (*x.shape, *x.stride()))) for x in example_inputs)
 
 
 def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str | None, **config: Any) -> Callable:
