@@ -14,9 +14,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 DEST=${OUT:-benchmarks/results}; mkdir -p "$DEST/mem"
 python -c "import torch; print(torch.cuda.get_device_name(), torch.__version__)"
 if [ "${1:-}" = table ]; then
-    # About 8 min: issue 14's table in one run on one card, with the default cache under reduce-overhead
-    # (its first call runs without CUDA graphs; later calls get the static cache) and the explicit
-    # MixedDimCache under reduce-overhead (Inductor's CUDA graphs over the site-free pieces)
+    # About 3 min (H100): issue 14's table in one run on one card, with the default cache under
+    # reduce-overhead (its first call runs without CUDA graphs; later calls get the static cache)
     timeout 570 python benchmarks/check_fast_path.py \
         --paths plain,patch,ro-static,ro-default,graphed,hf-static-compile,ro-mixedcache,hf-compile-config \
         --out "$DEST/fast_path_table.json" --path-timeout 260 --timed-timeout 100 2>&1 | grep -v "^W\|Warning" | tail -14
