@@ -12,7 +12,7 @@
 #   bash benchmarks/gpu/session_store_kernel.sh softmax    # about 7 min: the softmax with one FFMA per
 #       logit and unmasked whole blocks beside the tree before it (.gpu/common/base = the previous main):
 #       the issue's rows, chunks, decoupled tiers, the 128,16 tiers (the count-bound case), GPU kernel tests
-#   bash benchmarks/gpu/session_store_kernel.sh chunks     # about 5 min, not run yet: the chunk of 64 (1.85x
+#   bash benchmarks/gpu/session_store_kernel.sh chunks     # about 5 min: the chunk of 64 (1.85x
 #       evicted after call 6) with fewer splits and taller row blocks, and the kernel tests with the time
 #       call 6's run lacked
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
@@ -77,14 +77,14 @@ if [ "${1:-}" = chunks ]; then
     # second, its fixed cost per program (query, basis, partials, a merge over S x 5 partials) unhidden;
     # one split (half the programs, half the partials) or 128-row blocks should bring it nearer 1.5x.
     J=/tmp/store_json; mkdir -p $J
-    for s in 1 2 4; do
+    for s in 1 2; do
         el "this tree, chunks, $s splits"
-        new 90 --no-compile-check --shapes 131072x8 --chunks 16,64,256 --chunk-batches 8 --chunk-block-m 64,128 \
+        new 80 --no-compile-check --shapes 131072x8 --chunks 64,256 --chunk-batches 8 --chunk-block-m 64,128 \
             --tuning splits=$s --out $J/bench_chunks_s$s.json | grep "^chunk"
     done
     tar -czf "$DEST/store_chunks.tar.gz" -C $J .
     el "kernel tests on the GPU (compiled Triton, float64 references)"
-    PYTHONPATH=$NEW timeout 300 python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -4
+    PYTHONPATH=$NEW timeout 220 python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -4
     el done
     exit 0
 fi
