@@ -30,6 +30,10 @@ CHUNKS="--chunks 16,64,256 --chunk-batches 8"
 new() { PYTHONPATH=$NEW timeout "$1" python -m mdkv_compile.cli bench "${@:2}" 2>&1 | grep -v "^check \|^sweep "; }
 base() { (cd "$BASE" && PYTHONPATH=$BASE timeout "$1" python -m mdkv_compile.cli bench --no-compile-check "${@:2}" \
     2>&1 | grep -v "^check "); }
+gpu_tests() {  # the kernel tests compiled for the GPU against float64 references, at most $1 s
+    el "kernel tests on the GPU (compiled Triton, float64 references)"
+    PYTHONPATH=$NEW timeout "$1" python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -4
+}
 
 if [ "${1:-}" = final ]; then
     # The rows the first three calls could not reach: the final defaults together, the policy's default
@@ -66,8 +70,7 @@ if [ "${1:-}" = softmax ]; then
     el "this tree, bench tiers and chunks again (order effects)"
     new 110 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new_again.json | tail -5
     tar -czf "$DEST/store_softmax.tar.gz" -C $J .
-    el "kernel tests on the GPU (compiled Triton, float64 references)"
-    PYTHONPATH=$NEW timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -4
+    gpu_tests 150
     el done
     exit 0
 fi
@@ -83,8 +86,7 @@ if [ "${1:-}" = chunks ]; then
             --tuning splits=$s --out $J/bench_chunks_s$s.json | grep "^chunk"
     done
     tar -czf "$DEST/store_chunks.tar.gz" -C $J .
-    el "kernel tests on the GPU (compiled Triton, float64 references)"
-    PYTHONPATH=$NEW timeout 220 python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -4
+    gpu_tests 220
     el done
     exit 0
 fi
@@ -128,6 +130,5 @@ new 60 --shapes 131072x8 --no-compile-check --tiers mixeddimkv --tuning decode_m
 
 el "HF chunks and decode through the kernel vs the torch path"
 PYTHONPATH=$NEW timeout 100 python benchmarks/check_cuda_decode.py --chunk 2>&1 | grep "cuda chunk"
-el "kernel tests on the GPU (compiled Triton, float64 references)"
-PYTHONPATH=$NEW timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -4
+gpu_tests 150
 el done
