@@ -33,7 +33,7 @@ if HAS_TRITON:
         """One block's step of the online softmax over raw logits `s` [BLOCK_M, BLOCK_N] (fp32): the new
         running maximum (log2 units), the block's weights p = exp2(logit - maximum) and the factor alpha
         that rescales the state so far. `visible` (used only when MASKED) marks the (row, key) pairs
-        that count. A row that has seen nothing keeps m = -inf, weights 0 and alpha 1."""
+        that count. A row that has seen nothing keeps m = -inf and weights 0: its state stays empty."""
         LOG2E: tl.constexpr = 1.4426950408889634
         if HAS_SOFTCAP:
             x = s * (scale / softcap)
