@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import CompileConfig, DynamicCache, StaticCache
+from transformers import CompileConfig, DynamicCache, GenerationConfig, StaticCache
 
 import mdkv_compile as mdkv
 from mdkv_compile import cache as cache_module
@@ -208,6 +208,25 @@ def test_reduce_overhead_generate_with_static_cache(caplog: pytest.LogCaptureFix
     model.compile(backend="mixeddimkv", options=OPTS)  # compiled again, not in reduce-overhead: its own generate()
     out = model.generate(IDS, max_new_tokens=8, return_dict_in_generate=True, **GEN)
     assert isinstance(out.past_key_values, DynamicCache)
+
+
+def test_static_cache_is_picked_only_where_the_call_chooses_none() -> None:
+    """What reduce-overhead's `generate` adds: `cache_implementation="static"` for a call that chose no
+    cache, and nothing where the call or its generation config chose one, turned caching off, or asks
+    for assisted generation (which refuses a static cache)."""
+    model = build_tiny_model("llama")
+    pick = backend._static_unless_chosen
+    assert pick(model, (), {"max_new_tokens": 4}) == {"max_new_tokens": 4, "cache_implementation": "static"}
+    for args, kwargs in (
+        ((), {"past_key_values": DynamicCache()}),
+        ((), {"cache_implementation": "dynamic"}),
+        ((), {"use_cache": False}),
+        ((), {"generation_config": GenerationConfig(cache_implementation="offloaded")}),
+        ((IDS, GenerationConfig(use_cache=False)), {}),
+        ((), {"prompt_lookup_num_tokens": 3}),
+        ((), {"assistant_model": model}),
+    ):
+        assert pick(model, args, kwargs) is kwargs, (args, kwargs)
 
 
 def test_fixed_region_cache_is_compileable() -> None:

@@ -421,19 +421,27 @@ def _backend_mode(callback: Any) -> str | None:
 def _static_unless_chosen(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """`generate()` keyword arguments with `cache_implementation="static"` added where the caller chose
     no cache (no `past_key_values`, no `cache_implementation` in the call or its generation config,
-    caching not turned off). Under reduce-overhead only a static cache's decode steps have the fixed
-    shapes a CUDA graph replays; this backend compresses it exactly as the default DynamicCache and
-    gives its buffers zero-stride placeholders, so it costs no memory."""
+    caching not turned off) and no assisted generation. Under reduce-overhead only a static cache's
+    decode steps have the fixed shapes a CUDA graph replays; this backend compresses it exactly as the
+    default DynamicCache and gives its buffers zero-stride placeholders, so it costs no memory."""
     from transformers import GenerationConfig
 
     config = kwargs.get("generation_config")
     if config is None and len(args) > 1 and isinstance(args[1], GenerationConfig):
         config = args[1]
     config = config or getattr(model, "generation_config", None)
-    chosen = (kwargs.get("past_key_values") is not None or kwargs.get("cache_implementation") is not None
-              or kwargs.get("use_cache") is False
-              or (config is not None and (config.cache_implementation is not None or config.use_cache is False)))
-    return kwargs if chosen else {**kwargs, "cache_implementation": "static"}
+
+    def setting(name: str) -> Any:  # a generation setting: the call's keyword, else the config's
+        return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+    chosen = (kwargs.get("past_key_values") is not None or setting("cache_implementation") is not None
+              or setting("use_cache") is False)
+    # assisted generation (a draft model, prompt lookup, early exit, multi-token prediction) refuses a
+    # static cache in transformers
+    assisted = kwargs.get("assistant_model") is not None or any(
+        setting(name) not in (None, False)
+        for name in ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp"))
+    return kwargs if chosen or assisted else {**kwargs, "cache_implementation": "static"}
 
 
 def _static_cache_by_default(model: torch.nn.Module | None) -> bool:
