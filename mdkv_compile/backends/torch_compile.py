@@ -379,9 +379,9 @@ def mixeddimkv_backend(
             why = ("concat-cache attention sites; for CUDA graphs pass cache_implementation='static' to "
                    "generate(): the same compression, and no full-size KV buffer is kept")
             if report.one_token and _static_cache_by_default(traced_module()):
-                why = ("this generate() call's DynamicCache grows every step; later generate() calls on this "
-                       "model that choose no cache get cache_implementation='static': the same compression, "
-                       "with CUDA graphs and no full-size KV buffer")
+                why = ("a DynamicCache grows every step; later generate() calls on this model that choose no "
+                       "cache get cache_implementation='static': the same compression, with CUDA graphs and no "
+                       "full-size KV buffer")
         log.warning(
             "mixeddimkv: a graph runs without CUDA graphs (%s; mode='reduce-overhead' captures only "
             "one-token decode steps over static KV buffers, with kernel='auto')", why,
