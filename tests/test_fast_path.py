@@ -210,6 +210,34 @@ def test_reduce_overhead_generate_with_static_cache(caplog: pytest.LogCaptureFix
     assert isinstance(out.past_key_values, DynamicCache)
 
 
+@pytest.mark.compile
+def test_reduce_overhead_patched_model_gets_whole_step_replays() -> None:
+    """A patched model compiled under reduce-overhead, generating over a fixed-region MixedDimCache: its
+    first call compiles it (the eager MixedDimKV tokens) and gives it a `get_compiled_call` whose result
+    transformers uses for the decode steps of later calls: `GenerateSteps`, which replays one-token steps
+    from a `GraphedDecoder` capture on CUDA and calls transformers' own compiled call otherwise (here,
+    on the CPU, every call). Unpatched, the model gets transformers' own again."""
+    from mdkv_compile.hf.cuda_graphs import GenerateSteps, replayable
+
+    torch._dynamo.reset()
+    ref, _ = eager_reference(8)
+    cfg = mdkv.MixedDimKVConfig(**OPTS)
+    model = build_tiny_model("llama").eval()
+    mdkv.patch(model, cfg)
+    model.compile(backend="mixeddimkv", options={**OPTS, "mode": "reduce-overhead"})
+    cache = MixedDimCache(model.config, cfg, max_new_tokens=16)
+    assert torch.equal(model.generate(IDS, max_new_tokens=8, past_key_values=cache, **GEN), ref)
+    steps = model.get_compiled_call(CompileConfig())
+    assert isinstance(steps, GenerateSteps)
+    calls = []
+    steps.fallback = lambda **kwargs: calls.append(kwargs) or "fallback"
+    step = {"input_ids": ref[:, -1:], "past_key_values": cache, "position_ids": torch.tensor([[48]]), "use_cache": True}
+    assert not replayable(cache, step["input_ids"])  # a CPU tensor: no CUDA graph
+    assert steps(**step) == "fallback" and calls[-1] is not step and calls[-1]["past_key_values"] is cache
+    mdkv.unpatch(model)
+    assert not isinstance(model.get_compiled_call(CompileConfig()), GenerateSteps)
+
+
 def test_static_cache_is_picked_only_where_the_call_chooses_none() -> None:
     """What reduce-overhead's `generate` adds: `cache_implementation="static"` for a call that chose no
     cache, and nothing where the call or its generation config chose one, turned caching off, or asks

@@ -370,6 +370,10 @@ def mixeddimkv_backend(
         # pytorch/pytorch#192748). Decode steps over static KV buffers get this package's capture.
         written = written_inputs(gm)  # before Inductor, which may change the graph
         return SiteGraphs(_inductor(gm, example_inputs, mode), report.rewritten, written)
+    if graphs and not report.rewritten and _replay_fixed_region_steps(traced_module()):
+        log.info("mixeddimkv: a patched model's graph runs without CUDA graphs of its own; from its next generate() "
+                 "call, decode steps over a fixed-region MixedDimCache are replayed whole (GenerateSteps)")
+        return _inductor(gm, example_inputs, mode)
     if graphs:
         if not report.rewritten:
             why = "no rewritten attention site"
@@ -452,6 +456,9 @@ def _static_cache_by_default(model: torch.nn.Module | None) -> bool:
     compiled = getattr(model, "_compiled_call_impl", None)
     if compiled is None or not callable(getattr(type(model), "generate", None)):
         return False
+    own = vars(model).get("generate")
+    if own is not None and getattr(own, "__func__", None) is not _generate_static_by_default:
+        return False  # a generate of the instance's own (a patched model's picks its MixedDimCache)
     if _STATIC_BY_DEFAULT.get(model) is not compiled:
         _STATIC_BY_DEFAULT[model] = compiled
         model.__dict__["generate"] = types.MethodType(_generate_static_by_default, model)
@@ -468,6 +475,40 @@ def _generate_static_by_default(model: torch.nn.Module, *args: Any, **kwargs: An
 
 # model -> the compiled call its `generate` was installed for (weak: the entry goes with the model)
 _STATIC_BY_DEFAULT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _replay_fixed_region_steps(model: torch.nn.Module | None) -> bool:
+    """Give a model patched by `mdkv.patch` and compiled in place under reduce-overhead a
+    `get_compiled_call` that returns `GenerateSteps`: transformers asks for it in every `generate()`
+    over a compileable cache (a fixed-region MixedDimCache), before the prompt's forward, so the first
+    call that compiles the model keeps transformers' own. The attention of a patched model runs
+    outside the graphs (27 graph breaks at 8 layers), so only a capture of the whole step, as
+    `GraphedDecoder` makes, replays it. True if installed (now or before)."""
+    from mdkv_compile.hf.patch import patched_config
+
+    compiled = getattr(model, "_compiled_call_impl", None)
+    if compiled is None or patched_config(model) is None or not hasattr(type(model), "get_compiled_call"):
+        return False
+    if _STEPS_FOR.get(model) is not compiled:
+        _STEPS_FOR[model] = compiled
+        model.__dict__["get_compiled_call"] = types.MethodType(_generate_steps_call, model)
+    return True
+
+
+def _generate_steps_call(model: torch.nn.Module, compile_config: Any) -> Callable[..., Any]:
+    """`get_compiled_call` installed by `_replay_fixed_region_steps`: GenerateSteps over transformers'
+    own compiled call while the model keeps the patch and the compilation it was installed for."""
+    from mdkv_compile.hf.cuda_graphs import GenerateSteps
+    from mdkv_compile.hf.patch import patched_config
+
+    fallback = type(model).get_compiled_call(model, compile_config)
+    if _STEPS_FOR.get(model) is not model._compiled_call_impl or patched_config(model) is None:
+        return fallback
+    return GenerateSteps(model, fallback)
+
+
+# model -> the compiled call its `get_compiled_call` was installed for
+_STEPS_FOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _generate_compiled(wrapper: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:

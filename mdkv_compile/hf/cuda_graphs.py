@@ -24,6 +24,9 @@ captured graph reads them, so replay `n` computes what an eager call would.
 from __future__ import annotations
 
 import functools
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -91,11 +94,15 @@ class GraphedDecoder:
         )
         return out.logits[:, -1]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Decode `tokens` ([B, 1] token ids on the model's device). Returns the next-token logits
-        [B, vocab]: a buffer the next step overwrites (clone it to keep it)."""
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode `tokens` ([B, 1] token ids on the model's device) at `positions` ([B, 1], e.g. what
+        `generate()` computes from a padded batch's mask; default: the cache's length for every row).
+        Returns the next-token logits [B, vocab]: a buffer the next step overwrites (clone it to keep it)."""
         if tokens.dim() != 2 or tokens.shape[1] != 1:
             raise ValueError(f"GraphedDecoder.step takes [batch, 1] token ids, got {tuple(tokens.shape)}")
+        if positions is not None and positions.shape != tokens.shape:
+            raise ValueError(f"GraphedDecoder.step: positions {tuple(positions.shape)} for tokens "
+                             f"{tuple(tokens.shape)}")
         length = self.length
         if isinstance(self.cache, MixedDimCache):
             if self.cache.get_seq_length() != length:
@@ -111,12 +118,15 @@ class GraphedDecoder:
                 )
         with torch.inference_mode():
             if self.graph is None:
-                self._capture(tokens, length)
+                self._capture(tokens, length, positions)
             else:
                 if tokens.shape != self._ids.shape:
                     raise ValueError(f"batch changed from {self._ids.shape[0]} to {tokens.shape[0]} after capture")
                 self._ids.copy_(tokens)
-                self._positions.fill_(length)
+                if positions is None:
+                    self._positions.fill_(length)
+                else:
+                    self._positions.copy_(positions)
                 self.graph.replay()
         if isinstance(self.cache, MixedDimCache):
             # the replay advanced the device counts; the host counts follow
@@ -125,14 +135,15 @@ class GraphedDecoder:
         self.length += 1
         return self.logits
 
-    def _capture(self, tokens: torch.Tensor, length: int) -> None:
+    def _capture(self, tokens: torch.Tensor, length: int, positions: torch.Tensor | None) -> None:
         if tokens.device.type != "cuda" or not torch.cuda.is_available():
             raise RuntimeError(
                 f"GraphedDecoder needs CUDA (it captures the step as a CUDA graph); the tokens are on "
                 f"{tokens.device}. On a CPU decode with plain forward calls (mdkv_compile.testing.decode_n_tokens)"
             )
         self._ids = tokens.clone()
-        self._positions = torch.full((tokens.shape[0], 1), length, dtype=torch.long, device=tokens.device)
+        self._positions = (torch.full((tokens.shape[0], 1), length, dtype=torch.long, device=tokens.device)
+                           if positions is None else positions.to(torch.long).clone())
         stream = _warmup_stream(tokens.device)
         stream.wait_stream(torch.cuda.current_stream(tokens.device))
         with torch.cuda.stream(stream):  # warm-up off the capture stream, as CUDA graphs require
@@ -145,6 +156,49 @@ class GraphedDecoder:
             self.logits = self._forward()
         self._rewind(length)  # capture ran the Python (host counts moved) but no kernel
         self.graph.replay()
+
+
+def replayable(cache: Any, input_ids: Any) -> bool:
+    """Whether a forward call over `input_ids` and `cache` is a decode step a `GraphedDecoder` can
+    replay: one token per sequence on a CUDA device, over a prefilled fixed-region MixedDimCache with a
+    free slot in every layer."""
+    return (isinstance(input_ids, torch.Tensor) and input_ids.is_cuda and input_ids.dim() == 2
+            and input_ids.shape[1] == 1 and isinstance(cache, MixedDimCache) and bool(cache.layers)
+            and all(isinstance(layer, MixedDimLayer) and layer.max_new_tokens is not None and layer.store is not None
+                    and layer.n_new < layer.max_new_tokens for layer in cache.layers))
+
+
+class GenerateSteps:
+    """The decode-step callable `generate()` takes from `model.get_compiled_call(...)`, for a patched
+    model: one-token steps over a fixed-region MixedDimCache replayed from a CUDA graph (one
+    `GraphedDecoder` per cache, captured on its first step), every other call `fallback` (transformers'
+    own compiled call). The step's `position_ids` go into the graph (a padded batch's positions come
+    from its mask); its attention mask does not: the store recorded the prompt's padding at prefill,
+    and a decoded token is always valid in `generate()`."""
+
+    # the keyword arguments of transformers' decode-step call that a replay honours
+    _ARGS = frozenset({"input_ids", "position_ids", "cache_position", "past_key_values", "attention_mask",
+                       "use_cache", "return_dict", "logits_to_keep"})
+
+    def __init__(self, model: torch.nn.Module, fallback: Callable[..., Any]) -> None:
+        self.model, self.fallback = model, fallback
+        self.decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> GraphedDecoder
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
+        positions = kwargs.get("position_ids")
+        if (args or not set(kwargs) <= self._ARGS or kwargs.get("logits_to_keep", 1) not in (0, 1)
+                or kwargs.get("use_cache") is False or not replayable(cache, ids)
+                or (positions is not None and positions.shape != ids.shape)):
+            return self.fallback(*args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        decoder = self.decoders.get(cache)
+        if decoder is None or decoder.length != cache.get_seq_length() or (
+                decoder._ids is not None and decoder._ids.shape != ids.shape):
+            decoder = self.decoders[cache] = GraphedDecoder(self.model, cache)
+        logits = decoder.step(ids, positions)
+        return CausalLMOutputWithPast(logits=logits[:, None], past_key_values=cache)
 
 
 def compile_regions(model: torch.nn.Module) -> int:
@@ -162,4 +216,4 @@ def compile_regions(model: torch.nn.Module) -> int:
     return count
 
 
-__all__ = ["GraphedDecoder", "compile_regions"]
+__all__ = ["GenerateSteps", "GraphedDecoder", "compile_regions", "replayable"]
