@@ -238,6 +238,38 @@ def test_reduce_overhead_patched_model_gets_whole_step_replays() -> None:
     assert not isinstance(model.get_compiled_call(CompileConfig()), GenerateSteps)
 
 
+def test_decode_steps_need_no_mask_at_generates_positions() -> None:
+    """What a `GenerateSteps` replay relies on: a patched model's decode step over a fixed-region
+    MixedDimCache, called as `GraphedDecoder` calls it (no attention mask, `generate()`'s position ids),
+    gives `generate()`'s own tokens for a left-padded batch (the store recorded the padding at prefill).
+    Run on the CPU through transformers' decode-step hook, where the replay itself cannot run."""
+    cfg = mdkv.MixedDimKVConfig(**OPTS)
+    model = build_tiny_model("llama").eval()
+    mdkv.patch(model, cfg)
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, output_logits=True, return_dict_in_generate=True, **GEN)
+    ref = model.generate(ids, past_key_values=MixedDimCache(model.config, cfg, max_new_tokens=16), **kwargs)
+    steps = []
+
+    def as_graphed_decoder(compile_config: CompileConfig):
+        def step(input_ids, position_ids, past_key_values, **ignored):
+            steps.append(position_ids[:, 0].tolist())
+            return model(input_ids=input_ids, position_ids=position_ids, past_key_values=past_key_values,
+                         use_cache=True, logits_to_keep=1)
+        return step
+
+    model.get_compiled_call = as_graphed_decoder
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers takes the hook on the CPU too
+    out = model.generate(ids, past_key_values=MixedDimCache(model.config, cfg, max_new_tokens=16),
+                         compile_config=config, **kwargs)
+    assert len(steps) == 9 and steps[0] == [33, 40]  # the padded row's positions skip its 7 pads
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits))
+
+
 def test_static_cache_is_picked_only_where_the_call_chooses_none() -> None:
     """What reduce-overhead's `generate` adds: `cache_implementation="static"` for a call that chose no
     cache, and nothing where the call or its generation config chose one, turned caching off, or asks
