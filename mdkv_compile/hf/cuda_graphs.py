@@ -186,8 +186,8 @@ class GenerateSteps:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
-        positions = kwargs.get("position_ids")
-        if (args or not set(kwargs) <= self._ARGS or kwargs.get("logits_to_keep", 1) not in (0, 1)
+        positions, keep = kwargs.get("position_ids"), kwargs.get("logits_to_keep", 1)
+        if (args or not set(kwargs) <= self._ARGS or not (isinstance(keep, int) and keep in (0, 1))
                 or kwargs.get("use_cache") is False or not replayable(cache, ids)
                 or (positions is not None and positions.shape != ids.shape)):
             return self.fallback(*args, **kwargs)
