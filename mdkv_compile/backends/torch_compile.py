@@ -354,7 +354,8 @@ def mixeddimkv_backend(
         mode = options.pop("mode")
     cfg = MixedDimKVConfig.from_options(options)
     graphs = mode == "reduce-overhead"
-    report = rewrite_graph(gm, example_inputs, cfg, fixed_region=graphs, root=traced_module())
+    root = traced_module()
+    report = rewrite_graph(gm, example_inputs, cfg, fixed_region=graphs, root=root)
     if set(report.rewritten) - set(report.one_token):
         # A graph that may compress a prompt: Inductor's buffer reuse would keep its largest buffers
         # (the MLP's) allocated from layer to layer, under the site ops' compression temporaries;
@@ -370,7 +371,7 @@ def mixeddimkv_backend(
         # pytorch/pytorch#192748). Decode steps over static KV buffers get this package's capture.
         written = written_inputs(gm)  # before Inductor, which may change the graph
         return SiteGraphs(_inductor(gm, example_inputs, mode), report.rewritten, written)
-    if graphs and not report.rewritten and _replay_fixed_region_steps(traced_module()):
+    if graphs and not report.rewritten and _replay_fixed_region_steps(root):
         log.info("mixeddimkv: a patched model's graph runs without CUDA graphs of its own; from its next generate() "
                  "call, decode steps over a fixed-region MixedDimCache are replayed whole (GenerateSteps)")
         return _inductor(gm, example_inputs, mode)
@@ -382,7 +383,7 @@ def mixeddimkv_backend(
         else:  # a DynamicCache grows every step: no fixed shapes to replay
             why = ("concat-cache attention sites; for CUDA graphs pass cache_implementation='static' to "
                    "generate(): the same compression, and no full-size KV buffer is kept")
-            if report.one_token and _static_cache_by_default(traced_module()):
+            if report.one_token and _static_cache_by_default(root):
                 why = ("a DynamicCache grows every step; later generate() calls on this model that choose no "
                        "cache get cache_implementation='static': the same compression, with CUDA graphs and no "
                        "full-size KV buffer")
@@ -406,16 +407,18 @@ def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str
 
 def _is_mixeddimkv(wrapper: torch.nn.Module) -> bool:
     """Whether an OptimizedModule (what `torch.compile(module, ...)` returns) compiles with this backend."""
-    ctx = getattr(wrapper, "dynamo_ctx", None)
-    return ctx is not None and hasattr(ctx, "callback") and _backend_mode(ctx.callback) is not None
+    return _wrapper_mode(wrapper) is not None
 
 
-def _backend_mode(callback: Any) -> str | None:
-    """The `mode` a Dynamo callback (an OptimizedModule's `dynamo_ctx.callback`) compiles with, if its
-    backend is this one (given as torch.compile's `mode` or inside `options`); None otherwise."""
+def _wrapper_mode(wrapper: torch.nn.Module) -> str | None:
+    """The `mode` an OptimizedModule compiles with, if its backend is this one (given as torch.compile's
+    `mode` or inside `options`); None otherwise."""
     from torch._dynamo.eval_frame import innermost_backend
 
-    backend = innermost_backend(callback)
+    ctx = getattr(wrapper, "dynamo_ctx", None)
+    if ctx is None or not hasattr(ctx, "callback"):
+        return None
+    backend = innermost_backend(ctx.callback)
     if getattr(backend, "compiler_fn", backend) is not mixeddimkv_backend:
         return None
     kwargs = getattr(backend, "kwargs", {})
@@ -453,22 +456,33 @@ def _static_cache_by_default(model: torch.nn.Module | None) -> bool:
     reduce-overhead)`) a `generate` that picks the static cache where the caller chose none. Called
     when its first DynamicCache decode step compiles: the cache of the running call is made, so only
     later calls change. True if installed (now or before)."""
-    compiled = getattr(model, "_compiled_call_impl", None)
-    if compiled is None or not callable(getattr(type(model), "generate", None)):
+    if getattr(model, "_compiled_call_impl", None) is None or not callable(getattr(type(model), "generate", None)):
         return False
     own = vars(model).get("generate")
     if own is not None and getattr(own, "__func__", None) is not _generate_static_by_default:
         return False  # a generate of the instance's own (a patched model's picks its MixedDimCache)
-    if _STATIC_BY_DEFAULT.get(model) is not compiled:
-        _STATIC_BY_DEFAULT[model] = compiled
-        model.__dict__["generate"] = types.MethodType(_generate_static_by_default, model)
+    _install_for_compilation(model, "generate", _generate_static_by_default, _STATIC_BY_DEFAULT)
     return True
+
+
+def _install_for_compilation(model: torch.nn.Module, name: str, method: Callable, installed: weakref.WeakKeyDictionary
+                             ) -> None:
+    """`method` bound on the instance as `name`, recorded in `installed` against the model's compiled
+    call: it acts while `_same_compilation` holds (a model compiled again gets transformers' own)."""
+    if installed.get(model) is not model._compiled_call_impl:
+        installed[model] = model._compiled_call_impl
+        model.__dict__[name] = types.MethodType(method, model)
+
+
+def _same_compilation(model: torch.nn.Module, installed: weakref.WeakKeyDictionary) -> bool:
+    """Whether the model keeps the compiled call its method in `installed` was installed for."""
+    return installed.get(model) is model._compiled_call_impl
 
 
 def _generate_static_by_default(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """`generate` installed by `_static_cache_by_default`: while the model keeps the compilation it was
     installed for, a call that chooses no cache gets the static one; otherwise transformers' own."""
-    if _STATIC_BY_DEFAULT.get(model) is model._compiled_call_impl:
+    if _same_compilation(model, _STATIC_BY_DEFAULT):
         kwargs = _static_unless_chosen(model, args, kwargs)
     return type(model).generate(model, *args, **kwargs)
 
@@ -486,12 +500,10 @@ def _replay_fixed_region_steps(model: torch.nn.Module | None) -> bool:
     `GraphedDecoder` makes, replays it. True if installed (now or before)."""
     from mdkv_compile.hf.patch import patched_config
 
-    compiled = getattr(model, "_compiled_call_impl", None)
-    if compiled is None or patched_config(model) is None or not hasattr(type(model), "get_compiled_call"):
+    if (getattr(model, "_compiled_call_impl", None) is None or patched_config(model) is None
+            or not hasattr(type(model), "get_compiled_call")):
         return False
-    if _STEPS_FOR.get(model) is not compiled:
-        _STEPS_FOR[model] = compiled
-        model.__dict__["get_compiled_call"] = types.MethodType(_generate_steps_call, model)
+    _install_for_compilation(model, "get_compiled_call", _generate_steps_call, _STEPS_FOR)
     return True
 
 
@@ -502,7 +514,7 @@ def _generate_steps_call(model: torch.nn.Module, compile_config: Any) -> Callabl
     from mdkv_compile.hf.patch import patched_config
 
     fallback = type(model).get_compiled_call(model, compile_config)
-    if _STEPS_FOR.get(model) is not model._compiled_call_impl or patched_config(model) is None:
+    if not _same_compilation(model, _STEPS_FOR) or patched_config(model) is None:
         return fallback
     return GenerateSteps(model, fallback)
 
@@ -522,9 +534,10 @@ def _generate_compiled(wrapper: torch.nn.Module, *args: Any, **kwargs: Any) -> A
     keeps its own. Under reduce-overhead a call that chooses no cache gets the static one
     (`_static_unless_chosen`)."""
     model = wrapper._orig_mod
-    if not _is_mixeddimkv(wrapper) or model._compiled_call_impl is not None:
+    mode = _wrapper_mode(wrapper)
+    if mode is None or model._compiled_call_impl is not None:
         return model.generate(*args, **kwargs)
-    if _backend_mode(wrapper.dynamo_ctx.callback) == "reduce-overhead":
+    if mode == "reduce-overhead":
         kwargs = _static_unless_chosen(model, args, kwargs)
     call = _COMPILED_CALLS.get(wrapper)
     if call is None:  # one compiled callable per wrapper: Dynamo's cache entries stay valid across calls
