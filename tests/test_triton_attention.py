@@ -205,7 +205,7 @@ def test_many_splits_merged_by_the_last_program() -> None:
     c = make_case(gen, 1, 2, 3, 32, (32, 16, 8), 70, 3, 4, torch.float32)
     for reverse, unroll in ((True, 4), (False, 5), (True, 1)):
         tuning = ta.Tuning(min_rows_per_split=4, programs_per_sm=64, block_n_full=16, block_n_reduced_max=64,
-                           reverse_regions=reverse, merge_unroll=unroll)
+                           decode_block_n_reduced_max=64, reverse_regions=reverse, merge_unroll=unroll)
         plan = ta.StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"],
                                        c["basis_v"], tuning)
         splits = plan.decode_split(2, 3, c["n_new"], c["q"].device).splits
@@ -224,15 +224,17 @@ def test_whole_and_partial_blocks_match_reference(dtype: torch.dtype) -> None:
 
     lengths = [32, 33, 15, 16]  # per owner, rotated per tier so every tier gets every case
     counts = [lengths[t:] + lengths[:t] for t in range(3)]
-    tuning = ta.Tuning(min_rows_per_split=10**6, block_n_full=16, block_n_reduced_max=16)
+    tuning = ta.Tuning(min_rows_per_split=10**6, block_n_full=16, block_n_reduced_max=16, decode_block_n_reduced_max=16)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for L in (1, 3):
         gen = torch.Generator().manual_seed(11 + L)
         c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 0, 4, 6, dtype, L=L, counts=counts)
         plan = ta.StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"],
                                        c["basis_v"], tuning)
-        assert plan.block_n == 16 and all(plan.tier_constexprs[f"BN{t}"] == 16 for t in (1, 2, 3))
         kernel = packed_decode_attention_triton if L == 1 else packed_chunk_attention_triton
+        split = (plan.decode_split(4, 3, c["n_new"], c["q"].device) if L == 1
+                 else plan.chunk_split(4, 3 * L, c["n_new"], c["q"].device))
+        assert plan.block_n == 16 and all(plan.reduced_block_rows(split)[f"BN{t}"] == 16 for t in (1, 2, 3))
         out = kernel(**c, tuning=tuning)
         assert rel_err(out, reference(c)) < tol
 
@@ -368,7 +370,7 @@ def test_tuning_overrides_the_launch_and_keeps_results() -> None:
     ref = reference(c)
     for tuning in (ta.Tuning(splits=1), ta.Tuning(splits=5, num_warps=8, num_stages=2),
                    ta.Tuning(block_n_full=32, block_n_reduced_max=64, num_stages=4),
-                   ta.Tuning(block_n_full=128, block_n_reduced_max=256, splits=2),
+                   ta.Tuning(block_n_full=128, block_n_reduced_max=256, decode_block_n_reduced_max=512, splits=2),
                    ta.Tuning(decode_max_registers=None, reverse_regions=False)):
         out = torch.full_like(c["q"], float("nan"))
         packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
@@ -597,13 +599,21 @@ def test_plan_constexprs_of_coupled_and_decoupled_tiers() -> None:
     offsets, as before decoupling); decoupled ones get their own widths, and the merge's coefficient
     vector is as wide as the widest value."""
     from mdkv_compile.kernels.store_attention import StorePlan
+    from mdkv_compile.kernels.store_attention import Tuning as ta_tuning
 
     gen = torch.Generator().manual_seed(37)
     c = make_case(gen, 1, 2, 2, 64, (64, 32, 16, 8), 10, 1, 2, torch.float32)
     plan = StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"], c["basis_v"])
     cx = plan.tier_constexprs
     assert all(cx[f"R{t}"] == cx[f"RV{t}"] and cx[f"BR{t}"] == cx[f"BRV{t}"] for t in range(1, 5))
-    assert [cx[f"BN{t}"] for t in range(1, 4)] == [128, 128, 128] and plan.rv_max_padded == 32
+    assert plan.rv_max_padded == 32
+    decode, chunk = plan.decode_split(2, 1, 1, c["q"].device), plan.chunk_split(2, 8, 8, c["q"].device)
+    assert [plan.reduced_block_rows(split)[f"BN{t}"] for split in (decode, chunk) for t in range(1, 4)] == [128] * 6
+    # ~16 KiB of the wider side per block (bf16) under each launch's cap: decode's cap applies to decode alone
+    wide = StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"], c["basis_v"],
+                                ta_tuning(decode_block_n_reduced_max=512))
+    assert [wide.reduced_block_rows(decode)[f"BN{t}"] for t in range(1, 4)] == [256, 512, 512]
+    assert [wide.reduced_block_rows(chunk)[f"BN{t}"] for t in range(1, 4)] == [128, 128, 128]
     c = make_case(gen, 1, 2, 2, 64, ((64, 64), (64, 32), (32, 16), (8, 8)), 10, 1, 2, torch.float32)
     plan = StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"], c["basis_v"])
     cx = plan.tier_constexprs

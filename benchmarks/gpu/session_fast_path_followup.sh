@@ -13,6 +13,23 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 DEST=${OUT:-benchmarks/results}; mkdir -p "$DEST/mem"
 python -c "import torch; print(torch.cuda.get_device_name(), torch.__version__)"
+if [ "${1:-}" = steps ]; then
+    # About 4 min: the first GPU run of GenerateSteps (a patched model compiled under reduce-overhead
+    # replays whole one-token steps behind generate() over an explicit MixedDimCache), beside the eager
+    # reference tokens and GraphedDecoder; then the 32-layer rows of plain generate() and the floor
+    timeout 280 python benchmarks/check_fast_path.py --paths patch,ro-mixedcache,graphed \
+        --out "$DEST/fast_path_steps.json" --path-timeout 260 --timed-timeout 100 2>&1 | grep -v "^W\|Warning" | tail -5
+    timeout 280 python benchmarks/check_fast_path.py --big --jobs 1 --paths plain,floor \
+        --out "$DEST/fast_path_big_plain.json" --path-timeout 200 --timed-timeout 100 2>&1 | grep -v "^W\|Warning" | tail -4
+    exit 0
+fi
+if [ "${1:-}" = big ]; then
+    # About 8 min, on the machine `steps` left warm: the 32-layer, batch 8 x 32K rows of transformers'
+    # compiled static cache, reduce-overhead over the static cache and GraphedDecoder
+    timeout 570 python benchmarks/check_fast_path.py --big --jobs 1 --paths hf-static-compile,ro-static,graphed \
+        --out "$DEST/fast_path_big.json" --path-timeout 280 --timed-timeout 100 2>&1 | grep -v "^W\|Warning" | tail -5
+    exit 0
+fi
 if [ "${1:-}" = table ]; then
     # About 3 min (H100): issue 14's table in one run on one card, with the default cache under
     # reduce-overhead (its first call runs without CUDA graphs; later calls get the static cache)

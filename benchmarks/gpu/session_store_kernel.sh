@@ -15,6 +15,8 @@
 #   bash benchmarks/gpu/session_store_kernel.sh chunks     # about 5 min: the chunk of 64 (1.85x
 #       evicted after call 6) with fewer splits and taller row blocks, and the kernel tests with the time
 #       call 6's run lacked
+#   bash benchmarks/gpu/session_store_kernel.sh blocks     # about 9 min: decode blocks of 256/512 rows for
+#       the narrow tiers, the `chunks` rows, the kernel tests
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -87,6 +89,35 @@ if [ "${1:-}" = chunks ]; then
     done
     tar -czf "$DEST/store_chunks.tar.gz" -C $J .
     gpu_tests 220
+    el done
+    exit 0
+fi
+
+if [ "${1:-}" = blocks ]; then
+    # About 9 min. (1) Decode blocks of the narrow tiers (Tuning.decode_block_n_reduced_max): at 128 rows
+    # a 16-dim block moves 8 KiB, so at 128K x 1 its programs walk 16 short blocks each (8 splits),
+    # twice the full tier's count. Prediction: 256/512 rows cut 128K x 1 by 10-30% if that chain of
+    # blocks is what it waits on, less at x 8 (nearer the bandwidth); the 168-register cap spills 48 B
+    # at 256 and 1.2 KiB at 512 (resources.py), uncapped 256 takes 245 registers (two programs per SM).
+    # (2) the `chunks` rows; (3) the kernel tests.
+    J=/tmp/store_json; mkdir -p $J
+    for t in "" decode_block_n_reduced_max=256 decode_block_n_reduced_max=512 \
+             decode_block_n_reduced_max=256,decode_max_registers=none; do
+        el "decode, tuning '$t'"
+        new 60 --no-compile-check --shapes 131072x8,131072x1 --tuning "$t" --out "$J/bench_dec_${t//[=,]/_}.json" | tail -2
+    done
+    for t in "" decode_block_n_reduced_max=256; do
+        el "decode, decoupled tiers, tuning '$t'"
+        new 60 --no-compile-check --shapes 131072x8,131072x1 --tiers mixeddimkv --tuning "$t" \
+            --out "$J/bench_decoupled_${t//[=,]/_}.json" | tail -2
+    done
+    for s in 1 2; do
+        el "chunks, $s splits"
+        new 80 --no-compile-check --shapes 131072x8 --chunks 64,256 --chunk-batches 8 --chunk-block-m 64,128 \
+            --tuning splits=$s --out $J/bench_chunks_s$s.json | grep "^chunk"
+    done
+    tar -czf "$DEST/store_blocks.tar.gz" -C $J .
+    gpu_tests 150
     el done
     exit 0
 fi

@@ -43,6 +43,10 @@ class Tuning:
     num_stages: int = 3  # sweep on H200 (docs/notes/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
     block_n_full: int = 32  # rows per block, full tier and decoded region (sweep: 32 beat 64 at all 3 shapes)
     block_n_reduced_max: int = 128  # rows per block of a reduced tier (~16 KiB of keys, at most this)
+    # the same cap for decode launches, whose blocks hold 16 query rows where a chunk's hold 64: a
+    # narrow tier's block of 128 rows moves 4-8 KiB, so its programs walk many short, latency-bound
+    # blocks at batch 1. Larger caps: a sweep (docs/notes/kernel_notes.md, "Call 7").
+    decode_block_n_reduced_max: int = 128
     chunk_block_m: int = 64  # chunked prefill: query rows (G * L) per program
     chunk_num_warps: int = 4  # warps of a chunk's programs (decode: num_warps)
     # launch the region slots last first: with tiers sorted widest first, the narrow tiers' programs
@@ -62,10 +66,11 @@ class Tuning:
 DEFAULT_TUNING = Tuning()
 
 
-def _reduced_rows(block_width: int, tuning: Tuning) -> int:
+def _reduced_rows(block_width: int, cap: int) -> int:
     """Rows per block of a reduced tier whose wider padded side (keys or values) is `block_width`:
-    larger blocks for narrow tiers, ~16 KiB of the wider side per block (bf16), at least 64 rows."""
-    return int(min(tuning.block_n_reduced_max, max(64, 8192 // block_width)))
+    larger blocks for narrow tiers, ~16 KiB of the wider side per block (bf16), at least 64 rows, at
+    most `cap`."""
+    return int(min(cap, max(64, 8192 // block_width)))
 
 
 def num_splits(n_owners: int, n_regions: int, avg_rows: int, n_sm: int, tuning: Tuning = DEFAULT_TUNING) -> int:
@@ -128,8 +133,7 @@ class StorePlan:
     # the kernel's tier slots: keys, values, offsets of the full tier, then of MAX_REDUCED_TIERS
     # reduced slots (unused slots repeat the full tier and are not compiled: NUM_RED is a constexpr)
     tier_pointers: tuple[Tensor, ...]
-    # R1..R4 / RV1..RV4 (key / value widths), BR1..BR4 / BRV1..BRV4 (padded to powers of 2 >= 16),
-    # BN1..BN4 (rows per block)
+    # R1..R4 / RV1..RV4 (key / value widths), BR1..BR4 / BRV1..BRV4 (padded to powers of 2 >= 16)
     tier_constexprs: dict[str, int]
 
     @classmethod
@@ -169,7 +173,6 @@ class StorePlan:
         slot_dims, slot_value_dims = key_dims + [16] * pad, value_dims + [16] * pad
         slot_blocks = [max(16, next_pow2(r)) for r in slot_dims]
         slot_value_blocks = [max(16, next_pow2(r)) for r in slot_value_dims]
-        slot_rows = [_reduced_rows(max(bk, bv), tuning) for bk, bv in zip(slot_blocks, slot_value_blocks, strict=True)]
         pointers = [keys[0], vals[0], offs[0]]
         for k, v, o in zip(keys[1:] + [keys[0]] * pad, vals[1:] + [vals[0]] * pad, offs[1:] + [offs[0]] * pad,
                            strict=True):
@@ -177,8 +180,7 @@ class StorePlan:
         constexprs = {}
         for t in range(MAX_REDUCED_TIERS):
             constexprs.update({f"R{t + 1}": slot_dims[t], f"BR{t + 1}": slot_blocks[t],
-                               f"RV{t + 1}": slot_value_dims[t], f"BRV{t + 1}": slot_value_blocks[t],
-                               f"BN{t + 1}": slot_rows[t]})
+                               f"RV{t + 1}": slot_value_dims[t], f"BRV{t + 1}": slot_value_blocks[t]})
         rv_max = max(value_dims) if n_red else 0
         return cls(
             tier_keys=keys, tier_values=vals, tier_offsets=offs, basis_k=basis_k, basis_v=basis_v, tuning=tuning,
@@ -212,6 +214,13 @@ class StorePlan:
             vals.insert(0, ref.new_empty(0, d))
             offs.insert(0, torch.zeros(owners + 1, dtype=torch.int32, device=ref.device))
         return cls.from_tiers(keys, vals, offs, store.owner_basis("k"), store.owner_basis("v"), tuning)
+
+    def reduced_block_rows(self, split: WorkSplit) -> dict[str, int]:
+        """BN1..BN4, rows per block of each reduced-tier slot in one launch (`_reduced_rows`, capped by
+        the tuning's chunk or decode cap)."""
+        cx, tuning = self.tier_constexprs, self.tuning
+        cap = tuning.block_n_reduced_max if split.chunk else tuning.decode_block_n_reduced_max
+        return {f"BN{t}": _reduced_rows(max(cx[f"BR{t}"], cx[f"BRV{t}"]), cap) for t in range(1, MAX_REDUCED_TIERS + 1)}
 
     @property
     def tiers(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
