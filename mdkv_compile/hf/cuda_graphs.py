@@ -79,6 +79,12 @@ class GraphedDecoder:
             out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
         return cls(model, cache, warmup), out.logits[:, -1]
 
+    @property
+    def captured_shape(self) -> torch.Size | None:
+        """The shape of the token ids the step was captured for (None before the first step): a replay
+        takes no other."""
+        return None if self._ids is None else self._ids.shape
+
     def _rewind(self, length: int) -> None:
         """Undo the warm-up runs: set the cache's length back to `length`."""
         if isinstance(self.cache, MixedDimCache):
@@ -194,8 +200,8 @@ class GenerateSteps:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         decoder = self.decoders.get(cache)
-        if decoder is None or decoder.length != cache.get_seq_length() or (
-                decoder._ids is not None and decoder._ids.shape != ids.shape):
+        if (decoder is None or decoder.length != cache.get_seq_length()
+                or decoder.captured_shape not in (None, ids.shape)):
             decoder = self.decoders[cache] = GraphedDecoder(self.model, cache)
         logits = decoder.step(ids, positions)
         return CausalLMOutputWithPast(logits=logits[:, None], past_key_values=cache)
