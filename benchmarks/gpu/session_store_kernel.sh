@@ -17,6 +17,8 @@
 #       call 6's run lacked
 #   bash benchmarks/gpu/session_store_kernel.sh blocks     # about 9 min: decode blocks of 256/512 rows for
 #       the narrow tiers, the `chunks` rows, the kernel tests
+#   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 6 min: chunks of 16 / 64 / 256 at 1, 2
+#       and 4 splits, the whole kernel test file
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -118,6 +120,22 @@ if [ "${1:-}" = blocks ]; then
     done
     tar -czf "$DEST/store_blocks.tar.gz" -C $J .
     gpu_tests 150
+    el done
+    exit 0
+fi
+
+if [ "${1:-}" = chunksplits ]; then
+    # About 6 min. The `blocks` call found the chunk of 64 at 0.096 ms with one split against 0.142 with
+    # the policy's two (evicted SDPA 0.075): chunks of 16 / 64 / 256 at 1, 2 and 4 splits, for a chunk
+    # split policy; then the whole kernel test file (150 s reached 32 of its 36 tests).
+    J=/tmp/store_json; mkdir -p $J
+    for s in 1 2 4; do
+        el "chunks, $s splits"
+        new 80 --no-compile-check --shapes 131072x1 --chunks 16,64,256 --chunk-batches 8 --tuning splits=$s \
+            --out $J/bench_chunks_s$s.json | grep "^chunk\|^B="
+    done
+    tar -czf "$DEST/store_chunksplits.tar.gz" -C $J .
+    gpu_tests 280
     el done
     exit 0
 fi
