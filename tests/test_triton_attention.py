@@ -362,6 +362,12 @@ def test_tuning_overrides_the_launch_and_keeps_results() -> None:
     # max_splits (batch 1: the per-SM target alone would ask for ~60 splits).
     assert ta.num_splits(8, 5, 2_000, 132) == ta.num_splits(8, 5, 2_000, 132, ta.DEFAULT_TUNING) == 2_000 // 320
     assert ta.num_splits(8, 4, 30_508, 132) == ta.DEFAULT_TUNING.max_splits == 8
+    # Chunks after a 32K prompt at batch 8 (64 owners; rows per block 32 for 16 tokens, 64 above): the
+    # split counts measured fastest on an H100, 2 / 1 / 1 for 16 / 64 / 256 tokens, with 4 or 5 regions
+    for regions in (4, 5):
+        assert [ta.num_splits(64 * blocks, regions, 7_700, 132, chunk=True) for blocks in (2, 4, 16)] == [2, 1, 1]
+    # ...where the decode target would give 4 / 2 / 1 (4 regions)
+    assert [ta.num_splits(64 * blocks, 4, 7_700, 132) for blocks in (2, 4, 16)] == [4, 2, 1]
     # A cap per owner instead: one region (an evicted cache) gets 32 splits at batch 1, four get 8.
     per_owner = ta.Tuning(owner_programs=32)
     assert [ta.num_splits(8, regions, 131_072, 132, per_owner) for regions in (1, 2, 4, 5)] == [32, 16, 8, 6]

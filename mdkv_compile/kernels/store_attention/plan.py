@@ -28,6 +28,12 @@ class Tuning:
     # (benchmarks/results/issue5_sweep_h200.json) found the best split counts 8 / 2 / 1 at
     # 128K x 8 / 32K x 32 / 8K x 64 (4 regions); 15 programs per SM gives exactly those (4 gave 3 / 1 / 1).
     programs_per_sm: int = 15
+    # the same target for chunks, whose row blocks already multiply the programs: each split adds a
+    # partial per region that the merging program reads (BLOCK_M x d fp32 for the full region), so
+    # fewer splits win there (H100, chunks after 32K at batch 8: 16 tokens 0.069 / 0.096 ms at 2 / 4
+    # splits, 64 tokens 0.096 / 0.142 / 0.203 at 1 / 2 / 4, 256 tokens 0.368 / 0.490 / 0.697;
+    # docs/notes/kernel_notes.md, "Call 7"). 6 gives 2 / 1 / 1 there (4 or 5 regions); 15 gave 4 / 2 / 1.
+    chunk_programs_per_sm: int = 6
     min_rows_per_split: int = 64  # below this a split's fixed cost (q, bases, partial writes) dominates
     # At batch 1 the per-SM target asks for ~60 splits of 128K; fewer are faster there, and each split is
     # one more partial for the merging program to read (H100, 128K x 1: 8 / 12 / 16 splits = 23.0 /
@@ -43,9 +49,10 @@ class Tuning:
     num_stages: int = 3  # sweep on H200 (docs/notes/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
     block_n_full: int = 32  # rows per block, full tier and decoded region (sweep: 32 beat 64 at all 3 shapes)
     block_n_reduced_max: int = 128  # rows per block of a reduced tier (~16 KiB of keys, at most this)
-    # the same cap for decode launches, whose blocks hold 16 query rows where a chunk's hold 64: a
-    # narrow tier's block of 128 rows moves 4-8 KiB, so its programs walk many short, latency-bound
-    # blocks at batch 1. Larger caps: a sweep (docs/notes/kernel_notes.md, "Call 7").
+    # the same cap for decode launches, whose blocks hold 16 query rows where a chunk's hold 64. Larger
+    # narrow-tier blocks for decode were slower on an H100 (128K x 8 / x 1: 0.119 / 0.022 ms at 128 rows,
+    # 0.136 / 0.025 at 256, 0.266 / 0.057 at 512: they spill under the 168-register cap, and uncapped 256
+    # takes 245 registers, two programs per SM; docs/notes/kernel_notes.md, "Call 7")
     decode_block_n_reduced_max: int = 128
     chunk_block_m: int = 64  # chunked prefill: query rows (G * L) per program
     chunk_num_warps: int = 4  # warps of a chunk's programs (decode: num_warps)
@@ -73,14 +80,16 @@ def _reduced_rows(block_width: int, cap: int) -> int:
     return int(min(cap, max(64, 8192 // block_width)))
 
 
-def num_splits(n_owners: int, n_regions: int, avg_rows: int, n_sm: int, tuning: Tuning = DEFAULT_TUNING) -> int:
+def num_splits(n_owners: int, n_regions: int, avg_rows: int, n_sm: int, tuning: Tuning = DEFAULT_TUNING,
+               chunk: bool = False) -> int:
     """Splits per (owner, region) from shapes only (no device sync, no recompiles: S is a runtime
-    argument). avg_rows: rows per owner over all regions."""
+    argument). avg_rows: rows per owner over all regions; n_owners: owners x row blocks; chunk: the
+    target is ``tuning.chunk_programs_per_sm``."""
     if tuning.splits is not None:
         return max(1, int(tuning.splits))
     cap = tuning.max_splits if tuning.owner_programs is None else max(1, tuning.owner_programs // n_regions)
-    return split_count(n_owners * n_regions, avg_rows // n_regions, tuning.min_rows_per_split,
-                       tuning.programs_per_sm, cap, n_sm)
+    per_sm = tuning.chunk_programs_per_sm if chunk else tuning.programs_per_sm
+    return split_count(n_owners * n_regions, avg_rows // n_regions, tuning.min_rows_per_split, per_sm, cap, n_sm)
 
 
 def chunk_block_rows(rows: int, tuning: Tuning) -> int:
@@ -239,17 +248,18 @@ class StorePlan:
 
     def decode_split(self, owners: int, group: int, n_new: int, device: torch.device) -> WorkSplit:
         """One query token: an owner's G query heads are one row block, padded to 16 rows."""
-        return WorkSplit(owners, group, max(16, next_pow2(group)), 1, self._splits(owners, 1, n_new, device))
+        return WorkSplit(owners, group, max(16, next_pow2(group)), 1, self._splits(owners, 1, n_new, device, False))
 
     def chunk_split(self, owners: int, rows: int, n_new: int, device: torch.device) -> WorkSplit:
         """L query tokens: an owner's G * L query rows in blocks of BLOCK_M (`chunk_block_rows`)."""
         block_m = chunk_block_rows(rows, self.tuning)
         row_blocks = -(-rows // block_m)
-        return WorkSplit(owners, rows, block_m, row_blocks, self._splits(owners, row_blocks, n_new, device), chunk=True)
+        return WorkSplit(owners, rows, block_m, row_blocks, self._splits(owners, row_blocks, n_new, device, True),
+                         chunk=True)
 
-    def _splits(self, owners: int, row_blocks: int, n_new: int, device: torch.device) -> int:
+    def _splits(self, owners: int, row_blocks: int, n_new: int, device: torch.device, chunk: bool) -> int:
         avg_rows = self.stored_rows // max(owners, 1) + n_new
-        return num_splits(owners * row_blocks, self.n_reduced + 1, avg_rows, sm_count(device), self.tuning)
+        return num_splits(owners * row_blocks, self.n_reduced + 1, avg_rows, sm_count(device), self.tuning, chunk)
 
     def workspace_sizes(self, split: WorkSplit) -> tuple[int, int, int]:
         """fp32 elements of the split partials: (m, l) per padded row and region, the full region's
