@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU call (about 8 min): the follow-ups of docs/notes/gpu_notes.md section 9 (`floor`, `table`: see below).
+# One GPU call (about 8 min): the follow-ups of docs/notes/gpu_notes.md section 9 (`floor`, `table`, and
+# section 12's `steps` and `big`: see below).
 #   1. where the reduce-overhead generate() step's host time goes, with and without
 #      torch.inference_mode() (section 9 left that difference open), 8 layers, batch 4 x 16K;
 #   2. the default-cache compiled path's prefill peak (16.2 GiB against plain's 14.5), with allocator
