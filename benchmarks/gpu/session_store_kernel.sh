@@ -12,13 +12,11 @@
 #   bash benchmarks/gpu/session_store_kernel.sh softmax    # about 7 min: the softmax with one FFMA per
 #       logit and unmasked whole blocks beside the tree before it (.gpu/common/base = the previous main):
 #       the issue's rows, chunks, decoupled tiers, the 128,16 tiers (the count-bound case), GPU kernel tests
-#   bash benchmarks/gpu/session_store_kernel.sh chunks     # about 5 min: the chunk of 64 (1.85x
-#       evicted after call 6) with fewer splits and taller row blocks, and the kernel tests with the time
-#       call 6's run lacked
 #   bash benchmarks/gpu/session_store_kernel.sh blocks     # about 9 min: decode blocks of 256/512 rows for
-#       the narrow tiers, the `chunks` rows, the kernel tests
-#   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 6 min: chunks of 16 / 64 / 256 at 1, 2
-#       and 4 splits, the whole kernel test file
+#       the narrow tiers, chunks of 64 and 256 at 1 and 2 splits and 64- or 128-row blocks, the kernel tests
+#   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 7 min, next: the chunk split policy's
+#       defaults as a whole, the chunk of 16 with one split, the whole kernel test file (call 7 ran an
+#       earlier form: chunks at 1, 2 and 4 splits, raw benchmarks/results/issue16_chunksplits_h100/)
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -34,6 +32,12 @@ CHUNKS="--chunks 16,64,256 --chunk-batches 8"
 new() { PYTHONPATH=$NEW timeout "$1" python -m mdkv_compile.cli bench "${@:2}" 2>&1 | grep -v "^check \|^sweep "; }
 base() { (cd "$BASE" && PYTHONPATH=$BASE timeout "$1" python -m mdkv_compile.cli bench --no-compile-check "${@:2}" \
     2>&1 | grep -v "^check "); }
+finish() {  # the JSON of $J in one tarball $1 (at most 8 files come back), then the kernel tests for $2 s
+    tar -czf "$DEST/$1" -C $J .
+    [ -n "${2:-}" ] && gpu_tests "$2"
+    el done
+    exit 0
+}
 gpu_tests() {  # the kernel tests compiled for the GPU against float64 references, at most $1 s
     el "kernel tests on the GPU (compiled Triton, float64 references)"
     PYTHONPATH=$NEW timeout "$1" python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -4
@@ -57,9 +61,7 @@ if [ "${1:-}" = final ]; then
         new 50 --no-compile-check --shapes 131072x8,131072x1 --tiers $tiers \
             --out "$J/bench_tiers_${tiers//,/_}.json" | tail -2
     done
-    tar -czf "$DEST/store_final.tar.gz" -C $J .
-    el done
-    exit 0
+    finish store_final.tar.gz
 fi
 
 if [ "${1:-}" = softmax ]; then
@@ -73,26 +75,7 @@ if [ "${1:-}" = softmax ]; then
     done
     el "this tree, bench tiers and chunks again (order effects)"
     new 110 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new_again.json | tail -5
-    tar -czf "$DEST/store_softmax.tar.gz" -C $J .
-    gpu_tests 150
-    el done
-    exit 0
-fi
-
-if [ "${1:-}" = chunks ]; then
-    # Prediction (kernel_notes "Call 6"): the chunk of 64 runs at 65% of the chunk of 256's logits per
-    # second, its fixed cost per program (query, basis, partials, a merge over S x 5 partials) unhidden;
-    # one split (half the programs, half the partials) or 128-row blocks should bring it nearer 1.5x.
-    J=/tmp/store_json; mkdir -p $J
-    for s in 1 2; do
-        el "this tree, chunks, $s splits"
-        new 80 --no-compile-check --shapes 131072x8 --chunks 64,256 --chunk-batches 8 --chunk-block-m 64,128 \
-            --tuning splits=$s --out $J/bench_chunks_s$s.json | grep "^chunk"
-    done
-    tar -czf "$DEST/store_chunks.tar.gz" -C $J .
-    gpu_tests 220
-    el done
-    exit 0
+    finish store_softmax.tar.gz 150
 fi
 
 if [ "${1:-}" = blocks ]; then
@@ -101,7 +84,8 @@ if [ "${1:-}" = blocks ]; then
     # twice the full tier's count. Prediction: 256/512 rows cut 128K x 1 by 10-30% if that chain of
     # blocks is what it waits on, less at x 8 (nearer the bandwidth); the 168-register cap spills 48 B
     # at 256 and 1.2 KiB at 512 (resources.py), uncapped 256 takes 245 registers (two programs per SM).
-    # (2) the `chunks` rows; (3) the kernel tests.
+    # (2) the chunk of 64 (1.85x evicted after call 6) with one split and with 128-row blocks, and of
+    # 256 beside; (3) the kernel tests.
     J=/tmp/store_json; mkdir -p $J
     for t in "" decode_block_n_reduced_max=256 decode_block_n_reduced_max=512 \
              decode_block_n_reduced_max=256,decode_max_registers=none; do
@@ -118,26 +102,22 @@ if [ "${1:-}" = blocks ]; then
         new 80 --no-compile-check --shapes 131072x8 --chunks 64,256 --chunk-batches 8 --chunk-block-m 64,128 \
             --tuning splits=$s --out $J/bench_chunks_s$s.json | grep "^chunk"
     done
-    tar -czf "$DEST/store_blocks.tar.gz" -C $J .
-    gpu_tests 150
-    el done
-    exit 0
+    finish store_blocks.tar.gz 150
 fi
 
 if [ "${1:-}" = chunksplits ]; then
-    # About 6 min. The `blocks` call found the chunk of 64 at 0.096 ms with one split against 0.142 with
-    # the policy's two (evicted SDPA 0.075): chunks of 16 / 64 / 256 at 1, 2 and 4 splits, for a chunk
-    # split policy; then the whole kernel test file (150 s reached 32 of its 36 tests).
+    # About 7 min. Call 7 (kernel_notes) timed chunks with fixed split counts and chose
+    # Tuning.chunk_programs_per_sm from them: the defaults as a whole (chunks of 16 / 64 / 256 after 32K
+    # at batch 8; expected 1.04x / 1.28x / 1.50x evicted SDPA), the chunk of 16 with one split (not
+    # reached in call 7), then the whole kernel test file (no call has reached its last four tests).
     J=/tmp/store_json; mkdir -p $J
-    for s in 1 2 4; do
-        el "chunks, $s splits"
-        new 80 --no-compile-check --shapes 131072x1 --chunks 16,64,256 --chunk-batches 8 --tuning splits=$s \
-            --out $J/bench_chunks_s$s.json | grep "^chunk\|^B="
-    done
-    tar -czf "$DEST/store_chunksplits.tar.gz" -C $J .
-    gpu_tests 280
-    el done
-    exit 0
+    el "defaults: decode and chunks"
+    new 100 --no-compile-check --shapes 131072x8,131072x1 --chunks 16,64,256 --chunk-batches 8 \
+        --out $J/bench_defaults.json | grep "^chunk\|^B="
+    el "chunk of 16, one split"
+    new 60 --no-compile-check --shapes 8192x8 --chunks 16 --chunk-batches 8 --tuning splits=1 \
+        --out $J/bench_chunk16_s1.json | grep "^chunk"
+    finish store_chunksplits.tar.gz 300
 fi
 
 if [ "${1:-}" = tiers ]; then
