@@ -521,7 +521,7 @@ def bench_shape(B: int, n_ctx: int, args: argparse.Namespace, gen: torch.Generat
 # variant. None = the default policy of `_num_splits`.
 SWEEP_SPLITS = (None, 1, 2, 4, 8, 16)
 SWEEP_WARPS_STAGES = ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4))
-SWEEP_BLOCKS = ((64, 128), (32, 128), (128, 128), (64, 64), (64, 256), (128, 256))  # (full, reduced max)
+SWEEP_BLOCKS = ((64, 128), (32, 128), (128, 128), (64, 64), (64, 256), (128, 256))  # (full, decode's reduced max)
 
 
 def _parse_shapes(spec: str) -> list[tuple[int, int]]:
@@ -573,7 +573,7 @@ def _sweep_shape(n_ctx: int, B: int, args: argparse.Namespace, gen: torch.Genera
                  rel_err_vs_default=err, ok=err < 1e-2, ms_graph=ms, tb_s_graph=nbytes / ms / 1e9 if ms else None)
         timed[tuning] = r
         log.append(f"sweep N={n_ctx} B={B} S={r['splits']:3d} warps={tuning.num_warps} "
-                   f"stages={tuning.num_stages} bn={tuning.block_n_full}/{tuning.block_n_reduced_max}: "
+                   f"stages={tuning.num_stages} bn={tuning.block_n_full}/{tuning.decode_block_n_reduced_max}: "
                    f"{ms or nan:.4f} ms {r['tb_s_graph'] or 0:.2f} TB/s{'' if r['ok'] else ' MISMATCH'}")
         print(log[-1], flush=True)
         return r
@@ -589,7 +589,8 @@ def _sweep_shape(n_ctx: int, B: int, args: argparse.Namespace, gen: torch.Genera
         by_s.setdefault(ta.num_splits(n_own, nreg, avg_rows, n_sm, t), t)
     best = best_of(list(by_s.values()))
     best = best_of([dataclasses.replace(best, num_warps=w, num_stages=st) for w, st in SWEEP_WARPS_STAGES])
-    best = best_of([dataclasses.replace(best, block_n_full=bf, block_n_reduced_max=br) for bf, br in SWEEP_BLOCKS])
+    best = best_of([dataclasses.replace(best, block_n_full=bf, decode_block_n_reduced_max=br)
+                    for bf, br in SWEEP_BLOCKS])
     evict, evict_bytes = _sdpa_cache(q, int(args.budget * n_ctx) + nn, "sdpa_evict", args, gen, eager=False)
     _annotate(evict, {"sdpa_evict": evict_bytes + 2 * q.numel() * 2}, bw)
     e_ms = _best(evict, "sdpa_evict", "ms" if args.dry_run else "ms_graph")

@@ -48,7 +48,7 @@ class Tuning:
     num_warps: int = 4
     num_stages: int = 3  # sweep on H200 (docs/notes/kernel_notes.md): 3 beat 2 at B=64, tied at B=1
     block_n_full: int = 32  # rows per block, full tier and decoded region (sweep: 32 beat 64 at all 3 shapes)
-    block_n_reduced_max: int = 128  # rows per block of a reduced tier (~16 KiB of keys, at most this)
+    block_n_reduced_max: int = 128  # rows per block of a chunk's reduced tier (~16 KiB of keys, at most this)
     # the same cap for decode launches, whose blocks hold 16 query rows where a chunk's hold 64. Larger
     # narrow-tier blocks for decode were slower on an H100 (128K x 8 / x 1: 0.119 / 0.022 ms at 128 rows,
     # 0.136 / 0.025 at 256, 0.266 / 0.057 at 512: they spill under the 168-register cap, and uncapped 256
