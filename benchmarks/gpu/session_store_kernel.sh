@@ -14,9 +14,10 @@
 #       the issue's rows, chunks, decoupled tiers, the 128,16 tiers (the count-bound case), GPU kernel tests
 #   bash benchmarks/gpu/session_store_kernel.sh blocks     # about 9 min: decode blocks of 256/512 rows for
 #       the narrow tiers, chunks of 64 and 256 at 1 and 2 splits and 64- or 128-row blocks, the kernel tests
-#   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 7 min, next: the chunk split policy's
-#       defaults as a whole, the chunk of 16 with one split, the whole kernel test file (call 7 ran an
-#       earlier form: chunks at 1, 2 and 4 splits, raw benchmarks/results/issue16_chunksplits_h100/)
+#   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 8 min, next: the chunk split policy's
+#       defaults as a whole, the chunk of 16 with one split, 128K x 1 with 64-row full-tier blocks, the
+#       whole kernel test file (call 7 ran an earlier form: chunks at 1, 2 and 4 splits, raw
+#       benchmarks/results/issue16_chunksplits_h100/)
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -106,7 +107,7 @@ if [ "${1:-}" = blocks ]; then
 fi
 
 if [ "${1:-}" = chunksplits ]; then
-    # About 7 min. Call 7 (kernel_notes) timed chunks with fixed split counts and chose
+    # About 8 min. Call 7 (kernel_notes) timed chunks with fixed split counts and chose
     # Tuning.chunk_programs_per_sm from them: the defaults as a whole (chunks of 16 / 64 / 256 after 32K
     # at batch 8; expected 1.04x / 1.28x / 1.50x evicted SDPA), the chunk of 16 with one split (not
     # reached in call 7), then the whole kernel test file (no call has reached its last four tests).
@@ -117,6 +118,12 @@ if [ "${1:-}" = chunksplits ]; then
     el "chunk of 16, one split"
     new 60 --no-compile-check --shapes 8192x8 --chunks 16 --chunk-batches 8 --tuning splits=1 \
         --out $J/bench_chunk16_s1.json | grep "^chunk"
+    # 128K x 1: shorter chains for the narrow tiers changed nothing in call 7 (uncapped 256-row blocks:
+    # 0.0224 against 0.0222 ms), so the full tier's programs (8 blocks of 32 rows) may set the time
+    for t in block_n_full=64 block_n_full=64,decode_block_n_reduced_max=256,decode_max_registers=none; do
+        el "128K x 1, tuning $t"
+        new 40 --no-compile-check --shapes 131072x1 --tuning $t --out "$J/bench_b1_${t//[=,]/_}.json" | grep "^B="
+    done
     finish store_chunksplits.tar.gz 300
 fi
 
