@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU call (about 8 min): the follow-ups of docs/notes/gpu_notes.md section 9 (`floor`, `table`, and
-# section 12's `steps` and `big`: see below).
+# One GPU call (about 8 min): the follow-ups of docs/notes/gpu_notes.md section 9 (`floor`, `table`;
+# section 12's `steps` and `big`; `bigh200`, the next: see below).
 #   1. where the reduce-overhead generate() step's host time goes, with and without
 #      torch.inference_mode() (section 9 left that difference open), 8 layers, batch 4 x 16K;
 #   2. the default-cache compiled path's prefill peak (16.2 GiB against plain's 14.5), with allocator
@@ -29,6 +29,14 @@ if [ "${1:-}" = big ]; then
     # compiled static cache, reduce-overhead over the static cache and GraphedDecoder
     timeout 570 python benchmarks/check_fast_path.py --big --jobs 1 --paths hf-static-compile,ro-static,graphed \
         --out "$DEST/fast_path_big.json" --path-timeout 280 --timed-timeout 100 2>&1 | grep -v "^W\|Warning" | tail -5
+    exit 0
+fi
+if [ "${1:-}" = bigh200 ]; then
+    # About 8 min on an H200 (run with needs_h200: plain generate() and transformers' compiled static
+    # cache ran out of memory on an H100 at this shape, section 12): issue 14's 32-layer, batch 8 x 32K
+    # rows side by side, with our reduce-overhead path and the step's floor
+    timeout 580 python benchmarks/check_fast_path.py --big --jobs 1 --paths plain,hf-static-compile,ro-static,floor \
+        --out "$DEST/fast_path_big_h200.json" --path-timeout 240 --timed-timeout 100 2>&1 | grep -v "^W\|Warning" | tail -5
     exit 0
 fi
 if [ "${1:-}" = table ]; then
