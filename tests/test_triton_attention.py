@@ -604,8 +604,7 @@ def test_plan_constexprs_of_coupled_and_decoupled_tiers() -> None:
     """Coupled tiers give value slots equal to their key slots (so the kernel's value loads reuse the key
     offsets, as before decoupling); decoupled ones get their own widths, and the merge's coefficient
     vector is as wide as the widest value."""
-    from mdkv_compile.kernels.store_attention import StorePlan
-    from mdkv_compile.kernels.store_attention import Tuning as ta_tuning
+    from mdkv_compile.kernels.store_attention import StorePlan, Tuning
 
     gen = torch.Generator().manual_seed(37)
     c = make_case(gen, 1, 2, 2, 64, (64, 32, 16, 8), 10, 1, 2, torch.float32)
@@ -617,7 +616,7 @@ def test_plan_constexprs_of_coupled_and_decoupled_tiers() -> None:
     assert [plan.reduced_block_rows(split)[f"BN{t}"] for split in (decode, chunk) for t in range(1, 4)] == [128] * 6
     # ~16 KiB of the wider side per block (bf16) under each launch's cap: decode's cap applies to decode alone
     wide = StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"], c["basis_v"],
-                                ta_tuning(decode_block_n_reduced_max=512))
+                                Tuning(decode_block_n_reduced_max=512))
     assert [wide.reduced_block_rows(decode)[f"BN{t}"] for t in range(1, 4)] == [256, 512, 512]
     assert [wide.reduced_block_rows(chunk)[f"BN{t}"] for t in range(1, 4)] == [128, 128, 128]
     c = make_case(gen, 1, 2, 2, 64, ((64, 64), (64, 32), (32, 16), (8, 8)), 10, 1, 2, torch.float32)
