@@ -364,7 +364,8 @@ def mixeddimkv_backend(
         # 138 -> 97 MB with the static one, against plain generate()'s 146; docs/notes/gpu_notes.md
         # section 10).
         return _inductor(gm, example_inputs, mode, allow_buffer_reuse=False)
-    if graphs and report.rewritten and report.buffers == report.one_token == report.rewritten and cfg.kernel == "auto":
+    # from here on every rewritten site is a one-token decode step
+    if graphs and report.rewritten and report.buffers == report.rewritten and cfg.kernel == "auto":
         # Inductor's own CUDA graphs are never turned on: a replay would skip the site ops' Python
         # state (stale state on the next prompt), and on graphs that write a cache the graphs
         # allocated they crash (segfault after "skipping cudagraphs due to mutated inputs":
@@ -380,13 +381,13 @@ def mixeddimkv_backend(
             why = "no rewritten attention site"
         elif report.buffers == report.rewritten:
             why = f"kernel={cfg.kernel!r}"
-        else:  # a DynamicCache grows every step: no fixed shapes to replay
+        elif _static_cache_by_default(root):  # a DynamicCache grows every step: no fixed shapes to replay
+            why = ("a DynamicCache grows every step; later generate() calls on this model that choose no "
+                   "cache get cache_implementation='static': the same compression, with CUDA graphs and no "
+                   "full-size KV buffer")
+        else:
             why = ("concat-cache attention sites; for CUDA graphs pass cache_implementation='static' to "
                    "generate(): the same compression, and no full-size KV buffer is kept")
-            if report.one_token and _static_cache_by_default(root):
-                why = ("a DynamicCache grows every step; later generate() calls on this model that choose no "
-                       "cache get cache_implementation='static': the same compression, with CUDA graphs and no "
-                       "full-size KV buffer")
         log.warning(
             "mixeddimkv: a graph runs without CUDA graphs (%s; mode='reduce-overhead' captures only "
             "one-token decode steps over static KV buffers, with kernel='auto')", why,
