@@ -248,13 +248,14 @@ class StorePlan:
 
     def decode_split(self, owners: int, group: int, n_new: int, device: torch.device) -> WorkSplit:
         """One query token: an owner's G query heads are one row block, padded to 16 rows."""
-        return WorkSplit(owners, group, max(16, next_pow2(group)), 1, self._splits(owners, 1, n_new, device, False))
+        splits = self._splits(owners, 1, n_new, device, chunk=False)
+        return WorkSplit(owners, group, max(16, next_pow2(group)), 1, splits)
 
     def chunk_split(self, owners: int, rows: int, n_new: int, device: torch.device) -> WorkSplit:
         """L query tokens: an owner's G * L query rows in blocks of BLOCK_M (`chunk_block_rows`)."""
         block_m = chunk_block_rows(rows, self.tuning)
         row_blocks = -(-rows // block_m)
-        return WorkSplit(owners, rows, block_m, row_blocks, self._splits(owners, row_blocks, n_new, device, True),
+        return WorkSplit(owners, rows, block_m, row_blocks, self._splits(owners, row_blocks, n_new, device, chunk=True),
                          chunk=True)
 
     def _splits(self, owners: int, row_blocks: int, n_new: int, device: torch.device, chunk: bool) -> int:
