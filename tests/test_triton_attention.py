@@ -215,6 +215,28 @@ def test_many_splits_merged_by_the_last_program() -> None:
         assert rel_err(out, reference(c)) < 1e-5
 
 
+def test_kept_arrival_counts_are_left_at_zero() -> None:
+    """A caller-kept count buffer serves consecutive launches with no memset: decode and chunk launches of
+    several splits and row blocks each leave it at zero and give the reference's result; a buffer of the
+    wrong type or size is refused."""
+    from mdkv_compile.kernels import store_attention as ta
+
+    tuning = ta.Tuning(min_rows_per_split=4, programs_per_sm=64, chunk_programs_per_sm=64, block_n_full=16,
+                       block_n_reduced_max=64, decode_block_n_reduced_max=64, chunk_block_m=16)
+    counts = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    for seed, L in ((21, 1), (22, 7), (23, 1)):  # a chunk of 7 x 3 rows: two row blocks of 16
+        gen = torch.Generator().manual_seed(seed)
+        c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 70, 8, 10, torch.float32, L=L)
+        kernel = packed_decode_attention_triton if L == 1 else packed_chunk_attention_triton
+        out = kernel(**c, tuning=tuning, poison_workspace=True, arrival_counts=counts)
+        assert rel_err(out, reference(c)) < 1e-5
+        assert not counts.any(), "a launch left an arrival count behind"
+    with pytest.raises(ValueError, match="arrival_counts"):
+        packed_decode_attention_triton(**c, tuning=tuning, arrival_counts=counts[:2])
+    with pytest.raises(ValueError, match="arrival_counts"):
+        packed_decode_attention_triton(**c, tuning=tuning, arrival_counts=counts.long())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_whole_and_partial_blocks_match_reference(dtype: torch.dtype) -> None:
     """A region's whole blocks run unmasked and only its last, partial block masked: regions of exactly

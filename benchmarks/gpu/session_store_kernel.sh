@@ -14,9 +14,9 @@
 #       the issue's rows, chunks, decoupled tiers, the 128,16 tiers (the count-bound case), GPU kernel tests
 #   bash benchmarks/gpu/session_store_kernel.sh blocks     # about 9 min: decode blocks of 256/512 rows for
 #       the narrow tiers, chunks of 64 and 256 at 1 and 2 splits and 64- or 128-row blocks, the kernel tests
-#   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 8 min, next: the chunk split policy's
+#   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 9 min, next: the chunk split policy's
 #       defaults as a whole, the chunk of 16 with one split, 128K x 1 with 64-row full-tier blocks, the
-#       whole kernel test file (call 7 ran an earlier form: chunks at 1, 2 and 4 splits, raw
+#       decode rows with kept arrival counts (no memset) twice, the whole kernel test file (call 7 ran an earlier form: chunks at 1, 2 and 4 splits, raw
 #       benchmarks/results/issue16_chunksplits_h100/)
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
@@ -124,7 +124,11 @@ if [ "${1:-}" = chunksplits ]; then
         el "128K x 1, tuning $t"
         new 40 --no-compile-check --shapes 131072x1 --tuning $t --out "$J/bench_b1_${t//[=,]/_}.json" | grep "^B="
     done
-    finish store_chunksplits.tar.gz 300
+    # every bench row times the launch with kept arrival counts (no memset node) beside the default;
+    # a second run of the decode rows shows how far the difference stands above run-to-run noise
+    el "decode rows again (counts kept beside the memset)"
+    new 40 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults_again.json | grep "^B="
+    finish store_chunksplits.tar.gz 270
 fi
 
 if [ "${1:-}" = tiers ]; then

@@ -20,7 +20,9 @@ reduced tier ``acc`` is in value coefficient space, ``[rows, rv_t]``. Then it co
 ``(owner, row block)``'s arrival count (an ``acq_rel`` atomic); the last of the ``S x (1 + T_red)``
 programs to arrive merges them all in a fixed order (deterministic): log-sum-exp weights, the value
 coefficients of all reduced tiers summed in one ``[rows, rv_max]`` tile and rotated back once with
-``basis_v[o]``, normalised and written. The arrival counts are zeroed by a memset before the launch.
+``basis_v[o]``, normalised and written, and sets the count back to zero. So the counts are either a
+fresh buffer zeroed by a memset before the launch, or one the caller keeps (``arrival_counts=``), which
+needs no memset.
 
 Row blocks fastest: the row blocks of a chunk read the same slice of the store side by side, once from
 DRAM and the rest from L2. Regions last slot first: the narrow tiers' programs, the longest, start first.

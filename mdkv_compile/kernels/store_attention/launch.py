@@ -35,6 +35,7 @@ def packed_decode_attention_triton(
     out: Tensor | None = None,
     poison_workspace: bool = False,
     tuning: Tuning | None = None,
+    arrival_counts: Tensor | None = None,
     wrap: Wrap = identity,
 ) -> Tensor:
     """The decode kernels called directly (no op dispatch); arguments as ``packed_decode_attention``.
@@ -42,7 +43,9 @@ def packed_decode_attention_triton(
     reads, and ``n_new`` only sizes the splits (pass the region's capacity). ``out`` and
     ``poison_workspace`` let tests check that every output element is written and no unwritten
     workspace element is read; ``tuning`` replaces the launch parameters (benchmarks; None:
-    ``DEFAULT_TUNING``)."""
+    ``DEFAULT_TUNING``). ``arrival_counts``: a caller-kept int32 buffer of at least ``owners x row
+    blocks`` zeros (decode: ``B x H_kv``) for the merge's counts, which every launch leaves at zero:
+    no memset per call (None: a zeroed buffer per call)."""
     _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, n_decoded, out)
     plan = StorePlan.from_tiers(tier_keys, tier_values, tier_offsets, basis_k, basis_v, tuning)
     B, Hq, Lq, d = q.shape
@@ -51,7 +54,8 @@ def packed_decode_attention_triton(
     Hkv = k_new.shape[1]
     split = plan.decode_split(B * Hkv, Hq // Hkv, n_new, q.device)
     q = q.contiguous()
-    return _launch(wrap, plan, split, q, k_new, v_new, n_new, n_decoded, 1, scale, softcap, out, poison_workspace)
+    return _launch(wrap, plan, split, q, k_new, v_new, n_new, n_decoded, 1, scale, softcap, out, poison_workspace,
+                   arrival_counts)
 
 
 def packed_chunk_attention_triton(
@@ -70,6 +74,7 @@ def packed_chunk_attention_triton(
     out: Tensor | None = None,
     poison_workspace: bool = False,
     tuning: Tuning | None = None,
+    arrival_counts: Tensor | None = None,
     wrap: Wrap = identity,
 ) -> Tensor:
     """The chunked-prefill kernels called directly (see ``packed_chunk_attention``): q [B, Hq, L, d]
@@ -83,7 +88,8 @@ def packed_chunk_attention_triton(
     Hkv = k_new.shape[1]
     split = plan.chunk_split(B * Hkv, (Hq // Hkv) * L, n_new, q.device)
     q = q.contiguous()
-    return _launch(wrap, plan, split, q, k_new, v_new, n_new, None, L, scale, softcap, out, poison_workspace)
+    return _launch(wrap, plan, split, q, k_new, v_new, n_new, None, L, scale, softcap, out, poison_workspace,
+                   arrival_counts)
 
 
 def _check_devices(q: Tensor, *tensors: Tensor | None) -> None:
@@ -115,13 +121,13 @@ def _launch(
     softcap: float | None,
     out: Tensor | None,
     poison_workspace: bool,
+    arrival_counts: Tensor | None,
 ) -> Tensor:
     """One launch over every (row block, split, owner, region); the last program of each (owner, row
     block) merges its partials into `out`. `n_decoded`: the count of new tokens on the device (decode
     under CUDA graphs), read there instead of `n_new`."""
     ml, acc, coef = _workspace(plan.workspace_sizes(split), q.device, poison_workspace)
-    # arrival counts start at 0 on every call (a memset), so a call never depends on the one before
-    arrivals = torch.zeros(split.owners * split.row_blocks, dtype=torch.int32, device=q.device)
+    arrivals = _arrival_counts(arrival_counts, split, q.device)
     out = _output(out, q)
     programs = split.row_blocks * split.splits * split.owners * (plan.n_reduced + 1)
     wrap(jit._packed_attention)[(programs,)](
@@ -168,6 +174,18 @@ def _workspace(sizes: tuple[int, int, int], device: torch.device, poison: bool) 
         for t in (ml, acc, coef):
             t.fill_(float("nan"))
     return ml, acc, coef
+
+
+def _arrival_counts(counts: Tensor | None, split: WorkSplit, device: torch.device) -> Tensor:
+    """The merge's arrival counts: the caller's kept buffer (zeros, and left at zero by every launch),
+    or a fresh one, zeroed by a memset so that the call never depends on the one before."""
+    n = split.owners * split.row_blocks  # one per (owner, row block)
+    if counts is None:
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    if counts.dtype != torch.int32 or counts.device != device or not counts.is_contiguous() or counts.numel() < n:
+        raise ValueError(f"arrival_counts: a contiguous int32 buffer of at least {n} elements on {device} is "
+                         f"needed, got {tuple(counts.shape)} {counts.dtype} on {counts.device}")
+    return counts
 
 
 def _output(out: Tensor | None, q: Tensor) -> Tensor:
