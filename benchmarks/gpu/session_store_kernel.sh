@@ -15,8 +15,9 @@
 #   bash benchmarks/gpu/session_store_kernel.sh blocks     # about 9 min: decode blocks of 256/512 rows for
 #       the narrow tiers, chunks of 64 and 256 at 1 and 2 splits and 64- or 128-row blocks, the kernel tests
 #   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 9 min, next: the chunk split policy's
-#       defaults as a whole, the chunk of 16 with one split, 128K x 1 with 64-row full-tier blocks, the
-#       decode rows with kept arrival counts (no memset) twice, the whole kernel test file (call 7 ran an earlier form: chunks at 1, 2 and 4 splits, raw
+#       defaults as a whole, the chunk of 16 with one split, 128K x 1 with 64-row full-tier blocks, more
+#       stages or warps, the decode rows with kept arrival counts (no memset) twice, the kernel tests no
+#       call has reached compiled (decoupled tiers, kept counts) (call 7 ran an earlier form: chunks at 1, 2 and 4 splits, raw
 #       benchmarks/results/issue16_chunksplits_h100/)
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
@@ -34,14 +35,16 @@ new() { PYTHONPATH=$NEW timeout "$1" python -m mdkv_compile.cli bench "${@:2}" 2
 base() { (cd "$BASE" && PYTHONPATH=$BASE timeout "$1" python -m mdkv_compile.cli bench --no-compile-check "${@:2}" \
     2>&1 | grep -v "^check "); }
 finish() {  # the JSON of $J in one tarball $1 (at most 8 files come back), then the kernel tests for $2 s
+    # (those pytest -k $3 selects, where given)
     tar -czf "$DEST/$1" -C $J .
-    [ -n "${2:-}" ] && gpu_tests "$2"
+    [ -n "${2:-}" ] && gpu_tests "$2" "${3:-}"
     el done
     exit 0
 }
-gpu_tests() {  # the kernel tests compiled for the GPU against float64 references, at most $1 s
-    el "kernel tests on the GPU (compiled Triton, float64 references)"
-    PYTHONPATH=$NEW timeout "$1" python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -4
+gpu_tests() {  # the kernel tests compiled for the GPU against float64 references, at most $1 s (-k $2)
+    el "kernel tests on the GPU (compiled Triton, float64 references) ${2:+-k '$2'}"
+    PYTHONPATH=$NEW timeout "$1" python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py \
+        ${2:+-k "$2"} 2>&1 | tail -4
 }
 
 if [ "${1:-}" = final ]; then
@@ -107,10 +110,10 @@ if [ "${1:-}" = blocks ]; then
 fi
 
 if [ "${1:-}" = chunksplits ]; then
-    # About 8 min. Call 7 (kernel_notes) timed chunks with fixed split counts and chose
+    # About 9 min. Call 7 (kernel_notes) timed chunks with fixed split counts and chose
     # Tuning.chunk_programs_per_sm from them: the defaults as a whole (chunks of 16 / 64 / 256 after 32K
     # at batch 8; expected 1.04x / 1.28x / 1.50x evicted SDPA), the chunk of 16 with one split (not
-    # reached in call 7), then the whole kernel test file (no call has reached its last four tests).
+    # reached in call 7), batch-1 launch parameters, then the kernel tests no call has reached compiled.
     J=/tmp/store_json; mkdir -p $J
     el "defaults: decode and chunks"
     new 100 --no-compile-check --shapes 131072x8,131072x1 --chunks 16,64,256 --chunk-batches 8 \
@@ -119,16 +122,18 @@ if [ "${1:-}" = chunksplits ]; then
     new 60 --no-compile-check --shapes 8192x8 --chunks 16 --chunk-batches 8 --tuning splits=1 \
         --out $J/bench_chunk16_s1.json | grep "^chunk"
     # 128K x 1: shorter chains for the narrow tiers changed nothing in call 7 (uncapped 256-row blocks:
-    # 0.0224 against 0.0222 ms), so the full tier's programs (8 blocks of 32 rows) may set the time
-    for t in block_n_full=64 block_n_full=64,decode_block_n_reduced_max=256,decode_max_registers=none; do
+    # 0.0224 against 0.0222 ms), so the full tier's programs (8 blocks of 32 rows) may set the time; or
+    # each program's chain of dependent blocks, with two blocks in flight: more stages, more warps
+    for t in block_n_full=64 block_n_full=64,decode_block_n_reduced_max=256,decode_max_registers=none \
+             num_stages=4 num_stages=4,block_n_full=64 num_warps=8; do
         el "128K x 1, tuning $t"
-        new 40 --no-compile-check --shapes 131072x1 --tuning $t --out "$J/bench_b1_${t//[=,]/_}.json" | grep "^B="
+        new 35 --no-compile-check --shapes 131072x1 --tuning $t --out "$J/bench_b1_${t//[=,]/_}.json" | grep "^B="
     done
     # every bench row times the launch with kept arrival counts (no memset node) beside the default;
     # a second run of the decode rows shows how far the difference stands above run-to-run noise
     el "decode rows again (counts kept beside the memset)"
     new 40 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults_again.json | grep "^B="
-    finish store_chunksplits.tar.gz 270
+    finish store_chunksplits.tar.gz 150 "decoupled or kept_arrival"
 fi
 
 if [ "${1:-}" = tiers ]; then
