@@ -237,6 +237,32 @@ def test_kept_arrival_counts_are_left_at_zero() -> None:
         packed_decode_attention_triton(**c, tuning=tuning, arrival_counts=counts.long())
 
 
+def test_trace_records_every_program_once() -> None:
+    """A traced launch (GPU only) gives the untraced result and one row per program: timestamps in
+    order, one merging program per owner, every (region, owner, split) once. Under the interpreter,
+    which has no GPU timer, asking for a trace is a clear error."""
+    from mdkv_compile.kernels._triton import interpreting
+    from mdkv_compile.kernels.store_attention.jit import TRACE_FIELDS
+
+    gen = torch.Generator().manual_seed(31)
+    c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 70, 4, 6, torch.float32)
+    trace = torch.zeros(4096, TRACE_FIELDS, dtype=torch.int64, device=DEVICE)
+    if interpreting():
+        with pytest.raises(ValueError, match="timer"):
+            packed_decode_attention_triton(**c, trace=trace)
+        return
+    with pytest.raises(ValueError, match="trace"):
+        packed_decode_attention_triton(**c, trace=trace[:1])
+    out = packed_decode_attention_triton(**c, trace=trace)
+    assert torch.equal(out, packed_decode_attention_triton(**c))
+    rows = trace[trace[:, 0] > 0].cpu()
+    begin, work, arrive, merged, _, region, owner, split = rows.T
+    assert (begin <= work).all() and (work <= arrive).all()
+    assert int((merged > 0).sum()) == 4 and (merged[merged > 0] >= arrive[merged > 0]).all()
+    keys = {(int(r), int(o), int(s)) for r, o, s in zip(region, owner, split, strict=True)}
+    assert len(keys) == rows.shape[0] and {r for r, _, _ in keys} == {0, 1, 2, 3}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_whole_and_partial_blocks_match_reference(dtype: torch.dtype) -> None:
     """A region's whole blocks run unmasked and only its last, partial block masked: regions of exactly

@@ -14,10 +14,10 @@
 #       the issue's rows, chunks, decoupled tiers, the 128,16 tiers (the count-bound case), GPU kernel tests
 #   bash benchmarks/gpu/session_store_kernel.sh blocks     # about 9 min: decode blocks of 256/512 rows for
 #       the narrow tiers, chunks of 64 and 256 at 1 and 2 splits and 64- or 128-row blocks, the kernel tests
-#   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 9 min, next: the chunk split policy's
-#       defaults as a whole, the chunk of 16 with one split, 128K x 1 with 64-row full-tier blocks, more
-#       stages or warps, the decode rows with kept arrival counts (no memset) twice, the kernel tests no
-#       call has reached compiled (decoupled tiers, kept counts) (call 7 ran an earlier form: chunks at 1, 2 and 4 splits, raw
+#   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 8 min, next: the chunk split policy's
+#       defaults as a whole, a traced launch (trace_store_kernel.py), 128K x 1 with 64-row full-tier
+#       blocks, more stages or warps, the decode rows with kept arrival counts (no memset) twice, the
+#       kernel tests no call has reached compiled (decoupled tiers, kept counts, the trace) (call 7 ran an earlier form: chunks at 1, 2 and 4 splits, raw
 #       benchmarks/results/issue16_chunksplits_h100/)
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
@@ -110,22 +110,21 @@ if [ "${1:-}" = blocks ]; then
 fi
 
 if [ "${1:-}" = chunksplits ]; then
-    # About 9 min. Call 7 (kernel_notes) timed chunks with fixed split counts and chose
+    # About 8 min. Call 7 (kernel_notes) timed chunks with fixed split counts and chose
     # Tuning.chunk_programs_per_sm from them: the defaults as a whole (chunks of 16 / 64 / 256 after 32K
-    # at batch 8; expected 1.04x / 1.28x / 1.50x evicted SDPA), the chunk of 16 with one split (not
-    # reached in call 7), batch-1 launch parameters, then the kernel tests no call has reached compiled.
+    # at batch 8; expected 1.04x / 1.28x / 1.50x evicted SDPA), a traced launch at 128K x 1 and x 8,
+    # batch-1 launch parameters, then the kernel tests no call has reached compiled.
     J=/tmp/store_json; mkdir -p $J
     el "defaults: decode and chunks"
     new 100 --no-compile-check --shapes 131072x8,131072x1 --chunks 16,64,256 --chunk-batches 8 \
         --out $J/bench_defaults.json | grep "^chunk\|^B="
-    el "chunk of 16, one split"
-    new 60 --no-compile-check --shapes 8192x8 --chunks 16 --chunk-batches 8 --tuning splits=1 \
-        --out $J/bench_chunk16_s1.json | grep "^chunk"
+    el "where a launch's time goes, program by program (GPU timer)"
+    PYTHONPATH=$NEW timeout 60 python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 \
+        --out $J/trace.json
     # 128K x 1: shorter chains for the narrow tiers changed nothing in call 7 (uncapped 256-row blocks:
     # 0.0224 against 0.0222 ms), so the full tier's programs (8 blocks of 32 rows) may set the time; or
     # each program's chain of dependent blocks, with two blocks in flight: more stages, more warps
-    for t in block_n_full=64 block_n_full=64,decode_block_n_reduced_max=256,decode_max_registers=none \
-             num_stages=4 num_stages=4,block_n_full=64 num_warps=8; do
+    for t in block_n_full=64 num_stages=4 num_stages=4,block_n_full=64 num_warps=8; do
         el "128K x 1, tuning $t"
         new 35 --no-compile-check --shapes 131072x1 --tuning $t --out "$J/bench_b1_${t//[=,]/_}.json" | grep "^B="
     done
@@ -133,7 +132,7 @@ if [ "${1:-}" = chunksplits ]; then
     # a second run of the decode rows shows how far the difference stands above run-to-run noise
     el "decode rows again (counts kept beside the memset)"
     new 40 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults_again.json | grep "^B="
-    finish store_chunksplits.tar.gz 150 "decoupled or kept_arrival"
+    finish store_chunksplits.tar.gz 150 "decoupled or kept_arrival or trace"
 fi
 
 if [ "${1:-}" = tiers ]; then

@@ -18,12 +18,15 @@ from mdkv_compile.kernels._triton import HAS_TRITON
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import globaltimer, smid
 
     from mdkv_compile.kernels._triton import dot
 
 MAX_REDUCED_TIERS = 4  # reduced-tier slots in the kernel's signature
+TRACE_FIELDS = 8  # int64 per program of a traced launch (see _packed_attention's TRACE)
 
 if HAS_TRITON:
+    _TRACE_FIELDS = tl.constexpr(TRACE_FIELDS)  # a kernel reads module globals only as constexprs
 
     @triton.jit
     def _online_softmax(
@@ -351,7 +354,7 @@ if HAS_TRITON:
         bk_ptr, stride_bko, stride_bkd, bv_ptr, stride_bvo, stride_bvd,
         kn_ptr, vn_ptr, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         n_new, n_new_ptr, L, H_KV, OWNERS, M, S, NMB,
-        ml_ptr, acc_ptr, coef_ptr, count_ptr, out_ptr,
+        ml_ptr, acc_ptr, coef_ptr, count_ptr, out_ptr, trace_ptr,
         qk_scale, scale, softcap,
         N_FROM_PTR: tl.constexpr,
         NUM_RED: tl.constexpr,
@@ -372,7 +375,13 @@ if HAS_TRITON:
         HAS_SOFTCAP: tl.constexpr,
         DOT_PREC: tl.constexpr,
         INTERP: tl.constexpr,
+        TRACE: tl.constexpr,
     ):
+        # TRACE (GPU only, launch.py's `trace`): each program writes TRACE_FIELDS int64 to its row of
+        # trace_ptr, the GPU's nanosecond timer at its start, after its region's partial is stored, after
+        # its arrival is counted and after the merge (0 unless it merged), then its SM, region, owner, split
+        if TRACE:
+            t_begin = globaltimer()
         # 1-D grid, row block fastest: the programs of one (owner, split, region) run side by side, so
         # a chunk's row blocks read the store's slice once from DRAM and the rest from L2
         NREG: tl.constexpr = NUM_RED + 1
@@ -455,11 +464,28 @@ if HAS_TRITON:
         # the last of the S x NREG programs of this (owner, row block) to finish merges their partials:
         # no second launch. The barrier orders every thread's partial stores before the release of the
         # count; the acquire (and the L2 loads, .cg) make the others' partials visible to the merge.
+        if TRACE:
+            t_work = globaltimer()
         tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + o * NMB + mb, 1, sem="acq_rel", scope="gpu")
+        if TRACE:
+            t_arrive = globaltimer()
+            t_merged = t_arrive * 0
         if arrived == S * NREG - 1:
             _merge(ml_ptr, acc_ptr, coef_ptr, bv_ptr, stride_bvo, stride_bvd, out_ptr, o, rows, M, S, NUM_RED,
                    RV1, RV2, RV3, RV4, RV_TOP, RV_MAX, BLOCK_M, M_P, D, BLOCK_D, MERGE_UNROLL, DOT_PREC, INTERP)
             # every program of this (owner, row block) has counted: back to 0, so that a count buffer kept
             # across launches (launch.py's `counts`) needs no memset before the next one
             tl.store(count_ptr + o * NMB + mb, 0)
+            if TRACE:
+                t_merged = globaltimer()
+        if TRACE:
+            row = trace_ptr + pid.to(tl.int64) * _TRACE_FIELDS
+            tl.store(row, t_begin)
+            tl.store(row + 1, t_work)
+            tl.store(row + 2, t_arrive)
+            tl.store(row + 3, t_merged)
+            tl.store(row + 4, smid().to(tl.int64))
+            tl.store(row + 5, reg.to(tl.int64))
+            tl.store(row + 6, o.to(tl.int64))
+            tl.store(row + 7, s.to(tl.int64))

@@ -36,6 +36,7 @@ def packed_decode_attention_triton(
     poison_workspace: bool = False,
     tuning: Tuning | None = None,
     arrival_counts: Tensor | None = None,
+    trace: Tensor | None = None,
     wrap: Wrap = identity,
 ) -> Tensor:
     """The decode kernels called directly (no op dispatch); arguments as ``packed_decode_attention``.
@@ -45,7 +46,9 @@ def packed_decode_attention_triton(
     workspace element is read; ``tuning`` replaces the launch parameters (benchmarks; None:
     ``DEFAULT_TUNING``). ``arrival_counts``: a caller-kept int32 buffer of at least ``owners x row
     blocks`` zeros (decode: ``B x H_kv``) for the merge's counts, which every launch leaves at zero:
-    no memset per call (None: a zeroed buffer per call)."""
+    no memset per call (None: a zeroed buffer per call). ``trace`` (GPU only): an int64 ``[n, TRACE_FIELDS]``
+    buffer, ``n`` at least the launch's programs, whose row ``p`` program ``p`` fills with its timestamps
+    (benchmarks/gpu/trace_store_kernel.py reads them; a separately compiled variant)."""
     _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, n_decoded, out)
     plan = StorePlan.from_tiers(tier_keys, tier_values, tier_offsets, basis_k, basis_v, tuning)
     B, Hq, Lq, d = q.shape
@@ -55,7 +58,7 @@ def packed_decode_attention_triton(
     split = plan.decode_split(B * Hkv, Hq // Hkv, n_new, q.device)
     q = q.contiguous()
     return _launch(wrap, plan, split, q, k_new, v_new, n_new, n_decoded, 1, scale, softcap, out, poison_workspace,
-                   arrival_counts)
+                   arrival_counts, trace)
 
 
 def packed_chunk_attention_triton(
@@ -75,6 +78,7 @@ def packed_chunk_attention_triton(
     poison_workspace: bool = False,
     tuning: Tuning | None = None,
     arrival_counts: Tensor | None = None,
+    trace: Tensor | None = None,
     wrap: Wrap = identity,
 ) -> Tensor:
     """The chunked-prefill kernels called directly (see ``packed_chunk_attention``): q [B, Hq, L, d]
@@ -89,7 +93,7 @@ def packed_chunk_attention_triton(
     split = plan.chunk_split(B * Hkv, (Hq // Hkv) * L, n_new, q.device)
     q = q.contiguous()
     return _launch(wrap, plan, split, q, k_new, v_new, n_new, None, L, scale, softcap, out, poison_workspace,
-                   arrival_counts)
+                   arrival_counts, trace)
 
 
 def _check_devices(q: Tensor, *tensors: Tensor | None) -> None:
@@ -122,6 +126,7 @@ def _launch(
     out: Tensor | None,
     poison_workspace: bool,
     arrival_counts: Tensor | None,
+    trace: Tensor | None,
 ) -> Tensor:
     """One launch over every (row block, split, owner, region); the last program of each (owner, row
     block) merges its partials into `out`. `n_decoded`: the count of new tokens on the device (decode
@@ -130,30 +135,31 @@ def _launch(
     arrivals = _arrival_counts(arrival_counts, split, q.device)
     out = _output(out, q)
     programs = split.row_blocks * split.splits * split.owners * (plan.n_reduced + 1)
+    _check_trace(trace, programs, q.device)
     wrap(jit._packed_attention)[(programs,)](
         q, *plan.tier_pointers, *plan.bases,
         k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new.stride(0), v_new.stride(1), v_new.stride(2),
         n_new, q if n_decoded is None else n_decoded, L, k_new.shape[1], split.owners, split.rows, split.splits,
         split.row_blocks,
-        ml, acc, coef, arrivals, out,
+        ml, acc, coef, arrivals, out, out if trace is None else trace,
         scale * LOG2E, scale, 1.0 if softcap is None else float(softcap),
         **kernel_constexprs(plan, split, n_from_ptr=n_decoded is not None, has_softcap=softcap is not None,
-                            fp32=q.dtype == torch.float32),
+                            fp32=q.dtype == torch.float32, trace=trace is not None),
         **kernel_options(plan, split),
     )
     return out
 
 
 def kernel_constexprs(plan: StorePlan, split: WorkSplit, *, n_from_ptr: bool, has_softcap: bool,
-                      fp32: bool) -> dict[str, int | bool]:
+                      fp32: bool, trace: bool = False) -> dict[str, int | bool]:
     """The kernel's constexprs for one launch (each distinct set is one compiled variant)."""
     return dict(
         N_FROM_PTR=n_from_ptr, NUM_RED=plan.n_reduced, **plan.tier_constexprs, **plan.reduced_block_rows(split),
         RV_TOP=plan.rv_max, RV_MAX=plan.rv_max_padded, BLOCK_M=split.block_rows, M_P=split.rows_padded,
         D=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, REVERSE_REGIONS=plan.tuning.reverse_regions,
         MERGE_UNROLL=plan.tuning.chunk_merge_unroll if split.chunk else plan.tuning.merge_unroll,
-        HAS_SOFTCAP=has_softcap, DOT_PREC=fp32, INTERP=interpreting(),
+        HAS_SOFTCAP=has_softcap, DOT_PREC=fp32, INTERP=interpreting(), TRACE=trace,
     )
 
 
@@ -186,6 +192,17 @@ def _arrival_counts(counts: Tensor | None, split: WorkSplit, device: torch.devic
         raise ValueError(f"arrival_counts: a contiguous int32 buffer of at least {n} elements on {device} is "
                          f"needed, got {tuple(counts.shape)} {counts.dtype} on {counts.device}")
     return counts
+
+
+def _check_trace(trace: Tensor | None, programs: int, device: torch.device) -> None:
+    if trace is None:
+        return
+    if interpreting():
+        raise ValueError("trace: the kernel reads the GPU's timer, which Triton's interpreter does not have")
+    if (trace.dtype != torch.int64 or trace.device != device or not trace.is_contiguous()
+            or trace.dim() != 2 or trace.shape[0] < programs or trace.shape[1] != jit.TRACE_FIELDS):
+        raise ValueError(f"trace: a contiguous int64 [>= {programs}, {jit.TRACE_FIELDS}] buffer on {device} is "
+                         f"needed, got {tuple(trace.shape)} {trace.dtype} on {trace.device}")
 
 
 def _output(out: Tensor | None, q: Tensor) -> Tensor:
