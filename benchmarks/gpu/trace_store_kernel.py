@@ -9,6 +9,7 @@ and the merge, and the last merge's end (the launch's span inside the GPU). The 
 launches are timed as CUDA graphs beside each other, so the trace's own cost shows.
 
     PYTHONPATH=. python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 --out trace.json
+    python benchmarks/gpu/trace_store_kernel.py --plot trace.json   # trace.png: each shape's last launch
 """
 
 from __future__ import annotations
@@ -84,6 +85,45 @@ def trace_shape(B: int, n_ctx: int, args: argparse.Namespace, gen: torch.Generat
                 last_call=rows.tolist())
 
 
+def plot(path: str) -> str:
+    """Each shape's last traced launch as a timeline (any machine, matplotlib): one line per program,
+    sorted by region and start, coloured by region while it works, grey while it counts its arrival,
+    black while it merges. Returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        data = json.load(f)
+    shapes = data["shapes"]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 5), squeeze=False)
+    for ax, r in zip(axes[0], shapes, strict=True):
+        rows = sorted(r["last_call"], key=lambda row: (row[REGION], row[BEGIN]))
+        t0 = min(row[BEGIN] for row in rows)
+        colours = plt.get_cmap("tab10")
+        for y, row in enumerate(rows):
+            begin, work, arrive, merged = ((row[i] - t0) / 1e3 for i in (BEGIN, WORK, ARRIVE, MERGED))
+            ax.hlines(y, begin, work, color=colours(row[REGION]), linewidth=1)
+            ax.hlines(y, work, arrive, color="0.6", linewidth=1)
+            if row[MERGED]:
+                ax.hlines(y, arrive, merged, color="black", linewidth=2)
+        dims = [f"{rk}/{rv}" if rk != rv else str(rk) for rk, rv in r["tiers"]]
+        ax.set_title(f"{r['context'] // 1024}K x {r['batch']}: {len(rows)} programs, regions {', '.join(dims)}\n"
+                     f"graph median {r['ms_graph']['plain'] * 1e3:.1f} us, span of this launch "
+                     f"{max((row[MERGED] or row[ARRIVE]) - t0 for row in rows) / 1e3:.1f} us", fontsize=9)
+        handles = [plt.Line2D([], [], color=colours(i), label=f"works: region {dim}") for i, dim in enumerate(dims)]
+        handles += [plt.Line2D([], [], color="0.6", label="counts its arrival"),
+                    plt.Line2D([], [], color="black", linewidth=2, label="merges")]
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+        ax.set_xlabel("us from the first program's start")
+        ax.set_ylabel("program (by region, then start)")
+    fig.tight_layout()
+    png = path.rsplit(".", 1)[0] + ".png"
+    fig.savefig(png, dpi=120)
+    return png
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="131072x1,131072x8", help="CONTEXTxBATCH list")
@@ -97,7 +137,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20, help="traced launches per shape (medians)")
     parser.add_argument("--rep-ms", type=int, default=100)
     parser.add_argument("--out", default="trace_store_kernel.json")
+    parser.add_argument("--plot", metavar="JSON", help="only draw the timelines of a written trace (no GPU)")
     args = parser.parse_args()
+    if args.plot:
+        print(plot(args.plot))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("trace_store_kernel.py reads the GPU's timer: it needs a CUDA device")
     gen = torch.Generator(device="cuda").manual_seed(0)
