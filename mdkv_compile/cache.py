@@ -148,6 +148,9 @@ class MixedDimLayer(CacheLayerMixin):
         self.n_new = 0
         self.n_decoded: torch.Tensor | None = None
         self._kernel_plan: StorePlan | None = None  # the store's kernel plan, made once
+        # the decode kernel's arrival counts ([B * H_kv] int32), kept across steps: the kernel leaves
+        # them at zero, so a step (and a captured graph) needs no memset of a fresh buffer
+        self._arrival_counts: torch.Tensor | None = None
 
     # --- CacheLayerMixin -------------------------------------------------------------------------
 
@@ -217,7 +220,7 @@ class MixedDimLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.store, self.pending, self.n_prompt, self.n_new = None, None, 0, 0
-        self.n_decoded, self._kernel_plan = None, None
+        self.n_decoded, self._kernel_plan, self._arrival_counts = None, None, None
         self.is_initialized = False
 
     def _unsupported(self, *args, **kwargs):
@@ -263,9 +266,13 @@ class MixedDimLayer(CacheLayerMixin):
             return packed_store_attention(query, store, self.keys, self.values, self.n_new, scale, softcap,
                                           plan=self._kernel_plan)
         # fixed region: the kernel reads the count on the device (n_decoded is None otherwise) and
-        # the capacity only sizes its work split; a growing region is all valid
+        # the capacity only sizes its work split; a growing region is all valid. The kept arrival
+        # counts are left out where Inductor traces this call: the op does not declare the kernel's
+        # writes to them (it leaves them as it found them), so Inductor would clone them before every
+        # launch, a copy in place of the memset.
+        counts = None if torch.compiler.is_compiling() else self._arrival_counts
         return packed_store_attention(query, store, self.keys, self.values, self.max_new_tokens, scale, softcap,
-                                      n_decoded=self.n_decoded, plan=self._kernel_plan)
+                                      n_decoded=self.n_decoded, plan=self._kernel_plan, arrival_counts=counts)
 
     def _new_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         """[B, 1|H, L, n_new] bool: which decoded tokens each query sees (None: all, causally)."""
@@ -350,6 +357,7 @@ class MixedDimLayer(CacheLayerMixin):
         self.last_value_selection = chosen_value if self.record_selection else None
         self.n_prompt = n_tokens
         self.pending = None
+        self._arrival_counts = torch.zeros(bsz * n_heads, dtype=torch.int32, device=key.device)
         if self.max_new_tokens is not None:
             shape = (bsz, n_heads, self.max_new_tokens, key.shape[-1])
             self.keys, self.values = key.new_zeros(shape), value.new_zeros(shape)

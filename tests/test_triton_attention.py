@@ -231,6 +231,9 @@ def test_kept_arrival_counts_are_left_at_zero() -> None:
         out = kernel(**c, tuning=tuning, poison_workspace=True, arrival_counts=counts)
         assert rel_err(out, reference(c)) < 1e-5
         assert not counts.any(), "a launch left an arrival count behind"
+    # through the registered op, at the default launch parameters
+    assert rel_err(packed_decode_attention(**c, arrival_counts=counts), reference(c)) < 1e-5
+    assert not counts.any()
     with pytest.raises(ValueError, match="arrival_counts"):
         packed_decode_attention_triton(**c, tuning=tuning, arrival_counts=counts[:2])
     with pytest.raises(ValueError, match="arrival_counts"):
@@ -476,6 +479,8 @@ def test_cache_chunk_kernel_path_matches_attend_packed(max_new_tokens: int | Non
         # attend: the PyTorch path on the CPU, the kernels on CUDA (the mask is causal)
         torch.testing.assert_close(layer.attend(q, mask, d**-0.5, None), ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer._attend_kernel(q, d**-0.5, None), ref, rtol=1e-4, atol=1e-5)
+    # the layer's kept arrival counts served its decode launch and were left at zero
+    assert layer._arrival_counts is not None and not layer._arrival_counts.any()
 
 
 # --- decoupled tiers: a reduced tier keeps its keys and values at different widths -------------------

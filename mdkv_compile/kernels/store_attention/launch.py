@@ -31,11 +31,11 @@ def packed_decode_attention_triton(
     scale: float,
     softcap: float | None = None,
     n_decoded: Tensor | None = None,
+    arrival_counts: Tensor | None = None,
     *,
     out: Tensor | None = None,
     poison_workspace: bool = False,
     tuning: Tuning | None = None,
-    arrival_counts: Tensor | None = None,
     trace: Tensor | None = None,
     wrap: Wrap = identity,
 ) -> Tensor:
@@ -44,9 +44,7 @@ def packed_decode_attention_triton(
     reads, and ``n_new`` only sizes the splits (pass the region's capacity). ``out`` and
     ``poison_workspace`` let tests check that every output element is written and no unwritten
     workspace element is read; ``tuning`` replaces the launch parameters (benchmarks; None:
-    ``DEFAULT_TUNING``). ``arrival_counts``: a caller-kept int32 buffer of at least ``owners x row
-    blocks`` zeros (decode: ``B x H_kv``) for the merge's counts, which every launch leaves at zero:
-    no memset per call (None: a zeroed buffer per call). ``trace`` (GPU only): an int64 ``[n, TRACE_FIELDS]``
+    ``DEFAULT_TUNING``). ``trace`` (GPU only): an int64 ``[n, TRACE_FIELDS]``
     buffer, ``n`` at least the launch's programs, whose row ``p`` program ``p`` fills with its timestamps
     (benchmarks/gpu/trace_store_kernel.py reads them; a separately compiled variant)."""
     _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, n_decoded, out)
@@ -83,7 +81,8 @@ def packed_chunk_attention_triton(
 ) -> Tensor:
     """The chunked-prefill kernels called directly (see ``packed_chunk_attention``): q [B, Hq, L, d]
     are the last L of the n_new new tokens (causal among them). Keywords as
-    ``packed_decode_attention_triton``."""
+    ``packed_decode_attention_triton``; ``arrival_counts`` as ``packed_decode_attention``'s, at least
+    ``B x H_kv x`` the chunk's row blocks."""
     _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, out)
     plan = StorePlan.from_tiers(tier_keys, tier_values, tier_offsets, basis_k, basis_v, tuning)
     B, Hq, L, d = q.shape

@@ -31,6 +31,7 @@ def packed_decode_attention(
     scale: float,
     softcap: float | None = None,
     n_decoded: Tensor | None = None,
+    arrival_counts: Tensor | None = None,
 ) -> Tensor:
     """Decode attention over a packed store plus the full-dimension decoded region.
 
@@ -43,6 +44,9 @@ def packed_decode_attention(
     ``[B, Hq, 1, d]`` in q's dtype. An owner with no token at all gets a zero output.
     ``n_decoded``: int64 ``[1]`` on q's device holding the number of decoded tokens; when given, the
     kernel reads the count there (CUDA-graph replay) and ``n_new`` only sizes the work split.
+    ``arrival_counts``: int32 on q's device, at least ``B * H_kv`` zeros, for the kernel's merge: every
+    launch leaves them at zero, so a caller that keeps them (a cache, across its steps) saves the memset
+    of a fresh buffer per call (None: a fresh one). Unused by the PyTorch path.
     """
     if n_decoded is not None:  # the reference path needs the count on the host
         n_new = int(n_decoded.reshape(-1)[0])
@@ -82,6 +86,7 @@ def packed_store_attention(
     softcap: float | None = None,
     n_decoded: Tensor | None = None,
     plan: StorePlan | None = None,
+    arrival_counts: Tensor | None = None,
 ) -> Tensor:
     """Attention over a core ``PackedStore`` plus new tokens: ``packed_decode_attention`` for one query
     token, ``packed_chunk_attention`` for ``L > 1`` (the queries are the last ``L`` of the ``n_new``
@@ -89,7 +94,8 @@ def packed_store_attention(
     ``mdkv_compile.core.attention.attend_packed(q, store, k_new[:, :, :n_new], v_new[:, :, :n_new])``
     (every stored token visible, new tokens causally). ``plan``: the store's ``StorePlan.for_store``
     made once (a caller decoding many steps over one store saves the per-step work);
-    ``n_decoded``: the decoded-token count on the device (decode only, see ``packed_decode_attention``)."""
+    ``n_decoded``: the decoded-token count on the device, ``arrival_counts`` a kept count buffer (decode
+    only, see ``packed_decode_attention``)."""
     tiers = (StorePlan.for_store(store) if plan is None else plan).tiers
     B, _, L, d = q.shape
     scale = d**-0.5 if scale is None else scale
@@ -103,4 +109,4 @@ def packed_store_attention(
         k_new = v_new = q.new_zeros(B, store.kv_heads, 1, d)
         n_new, n_decoded = 0, None
     n_new = k_new.shape[2] if n_new is None else n_new
-    return packed_decode_attention(q, *tiers, k_new, v_new, n_new, scale, softcap, n_decoded)
+    return packed_decode_attention(q, *tiers, k_new, v_new, n_new, scale, softcap, n_decoded, arrival_counts)
