@@ -17,7 +17,7 @@
 #   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 8 min, next: the chunk split policy's
 #       defaults as a whole, a traced launch (trace_store_kernel.py), 128K x 1 with 64-row full-tier
 #       blocks, more stages or warps, the decode rows with kept arrival counts (no memset) twice, the
-#       kernel tests no call has reached compiled (decoupled tiers, kept counts, the trace) (call 7 ran an earlier form: chunks at 1, 2 and 4 splits, raw
+#       kernel tests no call has reached compiled (decoupled tiers, kept counts, the trace, the cache path) (call 7 ran an earlier form: chunks at 1, 2 and 4 splits, raw
 #       benchmarks/results/issue16_chunksplits_h100/)
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
@@ -132,7 +132,7 @@ if [ "${1:-}" = chunksplits ]; then
     # a second run of the decode rows shows how far the difference stands above run-to-run noise
     el "decode rows again (counts kept beside the memset)"
     new 40 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults_again.json | grep "^B="
-    finish store_chunksplits.tar.gz 150 "decoupled or kept_arrival or trace"
+    finish store_chunksplits.tar.gz 150 "decoupled or kept_arrival or trace or cache_chunk"
 fi
 
 if [ "${1:-}" = tiers ]; then
