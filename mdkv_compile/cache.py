@@ -33,6 +33,7 @@ from mdkv_compile.core.attention import attend_packed, causal_or_mask, dense_att
 from mdkv_compile.core.bases import load_calibrated
 from mdkv_compile.core.packing import PackedStore
 from mdkv_compile.core.sharding import HeadShard, check_local_heads
+from mdkv_compile.kernels._triton import use_triton
 from mdkv_compile.kernels.store_attention import StorePlan, packed_store_attention
 from mdkv_compile.methods import RECORDS
 from mdkv_compile.policies import LayerContext, select
@@ -148,9 +149,10 @@ class MixedDimLayer(CacheLayerMixin):
         self.n_new = 0
         self.n_decoded: torch.Tensor | None = None
         self._kernel_plan: StorePlan | None = None  # the store's kernel plan, made once
-        # the decode kernel's arrival counts ([B * H_kv] int32), kept across steps: the kernel leaves
-        # them at zero, so a step (and a captured graph) needs no memset of a fresh buffer
-        self._arrival_counts: torch.Tensor | None = None
+        # the decode kernel's arrival counts ([B * H_kv] int32, where the kernels can run), kept across
+        # steps: the kernel leaves them at zero, so a step (and a captured graph) needs no memset of a
+        # fresh buffer
+        self.arrival_counts: torch.Tensor | None = None
 
     # --- CacheLayerMixin -------------------------------------------------------------------------
 
@@ -220,7 +222,7 @@ class MixedDimLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.store, self.pending, self.n_prompt, self.n_new = None, None, 0, 0
-        self.n_decoded, self._kernel_plan, self._arrival_counts = None, None, None
+        self.n_decoded, self._kernel_plan, self.arrival_counts = None, None, None
         self.is_initialized = False
 
     def _unsupported(self, *args, **kwargs):
@@ -270,7 +272,7 @@ class MixedDimLayer(CacheLayerMixin):
         # counts are left out where Inductor traces this call: the op does not declare the kernel's
         # writes to them (it leaves them as it found them), so Inductor would clone them before every
         # launch, a copy in place of the memset.
-        counts = None if torch.compiler.is_compiling() else self._arrival_counts
+        counts = None if torch.compiler.is_compiling() else self.arrival_counts
         return packed_store_attention(query, store, self.keys, self.values, self.max_new_tokens, scale, softcap,
                                       n_decoded=self.n_decoded, plan=self._kernel_plan, arrival_counts=counts)
 
@@ -357,7 +359,8 @@ class MixedDimLayer(CacheLayerMixin):
         self.last_value_selection = chosen_value if self.record_selection else None
         self.n_prompt = n_tokens
         self.pending = None
-        self._arrival_counts = torch.zeros(bsz * n_heads, dtype=torch.int32, device=key.device)
+        if use_triton(key):
+            self.arrival_counts = torch.zeros(bsz * n_heads, dtype=torch.int32, device=key.device)
         if self.max_new_tokens is not None:
             shape = (bsz, n_heads, self.max_new_tokens, key.shape[-1])
             self.keys, self.values = key.new_zeros(shape), value.new_zeros(shape)

@@ -151,7 +151,8 @@ def test_model_compile_generate_same_tokens_for_every_cache(monkeypatch: pytest.
     # What stays allocated: the compressed state (no view of the prompt's KV in it) and one position
     # per placeholder.
     layers = sites.site_layers(OPTS, model).values()
-    counts = sum(layer.selection_counts.nbytes for layer in layers)  # bookkeeping stored_bytes leaves out
+    # bookkeeping that stored_bytes leaves out: the selection's counts, the kernel's arrival counts
+    counts = sum(layer.selection_counts.nbytes + layer.arrival_counts.nbytes for layer in layers)
     assert held_bytes(*layers) == backend.compiled_cache_bytes(OPTS, model) + counts == ref_bytes + counts
     assert held_bytes(cache) <= 2 * 2 * 16 * 4 * 2 + 64  # layers x k/v x (2 heads x d 16 x fp32), counters
 

@@ -480,7 +480,7 @@ def test_cache_chunk_kernel_path_matches_attend_packed(max_new_tokens: int | Non
         torch.testing.assert_close(layer.attend(q, mask, d**-0.5, None), ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer._attend_kernel(q, d**-0.5, None), ref, rtol=1e-4, atol=1e-5)
     # the layer's kept arrival counts served its decode launch and were left at zero
-    assert layer._arrival_counts is not None and not layer._arrival_counts.any()
+    assert layer.arrival_counts is not None and not layer.arrival_counts.any()
 
 
 # --- decoupled tiers: a reduced tier keeps its keys and values at different widths -------------------
