@@ -16,9 +16,9 @@
 #       the narrow tiers, chunks of 64 and 256 at 1 and 2 splits and 64- or 128-row blocks, the kernel tests
 #   bash benchmarks/gpu/session_store_kernel.sh chunksplits  # about 8 min, next: the chunk split policy's
 #       defaults as a whole, a traced launch (trace_store_kernel.py), 128K x 1 with 64-row full-tier
-#       blocks, more stages or warps, the decode rows with kept arrival counts (no memset) twice, the
-#       kernel tests no call has reached compiled (decoupled tiers, kept counts, the trace, the cache path) (call 7 ran an earlier form: chunks at 1, 2 and 4 splits, raw
-#       benchmarks/results/issue16_chunksplits_h100/)
+#       blocks and 4 stages, the decode rows with kept arrival counts (no memset) twice, the kernel tests
+#       no call has reached compiled (decoupled tiers, kept counts, the trace, the cache path); call 7
+#       ran an earlier form (chunks at 1, 2 and 4 splits, raw benchmarks/results/issue16_chunksplits_h100/)
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -123,8 +123,8 @@ if [ "${1:-}" = chunksplits ]; then
         --out $J/trace.json
     # 128K x 1: shorter chains for the narrow tiers changed nothing in call 7 (uncapped 256-row blocks:
     # 0.0224 against 0.0222 ms), so the full tier's programs (8 blocks of 32 rows) may set the time; or
-    # each program's chain of dependent blocks, with two blocks in flight: more stages, more warps
-    for t in block_n_full=64 num_stages=4 num_stages=4,block_n_full=64 num_warps=8; do
+    # each program's chain of dependent blocks, with two blocks in flight: more stages
+    for t in block_n_full=64 num_stages=4 num_stages=4,block_n_full=64; do
         el "128K x 1, tuning $t"
         new 35 --no-compile-check --shapes 131072x1 --tuning $t --out "$J/bench_b1_${t//[=,]/_}.json" | grep "^B="
     done
@@ -132,7 +132,7 @@ if [ "${1:-}" = chunksplits ]; then
     # a second run of the decode rows shows how far the difference stands above run-to-run noise
     el "decode rows again (counts kept beside the memset)"
     new 40 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults_again.json | grep "^B="
-    finish store_chunksplits.tar.gz 150 "decoupled or kept_arrival or trace or cache_chunk"
+    finish store_chunksplits.tar.gz 120 "decoupled or kept_arrival or trace or cache_chunk"
 fi
 
 if [ "${1:-}" = tiers ]; then
