@@ -475,7 +475,7 @@ if HAS_TRITON:
             _merge(ml_ptr, acc_ptr, coef_ptr, bv_ptr, stride_bvo, stride_bvd, out_ptr, o, rows, M, S, NUM_RED,
                    RV1, RV2, RV3, RV4, RV_TOP, RV_MAX, BLOCK_M, M_P, D, BLOCK_D, MERGE_UNROLL, DOT_PREC, INTERP)
             # every program of this (owner, row block) has counted: back to 0, so that a count buffer kept
-            # across launches (launch.py's `counts`) needs no memset before the next one
+            # across launches (launch.py's `arrival_counts`) needs no memset before the next one
             tl.store(count_ptr + o * NMB + mb, 0)
             if TRACE:
                 t_merged = globaltimer()
