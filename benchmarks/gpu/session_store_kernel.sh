@@ -19,8 +19,8 @@
 #       blocks and 4 stages, the decode rows with kept arrival counts (no memset) twice, the kernel tests
 #       no call has reached compiled (decoupled tiers, kept counts, the trace, the cache path); call 7
 #       ran an earlier form (chunks at 1, 2 and 4 splits, raw benchmarks/results/issue16_chunksplits_h100/)
-#   bash benchmarks/gpu/session_store_kernel.sh kept       # about 4 min: chunksplits' decode rows, trace and
-#       kernel tests alone
+#   bash benchmarks/gpu/session_store_kernel.sh kept       # about 5 min: chunksplits without its chunk rows
+#       (and one batch-1 variant fewer)
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -138,14 +138,18 @@ if [ "${1:-}" = chunksplits ]; then
 fi
 
 if [ "${1:-}" = kept ]; then
-    # About 4 min, the short form of `chunksplits` for a machine already warm: the decode rows with kept
-    # arrival counts twice, the traced launch, the GPU tests of kept counts, the trace and the cache path
+    # About 5 min, the short form of `chunksplits`: the decode rows with kept arrival counts twice, the
+    # traced launch, two batch-1 variants, the GPU tests of kept counts, the trace and the cache path
     J=/tmp/store_json; mkdir -p $J
     el "decode rows (counts kept beside the memset)"
     new 45 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults.json | grep "^B="
     el "where a launch's time goes, program by program (GPU timer)"
     PYTHONPATH=$NEW timeout 60 python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 \
         --out $J/trace.json
+    for t in block_n_full=64 num_stages=4; do
+        el "128K x 1, tuning $t"
+        new 35 --no-compile-check --shapes 131072x1 --tuning $t --out "$J/bench_b1_${t//[=,]/_}.json" | grep "^B="
+    done
     el "decode rows again"
     new 45 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults_again.json | grep "^B="
     finish store_kept.tar.gz 80 "kept_arrival or trace or cache_chunk"
