@@ -141,8 +141,9 @@ if [ "${1:-}" = kept ]; then
     # About 5 min, the short form of `chunksplits`: the decode rows with kept arrival counts twice, the
     # traced launch, two batch-1 variants, the GPU tests of kept counts, the trace and the cache path
     J=/tmp/store_json; mkdir -p $J
+    # the first run compiles the kernels on a fresh machine: 50 s were too few there (call 8)
     el "decode rows (counts kept beside the memset)"
-    new 45 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults.json | grep "^B="
+    new 100 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults.json | grep "^B="
     el "where a launch's time goes, program by program (GPU timer)"
     PYTHONPATH=$NEW timeout 60 python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 \
         --out $J/trace.json
@@ -151,7 +152,7 @@ if [ "${1:-}" = kept ]; then
         new 35 --no-compile-check --shapes 131072x1 --tuning $t --out "$J/bench_b1_${t//[=,]/_}.json" | grep "^B="
     done
     el "decode rows again"
-    new 45 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults_again.json | grep "^B="
+    new 60 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults_again.json | grep "^B="
     finish store_kept.tar.gz 80 "kept_arrival or trace or cache_chunk"
 fi
 
