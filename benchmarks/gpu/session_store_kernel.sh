@@ -48,6 +48,17 @@ gpu_tests() {  # the kernel tests compiled for the GPU against float64 reference
     PYTHONPATH=$NEW timeout "$1" python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py \
         ${2:+-k "$2"} 2>&1 | tail -4
 }
+traced() {  # where a launch's time goes, program by program (the GPU's timer), into $J/trace.json
+    el "where a launch's time goes, program by program (GPU timer)"
+    PYTHONPATH=$NEW timeout 60 python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 \
+        --out $J/trace.json
+}
+batch1() {  # 128K x 1 with each --tuning given
+    for t in "$@"; do
+        el "128K x 1, tuning $t"
+        new 35 --no-compile-check --shapes 131072x1 --tuning $t --out "$J/bench_b1_${t//[=,]/_}.json" | grep "^B="
+    done
+}
 
 if [ "${1:-}" = final ]; then
     # The rows the first three calls could not reach: the final defaults together, the policy's default
@@ -120,16 +131,11 @@ if [ "${1:-}" = chunksplits ]; then
     el "defaults: decode and chunks"
     new 100 --no-compile-check --shapes 131072x8,131072x1 --chunks 16,64,256 --chunk-batches 8 \
         --out $J/bench_defaults.json | grep "^chunk\|^B="
-    el "where a launch's time goes, program by program (GPU timer)"
-    PYTHONPATH=$NEW timeout 60 python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 \
-        --out $J/trace.json
+    traced
     # 128K x 1: shorter chains for the narrow tiers changed nothing in call 7 (uncapped 256-row blocks:
     # 0.0224 against 0.0222 ms), so the full tier's programs (8 blocks of 32 rows) may set the time; or
     # each program's chain of dependent blocks, with two blocks in flight: more stages
-    for t in block_n_full=64 num_stages=4 num_stages=4,block_n_full=64; do
-        el "128K x 1, tuning $t"
-        new 35 --no-compile-check --shapes 131072x1 --tuning $t --out "$J/bench_b1_${t//[=,]/_}.json" | grep "^B="
-    done
+    batch1 block_n_full=64 num_stages=4 num_stages=4,block_n_full=64
     # every bench row times the launch with kept arrival counts (no memset node) beside the default;
     # a second run of the decode rows shows how far the difference stands above run-to-run noise
     el "decode rows again (counts kept beside the memset)"
@@ -144,13 +150,8 @@ if [ "${1:-}" = kept ]; then
     # the first run compiles the kernels on a fresh machine: 50 s were too few there (call 8)
     el "decode rows (counts kept beside the memset)"
     new 100 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults.json | grep "^B="
-    el "where a launch's time goes, program by program (GPU timer)"
-    PYTHONPATH=$NEW timeout 60 python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 \
-        --out $J/trace.json
-    for t in block_n_full=64 num_stages=4; do
-        el "128K x 1, tuning $t"
-        new 35 --no-compile-check --shapes 131072x1 --tuning $t --out "$J/bench_b1_${t//[=,]/_}.json" | grep "^B="
-    done
+    traced
+    batch1 block_n_full=64 num_stages=4
     el "decode rows again"
     new 60 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults_again.json | grep "^B="
     finish store_kept.tar.gz 80 "kept_arrival or trace or cache_chunk"
