@@ -47,7 +47,8 @@ def packed_decode_attention_triton(
     ``DEFAULT_TUNING``). ``trace`` (GPU only): an int64 ``[n, TRACE_FIELDS]``
     buffer, ``n`` at least the launch's programs, whose row ``p`` program ``p`` fills with its timestamps
     (benchmarks/gpu/trace_store_kernel.py reads them; a separately compiled variant)."""
-    _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, n_decoded, out)
+    _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, n_decoded, out,
+                   arrival_counts, trace)
     plan = StorePlan.from_tiers(tier_keys, tier_values, tier_offsets, basis_k, basis_v, tuning)
     B, Hq, Lq, d = q.shape
     assert Lq == 1, "decode kernel: one query token per sequence"
@@ -83,7 +84,8 @@ def packed_chunk_attention_triton(
     are the last L of the n_new new tokens (causal among them). Keywords as
     ``packed_decode_attention_triton``; ``arrival_counts`` as ``packed_decode_attention``'s, at least
     ``B x H_kv x`` the chunk's row blocks."""
-    _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, out)
+    _check_devices(q, *tier_keys, *tier_values, *tier_offsets, basis_k, basis_v, k_new, v_new, out, arrival_counts,
+                   trace)
     plan = StorePlan.from_tiers(tier_keys, tier_values, tier_offsets, basis_k, basis_v, tuning)
     B, Hq, L, d = q.shape
     assert 1 <= L <= n_new <= k_new.shape[2], "the queries are the last L of the n_new new tokens"
@@ -134,7 +136,7 @@ def _launch(
     arrivals = _arrival_counts(arrival_counts, split, q.device)
     out = _output(out, q)
     programs = split.row_blocks * split.splits * split.owners * (plan.n_reduced + 1)
-    _check_trace(trace, programs, q.device)
+    _check_trace(trace, programs)
     wrap(jit._packed_attention)[(programs,)](
         q, *plan.tier_pointers, *plan.bases,
         k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
@@ -182,26 +184,28 @@ def _workspace(sizes: tuple[int, int, int], device: torch.device, poison: bool) 
 
 
 def _arrival_counts(counts: Tensor | None, split: WorkSplit, device: torch.device) -> Tensor:
-    """The merge's arrival counts: the caller's kept buffer (zeros, and left at zero by every launch),
-    or a fresh one, zeroed by a memset so that the call never depends on the one before."""
+    """The merge's arrival counts: the caller's kept buffer (zeros, and left at zero by every launch; its
+    device checked with the other arguments'), or a fresh one, zeroed by a memset so that the call never
+    depends on the one before."""
     n = split.owners * split.row_blocks  # one per (owner, row block)
     if counts is None:
         return torch.zeros(n, dtype=torch.int32, device=device)
-    if counts.dtype != torch.int32 or counts.device != device or not counts.is_contiguous() or counts.numel() < n:
-        raise ValueError(f"arrival_counts: a contiguous int32 buffer of at least {n} elements on {device} is "
-                         f"needed, got {tuple(counts.shape)} {counts.dtype} on {counts.device}")
+    if counts.dtype != torch.int32 or not counts.is_contiguous() or counts.numel() < n:
+        raise ValueError(f"arrival_counts: a contiguous int32 buffer of at least {n} elements is needed, got "
+                         f"{tuple(counts.shape)} {counts.dtype}")
     return counts
 
 
-def _check_trace(trace: Tensor | None, programs: int, device: torch.device) -> None:
+def _check_trace(trace: Tensor | None, programs: int) -> None:
+    """The trace buffer's type and size (its device is checked with the other arguments')."""
     if trace is None:
         return
     if interpreting():
         raise ValueError("trace: the kernel reads the GPU's timer, which Triton's interpreter does not have")
-    if (trace.dtype != torch.int64 or trace.device != device or not trace.is_contiguous()
-            or trace.dim() != 2 or trace.shape[0] < programs or trace.shape[1] != jit.TRACE_FIELDS):
-        raise ValueError(f"trace: a contiguous int64 [>= {programs}, {jit.TRACE_FIELDS}] buffer on {device} is "
-                         f"needed, got {tuple(trace.shape)} {trace.dtype} on {trace.device}")
+    if (trace.dtype != torch.int64 or not trace.is_contiguous() or trace.dim() != 2 or trace.shape[0] < programs
+            or trace.shape[1] != jit.TRACE_FIELDS):
+        raise ValueError(f"trace: a contiguous int64 [>= {programs}, {jit.TRACE_FIELDS}] buffer is needed, got "
+                         f"{tuple(trace.shape)} {trace.dtype}")
 
 
 def _output(out: Tensor | None, q: Tensor) -> Tensor:
