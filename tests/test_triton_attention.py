@@ -428,10 +428,17 @@ def test_tuning_overrides_the_launch_and_keeps_results() -> None:
     for tuning in (ta.Tuning(splits=1), ta.Tuning(splits=5, num_warps=8, num_stages=2),
                    ta.Tuning(block_n_full=32, block_n_reduced_max=64, num_stages=4),
                    ta.Tuning(block_n_full=128, block_n_reduced_max=256, decode_block_n_reduced_max=512, splits=2),
-                   ta.Tuning(decode_max_registers=None, reverse_regions=False)):
+                   ta.Tuning(decode_max_registers=None, reverse_regions=False),
+                   ta.Tuning(merge_unroll=4, splits=5), ta.Tuning(narrow_merge=False, merge_unroll=2)):
         out = torch.full_like(c["q"], float("nan"))
         packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
         assert rel_err(out, ref) < 1e-5, tuning
+    # one query head per KV head: the merge holds one row, padded to 16 for the rotation back
+    c = make_case(gen, 1, 3, 1, 32, (32, 16, 8), 70, 3, 4, torch.float32)
+    for tuning in (ta.DEFAULT_TUNING, ta.Tuning(narrow_merge=False)):
+        out = torch.full_like(c["q"], float("nan"))
+        packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
+        assert rel_err(out, reference(c)) < 1e-5, tuning
 
 
 @pytest.mark.parametrize("max_new_tokens", [None, 16], ids=["growing_region", "fixed_region"])

@@ -21,6 +21,8 @@
 #       ran an earlier form (chunks at 1, 2 and 4 splits, raw benchmarks/results/issue16_chunksplits_h100/)
 #   bash benchmarks/gpu/session_store_kernel.sh kept       # about 5 min: chunksplits without its chunk rows
 #       (and one batch-1 variant fewer)
+#   bash benchmarks/gpu/session_store_kernel.sh merge      # about 9 min: the merge of the rows that
+#       exist beside the tree before, its unroll, traced, decoupled tiers, the GPU kernel tests
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -155,6 +157,31 @@ if [ "${1:-}" = kept ]; then
     el "decode rows again"
     new 60 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_defaults_again.json | grep "^B="
     finish store_kept.tar.gz 80 "kept_arrival or trace or cache_chunk"
+fi
+
+if [ "${1:-}" = merge ]; then
+    # About 9 min. The merge holds the rows that exist (4 query heads, not a 16-row block) and issues
+    # basis_v's load first (.gpu/common/base = the tree before): the decode rows beside the tree before,
+    # the merge's unroll (its loads of that many splits in flight together), the merge traced, the
+    # policy's decoupled tiers, then the GPU kernel tests
+    J=/tmp/store_json; mkdir -p $J
+    # the first run of each tree compiles the kernels on a fresh machine (100 s)
+    el "tree before: decode rows"
+    base 100 --shapes 131072x8,131072x1 --out $J/bench_base.json | grep "^B="
+    el "this tree: decode rows (narrow merge, unroll 1)"
+    new 100 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_new.json | grep "^B="
+    for t in merge_unroll=8 merge_unroll=4 narrow_merge=0; do
+        el "this tree, tuning $t"
+        new 45 --no-compile-check --shapes 131072x8,131072x1 --tuning $t --out "$J/bench_${t//[=,]/_}.json" | grep "^B="
+    done
+    traced
+    PYTHONPATH=$NEW timeout 45 python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 \
+        --tuning merge_unroll=8 --out $J/trace_unroll8.json
+    el "decoupled tiers: tree before, this tree"
+    base 50 --shapes 131072x8,131072x1 --tiers mixeddimkv --out $J/bench_base_decoupled.json | grep "^B="
+    new 50 --no-compile-check --shapes 131072x8,131072x1 --tiers mixeddimkv --out $J/bench_new_decoupled.json \
+        | grep "^B="
+    finish store_merge.tar.gz 90 "decode or merge or tuning or kept or decoupled"
 fi
 
 if [ "${1:-}" = tiers ]; then

@@ -305,40 +305,62 @@ if HAS_TRITON:
         return m_new, l_i, acc, coef
 
     @triton.jit
+    def _pad_rows(x, ROWS: tl.constexpr, TO: tl.constexpr, COLS: tl.constexpr):
+        """x [ROWS, COLS] as [TO, COLS]: its rows first, then zero rows (TO a multiple of ROWS). A tl.dot
+        takes 16 rows at least; a merge of fewer rows pads its tiles for the rotation back."""
+        copy = tl.arange(0, TO // ROWS)[:, None, None]
+        return tl.reshape(tl.where(copy == 0, x[None, :, :], 0.0), (TO, COLS))
+
+    @triton.jit
     def _merge(
-        ml_ptr, acc_ptr, coef_ptr, bv_ptr, stride_bvo, stride_bvd, out_ptr, o, rows, M, S,
+        ml_ptr, acc_ptr, coef_ptr, bv_ptr, stride_bvo, stride_bvd, out_ptr, o, mb, M, S,
         NUM_RED: tl.constexpr,
         RV1: tl.constexpr, RV2: tl.constexpr, RV3: tl.constexpr, RV4: tl.constexpr,
-        RV_TOP: tl.constexpr, RV_MAX: tl.constexpr, BLOCK_M: tl.constexpr, M_P: tl.constexpr,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_UNROLL: tl.constexpr, DOT_PREC: tl.constexpr,
-        INTERP: tl.constexpr,
+        RV_TOP: tl.constexpr, RV_MAX: tl.constexpr, BLOCK_M: tl.constexpr, MERGE_M: tl.constexpr,
+        M_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_UNROLL: tl.constexpr,
+        DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     ):
-        """Log-sum-exp merge of the S x (1 + NUM_RED) partials of one block of query rows, one pass in a
-        fixed order (deterministic whichever program runs it). The value coefficients of all reduced
-        tiers (RV1..RV4 wide, the widest RV_TOP) are summed in one [rows, RV_MAX] tile and rotated back
-        once with basis_v[o] ([d, >= RV_TOP]); then normalised and written."""
-        m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        coef = tl.zeros([BLOCK_M, RV_MAX], tl.float32)
-        # MERGE_UNROLL splits per iteration, whose loads may then be in flight together (Tuning.merge_unroll:
-        # 4 was slower than 1 at 128K x 8 on an H100). while, not range(): runs in the interpreter too
-        # (see _region).
+        """Log-sum-exp merge of the S x (1 + NUM_RED) partials of row block mb, one pass in a fixed order
+        (deterministic whichever program runs it). The value coefficients of all reduced tiers (RV1..RV4
+        wide, the widest RV_TOP) are summed in one [rows, RV_MAX] tile, normalised, and rotated back once
+        with basis_v[o] ([d, >= RV_TOP]); then written.
+
+        The merge holds MERGE_M rows (launch.py: the block's rows that exist, rounded up to a power of
+        2), not BLOCK_M: a decode step's 4 query heads in tiles padded to 16 rows took four times the
+        registers for the same loads, and fewer registers per split let more splits' loads be in flight
+        together (MERGE_UNROLL); the tiles are padded to BLOCK_M only for the rotation's tl.dot."""
+        rows = mb * BLOCK_M + tl.arange(0, MERGE_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        if NUM_RED >= 1:
+            # issued first: the only load of the merge that misses L2 (no other program reads basis_v),
+            # in flight while the partials are read
+            offs_r = tl.arange(0, RV_MAX)
+            bv_t = tl.load(bv_ptr + o.to(tl.int64) * stride_bvo + offs_r[:, None] + offs_d[None, :] * stride_bvd,
+                           mask=(offs_r[:, None] < RV_TOP) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        m_run = tl.full([MERGE_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([MERGE_M], tl.float32)
+        acc = tl.zeros([MERGE_M, BLOCK_D], tl.float32)
+        coef = tl.zeros([MERGE_M, RV_MAX], tl.float32)
+        # MERGE_UNROLL splits per iteration, whose loads are then in flight together (Tuning.merge_unroll).
+        # while, not range(): runs in the interpreter too (see _region).
         s0 = 0
         while s0 < S:
             for j in tl.static_range(MERGE_UNROLL):
                 m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s0 + j, S, rows, M, m_run, l_i,
                                                      acc, coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D, BLOCK_D)
             s0 += MERGE_UNROLL
-        offs_d = tl.arange(0, BLOCK_D)
+        # normalised before the rotation (a row that saw nothing has l = 0 and writes zeros)
+        inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+        out = acc * inv_l[:, None]
         if NUM_RED >= 1:
-            # rotate back once: acc += coef @ basis_v[o][:, :RV_TOP].T. TF32 products for 16-bit models
+            coef = coef * inv_l[:, None]
+            if MERGE_M < BLOCK_M:
+                out = _pad_rows(out, MERGE_M, BLOCK_M, BLOCK_D)
+                coef = _pad_rows(coef, MERGE_M, BLOCK_M, RV_MAX)
+                rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # padded rows are past M (one row block then)
+            # rotate back once: out += coef @ basis_v[o][:, :RV_TOP].T. TF32 products for 16-bit models
             # (their error, ~5e-4, is under the output's rounding; an exact fp32 dot of this size spills)
-            offs_r = tl.arange(0, RV_MAX)
-            bv_t = tl.load(bv_ptr + o.to(tl.int64) * stride_bvo + offs_r[:, None] + offs_d[None, :] * stride_bvd,
-                           mask=(offs_r[:, None] < RV_TOP) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-            acc += dot(coef, bv_t, DOT_PREC, INTERP)
-        out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+            out += dot(coef, bv_t, DOT_PREC, INTERP)
         dmask = (rows < M)[:, None] & (offs_d[None, :] < D)
         tl.store(out_ptr + (o * M + rows)[:, None].to(tl.int64) * D + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=dmask)
@@ -371,6 +393,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         REVERSE_REGIONS: tl.constexpr,
+        MERGE_M: tl.constexpr,
         MERGE_UNROLL: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         DOT_PREC: tl.constexpr,
@@ -472,8 +495,9 @@ if HAS_TRITON:
             t_arrive = globaltimer()
             t_merged = t_arrive * 0
         if arrived == S * NREG - 1:
-            _merge(ml_ptr, acc_ptr, coef_ptr, bv_ptr, stride_bvo, stride_bvd, out_ptr, o, rows, M, S, NUM_RED,
-                   RV1, RV2, RV3, RV4, RV_TOP, RV_MAX, BLOCK_M, M_P, D, BLOCK_D, MERGE_UNROLL, DOT_PREC, INTERP)
+            _merge(ml_ptr, acc_ptr, coef_ptr, bv_ptr, stride_bvo, stride_bvd, out_ptr, o, mb, M, S, NUM_RED,
+                   RV1, RV2, RV3, RV4, RV_TOP, RV_MAX, BLOCK_M, MERGE_M, M_P, D, BLOCK_D, MERGE_UNROLL, DOT_PREC,
+                   INTERP)
             # every program of this (owner, row block) has counted: back to 0, so that a count buffer kept
             # across launches (launch.py's `arrival_counts`) needs no memset before the next one
             tl.store(count_ptr + o * NMB + mb, 0)

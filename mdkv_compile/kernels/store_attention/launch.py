@@ -159,6 +159,7 @@ def kernel_constexprs(plan: StorePlan, split: WorkSplit, *, n_from_ptr: bool, ha
         N_FROM_PTR=n_from_ptr, NUM_RED=plan.n_reduced, **plan.tier_constexprs, **plan.reduced_block_rows(split),
         RV_TOP=plan.rv_max, RV_MAX=plan.rv_max_padded, BLOCK_M=split.block_rows, M_P=split.rows_padded,
         D=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, REVERSE_REGIONS=plan.tuning.reverse_regions,
+        MERGE_M=split.merge_rows if plan.tuning.narrow_merge else split.block_rows,
         MERGE_UNROLL=plan.tuning.chunk_merge_unroll if split.chunk else plan.tuning.merge_unroll,
         HAS_SOFTCAP=has_softcap, DOT_PREC=fp32, INTERP=interpreting(), TRACE=trace,
     )

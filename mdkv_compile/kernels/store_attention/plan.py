@@ -63,6 +63,9 @@ class Tuning:
     # (0.129 against 0.121 ms, docs/notes/kernel_notes.md); chunks: 4 spill at 64 rows and 4 warps
     merge_unroll: int = 1
     chunk_merge_unroll: int = 1
+    # the merge holds only the rows that exist (WorkSplit.merge_rows), not the padded block: 4 of 16 for a
+    # decode step with 4 query heads per KV head. False: the whole block (to time one beside the other)
+    narrow_merge: bool = True
     # a cap on registers per thread (Triton's maxnreg) of decode launches, None: the compiler's choice.
     # Uncapped, the policy's decoupled tiers take 230 (two programs of 4 warps per SM); at 168 (three)
     # they do not spill, and on an H100 128K x 8 / x 1 took 0.1284 / 0.0237 ms against 0.1300 / 0.0251
@@ -110,6 +113,12 @@ class WorkSplit:
     row_blocks: int  # 1 for decode, NMB for a chunk
     splits: int  # S
     chunk: bool = False  # launched as a chunk (Tuning's chunk_* fields), not as a decode step
+
+    @property
+    def merge_rows(self) -> int:
+        """Rows the merging program holds (MERGE_M): the block's, or fewer where the block is padded (a
+        decode step's G query heads in 16 rows), rounded up to a power of 2."""
+        return min(self.block_rows, next_pow2(self.rows))
 
     @property
     def rows_padded(self) -> int:
