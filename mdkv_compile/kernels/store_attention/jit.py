@@ -61,29 +61,32 @@ if HAS_TRITON:
         return m_new, p, alpha
 
     @triton.jit
-    def _load_rows(ptr, rows, hi, offs, stride, WIDTH: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
-        """Rows `rows` (those < hi when MASKED) of a row-major region, WIDTH columns padded to BLOCK with 0."""
+    def _load_rows(ptr, rows, hi, offs, stride, WIDTH: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+                   POLICY: tl.constexpr):
+        """Rows `rows` (those < hi when MASKED) of a row-major region, WIDTH columns padded to BLOCK with 0.
+        POLICY: the loads' eviction policy ("" or Triton's "evict_first" / "evict_last", L1 and L2)."""
         ptrs = ptr + rows[:, None].to(tl.int64) * stride + offs[None, :]
         if MASKED:
-            return tl.load(ptrs, mask=(rows < hi)[:, None] & (offs < WIDTH)[None, :], other=0.0)
+            return tl.load(ptrs, mask=(rows < hi)[:, None] & (offs < WIDTH)[None, :], other=0.0,
+                           eviction_policy=POLICY)
         elif BLOCK == WIDTH:
-            return tl.load(ptrs)
+            return tl.load(ptrs, eviction_policy=POLICY)
         else:
-            return tl.load(ptrs, mask=(offs < WIDTH)[None, :], other=0.0)
+            return tl.load(ptrs, mask=(offs < WIDTH)[None, :], other=0.0, eviction_policy=POLICY)
 
     @triton.jit
     def _step(
         qop, k_ptr, v_ptr, start, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale, scale, softcap,
         D_K: tl.constexpr, BLOCK_DK: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-        MASKED: tl.constexpr,
+        MASKED: tl.constexpr, POLICY: tl.constexpr,
     ):
         """One block of BLOCK_N rows starting at `start` of one region; logits in log2 units. Keys are D_K
         wide (row stride stride_kn), values D_V wide (stride_vn). Rows at or past `hi` are masked only
         when MASKED (the region's last block): the others skip the per-logit select and the load masks."""
         rows = start + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_DK)
-        k = _load_rows(k_ptr, rows, hi, offs_k, stride_kn, D_K, BLOCK_DK, MASKED)
+        k = _load_rows(k_ptr, rows, hi, offs_k, stride_kn, D_K, BLOCK_DK, MASKED, POLICY)
         s = dot(qop, tl.trans(k), DOT_PREC, INTERP)  # [BLOCK_M, BLOCK_N] fp32
         # every block holds >= 1 row below hi, so the maximum is finite
         m_new, p, alpha = _online_softmax(s, (rows < hi)[None, :], m_i, qk_scale, scale, softcap, HAS_SOFTCAP,
@@ -92,7 +95,7 @@ if HAS_TRITON:
         # keys and values of one width share the offsets (the callers pass equal strides then): the loads
         # of a tier whose keys and values keep as many dims
         v = _load_rows(v_ptr, rows, hi, offs_k if BLOCK_DV == BLOCK_DK else tl.arange(0, BLOCK_DV), stride_vn,
-                       D_V, BLOCK_DV, MASKED)
+                       D_V, BLOCK_DV, MASKED, POLICY)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC, INTERP)
         return m_new, l_i, acc
 
@@ -117,6 +120,7 @@ if HAS_TRITON:
         HAS_SOFTCAP: tl.constexpr,
         DOT_PREC: tl.constexpr,
         INTERP: tl.constexpr,
+        POLICY: tl.constexpr,
     ):
         """Online softmax over rows [lo, hi) of one region, from an empty state; acc is [BLOCK_M, BLOCK_DV].
         Whole blocks first, unmasked; the last, partial block (if any) masked."""
@@ -131,18 +135,18 @@ if HAS_TRITON:
             while start < whole:
                 m_i, l_i, acc = _step(qop, k_ptr, v_ptr, start, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale,
                                       scale, softcap, D_K, BLOCK_DK, D_V, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
-                                      INTERP, False)
+                                      INTERP, False, POLICY)
                 start += BLOCK_N
         else:
             # a for loop, so the compiler software-pipelines the loads (num_stages)
             for start in range(lo, whole, BLOCK_N):
                 m_i, l_i, acc = _step(qop, k_ptr, v_ptr, start, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale,
                                       scale, softcap, D_K, BLOCK_DK, D_V, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
-                                      INTERP, False)
+                                      INTERP, False, POLICY)
         if whole < hi:
             m_i, l_i, acc = _step(qop, k_ptr, v_ptr, whole, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale,
                                   scale, softcap, D_K, BLOCK_DK, D_V, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
-                                  INTERP, True)
+                                  INTERP, True, POLICY)
         return m_i, l_i, acc
 
     @triton.jit
@@ -163,12 +167,12 @@ if HAS_TRITON:
         may see nothing in this block (and have seen nothing before): its state stays empty."""
         rows = start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        k = _load_rows(k_ptr, rows, hi, offs_d, stride_n, D_T, BLOCK_D, True)
+        k = _load_rows(k_ptr, rows, hi, offs_d, stride_n, D_T, BLOCK_D, True, "")
         s = dot(qop, tl.trans(k), DOT_PREC, INTERP)
         visible = (rows < hi)[None, :] & (rows[None, :] <= lim[:, None])
         m_new, p, alpha = _online_softmax(s, visible, m_i, qk_scale, scale, softcap, HAS_SOFTCAP, True)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_ptr, rows, hi, offs_d, stride_n, D_T, BLOCK_D, True)
+        v = _load_rows(v_ptr, rows, hi, offs_d, stride_n, D_T, BLOCK_D, True, "")
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC, INTERP)
         return m_new, l_i, acc
 
@@ -204,7 +208,7 @@ if HAS_TRITON:
         T_IDX: tl.constexpr, NREG: tl.constexpr, RV_MAX: tl.constexpr, BLOCK_M: tl.constexpr, M_P: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, R_T: tl.constexpr, BLOCK_R: tl.constexpr, RV_T: tl.constexpr,
         BLOCK_RV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-        INTERP: tl.constexpr,
+        INTERP: tl.constexpr, POLICY: tl.constexpr,
     ):
         """Reduced tier T_IDX (keys R_T, values RV_T coordinates) for one split of owner o and one block
         of query rows: its (m, l) partial and its value coefficients, [rows, RV_T] in rows of RV_MAX.
@@ -222,7 +226,7 @@ if HAS_TRITON:
         m_i, l_i, acc = _region(
             q_rot, k_ptr + beg.to(tl.int64) * R_T, v_ptr + beg.to(tl.int64) * RV_T, lo, hi, R_T, RV_T,
             qk_scale, scale, softcap, BLOCK_M, R_T, BLOCK_R, RV_T, BLOCK_RV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
-            INTERP,
+            INTERP, POLICY,
         )
         base = (o * S + s) * NREG + T_IDX
         tl.store(ml_ptr + (base * 2) * M_P + rows, m_i)
@@ -233,76 +237,33 @@ if HAS_TRITON:
                  mask=(rows < M)[:, None] & (offs_v < RV_T)[None, :])
 
     @triton.jit
-    def _tier_coef(
-        ml_ptr, coef_ptr, o, s, S, rows, M, valid,
-        T_IDX: tl.constexpr, NREG: tl.constexpr, RV_MAX: tl.constexpr, RV_T: tl.constexpr, M_P: tl.constexpr,
-    ):
-        """Reduced tier T_IDX's partial of split s: its m [rows], l [rows] and value coefficients
-        [rows, RV_MAX] (zero past RV_T); an empty partial where not `valid`. Loads through L2 (.cg):
-        other programs wrote them."""
-        base = (((o * S + s) * NREG + T_IDX) * 2) * M_P + rows
-        m = tl.load(ml_ptr + base, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        l_t = tl.load(ml_ptr + base + M_P, mask=valid, other=0.0, cache_modifier=".cg")
-        offs_r = tl.arange(0, RV_MAX)
-        crow = ((o * S + s) * (NREG - 1) + (T_IDX - 1)).to(tl.int64) * M + rows
-        c = tl.load(coef_ptr + crow[:, None] * RV_MAX + offs_r[None, :],
-                    mask=valid & (rows < M)[:, None] & (offs_r < RV_T)[None, :], other=0.0, cache_modifier=".cg")
-        return m, l_t, c
+    def _split_stats(ml_ptr, o, sv, S, rows, T_IDX: tl.constexpr, NREG: tl.constexpr, M_P: tl.constexpr):
+        """Region T_IDX's (m, l) partials of the splits sv ([U]) for `rows`: [U, rows] each, empty
+        (m = -inf, l = 0) for sv >= S. Loads through L2 (.cg): other programs wrote them."""
+        base = (((o * S + sv) * NREG + T_IDX) * 2) * M_P
+        ptrs = ml_ptr + base[:, None] + rows[None, :]
+        valid = (sv < S)[:, None] & (rows >= 0)[None, :]
+        m = tl.load(ptrs, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        l_t = tl.load(ptrs + M_P, mask=valid, other=0.0, cache_modifier=".cg")
+        return m, l_t
 
     @triton.jit
-    def _add_coef(l_i, coef, m, l_t, c, m_use):
-        """A reduced tier's partial (m, l_t, coefficients c) added at the merge's running maximum m_use."""
-        w = tl.exp2(m - m_use)
-        return l_i + w * l_t, coef + w[:, None] * c
+    def _split_tiles(ptr, o, sv, S, rows, M, NT: tl.constexpr, T_ROW: tl.constexpr, W: tl.constexpr,
+                     STRIDE: tl.constexpr, BLOCK_W: tl.constexpr):
+        """The [U, rows, BLOCK_W] partial tiles of the splits sv: row r of split s is row
+        ((o * S + s) * NT + T_ROW) * M + r of `ptr` (STRIDE wide, W columns used); zero past them."""
+        offs = tl.arange(0, BLOCK_W)
+        first = ((o * S + sv) * NT + T_ROW).to(tl.int64) * M
+        ptrs = ptr + (first[:, None, None] + rows[None, :, None]) * STRIDE + offs[None, None, :]
+        mask = (sv < S)[:, None, None] & (rows < M)[None, :, None] & (offs < W)[None, None, :]
+        return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
 
     @triton.jit
-    def _merge_split(
-        ml_ptr, acc_ptr, coef_ptr, o, s, S, rows, M, m_run, l_i, acc, coef,
-        NUM_RED: tl.constexpr,
-        RV1: tl.constexpr, RV2: tl.constexpr, RV3: tl.constexpr, RV4: tl.constexpr,
-        RV_MAX: tl.constexpr, M_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """Online log-sum-exp merge of split s's partials (every region) into the running state; nothing
-        for s >= S. Its loads do not depend on the state, so unrolled splits may issue them together."""
-        NREG: tl.constexpr = NUM_RED + 1
-        valid = s < S
-        base = ((o * S + s) * NREG * 2) * M_P + rows
-        m0 = tl.load(ml_ptr + base, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        l0 = tl.load(ml_ptr + base + M_P, mask=valid, other=0.0, cache_modifier=".cg")
-        offs_d = tl.arange(0, BLOCK_D)
-        arow = (o * S + s).to(tl.int64) * M + rows
-        a0 = tl.load(acc_ptr + arow[:, None] * D + offs_d[None, :],
-                     mask=valid & (rows < M)[:, None] & (offs_d[None, :] < D), other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m0)
-        if NUM_RED >= 1:
-            m1, l1, c1 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 1, NREG, RV_MAX, RV1, M_P)
-            m_new = tl.maximum(m_new, m1)
-        if NUM_RED >= 2:
-            m2, l2, c2 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 2, NREG, RV_MAX, RV2, M_P)
-            m_new = tl.maximum(m_new, m2)
-        if NUM_RED >= 3:
-            m3, l3, c3 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 3, NREG, RV_MAX, RV3, M_P)
-            m_new = tl.maximum(m_new, m3)
-        if NUM_RED >= 4:
-            m4, l4, c4 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 4, NREG, RV_MAX, RV4, M_P)
-            m_new = tl.maximum(m_new, m4)
-        # empty partials have m = -inf and weigh exp2(-inf) = 0; a finite stand-in while every partial
-        # so far is empty avoids -inf - -inf
-        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp2(m_run - m_use)
-        w = tl.exp2(m0 - m_use)
-        l_i = l_i * alpha + w * l0
-        acc = acc * alpha[:, None] + w[:, None] * a0
-        coef = coef * alpha[:, None]
-        if NUM_RED >= 1:
-            l_i, coef = _add_coef(l_i, coef, m1, l1, c1, m_use)
-        if NUM_RED >= 2:
-            l_i, coef = _add_coef(l_i, coef, m2, l2, c2, m_use)
-        if NUM_RED >= 3:
-            l_i, coef = _add_coef(l_i, coef, m3, l3, c3, m_use)
-        if NUM_RED >= 4:
-            l_i, coef = _add_coef(l_i, coef, m4, l4, c4, m_use)
-        return m_new, l_i, acc, coef
+    def _add_tier(l_i, coef, m, l_t, c, m_use):
+        """A reduced tier's partials of one merge step (m, l_t [U, rows], coefficients c [U, rows, RV_MAX])
+        weighed at the row maximum m_use and added to the running sum l_i and coefficients coef."""
+        w = tl.exp2(m - m_use[None, :])
+        return l_i + tl.sum(w * l_t, 0), coef + tl.sum(w[:, :, None] * c, 0)
 
     @triton.jit
     def _pad_rows(x, ROWS: tl.constexpr, TO: tl.constexpr, COLS: tl.constexpr):
@@ -327,32 +288,69 @@ if HAS_TRITON:
 
         The merge holds MERGE_M rows (launch.py: the block's rows that exist, rounded up to a power of
         2), not BLOCK_M: a decode step's 4 query heads in tiles padded to 16 rows took four times the
-        registers for the same loads, and fewer registers per split let more splits' loads be in flight
-        together (MERGE_UNROLL); the tiles are padded to BLOCK_M only for the rotation's tl.dot."""
+        registers for the same loads, and with fewer registers per split more splits' loads fit in one
+        step (MERGE_UNROLL); the tiles are padded to BLOCK_M only for the rotation's tl.dot."""
         rows = mb * BLOCK_M + tl.arange(0, MERGE_M)
         offs_d = tl.arange(0, BLOCK_D)
-        if NUM_RED >= 1:
-            # issued first: the only load of the merge that misses L2 (no other program reads basis_v),
-            # in flight while the partials are read
-            offs_r = tl.arange(0, RV_MAX)
-            bv_t = tl.load(bv_ptr + o.to(tl.int64) * stride_bvo + offs_r[:, None] + offs_d[None, :] * stride_bvd,
-                           mask=(offs_r[:, None] < RV_TOP) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        NREG: tl.constexpr = NUM_RED + 1
         m_run = tl.full([MERGE_M], float("-inf"), tl.float32)
         l_i = tl.zeros([MERGE_M], tl.float32)
         acc = tl.zeros([MERGE_M, BLOCK_D], tl.float32)
         coef = tl.zeros([MERGE_M, RV_MAX], tl.float32)
-        # MERGE_UNROLL splits per iteration, whose loads are then in flight together (Tuning.merge_unroll).
-        # while, not range(): runs in the interpreter too (see _region).
+        # MERGE_UNROLL splits per step, as [splits, rows, columns] tiles. Every load of a step is issued
+        # before any of its arithmetic: the row vectors' layout changes (shared memory and a barrier
+        # each, which no load is moved across) then come once per step and tile, not once per split,
+        # and one L2 round trip serves the step. while, not range(): runs in the interpreter too.
+        offs_u = tl.arange(0, MERGE_UNROLL)
         s0 = 0
         while s0 < S:
-            for j in tl.static_range(MERGE_UNROLL):
-                m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s0 + j, S, rows, M, m_run, l_i,
-                                                     acc, coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D, BLOCK_D)
+            sv = s0 + offs_u
+            m0, l0 = _split_stats(ml_ptr, o, sv, S, rows, 0, NREG, M_P)
+            a0 = _split_tiles(acc_ptr, o, sv, S, rows, M, 1, 0, D, D, BLOCK_D)
+            m_new = tl.maximum(m_run, tl.max(m0, 0))
+            if NUM_RED >= 1:
+                m1, l1 = _split_stats(ml_ptr, o, sv, S, rows, 1, NREG, M_P)
+                c1 = _split_tiles(coef_ptr, o, sv, S, rows, M, NREG - 1, 0, RV1, RV_MAX, RV_MAX)
+                m_new = tl.maximum(m_new, tl.max(m1, 0))
+            if NUM_RED >= 2:
+                m2, l2 = _split_stats(ml_ptr, o, sv, S, rows, 2, NREG, M_P)
+                c2 = _split_tiles(coef_ptr, o, sv, S, rows, M, NREG - 1, 1, RV2, RV_MAX, RV_MAX)
+                m_new = tl.maximum(m_new, tl.max(m2, 0))
+            if NUM_RED >= 3:
+                m3, l3 = _split_stats(ml_ptr, o, sv, S, rows, 3, NREG, M_P)
+                c3 = _split_tiles(coef_ptr, o, sv, S, rows, M, NREG - 1, 2, RV3, RV_MAX, RV_MAX)
+                m_new = tl.maximum(m_new, tl.max(m3, 0))
+            if NUM_RED >= 4:
+                m4, l4 = _split_stats(ml_ptr, o, sv, S, rows, 4, NREG, M_P)
+                c4 = _split_tiles(coef_ptr, o, sv, S, rows, M, NREG - 1, 3, RV4, RV_MAX, RV_MAX)
+                m_new = tl.maximum(m_new, tl.max(m4, 0))
+            # empty partials have m = -inf and weigh exp2(-inf) = 0; a finite stand-in while every
+            # partial so far is empty avoids -inf - -inf
+            m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+            alpha = tl.exp2(m_run - m_use)
+            w0 = tl.exp2(m0 - m_use[None, :])
+            l_i = l_i * alpha + tl.sum(w0 * l0, 0)
+            acc = acc * alpha[:, None] + tl.sum(w0[:, :, None] * a0, 0)
+            coef = coef * alpha[:, None]
+            if NUM_RED >= 1:
+                l_i, coef = _add_tier(l_i, coef, m1, l1, c1, m_use)
+            if NUM_RED >= 2:
+                l_i, coef = _add_tier(l_i, coef, m2, l2, c2, m_use)
+            if NUM_RED >= 3:
+                l_i, coef = _add_tier(l_i, coef, m3, l3, c3, m_use)
+            if NUM_RED >= 4:
+                l_i, coef = _add_tier(l_i, coef, m4, l4, c4, m_use)
+            m_run = m_new
             s0 += MERGE_UNROLL
         # normalised before the rotation (a row that saw nothing has l = 0 and writes zeros)
         inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
         out = acc * inv_l[:, None]
         if NUM_RED >= 1:
+            # basis_v[o]: the merge's one load that misses L2 (no other program reads it), after the
+            # partials: loaded before them it held 32 more registers across the steps, and they spilled
+            offs_r = tl.arange(0, RV_MAX)
+            bv_t = tl.load(bv_ptr + o.to(tl.int64) * stride_bvo + offs_r[:, None] + offs_d[None, :] * stride_bvd,
+                           mask=(offs_r[:, None] < RV_TOP) & (offs_d[None, :] < D), other=0.0)
             coef = coef * inv_l[:, None]
             if MERGE_M < BLOCK_M:
                 out = _pad_rows(out, MERGE_M, BLOCK_M, BLOCK_D)
@@ -360,7 +358,7 @@ if HAS_TRITON:
                 rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # padded rows are past M (one row block then)
             # rotate back once: out += coef @ basis_v[o][:, :RV_TOP].T. TF32 products for 16-bit models
             # (their error, ~5e-4, is under the output's rounding; an exact fp32 dot of this size spills)
-            out += dot(coef, bv_t, DOT_PREC, INTERP)
+            out += dot(coef, bv_t.to(tl.float32), DOT_PREC, INTERP)
         dmask = (rows < M)[:, None] & (offs_d[None, :] < D)
         tl.store(out_ptr + (o * M + rows)[:, None].to(tl.int64) * D + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=dmask)
@@ -395,6 +393,7 @@ if HAS_TRITON:
         REVERSE_REGIONS: tl.constexpr,
         MERGE_M: tl.constexpr,
         MERGE_UNROLL: tl.constexpr,
+        STORE_POLICY: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         DOT_PREC: tl.constexpr,
         INTERP: tl.constexpr,
@@ -440,6 +439,7 @@ if HAS_TRITON:
             m_a, l_a, acc_a = _region(
                 q, k0_ptr + beg.to(tl.int64) * D, v0_ptr + beg.to(tl.int64) * D, lo, hi, D, D,
                 qk_scale, scale, softcap, BLOCK_M, D, BLOCK_D, D, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
+                STORE_POLICY,
             )
             # new tokens [B, H_kv, n_new, d] (full dimension; stride_vn equals stride_kn, checked on the
             # host): query row r is new token n_new - L + r % L and sees new tokens 0 .. that position
@@ -468,22 +468,22 @@ if HAS_TRITON:
             if reg == 1:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k1_ptr, v1_ptr, off1_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 1, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R1, BR1, RV1, BRV1, BN1, HAS_SOFTCAP, DOT_PREC, INTERP)
+                              R1, BR1, RV1, BRV1, BN1, HAS_SOFTCAP, DOT_PREC, INTERP, STORE_POLICY)
         if NUM_RED >= 2:
             if reg == 2:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k2_ptr, v2_ptr, off2_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 2, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R2, BR2, RV2, BRV2, BN2, HAS_SOFTCAP, DOT_PREC, INTERP)
+                              R2, BR2, RV2, BRV2, BN2, HAS_SOFTCAP, DOT_PREC, INTERP, STORE_POLICY)
         if NUM_RED >= 3:
             if reg == 3:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k3_ptr, v3_ptr, off3_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 3, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R3, BR3, RV3, BRV3, BN3, HAS_SOFTCAP, DOT_PREC, INTERP)
+                              R3, BR3, RV3, BRV3, BN3, HAS_SOFTCAP, DOT_PREC, INTERP, STORE_POLICY)
         if NUM_RED >= 4:
             if reg == 4:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k4_ptr, v4_ptr, off4_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 4, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R4, BR4, RV4, BRV4, BN4, HAS_SOFTCAP, DOT_PREC, INTERP)
+                              R4, BR4, RV4, BRV4, BN4, HAS_SOFTCAP, DOT_PREC, INTERP, STORE_POLICY)
         # the last of the S x NREG programs of this (owner, row block) to finish merges their partials:
         # no second launch. The barrier orders every thread's partial stores before the release of the
         # count; the acquire (and the L2 loads, .cg) make the others' partials visible to the merge.
