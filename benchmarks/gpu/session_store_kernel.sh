@@ -23,6 +23,8 @@
 #       (and one batch-1 variant fewer)
 #   bash benchmarks/gpu/session_store_kernel.sh merge      # about 9 min: the merge of the rows that
 #       exist beside the tree before, its unroll, traced, decoupled tiers, the GPU kernel tests
+#   bash benchmarks/gpu/session_store_kernel.sh merge2     # about 3.5 min: the merge in steps of 4 splits
+#       beside the tree before, traced
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -182,6 +184,18 @@ if [ "${1:-}" = merge ]; then
     new 50 --no-compile-check --shapes 131072x8,131072x1 --tiers mixeddimkv --out $J/bench_new_decoupled.json \
         | grep "^B="
     finish store_merge.tar.gz 90 "decode or merge or tuning or kept or decoupled"
+fi
+
+if [ "${1:-}" = merge2 ]; then
+    # About 3.5 min: the merge in [splits, rows, columns] steps (merge_unroll 4) beside the tree before
+    # (.gpu/common/base) at 128K x 8 and x 1, then traced
+    J=/tmp/store_json; mkdir -p $J
+    el "tree before: decode rows"
+    base 100 --shapes 131072x8,131072x1 --out $J/bench_base.json | grep "^B="
+    el "this tree: decode rows"
+    new 100 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_new.json | grep "^B="
+    traced
+    finish store_merge2.tar.gz
 fi
 
 if [ "${1:-}" = tiers ]; then
