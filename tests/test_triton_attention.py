@@ -429,8 +429,7 @@ def test_tuning_overrides_the_launch_and_keeps_results() -> None:
                    ta.Tuning(block_n_full=32, block_n_reduced_max=64, num_stages=4),
                    ta.Tuning(block_n_full=128, block_n_reduced_max=256, decode_block_n_reduced_max=512, splits=2),
                    ta.Tuning(decode_max_registers=None, reverse_regions=False),
-                   ta.Tuning(merge_unroll=4, splits=5), ta.Tuning(narrow_merge=False, merge_unroll=2),
-                   ta.Tuning(store_evict_first=True)):
+                   ta.Tuning(merge_unroll=4, splits=5), ta.Tuning(narrow_merge=False, merge_unroll=2)):
         out = torch.full_like(c["q"], float("nan"))
         packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
         assert rel_err(out, ref) < 1e-5, tuning

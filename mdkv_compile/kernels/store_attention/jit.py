@@ -61,32 +61,29 @@ if HAS_TRITON:
         return m_new, p, alpha
 
     @triton.jit
-    def _load_rows(ptr, rows, hi, offs, stride, WIDTH: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
-                   POLICY: tl.constexpr):
-        """Rows `rows` (those < hi when MASKED) of a row-major region, WIDTH columns padded to BLOCK with 0.
-        POLICY: the loads' eviction policy ("" or Triton's "evict_first" / "evict_last", L1 and L2)."""
+    def _load_rows(ptr, rows, hi, offs, stride, WIDTH: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+        """Rows `rows` (those < hi when MASKED) of a row-major region, WIDTH columns padded to BLOCK with 0."""
         ptrs = ptr + rows[:, None].to(tl.int64) * stride + offs[None, :]
         if MASKED:
-            return tl.load(ptrs, mask=(rows < hi)[:, None] & (offs < WIDTH)[None, :], other=0.0,
-                           eviction_policy=POLICY)
+            return tl.load(ptrs, mask=(rows < hi)[:, None] & (offs < WIDTH)[None, :], other=0.0)
         elif BLOCK == WIDTH:
-            return tl.load(ptrs, eviction_policy=POLICY)
+            return tl.load(ptrs)
         else:
-            return tl.load(ptrs, mask=(offs < WIDTH)[None, :], other=0.0, eviction_policy=POLICY)
+            return tl.load(ptrs, mask=(offs < WIDTH)[None, :], other=0.0)
 
     @triton.jit
     def _step(
         qop, k_ptr, v_ptr, start, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale, scale, softcap,
         D_K: tl.constexpr, BLOCK_DK: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-        MASKED: tl.constexpr, POLICY: tl.constexpr,
+        MASKED: tl.constexpr,
     ):
         """One block of BLOCK_N rows starting at `start` of one region; logits in log2 units. Keys are D_K
         wide (row stride stride_kn), values D_V wide (stride_vn). Rows at or past `hi` are masked only
         when MASKED (the region's last block): the others skip the per-logit select and the load masks."""
         rows = start + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_DK)
-        k = _load_rows(k_ptr, rows, hi, offs_k, stride_kn, D_K, BLOCK_DK, MASKED, POLICY)
+        k = _load_rows(k_ptr, rows, hi, offs_k, stride_kn, D_K, BLOCK_DK, MASKED)
         s = dot(qop, tl.trans(k), DOT_PREC, INTERP)  # [BLOCK_M, BLOCK_N] fp32
         # every block holds >= 1 row below hi, so the maximum is finite
         m_new, p, alpha = _online_softmax(s, (rows < hi)[None, :], m_i, qk_scale, scale, softcap, HAS_SOFTCAP,
@@ -95,7 +92,7 @@ if HAS_TRITON:
         # keys and values of one width share the offsets (the callers pass equal strides then): the loads
         # of a tier whose keys and values keep as many dims
         v = _load_rows(v_ptr, rows, hi, offs_k if BLOCK_DV == BLOCK_DK else tl.arange(0, BLOCK_DV), stride_vn,
-                       D_V, BLOCK_DV, MASKED, POLICY)
+                       D_V, BLOCK_DV, MASKED)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC, INTERP)
         return m_new, l_i, acc
 
@@ -120,7 +117,6 @@ if HAS_TRITON:
         HAS_SOFTCAP: tl.constexpr,
         DOT_PREC: tl.constexpr,
         INTERP: tl.constexpr,
-        POLICY: tl.constexpr,
     ):
         """Online softmax over rows [lo, hi) of one region, from an empty state; acc is [BLOCK_M, BLOCK_DV].
         Whole blocks first, unmasked; the last, partial block (if any) masked."""
@@ -135,18 +131,18 @@ if HAS_TRITON:
             while start < whole:
                 m_i, l_i, acc = _step(qop, k_ptr, v_ptr, start, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale,
                                       scale, softcap, D_K, BLOCK_DK, D_V, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
-                                      INTERP, False, POLICY)
+                                      INTERP, False)
                 start += BLOCK_N
         else:
             # a for loop, so the compiler software-pipelines the loads (num_stages)
             for start in range(lo, whole, BLOCK_N):
                 m_i, l_i, acc = _step(qop, k_ptr, v_ptr, start, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale,
                                       scale, softcap, D_K, BLOCK_DK, D_V, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
-                                      INTERP, False, POLICY)
+                                      INTERP, False)
         if whole < hi:
             m_i, l_i, acc = _step(qop, k_ptr, v_ptr, whole, hi, stride_kn, stride_vn, m_i, l_i, acc, qk_scale,
                                   scale, softcap, D_K, BLOCK_DK, D_V, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
-                                  INTERP, True, POLICY)
+                                  INTERP, True)
         return m_i, l_i, acc
 
     @triton.jit
@@ -167,12 +163,12 @@ if HAS_TRITON:
         may see nothing in this block (and have seen nothing before): its state stays empty."""
         rows = start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        k = _load_rows(k_ptr, rows, hi, offs_d, stride_n, D_T, BLOCK_D, True, "")
+        k = _load_rows(k_ptr, rows, hi, offs_d, stride_n, D_T, BLOCK_D, True)
         s = dot(qop, tl.trans(k), DOT_PREC, INTERP)
         visible = (rows < hi)[None, :] & (rows[None, :] <= lim[:, None])
         m_new, p, alpha = _online_softmax(s, visible, m_i, qk_scale, scale, softcap, HAS_SOFTCAP, True)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_ptr, rows, hi, offs_d, stride_n, D_T, BLOCK_D, True, "")
+        v = _load_rows(v_ptr, rows, hi, offs_d, stride_n, D_T, BLOCK_D, True)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC, INTERP)
         return m_new, l_i, acc
 
@@ -208,7 +204,7 @@ if HAS_TRITON:
         T_IDX: tl.constexpr, NREG: tl.constexpr, RV_MAX: tl.constexpr, BLOCK_M: tl.constexpr, M_P: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, R_T: tl.constexpr, BLOCK_R: tl.constexpr, RV_T: tl.constexpr,
         BLOCK_RV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-        INTERP: tl.constexpr, POLICY: tl.constexpr,
+        INTERP: tl.constexpr,
     ):
         """Reduced tier T_IDX (keys R_T, values RV_T coordinates) for one split of owner o and one block
         of query rows: its (m, l) partial and its value coefficients, [rows, RV_T] in rows of RV_MAX.
@@ -226,7 +222,7 @@ if HAS_TRITON:
         m_i, l_i, acc = _region(
             q_rot, k_ptr + beg.to(tl.int64) * R_T, v_ptr + beg.to(tl.int64) * RV_T, lo, hi, R_T, RV_T,
             qk_scale, scale, softcap, BLOCK_M, R_T, BLOCK_R, RV_T, BLOCK_RV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
-            INTERP, POLICY,
+            INTERP,
         )
         base = (o * S + s) * NREG + T_IDX
         tl.store(ml_ptr + (base * 2) * M_P + rows, m_i)
@@ -393,7 +389,6 @@ if HAS_TRITON:
         REVERSE_REGIONS: tl.constexpr,
         MERGE_M: tl.constexpr,
         MERGE_UNROLL: tl.constexpr,
-        STORE_POLICY: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         DOT_PREC: tl.constexpr,
         INTERP: tl.constexpr,
@@ -439,7 +434,6 @@ if HAS_TRITON:
             m_a, l_a, acc_a = _region(
                 q, k0_ptr + beg.to(tl.int64) * D, v0_ptr + beg.to(tl.int64) * D, lo, hi, D, D,
                 qk_scale, scale, softcap, BLOCK_M, D, BLOCK_D, D, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, INTERP,
-                STORE_POLICY,
             )
             # new tokens [B, H_kv, n_new, d] (full dimension; stride_vn equals stride_kn, checked on the
             # host): query row r is new token n_new - L + r % L and sees new tokens 0 .. that position
@@ -468,22 +462,22 @@ if HAS_TRITON:
             if reg == 1:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k1_ptr, v1_ptr, off1_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 1, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R1, BR1, RV1, BRV1, BN1, HAS_SOFTCAP, DOT_PREC, INTERP, STORE_POLICY)
+                              R1, BR1, RV1, BRV1, BN1, HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 2:
             if reg == 2:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k2_ptr, v2_ptr, off2_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 2, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R2, BR2, RV2, BRV2, BN2, HAS_SOFTCAP, DOT_PREC, INTERP, STORE_POLICY)
+                              R2, BR2, RV2, BRV2, BN2, HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 3:
             if reg == 3:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k3_ptr, v3_ptr, off3_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 3, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R3, BR3, RV3, BRV3, BN3, HAS_SOFTCAP, DOT_PREC, INTERP, STORE_POLICY)
+                              R3, BR3, RV3, BRV3, BN3, HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 4:
             if reg == 4:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k4_ptr, v4_ptr, off4_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 4, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R4, BR4, RV4, BRV4, BN4, HAS_SOFTCAP, DOT_PREC, INTERP, STORE_POLICY)
+                              R4, BR4, RV4, BRV4, BN4, HAS_SOFTCAP, DOT_PREC, INTERP)
         # the last of the S x NREG programs of this (owner, row block) to finish merges their partials:
         # no second launch. The barrier orders every thread's partial stores before the release of the
         # count; the acquire (and the L2 loads, .cg) make the others' partials visible to the merge.

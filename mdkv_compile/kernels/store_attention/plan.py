@@ -67,9 +67,6 @@ class Tuning:
     # the merge holds only the rows that exist (WorkSplit.merge_rows), not the padded block: 4 of 16 for a
     # decode step with 4 query heads per KV head. False: the whole block (to time one beside the other)
     narrow_merge: bool = True
-    # the store's tiers read with L2 eviction priority "evict first" (each byte is read once per launch):
-    # the rest of L2 (the split partials, the kernel's own code) then survives the stream. Off until timed.
-    store_evict_first: bool = False
     # a cap on registers per thread (Triton's maxnreg) of decode launches, None: the compiler's choice.
     # Uncapped, the policy's decoupled tiers take 230 (two programs of 4 warps per SM); at 168 (three)
     # they do not spill, and on an H100 128K x 8 / x 1 took 0.1284 / 0.0237 ms against 0.1300 / 0.0251
