@@ -23,8 +23,8 @@
 #       (and one batch-1 variant fewer)
 #   bash benchmarks/gpu/session_store_kernel.sh merge      # about 9 min: the merge of the rows that
 #       exist beside the tree before, its unroll, traced, decoupled tiers, the GPU kernel tests
-#   bash benchmarks/gpu/session_store_kernel.sh merge2     # about 3.5 min: the merge in steps of 4 splits
-#       beside the tree before, traced
+#   bash benchmarks/gpu/session_store_kernel.sh merge2     # about 5 min: the merge in steps of 4 splits
+#       beside the tree before (decode rows and chunks), traced
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -187,13 +187,13 @@ if [ "${1:-}" = merge ]; then
 fi
 
 if [ "${1:-}" = merge2 ]; then
-    # About 3.5 min: the merge in [splits, rows, columns] steps (merge_unroll 4) beside the tree before
-    # (.gpu/common/base) at 128K x 8 and x 1, then traced
+    # About 5 min: the merge in [splits, rows, columns] steps (merge_unroll 4) beside the tree before
+    # (.gpu/common/base) at 128K x 8 and x 1 and the chunks of 16 / 64 / 256 after 32K, then traced
     J=/tmp/store_json; mkdir -p $J
-    el "tree before: decode rows"
-    base 100 --shapes 131072x8,131072x1 --out $J/bench_base.json | grep "^B="
-    el "this tree: decode rows"
-    new 100 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_new.json | grep "^B="
+    el "tree before: decode rows, chunks"
+    base 130 --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_base.json | grep "^B=\|^chunk"
+    el "this tree: decode rows, chunks"
+    new 130 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new.json | grep "^B=\|^chunk"
     traced
     finish store_merge2.tar.gz
 fi
