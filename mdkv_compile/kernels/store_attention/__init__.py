@@ -19,8 +19,10 @@ rotated in the program (``q @ basis_k[o][:, :rk_t]``), its keys hold ``rk_t`` co
 reduced tier ``acc`` is in value coefficient space, ``[rows, rv_t]``. Then it counts itself in its
 ``(owner, row block)``'s arrival count (an ``acq_rel`` atomic); the last of the ``S x (1 + T_red)``
 programs to arrive merges them all in a fixed order (deterministic): log-sum-exp weights, the value
-coefficients of all reduced tiers summed in one ``[rows, rv_max]`` tile and rotated back once with
-``basis_v[o]``, normalised and written, and sets the count back to zero. So the counts are either a
+coefficients of all reduced tiers summed in one ``[rows, rv_max]`` tile, normalised, rotated back once
+with ``basis_v[o]`` and written, and sets the count back to zero. The merge holds only the rows that
+exist (a decode step's ``G``, not the 16 of its block) and reads ``Tuning.merge_unroll`` splits per step
+as ``[splits, rows, columns]`` tiles, all of a step's loads before its arithmetic (one L2 round trip). So the counts are either a
 fresh buffer zeroed by a memset before the launch, or one the caller keeps (``arrival_counts=``), which
 needs no memset.
 
