@@ -189,10 +189,12 @@ fi
 if [ "${1:-}" = merge2 ]; then
     # About 5 min: the merge in [splits, rows, columns] steps (merge_unroll 4) beside the tree before
     # (.gpu/common/base) at 128K x 8 and x 1 and the chunks of 16 / 64 / 256 after 32K, then traced
+    # (`merge2 short`: about 4 min, the decode rows alone)
     J=/tmp/store_json; mkdir -p $J
-    el "tree before: decode rows, chunks"
+    [ "${2:-}" = short ] && CHUNKS=""
+    el "tree before: decode rows ${CHUNKS:+and chunks}"
     base 130 --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_base.json | grep "^B=\|^chunk"
-    el "this tree: decode rows, chunks"
+    el "this tree: decode rows ${CHUNKS:+and chunks}"
     new 130 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new.json | grep "^B=\|^chunk"
     traced
     finish store_merge2.tar.gz
