@@ -203,13 +203,13 @@ def test_many_splits_merged_by_the_last_program() -> None:
 
     gen = torch.Generator().manual_seed(5)
     c = make_case(gen, 1, 2, 3, 32, (32, 16, 8), 70, 3, 4, torch.float32)
-    for reverse, unroll in ((True, 4), (False, 2), (True, 1)):
+    for reverse, unroll in ((True, 4), (False, 5), (True, 1)):
         tuning = ta.Tuning(min_rows_per_split=4, programs_per_sm=64, block_n_full=16, block_n_reduced_max=64,
                            decode_block_n_reduced_max=64, reverse_regions=reverse, merge_unroll=unroll)
         plan = ta.StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"],
                                        c["basis_v"], tuning)
         splits = plan.decode_split(2, 3, c["n_new"], c["q"].device).splits
-        assert splits == 6 > unroll, splits  # 4 splits per merge step leave a partial step, 2 do not
+        assert splits > unroll and (splits % unroll != 0 or unroll == 1), splits
         out = torch.full((1, 6, 1, 32), float("nan"), device=DEVICE)
         packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
         assert rel_err(out, reference(c)) < 1e-5

@@ -21,10 +21,8 @@ reduced tier ``acc`` is in value coefficient space, ``[rows, rv_t]``. Then it co
 programs to arrive merges them all in a fixed order (deterministic): log-sum-exp weights, the value
 coefficients of all reduced tiers summed in one ``[rows, rv_max]`` tile, normalised, rotated back once
 with ``basis_v[o]`` and written, and sets the count back to zero. The merge holds only the rows that
-exist (a decode step's ``G``, not the 16 of its block) and reads ``Tuning.merge_unroll`` splits per step
-as ``[splits, rows, columns]`` tiles, all of a step's loads before its arithmetic (one L2 round trip).
-So the counts are either a fresh buffer zeroed by a memset before the launch, or one the caller keeps
-(``arrival_counts=``), which needs no memset.
+exist (a decode step's ``G``, not the 16 of its block). So the counts are either a fresh buffer zeroed
+by a memset before the launch, or one the caller keeps (``arrival_counts=``), which needs no memset.
 
 Row blocks fastest: the row blocks of a chunk read the same slice of the store side by side, once from
 DRAM and the rest from L2. Regions last slot first: the narrow tiers' programs, the longest, start first.

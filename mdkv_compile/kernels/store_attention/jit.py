@@ -233,33 +233,76 @@ if HAS_TRITON:
                  mask=(rows < M)[:, None] & (offs_v < RV_T)[None, :])
 
     @triton.jit
-    def _split_stats(ml_ptr, o, sv, S, rows, T_IDX: tl.constexpr, NREG: tl.constexpr, M_P: tl.constexpr):
-        """Region T_IDX's (m, l) partials of the splits sv ([U]) for `rows`: [U, rows] each, empty
-        (m = -inf, l = 0) for sv >= S. Loads through L2 (.cg): other programs wrote them."""
-        base = (((o * S + sv) * NREG + T_IDX) * 2) * M_P
-        ptrs = ml_ptr + base[:, None] + rows[None, :]
-        valid = (sv < S)[:, None] & (rows >= 0)[None, :]
-        m = tl.load(ptrs, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        l_t = tl.load(ptrs + M_P, mask=valid, other=0.0, cache_modifier=".cg")
-        return m, l_t
+    def _tier_coef(
+        ml_ptr, coef_ptr, o, s, S, rows, M, valid,
+        T_IDX: tl.constexpr, NREG: tl.constexpr, RV_MAX: tl.constexpr, RV_T: tl.constexpr, M_P: tl.constexpr,
+    ):
+        """Reduced tier T_IDX's partial of split s: its m [rows], l [rows] and value coefficients
+        [rows, RV_MAX] (zero past RV_T); an empty partial where not `valid`. Loads through L2 (.cg):
+        other programs wrote them."""
+        base = (((o * S + s) * NREG + T_IDX) * 2) * M_P + rows
+        m = tl.load(ml_ptr + base, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        l_t = tl.load(ml_ptr + base + M_P, mask=valid, other=0.0, cache_modifier=".cg")
+        offs_r = tl.arange(0, RV_MAX)
+        crow = ((o * S + s) * (NREG - 1) + (T_IDX - 1)).to(tl.int64) * M + rows
+        c = tl.load(coef_ptr + crow[:, None] * RV_MAX + offs_r[None, :],
+                    mask=valid & (rows < M)[:, None] & (offs_r < RV_T)[None, :], other=0.0, cache_modifier=".cg")
+        return m, l_t, c
 
     @triton.jit
-    def _split_tiles(ptr, o, sv, S, rows, M, NT: tl.constexpr, T_ROW: tl.constexpr, W: tl.constexpr,
-                     STRIDE: tl.constexpr, BLOCK_W: tl.constexpr):
-        """The [U, rows, BLOCK_W] partial tiles of the splits sv: row r of split s is row
-        ((o * S + s) * NT + T_ROW) * M + r of `ptr` (STRIDE wide, W columns used); zero past them."""
-        offs = tl.arange(0, BLOCK_W)
-        first = ((o * S + sv) * NT + T_ROW).to(tl.int64) * M
-        ptrs = ptr + (first[:, None, None] + rows[None, :, None]) * STRIDE + offs[None, None, :]
-        mask = (sv < S)[:, None, None] & (rows < M)[None, :, None] & (offs < W)[None, None, :]
-        return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    def _add_coef(l_i, coef, m, l_t, c, m_use):
+        """A reduced tier's partial (m, l_t, coefficients c) added at the merge's running maximum m_use."""
+        w = tl.exp2(m - m_use)
+        return l_i + w * l_t, coef + w[:, None] * c
 
     @triton.jit
-    def _add_tier(l_i, coef, m, l_t, c, m_use):
-        """A reduced tier's partials of one merge step (m, l_t [U, rows], coefficients c [U, rows, RV_MAX])
-        weighed at the row maximum m_use and added to the running sum l_i and coefficients coef."""
-        w = tl.exp2(m - m_use[None, :])
-        return l_i + tl.sum(w * l_t, 0), coef + tl.sum(w[:, :, None] * c, 0)
+    def _merge_split(
+        ml_ptr, acc_ptr, coef_ptr, o, s, S, rows, M, m_run, l_i, acc, coef,
+        NUM_RED: tl.constexpr,
+        RV1: tl.constexpr, RV2: tl.constexpr, RV3: tl.constexpr, RV4: tl.constexpr,
+        RV_MAX: tl.constexpr, M_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Online log-sum-exp merge of split s's partials (every region) into the running state; nothing
+        for s >= S. Its loads do not depend on the state, so unrolled splits may issue them together."""
+        NREG: tl.constexpr = NUM_RED + 1
+        valid = s < S
+        base = ((o * S + s) * NREG * 2) * M_P + rows
+        m0 = tl.load(ml_ptr + base, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        l0 = tl.load(ml_ptr + base + M_P, mask=valid, other=0.0, cache_modifier=".cg")
+        offs_d = tl.arange(0, BLOCK_D)
+        arow = (o * S + s).to(tl.int64) * M + rows
+        a0 = tl.load(acc_ptr + arow[:, None] * D + offs_d[None, :],
+                     mask=valid & (rows < M)[:, None] & (offs_d[None, :] < D), other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, m0)
+        if NUM_RED >= 1:
+            m1, l1, c1 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 1, NREG, RV_MAX, RV1, M_P)
+            m_new = tl.maximum(m_new, m1)
+        if NUM_RED >= 2:
+            m2, l2, c2 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 2, NREG, RV_MAX, RV2, M_P)
+            m_new = tl.maximum(m_new, m2)
+        if NUM_RED >= 3:
+            m3, l3, c3 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 3, NREG, RV_MAX, RV3, M_P)
+            m_new = tl.maximum(m_new, m3)
+        if NUM_RED >= 4:
+            m4, l4, c4 = _tier_coef(ml_ptr, coef_ptr, o, s, S, rows, M, valid, 4, NREG, RV_MAX, RV4, M_P)
+            m_new = tl.maximum(m_new, m4)
+        # empty partials have m = -inf and weigh exp2(-inf) = 0; a finite stand-in while every partial
+        # so far is empty avoids -inf - -inf
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_run - m_use)
+        w = tl.exp2(m0 - m_use)
+        l_i = l_i * alpha + w * l0
+        acc = acc * alpha[:, None] + w[:, None] * a0
+        coef = coef * alpha[:, None]
+        if NUM_RED >= 1:
+            l_i, coef = _add_coef(l_i, coef, m1, l1, c1, m_use)
+        if NUM_RED >= 2:
+            l_i, coef = _add_coef(l_i, coef, m2, l2, c2, m_use)
+        if NUM_RED >= 3:
+            l_i, coef = _add_coef(l_i, coef, m3, l3, c3, m_use)
+        if NUM_RED >= 4:
+            l_i, coef = _add_coef(l_i, coef, m4, l4, c4, m_use)
+        return m_new, l_i, acc, coef
 
     @triton.jit
     def _pad_rows(x, ROWS: tl.constexpr, TO: tl.constexpr, COLS: tl.constexpr):
@@ -284,69 +327,32 @@ if HAS_TRITON:
 
         The merge holds MERGE_M rows (launch.py: the block's rows that exist, rounded up to a power of
         2), not BLOCK_M: a decode step's 4 query heads in tiles padded to 16 rows took four times the
-        registers for the same loads, and with fewer registers per split more splits' loads fit in one
-        step (MERGE_UNROLL); the tiles are padded to BLOCK_M only for the rotation's tl.dot."""
+        registers for the same loads, and fewer registers per split let more splits' loads be in flight
+        together (MERGE_UNROLL); the tiles are padded to BLOCK_M only for the rotation's tl.dot."""
         rows = mb * BLOCK_M + tl.arange(0, MERGE_M)
         offs_d = tl.arange(0, BLOCK_D)
-        NREG: tl.constexpr = NUM_RED + 1
+        if NUM_RED >= 1:
+            # issued first: the only load of the merge that misses L2 (no other program reads basis_v),
+            # in flight while the partials are read
+            offs_r = tl.arange(0, RV_MAX)
+            bv_t = tl.load(bv_ptr + o.to(tl.int64) * stride_bvo + offs_r[:, None] + offs_d[None, :] * stride_bvd,
+                           mask=(offs_r[:, None] < RV_TOP) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
         m_run = tl.full([MERGE_M], float("-inf"), tl.float32)
         l_i = tl.zeros([MERGE_M], tl.float32)
         acc = tl.zeros([MERGE_M, BLOCK_D], tl.float32)
         coef = tl.zeros([MERGE_M, RV_MAX], tl.float32)
-        # MERGE_UNROLL splits per step, as [splits, rows, columns] tiles. Every load of a step is issued
-        # before any of its arithmetic: the row vectors' layout changes (shared memory and a barrier
-        # each, which no load is moved across) then come once per step and tile, not once per split,
-        # and one L2 round trip serves the step. while, not range(): runs in the interpreter too.
-        offs_u = tl.arange(0, MERGE_UNROLL)
+        # MERGE_UNROLL splits per iteration, whose loads are then in flight together (Tuning.merge_unroll).
+        # while, not range(): runs in the interpreter too (see _region).
         s0 = 0
         while s0 < S:
-            sv = s0 + offs_u
-            m0, l0 = _split_stats(ml_ptr, o, sv, S, rows, 0, NREG, M_P)
-            a0 = _split_tiles(acc_ptr, o, sv, S, rows, M, 1, 0, D, D, BLOCK_D)
-            m_new = tl.maximum(m_run, tl.max(m0, 0))
-            if NUM_RED >= 1:
-                m1, l1 = _split_stats(ml_ptr, o, sv, S, rows, 1, NREG, M_P)
-                c1 = _split_tiles(coef_ptr, o, sv, S, rows, M, NREG - 1, 0, RV1, RV_MAX, RV_MAX)
-                m_new = tl.maximum(m_new, tl.max(m1, 0))
-            if NUM_RED >= 2:
-                m2, l2 = _split_stats(ml_ptr, o, sv, S, rows, 2, NREG, M_P)
-                c2 = _split_tiles(coef_ptr, o, sv, S, rows, M, NREG - 1, 1, RV2, RV_MAX, RV_MAX)
-                m_new = tl.maximum(m_new, tl.max(m2, 0))
-            if NUM_RED >= 3:
-                m3, l3 = _split_stats(ml_ptr, o, sv, S, rows, 3, NREG, M_P)
-                c3 = _split_tiles(coef_ptr, o, sv, S, rows, M, NREG - 1, 2, RV3, RV_MAX, RV_MAX)
-                m_new = tl.maximum(m_new, tl.max(m3, 0))
-            if NUM_RED >= 4:
-                m4, l4 = _split_stats(ml_ptr, o, sv, S, rows, 4, NREG, M_P)
-                c4 = _split_tiles(coef_ptr, o, sv, S, rows, M, NREG - 1, 3, RV4, RV_MAX, RV_MAX)
-                m_new = tl.maximum(m_new, tl.max(m4, 0))
-            # empty partials have m = -inf and weigh exp2(-inf) = 0; a finite stand-in while every
-            # partial so far is empty avoids -inf - -inf
-            m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
-            alpha = tl.exp2(m_run - m_use)
-            w0 = tl.exp2(m0 - m_use[None, :])
-            l_i = l_i * alpha + tl.sum(w0 * l0, 0)
-            acc = acc * alpha[:, None] + tl.sum(w0[:, :, None] * a0, 0)
-            coef = coef * alpha[:, None]
-            if NUM_RED >= 1:
-                l_i, coef = _add_tier(l_i, coef, m1, l1, c1, m_use)
-            if NUM_RED >= 2:
-                l_i, coef = _add_tier(l_i, coef, m2, l2, c2, m_use)
-            if NUM_RED >= 3:
-                l_i, coef = _add_tier(l_i, coef, m3, l3, c3, m_use)
-            if NUM_RED >= 4:
-                l_i, coef = _add_tier(l_i, coef, m4, l4, c4, m_use)
-            m_run = m_new
+            for j in tl.static_range(MERGE_UNROLL):
+                m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s0 + j, S, rows, M, m_run, l_i,
+                                                     acc, coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D, BLOCK_D)
             s0 += MERGE_UNROLL
         # normalised before the rotation (a row that saw nothing has l = 0 and writes zeros)
         inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
         out = acc * inv_l[:, None]
         if NUM_RED >= 1:
-            # basis_v[o]: the merge's one load that misses L2 (no other program reads it), after the
-            # partials: loaded before them it held 32 more registers across the steps, and they spilled
-            offs_r = tl.arange(0, RV_MAX)
-            bv_t = tl.load(bv_ptr + o.to(tl.int64) * stride_bvo + offs_r[:, None] + offs_d[None, :] * stride_bvd,
-                           mask=(offs_r[:, None] < RV_TOP) & (offs_d[None, :] < D), other=0.0)
             coef = coef * inv_l[:, None]
             if MERGE_M < BLOCK_M:
                 out = _pad_rows(out, MERGE_M, BLOCK_M, BLOCK_D)
@@ -354,7 +360,7 @@ if HAS_TRITON:
                 rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # padded rows are past M (one row block then)
             # rotate back once: out += coef @ basis_v[o][:, :RV_TOP].T. TF32 products for 16-bit models
             # (their error, ~5e-4, is under the output's rounding; an exact fp32 dot of this size spills)
-            out += dot(coef, bv_t.to(tl.float32), DOT_PREC, INTERP)
+            out += dot(coef, bv_t, DOT_PREC, INTERP)
         dmask = (rows < M)[:, None] & (offs_d[None, :] < D)
         tl.store(out_ptr + (o * M + rows)[:, None].to(tl.int64) * D + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=dmask)

@@ -59,10 +59,11 @@ class Tuning:
     # launch the region slots last first: with tiers sorted widest first, the narrow tiers' programs
     # (the most rows per byte, the longest) start first and shorter ones fill the tail
     reverse_regions: bool = True
-    # splits whose partials the merging program loads in one step (a power of 2): one L2 round trip and
-    # one set of layout changes per step. 4 keeps a decode step's merge in registers under the 168 cap
-    # (8 spills into the work's loops; sm_90 compiles, resources.py; docs/notes/kernel_notes.md "Call 9")
-    merge_unroll: int = 4
+    # splits whose partials the merging program loads at once. The merge of whole blocks: 4 measured
+    # slower at 128K x 8 on an H100 (0.129 against 0.121 ms); the merge of the rows that exist: 4 within
+    # 1 us of 1 (untimed with the policy's tiers), since each split's loads still wait behind the layout
+    # changes of the split before (docs/notes/kernel_notes.md, calls 3 and 9); chunks: 4 spill
+    merge_unroll: int = 1
     chunk_merge_unroll: int = 1
     # the merge holds only the rows that exist (WorkSplit.merge_rows), not the padded block: 4 of 16 for a
     # decode step with 4 query heads per KV head. False: the whole block (to time one beside the other)
@@ -72,12 +73,6 @@ class Tuning:
     # they do not spill, and on an H100 128K x 8 / x 1 took 0.1284 / 0.0237 ms against 0.1300 / 0.0251
     # (docs/notes/kernel_notes.md, "Call 4"). Not for chunks: their variants already spill uncapped.
     decode_max_registers: int | None = 168
-
-    def __post_init__(self) -> None:
-        for name in ("merge_unroll", "chunk_merge_unroll"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"Tuning.{name} = {value}: splits per merge step must be a power of 2")
 
 
 DEFAULT_TUNING = Tuning()
