@@ -23,8 +23,9 @@
 #       (and one batch-1 variant fewer)
 #   bash benchmarks/gpu/session_store_kernel.sh merge      # about 9 min: the merge of the rows that
 #       exist beside the tree before, its unroll, traced, decoupled tiers, the GPU kernel tests
-#   bash benchmarks/gpu/session_store_kernel.sh merge2     # about 5 min: the merge in steps of 4 splits
-#       beside the tree before (decode rows and chunks), traced
+#   bash benchmarks/gpu/session_store_kernel.sh merge2     # about 5 min, next: the stepped merge (jit.py and
+#       plan.py of commit 2546a46, checked out over this tree) beside the tree before, decode rows and
+#       chunks, traced; `merge2 short`: the decode rows alone
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -187,8 +188,9 @@ if [ "${1:-}" = merge ]; then
 fi
 
 if [ "${1:-}" = merge2 ]; then
-    # About 5 min: the merge in [splits, rows, columns] steps (merge_unroll 4) beside the tree before
-    # (.gpu/common/base) at 128K x 8 and x 1 and the chunks of 16 / 64 / 256 after 32K, then traced
+    # About 5 min: this tree beside the tree before (.gpu/common/base) at 128K x 8 and x 1 and the chunks
+    # of 16 / 64 / 256 after 32K, then traced. Written for the merge in [splits, rows, columns] steps
+    # (commit 2546a46; docs/notes/kernel_notes.md "Call 10"), which no call has timed yet
     # (`merge2 short`: about 4 min, the decode rows alone)
     J=/tmp/store_json; mkdir -p $J
     [ "${2:-}" = short ] && CHUNKS=""
