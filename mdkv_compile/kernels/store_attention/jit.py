@@ -327,8 +327,10 @@ if HAS_TRITON:
 
         The merge holds MERGE_M rows (launch.py: the block's rows that exist, rounded up to a power of
         2), not BLOCK_M: a decode step's 4 query heads in tiles padded to 16 rows took four times the
-        registers for the same loads, and fewer registers per split let more splits' loads be in flight
-        together (MERGE_UNROLL); the tiles are padded to BLOCK_M only for the rotation's tl.dot."""
+        registers and instructions for the same loads; the tiles are padded to BLOCK_M only for the
+        rotation's tl.dot. Each split's step still waits for its loads and then changes the layout of its
+        row vectors (a barrier each, which no later load is moved across): docs/notes/kernel_notes.md,
+        calls 9 and 10."""
         rows = mb * BLOCK_M + tl.arange(0, MERGE_M)
         offs_d = tl.arange(0, BLOCK_D)
         if NUM_RED >= 1:
@@ -341,8 +343,8 @@ if HAS_TRITON:
         l_i = tl.zeros([MERGE_M], tl.float32)
         acc = tl.zeros([MERGE_M, BLOCK_D], tl.float32)
         coef = tl.zeros([MERGE_M, RV_MAX], tl.float32)
-        # MERGE_UNROLL splits per iteration, whose loads are then in flight together (Tuning.merge_unroll).
-        # while, not range(): runs in the interpreter too (see _region).
+        # MERGE_UNROLL splits per iteration (Tuning.merge_unroll). while, not range(): runs in the
+        # interpreter too (see _region).
         s0 = 0
         while s0 < S:
             for j in tl.static_range(MERGE_UNROLL):
