@@ -189,17 +189,21 @@ fi
 
 if [ "${1:-}" = merge2 ]; then
     # About 5 min: this tree beside the tree before (.gpu/common/base) at 128K x 8 and x 1 and the chunks
-    # of 16 / 64 / 256 after 32K, then traced. Written for the merge in [splits, rows, columns] steps
+    # of 16 / 64 / 256 after 32K, then traced, with merge_unroll 2 and 8 beside the default 4. Written for the merge in [splits, rows, columns] steps
     # (commit 2546a46; docs/notes/kernel_notes.md "Call 10"), which no call has timed yet
-    # (`merge2 short`: about 4 min, the decode rows alone)
+    # then the float64 GPU kernel tests (`merge2 short`: about 5 min, the decode rows alone)
     J=/tmp/store_json; mkdir -p $J
     [ "${2:-}" = short ] && CHUNKS=""
     el "tree before: decode rows ${CHUNKS:+and chunks}"
     base 130 --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_base.json | grep "^B=\|^chunk"
     el "this tree: decode rows ${CHUNKS:+and chunks}"
     new 130 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new.json | grep "^B=\|^chunk"
+    for t in merge_unroll=2 merge_unroll=8; do
+        el "this tree, tuning $t"
+        new 45 --no-compile-check --shapes 131072x8,131072x1 --tuning $t --out "$J/bench_${t//[=,]/_}.json" | grep "^B="
+    done
     traced
-    finish store_merge2.tar.gz
+    finish store_merge2.tar.gz 100 "float64 or many_splits"
 fi
 
 if [ "${1:-}" = tiers ]; then
