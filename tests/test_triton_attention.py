@@ -429,7 +429,8 @@ def test_tuning_overrides_the_launch_and_keeps_results() -> None:
                    ta.Tuning(block_n_full=32, block_n_reduced_max=64, num_stages=4),
                    ta.Tuning(block_n_full=128, block_n_reduced_max=256, decode_block_n_reduced_max=512, splits=2),
                    ta.Tuning(decode_max_registers=None, reverse_regions=False),
-                   ta.Tuning(merge_unroll=4, splits=5), ta.Tuning(narrow_merge=False, merge_unroll=2)):
+                   ta.Tuning(merge_unroll=4, splits=5), ta.Tuning(narrow_merge=False, merge_unroll=2),
+                   ta.Tuning(split_longest_tier=True), ta.Tuning(split_longest_tier=True, splits=3)):
         out = torch.full_like(c["q"], float("nan"))
         packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
         assert rel_err(out, ref) < 1e-5, tuning
@@ -688,3 +689,27 @@ def test_plan_constexprs_of_coupled_and_decoupled_tiers() -> None:
     with pytest.raises(ValueError, match="columns"):
         StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"],
                              c["basis_v"][..., :16])
+
+
+def test_longest_tier_split_into_two_slots() -> None:
+    """split_longest_tier reads the reduced tier of the most rows through two slots, each half of every
+    owner's rows, where a slot is free; with every slot taken the plan is the default's. The results of
+    both launches: test_tuning_overrides_the_launch_and_keeps_results."""
+    from mdkv_compile.kernels.store_attention import StorePlan, Tuning
+
+    gen = torch.Generator().manual_seed(41)
+    counts = [[5, 7], [9, 3], [30, 20], [4, 4]]  # tier 2 (16 dims) holds the most rows
+    c = make_case(gen, 1, 2, 2, 64, (64, 32, 16, 8), 0, 1, 2, torch.float32, counts=counts)
+    args = (c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"], c["basis_v"])
+    plain, split = StorePlan.from_tiers(*args), StorePlan.from_tiers(*args, Tuning(split_longest_tier=True))
+    assert (plain.n_reduced, split.n_reduced) == (3, 4)
+    cx = split.tier_constexprs
+    assert [cx[f"R{t}"] for t in range(1, 5)] == [32, 16, 8, 16]
+    assert [(cx[f"PART{t}"], cx[f"PARTS{t}"]) for t in range(1, 5)] == [(0, 1), (0, 2), (0, 1), (1, 2)]
+    # slot 4 reads tier 2's keys, values and offsets
+    assert all(a is b for a, b in zip(split.tier_pointers[12:15], split.tier_pointers[6:9], strict=True))
+    assert split.stored_rows == plain.stored_rows and split.rv_max == plain.rv_max
+    c = make_case(gen, 1, 2, 2, 64, (64, 32, 16, 8, 4), 6, 1, 2, torch.float32)
+    full = StorePlan.from_tiers(c["tier_keys"], c["tier_values"], c["tier_offsets"], c["basis_k"], c["basis_v"],
+                                Tuning(split_longest_tier=True))
+    assert full.n_reduced == 4 and all(full.tier_constexprs[f"PARTS{t}"] == 1 for t in range(1, 5))

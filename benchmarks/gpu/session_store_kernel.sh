@@ -23,9 +23,11 @@
 #       (and one batch-1 variant fewer)
 #   bash benchmarks/gpu/session_store_kernel.sh merge      # about 9 min: the merge of the rows that
 #       exist beside the tree before, its unroll, traced, decoupled tiers, the GPU kernel tests
-#   bash benchmarks/gpu/session_store_kernel.sh merge2     # about 5 min, next: the stepped merge (jit.py and
+#   bash benchmarks/gpu/session_store_kernel.sh merge2     # about 8 min: the stepped merge (jit.py and
 #       plan.py of commit 2546a46, checked out over this tree) beside the tree before, decode rows and
 #       chunks, traced; `merge2 short`: the decode rows alone
+#   bash benchmarks/gpu/session_store_kernel.sh merge3     # about 8 min, next: the merge loop as an scf.for
+#       (no layout change per split) beside the tree before, the longest tier split in two, traced
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -204,6 +206,25 @@ if [ "${1:-}" = merge2 ]; then
     done
     traced
     finish store_merge2.tar.gz 100 "float64 or many_splits"
+fi
+
+if [ "${1:-}" = merge3 ]; then
+    # About 8 min: the merge's loop as an scf.for on the GPU (no layout change per split) beside the tree
+    # before (.gpu/common/base), decode rows and chunks; merge_unroll 2; the longest tier read as two
+    # regions (Tuning.split_longest_tier); traced both ways; the GPU kernel tests
+    J=/tmp/store_json; mkdir -p $J
+    el "tree before: decode rows and chunks"
+    base 150 --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_base.json | grep "^B=\|^chunk"
+    el "this tree: decode rows and chunks"
+    new 150 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new.json | grep "^B=\|^chunk"
+    for t in split_longest_tier=1 merge_unroll=2; do
+        el "this tree, tuning $t"
+        new 45 --no-compile-check --shapes 131072x8,131072x1 --tuning $t --out "$J/bench_${t//[=,]/_}.json" | grep "^B="
+    done
+    traced
+    PYTHONPATH=$NEW timeout 45 python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 \
+        --tuning split_longest_tier=1 --out $J/trace_split.json
+    finish store_merge3.tar.gz 60 "float64 or many_splits or tuning"
 fi
 
 if [ "${1:-}" = tiers ]; then

@@ -28,8 +28,10 @@ from mdkv_compile.kernels.store_attention.jit import TRACE_FIELDS
 BEGIN, WORK, ARRIVE, MERGED, SM, REGION, OWNER, SPLIT = range(TRACE_FIELDS)
 
 
-def summarise(rows: torch.Tensor, n_regions: int) -> dict[str, Any]:
-    """One traced launch's rows (int64 [programs, TRACE_FIELDS]) as times in µs from its first start."""
+def summarise(rows: torch.Tensor) -> dict[str, Any]:
+    """One traced launch's rows (int64 [programs, TRACE_FIELDS]) as times in µs from its first start,
+    per region slot (one more than the tiers where a tier is read as two: Tuning.split_longest_tier)."""
+    n_regions = int(rows[:, REGION].max()) + 1
     t0 = int(rows[:, BEGIN].min())
     us = (rows[:, :MERGED + 1].double() - t0) / 1e3
     merged = rows[:, MERGED] > 0
@@ -77,7 +79,7 @@ def trace_shape(B: int, n_ctx: int, args: argparse.Namespace, gen: torch.Generat
         call(buf)
         torch.cuda.synchronize()
         rows = buf[buf[:, BEGIN] > 0].cpu()
-        summaries.append(summarise(rows, len(tiers)))
+        summaries.append(summarise(rows))
     median = {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
     ms = {"plain": tt.do_bench_cudagraph(call, rep=args.rep_ms, return_mode="median"),
           "traced": tt.do_bench_cudagraph(lambda: call(buf), rep=args.rep_ms, return_mode="median")}
@@ -109,6 +111,8 @@ def plot(path: str) -> str:
             if row[MERGED]:
                 ax.hlines(y, arrive, merged, color="black", linewidth=2)
         dims = [f"{rk}/{rv}" if rk != rv else str(rk) for rk, rv in r["tiers"]]
+        if max(row[REGION] for row in rows) >= len(dims):  # Tuning.split_longest_tier's second slot
+            dims.append("longest, 2nd half")
         ax.set_title(f"{r['context'] // 1024}K x {r['batch']}: {len(rows)} programs, regions {', '.join(dims)}\n"
                      f"graph median {r['ms_graph']['plain'] * 1e3:.1f} us, span of this launch "
                      f"{max((row[MERGED] or row[ARRIVE]) - t0 for row in rows) / 1e3:.1f} us", fontsize=9)
@@ -151,7 +155,7 @@ def main() -> None:
         r = trace_shape(B, n_ctx, args, gen)
         m, ms = r["median"], r["ms_graph"]
         regions = " ".join(f"r{i} {m[f'region{i}_work_p50']:.1f}/{m[f'region{i}_work_max']:.1f}"
-                           for i in range(len(r["tiers"])))
+                           for i in range(len(r["tiers"]) + 1) if f"region{i}_work_p50" in m)
         print(f"{shape}: graph {ms['plain'] * 1e3:.1f} us (traced {ms['traced'] * 1e3:.1f}) | span {m['span']:.1f} us,"
               f" {m['programs']} programs (<= {m['max_programs_per_sm']} per SM), start p50/max"
               f" {m['start_p50']:.1f}/{m['start_max']:.1f}, work p50/max {regions}, last work end"

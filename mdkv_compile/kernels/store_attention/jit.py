@@ -203,11 +203,12 @@ if HAS_TRITON:
         qk_scale, scale, softcap,
         T_IDX: tl.constexpr, NREG: tl.constexpr, RV_MAX: tl.constexpr, BLOCK_M: tl.constexpr, M_P: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, R_T: tl.constexpr, BLOCK_R: tl.constexpr, RV_T: tl.constexpr,
-        BLOCK_RV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-        INTERP: tl.constexpr,
+        BLOCK_RV: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr, PARTS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     ):
-        """Reduced tier T_IDX (keys R_T, values RV_T coordinates) for one split of owner o and one block
-        of query rows: its (m, l) partial and its value coefficients, [rows, RV_T] in rows of RV_MAX.
+        """Reduced slot T_IDX (keys R_T, values RV_T coordinates; part PART of PARTS of every owner's rows)
+        for one split of owner o and one block of query rows: its (m, l) partial and its value
+        coefficients, [rows, RV_T] in rows of RV_MAX.
         The query is rotated here, q @ basis_k[o][:, :R_T] rounded to the key dtype: R_T columns of the
         basis per program (from L2 after the owner's first split), where a separate product would cost
         a launch."""
@@ -218,7 +219,7 @@ if HAS_TRITON:
         q_rot = dot(q, bk, DOT_PREC, INTERP).to(k_ptr.dtype.element_ty)
         beg = tl.load(off_ptr + o)
         end = tl.load(off_ptr + o + 1)
-        lo, hi = _slice(end - beg, s, S)
+        lo, hi = _slice(end - beg, PART * S + s, PARTS * S)
         m_i, l_i, acc = _region(
             q_rot, k_ptr + beg.to(tl.int64) * R_T, v_ptr + beg.to(tl.int64) * RV_T, lo, hi, R_T, RV_T,
             qk_scale, scale, softcap, BLOCK_M, R_T, BLOCK_R, RV_T, BLOCK_RV, BLOCK_N, HAS_SOFTCAP, DOT_PREC,
@@ -328,9 +329,8 @@ if HAS_TRITON:
         The merge holds MERGE_M rows (launch.py: the block's rows that exist, rounded up to a power of
         2), not BLOCK_M: a decode step's 4 query heads in tiles padded to 16 rows took four times the
         registers and instructions for the same loads; the tiles are padded to BLOCK_M only for the
-        rotation's tl.dot. Each split's step still waits for its loads and then changes the layout of its
-        row vectors (a barrier each, which no later load is moved across): docs/notes/kernel_notes.md,
-        calls 9 and 10."""
+        rotation's tl.dot. On the GPU the loop over splits is an scf.for, through which the row vectors
+        keep the layouts their users need (docs/notes/kernel_notes.md, calls 9 to 11)."""
         rows = mb * BLOCK_M + tl.arange(0, MERGE_M)
         offs_d = tl.arange(0, BLOCK_D)
         if NUM_RED >= 1:
@@ -343,14 +343,24 @@ if HAS_TRITON:
         l_i = tl.zeros([MERGE_M], tl.float32)
         acc = tl.zeros([MERGE_M, BLOCK_D], tl.float32)
         coef = tl.zeros([MERGE_M, RV_MAX], tl.float32)
-        # MERGE_UNROLL splits per iteration (Tuning.merge_unroll). while, not range(): runs in the
-        # interpreter too (see _region).
-        s0 = 0
-        while s0 < S:
-            for j in tl.static_range(MERGE_UNROLL):
-                m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s0 + j, S, rows, M, m_run, l_i,
-                                                     acc, coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D, BLOCK_D)
-            s0 += MERGE_UNROLL
+        # MERGE_UNROLL splits per iteration (Tuning.merge_unroll)
+        if INTERP:
+            s0 = 0
+            while s0 < S:  # the interpreter's loop (see _region)
+                for j in tl.static_range(MERGE_UNROLL):
+                    m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s0 + j, S, rows, M, m_run,
+                                                         l_i, acc, coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D,
+                                                         BLOCK_D)
+                s0 += MERGE_UNROLL
+        else:
+            # a for loop: Triton's layout pass keeps each row vector in the layout its users need through
+            # scf.for (loads of m and l done once per layout), where an scf.while loop changed the layout
+            # of every weight in every step (a shared-memory round trip and a barrier each)
+            for s0 in range(0, S, MERGE_UNROLL):
+                for j in tl.static_range(MERGE_UNROLL):
+                    m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s0 + j, S, rows, M, m_run,
+                                                         l_i, acc, coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D,
+                                                         BLOCK_D)
         # normalised before the rotation (a row that saw nothing has l = 0 and writes zeros)
         inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
         out = acc * inv_l[:, None]
@@ -387,6 +397,8 @@ if HAS_TRITON:
         RV1: tl.constexpr, RV2: tl.constexpr, RV3: tl.constexpr, RV4: tl.constexpr,
         BRV1: tl.constexpr, BRV2: tl.constexpr, BRV3: tl.constexpr, BRV4: tl.constexpr,
         BN1: tl.constexpr, BN2: tl.constexpr, BN3: tl.constexpr, BN4: tl.constexpr,
+        PART1: tl.constexpr, PART2: tl.constexpr, PART3: tl.constexpr, PART4: tl.constexpr,
+        PARTS1: tl.constexpr, PARTS2: tl.constexpr, PARTS3: tl.constexpr, PARTS4: tl.constexpr,
         RV_TOP: tl.constexpr,
         RV_MAX: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -470,22 +482,26 @@ if HAS_TRITON:
             if reg == 1:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k1_ptr, v1_ptr, off1_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 1, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R1, BR1, RV1, BRV1, BN1, HAS_SOFTCAP, DOT_PREC, INTERP)
+                              R1, BR1, RV1, BRV1, BN1, PART1, PARTS1, HAS_SOFTCAP, DOT_PREC,
+                              INTERP)
         if NUM_RED >= 2:
             if reg == 2:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k2_ptr, v2_ptr, off2_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 2, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R2, BR2, RV2, BRV2, BN2, HAS_SOFTCAP, DOT_PREC, INTERP)
+                              R2, BR2, RV2, BRV2, BN2, PART2, PARTS2, HAS_SOFTCAP, DOT_PREC,
+                              INTERP)
         if NUM_RED >= 3:
             if reg == 3:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k3_ptr, v3_ptr, off3_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 3, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R3, BR3, RV3, BRV3, BN3, HAS_SOFTCAP, DOT_PREC, INTERP)
+                              R3, BR3, RV3, BRV3, BN3, PART3, PARTS3, HAS_SOFTCAP, DOT_PREC,
+                              INTERP)
         if NUM_RED >= 4:
             if reg == 4:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k4_ptr, v4_ptr, off4_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 4, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R4, BR4, RV4, BRV4, BN4, HAS_SOFTCAP, DOT_PREC, INTERP)
+                              R4, BR4, RV4, BRV4, BN4, PART4, PARTS4, HAS_SOFTCAP, DOT_PREC,
+                              INTERP)
         # the last of the S x NREG programs of this (owner, row block) to finish merges their partials:
         # no second launch. The barrier orders every thread's partial stores before the release of the
         # count; the acquire (and the L2 loads, .cg) make the others' partials visible to the merge.

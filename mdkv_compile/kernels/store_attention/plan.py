@@ -60,9 +60,8 @@ class Tuning:
     # (the most rows per byte, the longest) start first and shorter ones fill the tail
     reverse_regions: bool = True
     # splits whose partials the merging program loads at once. The merge of whole blocks: 4 measured
-    # slower at 128K x 8 on an H100 (0.129 against 0.121 ms); the merge of the rows that exist: 4 within
-    # 1 us of 1 (untimed with the policy's tiers), since each split's loads still wait behind the layout
-    # changes of the split before (docs/notes/kernel_notes.md, calls 3 and 9); chunks: 4 spill
+    # slower at 128K x 8 on an H100 (0.129 against 0.121 ms); the merge of the rows that exist in its
+    # while loop: 4 within 1 us of 1 (docs/notes/kernel_notes.md, calls 3 and 9); chunks: 4 spill
     merge_unroll: int = 1
     chunk_merge_unroll: int = 1
     # the merge holds only the rows that exist (WorkSplit.merge_rows), not the padded block: 4 of 16 for a
@@ -73,6 +72,11 @@ class Tuning:
     # they do not spill, and on an H100 128K x 8 / x 1 took 0.1284 / 0.0237 ms against 0.1300 / 0.0251
     # (docs/notes/kernel_notes.md, "Call 4"). Not for chunks: their variants already spill uncapped.
     decode_max_registers: int | None = 168
+    # read the reduced tier of the most rows as two regions (a second slot over the second half of every
+    # owner's rows) where a slot is free. With equal bytes per tier the narrowest tier holds the most
+    # rows and its programs work longest (H100, 128K x 1: 15.4 us against the full tier's 11.5,
+    # docs/notes/kernel_notes.md "Call 9"); the merge starts after the last of them.
+    split_longest_tier: bool = False
 
 
 DEFAULT_TUNING = Tuning()
@@ -144,7 +148,7 @@ class StorePlan:
     basis_v: Tensor | None  # [owners, d, >= rv_max]
     tuning: Tuning
     head_dim: int
-    n_reduced: int
+    n_reduced: int  # the kernel's reduced slots (NUM_RED): the reduced tiers, one more for a tier split in two
     stored_rows: int  # rows over every tier and owner: sizes the splits
     rv_max: int  # the widest reduced value (0 without a reduced tier): the columns of basis_v the merge reads
     rv_max_padded: int  # the merge's coefficient tile: rv_max padded to a power of 2 >= 16
@@ -153,7 +157,8 @@ class StorePlan:
     # the kernel's tier slots: keys, values, offsets of the full tier, then of MAX_REDUCED_TIERS
     # reduced slots (unused slots repeat the full tier and are not compiled: NUM_RED is a constexpr)
     tier_pointers: tuple[Tensor, ...]
-    # R1..R4 / RV1..RV4 (key / value widths), BR1..BR4 / BRV1..BRV4 (padded to powers of 2 >= 16)
+    # R1..R4 / RV1..RV4 (key / value widths), BR1..BR4 / BRV1..BRV4 (padded to powers of 2 >= 16),
+    # PART1..PART4 of PARTS1..PARTS4 (the part of every owner's rows a slot reads)
     tier_constexprs: dict[str, int]
 
     @classmethod
@@ -189,22 +194,33 @@ class StorePlan:
             basis_k, basis_v = basis_k.contiguous(), basis_v.contiguous()
         block_d = max(16, next_pow2(d))
         block_n = tuning.block_n_full if block_d <= 128 else min(tuning.block_n_full, 32)
-        pad = MAX_REDUCED_TIERS - n_red
-        slot_dims, slot_value_dims = key_dims + [16] * pad, value_dims + [16] * pad
+        # the kernel's reduced slots: tier t of `slot_tiers` read as part `slot_parts` (index, count) of
+        # every owner's rows; the longest tier in two parts where asked and a slot is free
+        slot_tiers, slot_parts = list(range(1, n_red + 1)), [(0, 1)] * n_red
+        if tuning.split_longest_tier and 0 < n_red < MAX_REDUCED_TIERS:
+            longest = max(slot_tiers, key=lambda t: int(keys[t].shape[0]))
+            slot_parts[longest - 1] = (0, 2)
+            slot_tiers.append(longest)
+            slot_parts.append((1, 2))
+        n_slots = len(slot_tiers)
+        pad = MAX_REDUCED_TIERS - n_slots
+        slot_dims = [key_dims[t - 1] for t in slot_tiers] + [16] * pad
+        slot_value_dims = [value_dims[t - 1] for t in slot_tiers] + [16] * pad
+        slot_parts += [(0, 1)] * pad
         slot_blocks = [max(16, next_pow2(r)) for r in slot_dims]
         slot_value_blocks = [max(16, next_pow2(r)) for r in slot_value_dims]
         pointers = [keys[0], vals[0], offs[0]]
-        for k, v, o in zip(keys[1:] + [keys[0]] * pad, vals[1:] + [vals[0]] * pad, offs[1:] + [offs[0]] * pad,
-                           strict=True):
-            pointers += [k, v, o]
+        for t in slot_tiers + [0] * pad:
+            pointers += [keys[t], vals[t], offs[t]]
         constexprs = {}
         for t in range(MAX_REDUCED_TIERS):
             constexprs.update({f"R{t + 1}": slot_dims[t], f"BR{t + 1}": slot_blocks[t],
-                               f"RV{t + 1}": slot_value_dims[t], f"BRV{t + 1}": slot_value_blocks[t]})
+                               f"RV{t + 1}": slot_value_dims[t], f"BRV{t + 1}": slot_value_blocks[t],
+                               f"PART{t + 1}": slot_parts[t][0], f"PARTS{t + 1}": slot_parts[t][1]})
         rv_max = max(value_dims) if n_red else 0
         return cls(
             tier_keys=keys, tier_values=vals, tier_offsets=offs, basis_k=basis_k, basis_v=basis_v, tuning=tuning,
-            head_dim=d, n_reduced=n_red, stored_rows=sum(int(k.shape[0]) for k in keys),
+            head_dim=d, n_reduced=n_slots, stored_rows=sum(int(k.shape[0]) for k in keys),
             rv_max=rv_max, rv_max_padded=next_pow2(max(rv_max, 16)), block_d=block_d, block_n=block_n,
             tier_pointers=tuple(pointers), tier_constexprs=constexprs,
         )
