@@ -25,7 +25,7 @@
 #       exist beside the tree before, its unroll, traced, decoupled tiers, the GPU kernel tests
 #   bash benchmarks/gpu/session_store_kernel.sh merge2     # about 8 min: the stepped merge (jit.py and
 #       plan.py of commit 2546a46, checked out over this tree) beside the tree before, decode rows and
-#       chunks, traced; `merge2 short`: the decode rows alone
+#       chunks, traced (call 10); `merge2 short`: the decode rows alone
 #   bash benchmarks/gpu/session_store_kernel.sh merge3     # about 8 min, next: the merge loop as an scf.for
 #       (no layout change per split) beside the tree before, the longest tier split in two, traced
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
@@ -190,10 +190,10 @@ if [ "${1:-}" = merge ]; then
 fi
 
 if [ "${1:-}" = merge2 ]; then
-    # About 5 min: this tree beside the tree before (.gpu/common/base) at 128K x 8 and x 1 and the chunks
-    # of 16 / 64 / 256 after 32K, then traced, with merge_unroll 2 and 8 beside the default 4. Written for the merge in [splits, rows, columns] steps
-    # (commit 2546a46; docs/notes/kernel_notes.md "Call 10"), which no call has timed yet
-    # then the float64 GPU kernel tests (`merge2 short`: about 5 min, the decode rows alone)
+    # About 8 min: this tree beside the tree before (.gpu/common/base) at 128K x 8 and x 1 and the chunks
+    # of 16 / 64 / 256 after 32K, merge_unroll 2 and 8, traced, then the float64 GPU kernel tests. Written
+    # for the merge in [splits, rows, columns] steps (commit 2546a46; docs/notes/kernel_notes.md "Call 10")
+    # (`merge2 short`: the decode rows alone)
     J=/tmp/store_json; mkdir -p $J
     [ "${2:-}" = short ] && CHUNKS=""
     el "tree before: decode rows ${CHUNKS:+and chunks}"
