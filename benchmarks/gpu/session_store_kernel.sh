@@ -26,7 +26,7 @@
 #   bash benchmarks/gpu/session_store_kernel.sh merge2     # about 8 min: the stepped merge (jit.py and
 #       plan.py of commit 2546a46, checked out over this tree) beside the tree before, decode rows and
 #       chunks, traced (call 10); `merge2 short`: the decode rows alone
-#   bash benchmarks/gpu/session_store_kernel.sh merge3     # about 8 min, next: the merge loop as an scf.for
+#   bash benchmarks/gpu/session_store_kernel.sh merge3     # about 7 min, next: the merge loop as an scf.for
 #       (no layout change per split) beside the tree before, the longest tier split in two, traced
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
@@ -55,10 +55,17 @@ gpu_tests() {  # the kernel tests compiled for the GPU against float64 reference
     PYTHONPATH=$NEW timeout "$1" python -m pytest -q -x -p no:cacheprovider tests/test_triton_attention.py \
         ${2:+-k "$2"} 2>&1 | tail -4
 }
-traced() {  # where a launch's time goes, program by program (the GPU's timer), into $J/trace.json
-    el "where a launch's time goes, program by program (GPU timer)"
+traced() {  # where a launch's time goes, program by program (the GPU's timer), into $J/trace.json, or with
+    # --tuning $1 into $J/trace_$1.json
+    el "where a launch's time goes, program by program (GPU timer) ${1:+tuning $1}"
     PYTHONPATH=$NEW timeout 60 python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 \
-        --out $J/trace.json
+        ${1:+--tuning $1} --out "$J/trace${1:+_${1//[=,]/_}}.json"
+}
+decode_tunings() {  # 128K x 8 and x 1 with each --tuning given, this tree
+    for t in "$@"; do
+        el "this tree, tuning $t"
+        new 45 --no-compile-check --shapes 131072x8,131072x1 --tuning $t --out "$J/bench_${t//[=,]/_}.json" | grep "^B="
+    done
 }
 batch1() {  # 128K x 1 with each --tuning given
     for t in "$@"; do
@@ -175,13 +182,9 @@ if [ "${1:-}" = merge ]; then
     base 100 --shapes 131072x8,131072x1 --out $J/bench_base.json | grep "^B="
     el "this tree: decode rows (narrow merge, unroll 1)"
     new 100 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_new.json | grep "^B="
-    for t in merge_unroll=8 merge_unroll=4 narrow_merge=0; do
-        el "this tree, tuning $t"
-        new 45 --no-compile-check --shapes 131072x8,131072x1 --tuning $t --out "$J/bench_${t//[=,]/_}.json" | grep "^B="
-    done
+    decode_tunings merge_unroll=8 merge_unroll=4 narrow_merge=0
     traced
-    PYTHONPATH=$NEW timeout 45 python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 \
-        --tuning merge_unroll=8 --out $J/trace_unroll8.json
+    traced merge_unroll=8
     el "decoupled tiers: tree before, this tree"
     base 50 --shapes 131072x8,131072x1 --tiers mixeddimkv --out $J/bench_base_decoupled.json | grep "^B="
     new 50 --no-compile-check --shapes 131072x8,131072x1 --tiers mixeddimkv --out $J/bench_new_decoupled.json \
@@ -200,31 +203,24 @@ if [ "${1:-}" = merge2 ]; then
     base 130 --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_base.json | grep "^B=\|^chunk"
     el "this tree: decode rows ${CHUNKS:+and chunks}"
     new 130 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new.json | grep "^B=\|^chunk"
-    for t in merge_unroll=2 merge_unroll=8; do
-        el "this tree, tuning $t"
-        new 45 --no-compile-check --shapes 131072x8,131072x1 --tuning $t --out "$J/bench_${t//[=,]/_}.json" | grep "^B="
-    done
+    decode_tunings merge_unroll=2 merge_unroll=8
     traced
     finish store_merge2.tar.gz 100 "float64 or many_splits"
 fi
 
 if [ "${1:-}" = merge3 ]; then
-    # About 8 min: the merge's loop as an scf.for on the GPU (no layout change per split) beside the tree
-    # before (.gpu/common/base), decode rows and chunks; merge_unroll 2; the longest tier read as two
+    # About 7 min: the merge's loop as an scf.for on the GPU (no layout change per split) beside the tree
+    # before (.gpu/common/base), decode rows and chunks; the longest tier read as two
     # regions (Tuning.split_longest_tier); traced both ways; the GPU kernel tests
     J=/tmp/store_json; mkdir -p $J
     el "tree before: decode rows and chunks"
     base 150 --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_base.json | grep "^B=\|^chunk"
     el "this tree: decode rows and chunks"
     new 150 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new.json | grep "^B=\|^chunk"
-    for t in split_longest_tier=1 merge_unroll=2; do
-        el "this tree, tuning $t"
-        new 45 --no-compile-check --shapes 131072x8,131072x1 --tuning $t --out "$J/bench_${t//[=,]/_}.json" | grep "^B="
-    done
+    decode_tunings split_longest_tier=1
     traced
-    PYTHONPATH=$NEW timeout 45 python benchmarks/gpu/trace_store_kernel.py --shapes 131072x1,131072x8 \
-        --tuning split_longest_tier=1 --out $J/trace_split.json
-    finish store_merge3.tar.gz 60 "float64 or many_splits or tuning"
+    traced split_longest_tier=1
+    finish store_merge3.tar.gz 50 "float64 or many_splits or tuning"
 fi
 
 if [ "${1:-}" = tiers ]; then
