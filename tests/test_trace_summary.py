@@ -32,13 +32,16 @@ def known_rows() -> torch.Tensor:
 
 
 def test_summary_of_known_rows() -> None:
-    s = load_script().summarise(known_rows(), n_regions=2)
+    s = load_script().summarise(known_rows())
     assert s["programs"] == 4 and s["mergers"] == 2 and s["max_programs_per_sm"] == 2
     assert s["start_max"] == pytest.approx(2.0) and s["last_work_end"] == pytest.approx(8.0)
     assert s["span"] == pytest.approx(11.5)  # the last merge's end, from the first start
     assert s["merge_max"] == pytest.approx(4.0) and s["merge_p50"] == pytest.approx(2.0)  # lower median
     assert s["region0_work_max"] == pytest.approx(5.0) and s["region1_work_max"] == pytest.approx(8.0)
-    assert s["region1_end_max"] == pytest.approx(8.0)
+    assert s["region1_end_max"] == pytest.approx(8.0) and "region2_work_max" not in s
+    # the regions are those the rows hold: one more where a tier is read through two slots
+    extra = torch.tensor([[1_000, 4_000, 4_100, 0, 3, 2, 0, 0]], dtype=torch.int64)
+    assert load_script().summarise(torch.cat([known_rows(), extra]))["region2_work_max"] == pytest.approx(3.0)
 
 
 def test_plot_draws_each_shape(tmp_path: Path) -> None:
