@@ -211,8 +211,9 @@ fi
 if [ "${1:-}" = merge3 ]; then
     # About 7 min: the merge's loop as an scf.for on the GPU (no layout change per split) beside the tree
     # before (.gpu/common/base), decode rows and chunks; the longest tier read as two
-    # regions (Tuning.split_longest_tier); traced both ways; the GPU kernel tests
-    J=/tmp/store_json; mkdir -p $J
+    # regions (Tuning.split_longest_tier); traced both ways; the GPU kernel tests. The JSON goes straight
+    # to $DEST (six files with the log): a call cut short still brings back the steps it finished
+    J=$DEST
     el "tree before: decode rows and chunks"
     base 150 --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_base.json | grep "^B=\|^chunk"
     el "this tree: decode rows and chunks"
@@ -220,7 +221,9 @@ if [ "${1:-}" = merge3 ]; then
     decode_tunings split_longest_tier=1
     traced
     traced split_longest_tier=1
-    finish store_merge3.tar.gz 50 "float64 or many_splits or tuning"
+    gpu_tests 50 "float64 or many_splits or tuning"
+    el done
+    exit 0
 fi
 
 if [ "${1:-}" = tiers ]; then
