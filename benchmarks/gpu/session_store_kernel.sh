@@ -213,16 +213,26 @@ if [ "${1:-}" = merge3 ]; then
     # before (.gpu/common/base), decode rows and chunks; the longest tier read as two
     # regions (Tuning.split_longest_tier); traced both ways; the GPU kernel tests. The JSON goes straight
     # to $DEST (six files with the log): a call cut short still brings back the steps it finished
-    # (`merge3 short`, about 5 min: the tree before without chunks, no second trace, no tests)
+    # (`merge3 short`, about 5 min: the decode rows beside the tree before, the split tier, one trace, then
+    # this tree's chunks alone)
     J=$(realpath "$DEST")
-    BASE_CHUNKS=$CHUNKS; [ "${2:-}" = short ] && BASE_CHUNKS=""
-    el "tree before: decode rows ${BASE_CHUNKS:+and chunks}"
-    base 170 --shapes 131072x8,131072x1 $BASE_CHUNKS --out $J/bench_base.json | grep "^B=\|^chunk"
+    if [ "${2:-}" = short ]; then
+        el "tree before, then this tree: decode rows"
+        base 120 --shapes 131072x8,131072x1 --out $J/bench_base.json | grep "^B="
+        new 120 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_new.json | grep "^B="
+        decode_tunings split_longest_tier=1
+        traced
+        el "this tree: chunks"
+        new 100 --no-compile-check --shapes 131072x8 $CHUNKS --out $J/bench_new_chunks.json | grep "^chunk"
+        el done
+        exit 0
+    fi
+    el "tree before: decode rows and chunks"
+    base 170 --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_base.json | grep "^B=\|^chunk"
     el "this tree: decode rows and chunks"
     new 150 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new.json | grep "^B=\|^chunk"
     decode_tunings split_longest_tier=1
     traced
-    [ "${2:-}" = short ] && { el done; exit 0; }
     traced split_longest_tier=1
     gpu_tests 50 "float64 or many_splits or tuning"
     el done
