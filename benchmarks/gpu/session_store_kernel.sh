@@ -215,7 +215,15 @@ if [ "${1:-}" = merge3 ]; then
     # to $DEST (six files with the log): a call cut short still brings back the steps it finished
     # (`merge3 short`, about 5 min: the decode rows beside the tree before, the split tier, one trace, then
     # this tree's chunks alone)
+    # (`merge3 min`, about 3 min: this tree's decode rows, the split tier and one trace, no tree before)
     J=$(realpath "$DEST")
+    if [ "${2:-}" = min ]; then
+        new 120 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_new.json | grep "^B="
+        decode_tunings split_longest_tier=1
+        traced
+        el done
+        exit 0
+    fi
     if [ "${2:-}" = short ]; then
         el "tree before, then this tree: decode rows"
         base 120 --shapes 131072x8,131072x1 --out $J/bench_base.json | grep "^B="
