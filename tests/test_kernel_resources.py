@@ -46,3 +46,17 @@ def test_register_cap_leaves_chunks_alone() -> None:
     capped = compiled_resources(DECOUPLED, chunk_tokens=64)
     uncapped = compiled_resources(DECOUPLED, chunk_tokens=64, tuning={"decode_max_registers": None})
     assert capped == uncapped, (capped, uncapped)
+
+
+def test_merge_for_loop_changes_no_layout_per_split() -> None:
+    """Through the while loop every unrolled split step changes the layout of its weights; through the
+    for loop (Tuning.merge_for_loop) the merge's layout changes are its epilogue's alone, whatever the
+    splits per step. With the longest tier in two slots the step keeps its registers."""
+    changes = {(loop, unroll): compiled_resources(COUPLED, tuning={"merge_for_loop": loop, "merge_unroll": unroll})
+               for loop in (False, True) for unroll in (1, 2)}
+    assert changes[True, 1]["merge_layout_changes"] == changes[True, 2]["merge_layout_changes"], changes
+    assert (changes[False, 2]["merge_layout_changes"] > changes[False, 1]["merge_layout_changes"]
+            > changes[True, 1]["merge_layout_changes"]), changes
+    assert all(res["stack"] == 0 for res in changes.values()), changes
+    split = compiled_resources(COUPLED, tuning={"merge_for_loop": True, "split_longest_tier": True})
+    assert split["stack"] == 0 and split["registers"] <= 170, split

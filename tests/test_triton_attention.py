@@ -345,6 +345,19 @@ def test_chunk_matches_float64_reference(case: tuple) -> None:
     assert rel_err(fallback, ref) < (1e-7 if dtype == torch.float32 else 1e-2)
 
 
+def test_chunk_with_merge_for_loop_and_split_tier_matches_float64_reference() -> None:
+    """The chunk launch with the longest tier in two slots and, on a GPU, the merge's for loop (the
+    interpreter always takes the while loop)."""
+    from mdkv_compile.kernels import store_attention as ta
+
+    gen = torch.Generator().manual_seed(43)
+    c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 60, 7, 9, torch.float32, L=3)
+    out = torch.full((2, 6, 3, 32), float("nan"), dtype=torch.float32, device=DEVICE)
+    packed_chunk_attention_triton(**c, out=out, poison_workspace=True,
+                                  tuning=ta.Tuning(merge_for_loop=True, split_longest_tier=True, splits=2))
+    assert rel_err(out, reference(c)) < 1e-5
+
+
 def test_chunk_with_one_token_equals_decode() -> None:
     gen = torch.Generator().manual_seed(13)
     c = make_case(gen, 2, 2, 3, 32, (32, 16, 8), 50, 4, 6, torch.float32)
@@ -430,7 +443,9 @@ def test_tuning_overrides_the_launch_and_keeps_results() -> None:
                    ta.Tuning(block_n_full=128, block_n_reduced_max=256, decode_block_n_reduced_max=512, splits=2),
                    ta.Tuning(decode_max_registers=None, reverse_regions=False),
                    ta.Tuning(merge_unroll=4, splits=5), ta.Tuning(narrow_merge=False, merge_unroll=2),
-                   ta.Tuning(split_longest_tier=True), ta.Tuning(split_longest_tier=True, splits=3)):
+                   ta.Tuning(split_longest_tier=True), ta.Tuning(split_longest_tier=True, splits=3),
+                   ta.Tuning(merge_for_loop=True, merge_unroll=2, splits=5),
+                   ta.Tuning(merge_for_loop=True, split_longest_tier=True)):
         out = torch.full_like(c["q"], float("nan"))
         packed_decode_attention_triton(**c, out=out, poison_workspace=True, tuning=tuning)
         assert rel_err(out, ref) < 1e-5, tuning

@@ -26,8 +26,8 @@
 #   bash benchmarks/gpu/session_store_kernel.sh merge2     # about 8 min: the stepped merge (jit.py and
 #       plan.py of commit 2546a46, checked out over this tree) beside the tree before, decode rows and
 #       chunks, traced (call 10); `merge2 short`: the decode rows alone
-#   bash benchmarks/gpu/session_store_kernel.sh merge3     # about 7 min, next: the merge loop as an scf.for
-#       (no layout change per split) beside the tree before, the longest tier split in two, traced
+#   bash benchmarks/gpu/session_store_kernel.sh merge3     # about 7 min, next, one tree: the merge's loop as an
+#       scf.for (merge_for_loop) beside the while loop, the longest tier split in two, traced
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -209,40 +209,20 @@ if [ "${1:-}" = merge2 ]; then
 fi
 
 if [ "${1:-}" = merge3 ]; then
-    # About 7 min: the merge's loop as an scf.for on the GPU (no layout change per split) beside the tree
-    # before (.gpu/common/base), decode rows and chunks; the longest tier read as two
-    # regions (Tuning.split_longest_tier); traced both ways; the GPU kernel tests. The JSON goes straight
-    # to $DEST (six files with the log): a call cut short still brings back the steps it finished
-    # (`merge3 short`, about 5 min: the decode rows beside the tree before, the split tier, one trace, then
-    # this tree's chunks alone)
-    # (`merge3 min`, about 3 min: this tree's decode rows, the split tier and one trace, no tree before)
+    # About 7 min, one tree (no tree before needed): the merge's loop as an scf.for on the GPU
+    # (Tuning.merge_for_loop: no layout change per split) beside the while loop, decode rows and chunks;
+    # the longest tier read as two regions (Tuning.split_longest_tier) with each loop; both traced; the
+    # GPU kernel tests (their tuning test takes the for loop too). The JSON goes straight to $DEST: a call
+    # cut short still brings back the steps it finished
     J=$(realpath "$DEST")
-    if [ "${2:-}" = min ]; then
-        new 120 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_new.json | grep "^B="
-        decode_tunings split_longest_tier=1
-        traced
-        el done
-        exit 0
-    fi
-    if [ "${2:-}" = short ]; then
-        el "tree before, then this tree: decode rows"
-        base 120 --shapes 131072x8,131072x1 --out $J/bench_base.json | grep "^B="
-        new 120 --no-compile-check --shapes 131072x8,131072x1 --out $J/bench_new.json | grep "^B="
-        decode_tunings split_longest_tier=1
-        traced
-        el "this tree: chunks"
-        new 100 --no-compile-check --shapes 131072x8 $CHUNKS --out $J/bench_new_chunks.json | grep "^chunk"
-        el done
-        exit 0
-    fi
-    el "tree before: decode rows and chunks"
-    base 170 --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_base.json | grep "^B=\|^chunk"
-    el "this tree: decode rows and chunks"
-    new 150 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_new.json | grep "^B=\|^chunk"
-    decode_tunings split_longest_tier=1
-    traced
-    traced split_longest_tier=1
-    gpu_tests 50 "float64 or many_splits or tuning"
+    el "decode rows and chunks: the while loop (the default), then the for loop"
+    new 150 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_while.json | grep "^B=\|^chunk"
+    new 150 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --tuning merge_for_loop=1 \
+        --out $J/bench_for.json | grep "^B=\|^chunk"
+    decode_tunings merge_for_loop=1,split_longest_tier=1 split_longest_tier=1
+    traced merge_for_loop=1
+    traced merge_for_loop=1,split_longest_tier=1
+    gpu_tests 60 "float64 or many_splits or tuning"
     el done
     exit 0
 fi

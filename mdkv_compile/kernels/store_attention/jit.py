@@ -318,7 +318,7 @@ if HAS_TRITON:
         NUM_RED: tl.constexpr,
         RV1: tl.constexpr, RV2: tl.constexpr, RV3: tl.constexpr, RV4: tl.constexpr,
         RV_TOP: tl.constexpr, RV_MAX: tl.constexpr, BLOCK_M: tl.constexpr, MERGE_M: tl.constexpr,
-        M_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_UNROLL: tl.constexpr,
+        M_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_UNROLL: tl.constexpr, MERGE_FOR: tl.constexpr,
         DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     ):
         """Log-sum-exp merge of the S x (1 + NUM_RED) partials of row block mb, one pass in a fixed order
@@ -329,8 +329,9 @@ if HAS_TRITON:
         The merge holds MERGE_M rows (launch.py: the block's rows that exist, rounded up to a power of
         2), not BLOCK_M: a decode step's 4 query heads in tiles padded to 16 rows took four times the
         registers and instructions for the same loads; the tiles are padded to BLOCK_M only for the
-        rotation's tl.dot. On the GPU the loop over splits is an scf.for, through which the row vectors
-        keep the layouts their users need (docs/notes/kernel_notes.md, calls 9 to 11)."""
+        rotation's tl.dot. MERGE_FOR (GPU only): the loop over splits as an scf.for, through which the
+        row vectors keep the layouts their users need, not the scf.while that changes them in every step
+        (docs/notes/kernel_notes.md, calls 9 to 11)."""
         rows = mb * BLOCK_M + tl.arange(0, MERGE_M)
         offs_d = tl.arange(0, BLOCK_D)
         if NUM_RED >= 1:
@@ -344,18 +345,19 @@ if HAS_TRITON:
         acc = tl.zeros([MERGE_M, BLOCK_D], tl.float32)
         coef = tl.zeros([MERGE_M, RV_MAX], tl.float32)
         # MERGE_UNROLL splits per iteration (Tuning.merge_unroll)
-        if INTERP:
+        if INTERP or not MERGE_FOR:
             s0 = 0
-            while s0 < S:  # the interpreter's loop (see _region)
+            while s0 < S:  # the interpreter's loop (see _region); on the GPU unless MERGE_FOR
                 for j in tl.static_range(MERGE_UNROLL):
                     m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s0 + j, S, rows, M, m_run,
                                                          l_i, acc, coef, NUM_RED, RV1, RV2, RV3, RV4, RV_MAX, M_P, D,
                                                          BLOCK_D)
                 s0 += MERGE_UNROLL
         else:
-            # a for loop: Triton's layout pass keeps each row vector in the layout its users need through
-            # scf.for (loads of m and l done once per layout), where an scf.while loop changed the layout
-            # of every weight in every step (a shared-memory round trip and a barrier each)
+            # a for loop (Tuning.merge_for_loop): Triton's layout pass keeps each row vector in the layout
+            # its users need through scf.for (loads of m and l done once per layout), where through the
+            # scf.while loop every weight changes its layout in every step (a shared-memory round trip and
+            # a barrier each)
             for s0 in range(0, S, MERGE_UNROLL):
                 for j in tl.static_range(MERGE_UNROLL):
                     m_run, l_i, acc, coef = _merge_split(ml_ptr, acc_ptr, coef_ptr, o, s0 + j, S, rows, M, m_run,
@@ -409,6 +411,7 @@ if HAS_TRITON:
         REVERSE_REGIONS: tl.constexpr,
         MERGE_M: tl.constexpr,
         MERGE_UNROLL: tl.constexpr,
+        MERGE_FOR: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         DOT_PREC: tl.constexpr,
         INTERP: tl.constexpr,
@@ -514,8 +517,8 @@ if HAS_TRITON:
             t_merged = t_arrive * 0
         if arrived == S * NREG - 1:
             _merge(ml_ptr, acc_ptr, coef_ptr, bv_ptr, stride_bvo, stride_bvd, out_ptr, o, mb, M, S, NUM_RED,
-                   RV1, RV2, RV3, RV4, RV_TOP, RV_MAX, BLOCK_M, MERGE_M, M_P, D, BLOCK_D, MERGE_UNROLL, DOT_PREC,
-                   INTERP)
+                   RV1, RV2, RV3, RV4, RV_TOP, RV_MAX, BLOCK_M, MERGE_M, M_P, D, BLOCK_D, MERGE_UNROLL, MERGE_FOR,
+                   DOT_PREC, INTERP)
             # every program of this (owner, row block) has counted: back to 0, so that a count buffer kept
             # across launches (launch.py's `arrival_counts`) needs no memset before the next one
             tl.store(count_ptr + o * NMB + mb, 0)

@@ -161,6 +161,7 @@ def kernel_constexprs(plan: StorePlan, split: WorkSplit, *, n_from_ptr: bool, ha
         D=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, REVERSE_REGIONS=plan.tuning.reverse_regions,
         MERGE_M=split.merge_rows if plan.tuning.narrow_merge else split.block_rows,
         MERGE_UNROLL=plan.tuning.chunk_merge_unroll if split.chunk else plan.tuning.merge_unroll,
+        MERGE_FOR=plan.tuning.merge_for_loop,
         HAS_SOFTCAP=has_softcap, DOT_PREC=fp32, INTERP=interpreting(), TRACE=trace,
     )
 

@@ -64,6 +64,11 @@ class Tuning:
     # while loop: 4 within 1 us of 1 (docs/notes/kernel_notes.md, calls 3 and 9); chunks: 4 spill
     merge_unroll: int = 1
     chunk_merge_unroll: int = 1
+    # the merge's loop over splits as range() on the GPU (an scf.for; the interpreter always takes the
+    # while loop). Through the scf.while loop Triton changes the layout of every weight in every split
+    # step (six shared-memory round trips with a barrier each, sm_90 TTGIR); through the scf.for none.
+    # Off until timed beside the while loop (docs/notes/kernel_notes.md, "Call 11")
+    merge_for_loop: bool = False
     # the merge holds only the rows that exist (WorkSplit.merge_rows), not the padded block: 4 of 16 for a
     # decode step with 4 query heads per KV head. False: the whole block (to time one beside the other)
     narrow_merge: bool = True

@@ -37,7 +37,8 @@ def compiled_resources(
     tuning: dict[str, Any] | None = None,
     capability: int = 90,
 ) -> dict[str, int]:
-    """Registers and stack bytes per thread, shared memory bytes per program, and warps of the variant
+    """Registers and stack bytes per thread, shared memory bytes per program, warps, and the layout
+    changes (``ttg.convert_layout`` in the TTGIR) of the merge, of the variant
     for reduced tiers ``[(key dims, value dims), ...]`` (the full tier is ``head_dim``): a decode step
     (``chunk_tokens`` 0) or a chunk of that many tokens, query group ``group``, inputs ``dtype``
     ("bf16", "fp16", "fp32"), ``tuning``: fields over ``DEFAULT_TUNING``."""
@@ -70,8 +71,12 @@ def compiled_resources(
         target=GPUTarget("cuda", capability, 32), options=kernel_options(plan, split),
     )
     usage = _cubin_usage(compiled.asm["cubin"])
+    # the merge is the code after the arrival's atomic add: each layout change there is a shared-memory
+    # round trip with a barrier
+    ttgir = compiled.asm["ttgir"]
+    merge_layout_changes = ttgir[ttgir.index("tt.atomic_rmw"):].count("ttg.convert_layout")
     return dict(registers=usage["REG"], stack=usage["STACK"], shared=int(compiled.metadata.shared),
-                num_warps=int(compiled.metadata.num_warps))
+                num_warps=int(compiled.metadata.num_warps), merge_layout_changes=merge_layout_changes)
 
 
 def _argument_type(name: str, dtype: str, constexprs: dict[str, Any]) -> str:
