@@ -26,6 +26,8 @@ by a memset before the launch, or one the caller keeps (``arrival_counts=``), wh
 
 Row blocks fastest: the row blocks of a chunk read the same slice of the store side by side, once from
 DRAM and the rest from L2. Regions last slot first: the narrow tiers' programs, the longest, start first.
+A kernel slot may read part of a tier's rows: ``Tuning.split_longest_tier`` reads the tier of the most
+rows through two slots (one region more), where a slot is free.
 
 Precision: inputs bf16 / fp16 / fp32; every dot product accumulates in fp32 (``ieee`` for fp32 inputs,
 so fp32 results match a float64 reference to ~1e-6); probabilities and ``q_rot`` are rounded to the

@@ -485,26 +485,22 @@ if HAS_TRITON:
             if reg == 1:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k1_ptr, v1_ptr, off1_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 1, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R1, BR1, RV1, BRV1, BN1, PART1, PARTS1, HAS_SOFTCAP, DOT_PREC,
-                              INTERP)
+                              R1, BR1, RV1, BRV1, BN1, PART1, PARTS1, HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 2:
             if reg == 2:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k2_ptr, v2_ptr, off2_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 2, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R2, BR2, RV2, BRV2, BN2, PART2, PARTS2, HAS_SOFTCAP, DOT_PREC,
-                              INTERP)
+                              R2, BR2, RV2, BRV2, BN2, PART2, PARTS2, HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 3:
             if reg == 3:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k3_ptr, v3_ptr, off3_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 3, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R3, BR3, RV3, BRV3, BN3, PART3, PARTS3, HAS_SOFTCAP, DOT_PREC,
-                              INTERP)
+                              R3, BR3, RV3, BRV3, BN3, PART3, PARTS3, HAS_SOFTCAP, DOT_PREC, INTERP)
         if NUM_RED >= 4:
             if reg == 4:
                 _reduced_tier(q, bk_ptr, stride_bko, stride_bkd, k4_ptr, v4_ptr, off4_ptr, o, s, S, rows, M,
                               ml_ptr, coef_ptr, qk_scale, scale, softcap, 4, NREG, RV_MAX, BLOCK_M, M_P, D, BLOCK_D,
-                              R4, BR4, RV4, BRV4, BN4, PART4, PARTS4, HAS_SOFTCAP, DOT_PREC,
-                              INTERP)
+                              R4, BR4, RV4, BRV4, BN4, PART4, PARTS4, HAS_SOFTCAP, DOT_PREC, INTERP)
         # the last of the S x NREG programs of this (owner, row block) to finish merges their partials:
         # no second launch. The barrier orders every thread's partial stores before the release of the
         # count; the acquire (and the L2 loads, .cg) make the others' partials visible to the merge.
