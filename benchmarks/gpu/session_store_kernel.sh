@@ -26,8 +26,9 @@
 #   bash benchmarks/gpu/session_store_kernel.sh merge2     # about 8 min: the stepped merge (jit.py and
 #       plan.py of commit 2546a46, checked out over this tree) beside the tree before, decode rows and
 #       chunks, traced (call 10); `merge2 short`: the decode rows alone
-#   bash benchmarks/gpu/session_store_kernel.sh merge3     # about 7 min, next, one tree: the merge's loop as an
-#       scf.for (merge_for_loop) beside the while loop, the longest tier split in two, traced
+#   bash benchmarks/gpu/session_store_kernel.sh merge3     # about 9 min, next, one tree: the merge's loop as an
+#       scf.for (merge_for_loop) beside the while loop, the longest tier split in two, 12 and 16 splits at
+#       batch 1, traced, the GPU kernel tests, then the chunks with each loop
 #   bash benchmarks/gpu/session_store_kernel.sh tiers      # about 3 min, not run yet: where the time goes
 #       by tier width, 128K x 8 and x 1 with the full tier alone and beside one reduced tier of 64 or 16
 #       dims (equal bytes per tier, as always), and the default four
@@ -64,7 +65,7 @@ traced() {  # where a launch's time goes, program by program (the GPU's timer), 
 decode_tunings() {  # 128K x 8 and x 1 with each --tuning given, this tree
     for t in "$@"; do
         el "this tree, tuning $t"
-        new 45 --no-compile-check --shapes 131072x8,131072x1 --tuning $t --out "$J/bench_${t//[=,]/_}.json" | grep "^B="
+        new 60 --no-compile-check --shapes 131072x8,131072x1 --tuning $t --out "$J/bench_${t//[=,]/_}.json" | grep "^B="
     done
 }
 batch1() {  # 128K x 1 with each --tuning given
@@ -209,20 +210,24 @@ if [ "${1:-}" = merge2 ]; then
 fi
 
 if [ "${1:-}" = merge3 ]; then
-    # About 7 min, one tree (no tree before needed): the merge's loop as an scf.for on the GPU
-    # (Tuning.merge_for_loop: no layout change per split) beside the while loop, decode rows and chunks;
-    # the longest tier read as two regions (Tuning.split_longest_tier) with each loop; both traced; the
-    # GPU kernel tests (their tuning test takes the for loop too). The JSON goes straight to $DEST: a call
-    # cut short still brings back the steps it finished
+    # About 9 min, one tree (no tree before needed), the steps most needed first: the JSON goes straight
+    # to $DEST, so a call cut short still brings back the steps it finished. Decode rows (128K x 8 and
+    # x 1) with the merge's while loop (the default) and its scf.for (Tuning.merge_for_loop: no layout
+    # change per split), the longest tier read as two regions (Tuning.split_longest_tier) with each
+    # loop, and more splits at batch 1 with the for loop (the cap of 8 was set by the while loop's
+    # merge, whose time grew with each split); both new forms traced; the GPU kernel tests (their
+    # tuning test takes the for loop too); then the chunk rows with each loop
     J=$(realpath "$DEST")
-    el "decode rows and chunks: the while loop (the default), then the for loop"
-    new 150 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --out $J/bench_while.json | grep "^B=\|^chunk"
-    new 150 --no-compile-check --shapes 131072x8,131072x1 $CHUNKS --tuning merge_for_loop=1 \
-        --out $J/bench_for.json | grep "^B=\|^chunk"
-    decode_tunings merge_for_loop=1,split_longest_tier=1 split_longest_tier=1
+    decode_tunings merge_for_loop=0 merge_for_loop=1 merge_for_loop=1,split_longest_tier=1 split_longest_tier=1 \
+        merge_for_loop=1,max_splits=12 merge_for_loop=1,max_splits=16
     traced merge_for_loop=1
     traced merge_for_loop=1,split_longest_tier=1
-    gpu_tests 60 "float64 or many_splits or tuning"
+    gpu_tests 90 "float64 or many_splits or tuning"
+    for t in merge_for_loop=0 merge_for_loop=1; do
+        el "chunks, tuning $t"
+        new 100 --no-compile-check --shapes 131072x1 $CHUNKS --tuning $t --out "$J/chunks_${t//=/_}.json" \
+            | grep "^chunk"
+    done
     el done
     exit 0
 fi
