@@ -3,6 +3,7 @@
     python benchmarks/check_fast_path.py --out fast_path.json            # H100/H200: about 5-6 minutes
     python benchmarks/check_fast_path.py --out big.json --big            # 32 layers, batch 8 x 32K prompts
     python benchmarks/check_fast_path.py --out quick.json --quick        # tiny shapes: checks the script (CPU too)
+    python benchmarks/check_fast_path.py --out big.json --big --baseline-prefill-chunk 4096 --timed-only   # H100
 
 Model: a Llama-3-8B-shaped Llama with random bf16 weights (`mdkv_compile.testing.random_llama`), 8
 layers (32 with `--big`), batch 4 x 16K-token prompts (8 x 32K), 32 greedy new tokens, budget 0.0625.
@@ -34,8 +35,9 @@ after each new token: the differences are the decode steps, prefill excluded; me
 after the first two, which capture CUDA graphs on the reduce-overhead paths), peak GiB of that
 generate (torch.cuda.max_memory_allocated), GiB allocated after it (weights + what stays: the
 compressed state), the compressed state's bytes; then two more generate() calls with other batch
-sizes and prompt lengths. Graphs compiled (Dynamo's unique_graphs), graph breaks, the backend's
-CUDA-graph warm-ups / captures / replays and Inductor's CUDA-graph skips are counted per call.
+sizes and prompt lengths (not with `--timed-only`). Graphs compiled (Dynamo's unique_graphs), graph
+breaks, the backend's CUDA-graph warm-ups / captures / replays and Inductor's CUDA-graph skips are
+counted per call.
 Tokens of every call are compared with the reference path's (the eager MixedDimKV tokens for the
 compressed paths, plain generate()'s for the others): equal, or the first divergence with both
 paths' top-2 logit margins there (bf16 near-ties flip).
@@ -43,6 +45,13 @@ paths' top-2 logit margins there (bf16 near-ties flip).
 Processes run `--jobs` at a time (3 on a GPU): compiling overlaps, but a timed call runs alone: the
 other workers are stopped (SIGSTOP to their process groups) for its length and then continued.
 JSON is rewritten after every path (`--out`), with the issue's targets evaluated at the end.
+
+`--baseline-prefill-chunk N`: the uncompressed baselines (`plain`, `hf-static-compile`) prefill their
+prompts N tokens at a time (transformers' `prefill_chunk_size`). At 32 layers and batch 8 x 32K their
+one-pass prefill does not fit an H100 (plain generate() asks for 7 GiB more at 75.9 GiB; the compiled
+static cache's prefill allocates a 16 GiB mask); chunked, it holds an N-row slice of that. Their
+decode steps, the ms per step the targets compare, are the same steps over a cache of the same shape;
+their peak memory is then that of the chunked prefill, not of plain generate()'s.
 """
 
 from __future__ import annotations
@@ -63,6 +72,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mdkv_compile.usage import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 READY, GO, TIMED = "MDKV-READY", "GO", "MDKV-TIMED"
@@ -149,7 +160,8 @@ class Runner:
     """What a path runs for one prompt: greedy new tokens [B, T], top-2 logits per step [T, B, 2],
     prefill seconds and the seconds of each decode step."""
 
-    def __init__(self, name: str, model: torch.nn.Module, budget: float, new_tokens: int) -> None:
+    def __init__(self, name: str, model: torch.nn.Module, budget: float, new_tokens: int,
+                 baseline_prefill_chunk: int | None = None) -> None:
         import mdkv_compile as mdkv
 
         self.name, self.model, self.new_tokens = name, model, new_tokens
@@ -169,6 +181,8 @@ class Runner:
             self.model = torch.compile(model, backend="mixeddimkv", options=options)
         if name.endswith("-static") or name == "hf-static-compile":
             self.kwargs["cache_implementation"] = "static"
+        if baseline_prefill_chunk and not PATHS[name].compressed:
+            self.kwargs["prefill_chunk_size"] = baseline_prefill_chunk
         if name == "hf-compile-config":
             from transformers import CompileConfig
 
@@ -272,7 +286,9 @@ def worker(args: argparse.Namespace) -> None:
     model = random_llama(attn_implementation="sdpa", dtype=dtype, device=device, **config)
     if cuda:
         row["weights_gib"] = _gib(torch.cuda.memory_allocated())
-    runner = Runner(args.worker, model, args.budget, shape["new_tokens"])
+    runner = Runner(args.worker, model, args.budget, shape["new_tokens"], args.baseline_prefill_chunk)
+    row["generate_kwargs"] = {k: v if isinstance(v, (int, float, str)) else type(v).__name__
+                              for k, v in runner.kwargs.items()}
     vocab = config["vocab_size"]
 
     def call(index: int, batch: int, length: int, timed: bool = False) -> dict[str, Any]:
@@ -320,7 +336,7 @@ def worker(args: argparse.Namespace) -> None:
     row["timed"] = timed
     save()
     print(TIMED, flush=True)
-    for index, (b2, n2) in enumerate(others, start=1):
+    for index, (b2, n2) in enumerate([] if args.timed_only else others, start=1):
         print(f"[{args.worker}] call with batch {b2} x {n2}", flush=True)
         row["calls"].append(call(index, b2, n2))
         save()
@@ -338,7 +354,10 @@ class Worker:
                "--budget", str(args.budget), "--new-tokens", str(args.new_tokens)]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--big"] if args.big else []
+        cmd += ["--timed-only"] if args.timed_only else []
         cmd += ["--dtype", args.dtype] if args.dtype else []
+        if args.baseline_prefill_chunk:
+            cmd += ["--baseline-prefill-chunk", str(args.baseline_prefill_chunk)]
         cmd += ["--memory-history", str(args.memory_history)] if args.memory_history else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.start = time.perf_counter()
@@ -525,6 +544,11 @@ def main(argv: list[str] | None = None) -> int:
     # different tokens in bf16 (docs/notes/gpu_notes.md section 8). float32 checks the tokens.
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="model weights (default: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--baseline-prefill-chunk", type=positive_int, default=None, metavar="N",
+                        help="plain and hf-static-compile prefill N prompt tokens at a time (transformers' "
+                        "prefill_chunk_size): the 32-layer baselines then fit an H100; decode steps unchanged")
+    parser.add_argument("--timed-only", action="store_true",
+                        help="end each path after its timed call (no calls at the other batch sizes and lengths)")
     parser.add_argument("--jobs", type=int, default=None, help="processes at once (default: 3 on a GPU, 1 otherwise)")
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds between stopping the others and a timed call")

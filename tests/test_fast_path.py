@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 from torch._dynamo.utils import counters
 from transformers import CompileConfig, DynamicCache, GenerationConfig, StaticCache
 
@@ -28,7 +29,7 @@ from mdkv_compile.bench.e2e import held_bytes
 from mdkv_compile.cache import MixedDimCache
 from mdkv_compile.hf.cuda_graphs import GraphedDecoder
 from mdkv_compile.passes import sites
-from mdkv_compile.testing import build_tiny_model
+from mdkv_compile.testing import build_tiny_model, random_llama
 
 OPTS = {"budget": 0.25, "window": 4}
 IDS = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -356,6 +357,43 @@ def test_check_fast_path_script_runs_its_quick_shapes(tmp_path: Path) -> None:
     assert paths["patch"]["ok"] and paths["mdkv-static"]["ok"]
     calls = paths["mdkv-static"]["calls"]
     assert len(calls) == 4 and all(call["tokens_equal"] for call in calls)
+
+
+def test_baseline_prefill_chunk_prefills_the_baselines_in_chunks() -> None:
+    """check_fast_path.py --baseline-prefill-chunk (the 32-layer baselines on an H100): plain
+    generate() runs its prompt N tokens per forward and gives the one-pass prefill's tokens; the
+    compressed paths keep their own prefill."""
+    check = load_script("benchmarks/check_fast_path.py")
+    model = random_llama(attn_implementation="sdpa", **{**check.TINY, "num_hidden_layers": 2},
+                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    ids = check._prompt(2, 48, check.TINY["vocab_size"], "cpu", 0)
+    lengths: list[int] = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    one_pass = check.Runner("plain", model, 0.0625, 4)(ids)[0]
+    assert lengths == [48, 1, 1, 1]
+    lengths.clear()
+    chunked = check.Runner("plain", model, 0.0625, 4, baseline_prefill_chunk=20)(ids)[0]
+    assert lengths == [20, 20, 8, 1, 1, 1]
+    assert torch.equal(chunked, one_pass)
+    assert "prefill_chunk_size" not in check.Runner("patch", model, 0.0625, 4, baseline_prefill_chunk=20).kwargs
+
+
+def test_check_fast_path_passes_its_options_to_each_path(tmp_path: Path) -> None:
+    """The script's workers get --baseline-prefill-chunk and --timed-only: plain generate() ends after
+    its timed call."""
+    out = tmp_path / "chunked.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "check_fast_path.py"), "--quick", "--paths", "plain",
+         "--baseline-prefill-chunk", "16", "--timed-only", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["args"]["baseline_prefill_chunk"] == 16
+    plain = result["paths"]["plain"]
+    assert plain["generate_kwargs"] == {"prefill_chunk_size": 16}
+    assert plain["ok"] and [call["call"] for call in plain["calls"]] == ["first", "timed"]
 
 
 def _peak_bytes_above_start(run) -> int:

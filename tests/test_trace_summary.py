@@ -3,21 +3,16 @@ timer: tests/test_triton_attention.py checks it there): the summary of known row
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("trace_store_kernel", ROOT / "benchmarks/gpu/trace_store_kernel.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_trace_script():
+    return load_script("benchmarks/gpu/trace_store_kernel.py")
 
 
 def known_rows() -> torch.Tensor:
@@ -32,7 +27,7 @@ def known_rows() -> torch.Tensor:
 
 
 def test_summary_of_known_rows() -> None:
-    s = load_script().summarise(known_rows())
+    s = load_trace_script().summarise(known_rows())
     assert s["programs"] == 4 and s["mergers"] == 2 and s["max_programs_per_sm"] == 2
     assert s["start_max"] == pytest.approx(2.0) and s["last_work_end"] == pytest.approx(8.0)
     assert s["span"] == pytest.approx(11.5)  # the last merge's end, from the first start
@@ -41,7 +36,7 @@ def test_summary_of_known_rows() -> None:
     assert s["region1_end_max"] == pytest.approx(8.0) and "region2_work_max" not in s
     # the regions are those the rows hold: one more where a tier is read through two slots
     extra = torch.tensor([[1_000, 4_000, 4_100, 0, 3, 2, 0, 0]], dtype=torch.int64)
-    assert load_script().summarise(torch.cat([known_rows(), extra]))["region2_work_max"] == pytest.approx(3.0)
+    assert load_trace_script().summarise(torch.cat([known_rows(), extra]))["region2_work_max"] == pytest.approx(3.0)
 
 
 def test_plot_draws_each_shape(tmp_path: Path) -> None:
@@ -50,5 +45,5 @@ def test_plot_draws_each_shape(tmp_path: Path) -> None:
     shape = dict(batch=1, context=131072, tiers=[[128, 128], [16, 16]], ms_graph={"plain": 0.02, "traced": 0.021},
                  last_call=known_rows().tolist())
     path.write_text(json.dumps(dict(device="test", args={}, shapes=[shape, shape])))
-    png = Path(load_script().plot(str(path)))
+    png = Path(load_trace_script().plot(str(path)))
     assert png == tmp_path / "trace.png" and png.stat().st_size > 10_000
