@@ -225,7 +225,7 @@ if [ "${1:-}" = merge3 ]; then
     gpu_tests 90 "float64 or many_splits or tuning"
     for t in merge_for_loop=0 merge_for_loop=1; do
         el "chunks, tuning $t"
-        new 100 --no-compile-check --shapes 131072x1 $CHUNKS --tuning $t --out "$J/chunks_${t//=/_}.json" \
+        new 120 --no-compile-check --shapes 131072x1 $CHUNKS --tuning $t --out "$J/chunks_${t//=/_}.json" \
             | grep "^chunk"
     done
     el done
